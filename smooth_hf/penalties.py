@@ -1,0 +1,93 @@
+"""Smoothness penalties on weight tensors: pure ``Tensor -> scalar Tensor`` functions.
+
+Definitions (plain sums, no normalisation; see README "The method"). For a weight ``W`` laid out as
+``(out, in, *kernel)`` -- a Linear ``(out, in)``, a Conv2d ``(out, in, kh, kw)`` -- and
+``M = W.reshape(out, -1)``:
+
+* nuclear norm:  ``sum(svdvals(M))``
+* first order:   ``sum_i ||W[i+1] - W[i]||^2`` along axis 0, plus the same along axis 1
+* second order:  ``sum_i ||W[i+1] - 2 W[i] + W[i-1]||^2`` along axis 0, plus the same along axis 1
+
+Spatial kernel axes are never differenced: a 3x3 kernel is too short for a derivative to mean much.
+An axis shorter than the stencil contributes zero. HF ``Conv1D`` stores its weight as ``(in, out)``;
+pass it through :func:`out_in_weight` first.
+
+Nothing here imports the Trainer: these are the functions a researcher swaps or extends.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "first_order",
+    "nuclear_norm",
+    "nuclear_norm_surrogate",
+    "out_in_weight",
+    "second_order",
+    "spectral_direction",
+]
+
+
+def out_in_weight(module: nn.Module) -> Tensor:
+    """The weight of ``module`` in ``(out, in, *kernel)`` layout (a view, gradients flow)."""
+    weight = module.weight
+    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D stores (in, out)
+        return weight.t()
+    return weight
+
+
+def _as_matrix(weight: Tensor) -> Tensor:
+    if weight.dim() < 2:
+        raise ValueError(f"expected a weight with at least 2 dims (out, in, ...), got shape {tuple(weight.shape)}")
+    return weight.reshape(weight.shape[0], -1)
+
+
+def nuclear_norm(weight: Tensor) -> Tensor:
+    """``sum(svdvals(W.reshape(out, -1)))``: the exact nuclear norm (an SVD; see the surrogate)."""
+    return torch.linalg.svdvals(_as_matrix(weight)).sum()
+
+
+def spectral_direction(weight: Tensor) -> Tensor:
+    """``U V^T`` of the thin SVD of ``W.reshape(out, -1)``, detached, in ``weight``'s shape.
+
+    It is the gradient of the nuclear norm at ``W`` (a subgradient where singular values are zero),
+    and ``<W, U V^T> == ||W||_*``. Computed in float64 for a stable factor whatever the weight dtype.
+    """
+    with torch.no_grad():
+        matrix = _as_matrix(weight).double()
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return (u @ vh).to(weight.dtype).reshape(weight.shape)
+
+
+def nuclear_norm_surrogate(weight: Tensor, direction: Tensor) -> Tensor:
+    """``<W, D>`` for a detached ``D = spectral_direction(W_0)`` computed at a recent ``W_0``.
+
+    Equals ``||W||_*`` with its exact gradient when ``W == W_0``, and is a lower bound on it otherwise
+    (``||W||_* = max_{||Z||_2 <= 1} <W, Z>``). Costs one multiply-add instead of an SVD per step;
+    weights move slowly, so a direction refreshed every few steps steers almost exactly like the
+    exact norm. See ``SmoothTrainingArguments.nuclear_norm_every``.
+    """
+    if direction.shape != weight.shape:
+        raise ValueError(f"direction shape {tuple(direction.shape)} != weight shape {tuple(weight.shape)}")
+    return (weight * direction).sum()
+
+
+def _sum_sq_diff(weight: Tensor, dim: int, order: int) -> Tensor:
+    """Sum of squared ``order``-th finite differences of ``weight`` along ``dim`` (0 if too short)."""
+    if weight.shape[dim] <= order:
+        return weight.new_zeros(())
+    return torch.diff(weight, n=order, dim=dim).pow(2).sum()
+
+
+def first_order(weight: Tensor) -> Tensor:
+    """``sum ||W[i+1] - W[i]||^2`` along the output-channel axis plus the input-channel axis."""
+    _as_matrix(weight)  # validates the rank
+    return _sum_sq_diff(weight, 0, 1) + _sum_sq_diff(weight, 1, 1)
+
+
+def second_order(weight: Tensor) -> Tensor:
+    """``sum ||W[i+1] - 2 W[i] + W[i-1]||^2`` along the output-channel axis plus the input axis."""
+    _as_matrix(weight)
+    return _sum_sq_diff(weight, 0, 2) + _sum_sq_diff(weight, 1, 2)

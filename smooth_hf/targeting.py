@@ -1,0 +1,122 @@
+"""Which layers a penalty or a compression applies to: one matcher for both.
+
+Patterns follow peft's ``target_modules`` convention so they read the same to HF users:
+
+* a **list** of names: a module matches a name when its qualified name equals it or ends with
+  ``"." + name`` (``["query", "value"]``, ``["layer4.0.conv1"]``);
+* a single **string**: a regular expression that must match the whole qualified name
+  (``r".*layer[34]\\..*conv.*"``).
+
+Only weights that can be both penalised and factorised are ever selected: ``nn.Linear``,
+``nn.Conv2d`` and transformers' ``Conv1D`` (GPT-2). A pattern that matches nothing, or that names
+only layers of another type, is an error that says what to do -- never silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+__all__ = ["PatternSpec", "find_layers", "is_supported_layer", "layer_kind"]
+
+PatternSpec = str | Sequence[str] | None
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv2d"``, ``"conv1d"`` (HF, transposed weight) or ``None`` if unsupported."""
+    if getattr(module, "is_low_rank", False):
+        return None
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    # transformers.pytorch_utils.Conv1D, matched by name so this module never imports transformers.
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return "conv1d"
+    return None
+
+
+def is_supported_layer(module: nn.Module) -> bool:
+    return layer_kind(module) is not None
+
+
+def _matcher(patterns: PatternSpec):
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        regex = re.compile(patterns)
+        return lambda name: regex.fullmatch(name) is not None
+    keys = list(patterns)
+    return lambda name: any(name == k or name.endswith("." + k) for k in keys)
+
+
+def _check_patterns(patterns: PatternSpec, names: list[str], what: str) -> None:
+    """Every pattern must match at least one module: a typo must not silently select nothing."""
+    if patterns is None:
+        return
+    hint = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    if isinstance(patterns, str):
+        try:
+            regex = re.compile(patterns)
+        except re.error as err:
+            raise ValueError(f"{what} regex {patterns!r} is invalid: {err}") from None
+        if not any(regex.fullmatch(n) for n in names):
+            raise ValueError(
+                f"{what} regex {patterns!r} matches no module name (it must match the whole name). "
+                f"Module names look like: {hint}"
+            )
+        return
+    for key in patterns:
+        if not any(n == key or n.endswith("." + key) for n in names):
+            raise ValueError(f"{what} {key!r} matches no module. Module names look like: {hint}")
+
+
+def find_layers(
+    model: nn.Module,
+    target_modules: PatternSpec = None,
+    exclude_modules: PatternSpec = None,
+    skip_first_last: bool = False,
+) -> list[tuple[str, nn.Module]]:
+    """The supported layers of ``model`` selected by the patterns, in registration order.
+
+    Args:
+        target_modules: which layers (see module doc); ``None`` selects every supported layer.
+        exclude_modules: layers to leave out, same syntax.
+        skip_first_last: leave out the first and the last selected layer (typically the stem and
+            the classifier head: small, and the most sensitive to smoothing or truncation).
+
+    Raises:
+        ValueError: a pattern matches no module, or the target patterns select only layers of an
+            unsupported type (the message names them).
+    """
+    named = [(n, m) for n, m in model.named_modules() if n]
+    names = [n for n, _ in named]
+    _check_patterns(target_modules, names, "target_modules pattern")
+    _check_patterns(exclude_modules, names, "exclude_modules pattern")
+    is_target, is_excluded = _matcher(target_modules), _matcher(exclude_modules)
+
+    # Layers inside an already low-rank layer are its factors, not new targets.
+    inside_low_rank = {
+        f"{n}.{c}" for n, m in named if getattr(m, "is_low_rank", False) for c, _ in m.named_modules() if c
+    }
+    selected, unsupported = [], []
+    for name, module in named:
+        if name in inside_low_rank or (is_target is not None and not is_target(name)):
+            continue
+        if is_excluded is not None and is_excluded(name):
+            continue
+        if is_supported_layer(module):
+            selected.append((name, module))
+        elif is_target is not None and not list(module.children()):
+            unsupported.append(f"{name} ({type(module).__name__})")
+    if target_modules is not None and not selected:
+        raise ValueError(
+            f"target_modules {target_modules!r} selects no Linear, Conv2d or Conv1D layer; it matched "
+            f"only {', '.join(unsupported[:8]) or 'containers'}. Only those three layer types can be "
+            "penalised or factorised: name layers of those types, or a container that holds them."
+        )
+    if skip_first_last and len(selected) > 2:
+        selected = selected[1:-1]
+    return selected

@@ -1,0 +1,87 @@
+"""``SmoothTrainingArguments``: ``TrainingArguments`` plus the smoothness penalties."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .smoothness import NORMALIZATIONS
+
+__all__ = ["SmoothTrainingArguments"]
+
+
+@dataclass
+class SmoothTrainingArguments(TrainingArguments):
+    """Arguments for :class:`smooth_hf.SmoothTrainer`: every ``TrainingArguments`` field, plus these.
+
+    With all three coefficients at 0 the trainer is a plain ``Trainer`` (the "plain" baseline).
+    """
+
+    nuclear_norm_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the nuclear-norm penalty (drives weights towards low rank). 0 = off. "
+                  "About 10 with penalty_normalization=scale_free."},
+    )
+    first_order_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the first-order finite-difference penalty along the output- and "
+                  "input-channel axes. 0 = off. About 1 with penalty_normalization=scale_free."},
+    )
+    second_order_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the second-order finite-difference penalty along the output- and "
+                  "input-channel axes. 0 = off."},
+    )
+    penalty_normalization: str = field(
+        default="scale_free",
+        metadata={"help": "How layer terms are weighted. 'scale_free': each term divided by a scale of its "
+                  "own weight and averaged over layers (size- and scale-independent); 'sum': plain sums "
+                  "added over layers.", "choices": list(NORMALIZATIONS)},
+    )
+    penalty_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Layers to penalise: module names or name suffixes (peft convention). Default: "
+                  "every Linear, Conv2d and HF Conv1D. A pattern that matches nothing is an error."},
+    )
+    penalty_exclude_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Layers to leave unpenalised, same syntax as penalty_target_modules."},
+    )
+    penalty_skip_first_last: bool = field(
+        default=True,
+        metadata={"help": "Leave the first and last targeted layer (usually the stem and the classifier "
+                  "head) unpenalised: they are small and the most sensitive."},
+    )
+    nuclear_norm_every: int = field(
+        default=10,
+        metadata={"help": "Recompute the nuclear norm's SVD every N optimizer steps and use its exact "
+                  "gradient U V^T in between (1 = exact every step). Larger N = cheaper steps."},
+    )
+    penalty_warmup_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Ramp the penalty coefficients linearly from 0 over this fraction of the "
+                  "training steps (0 = full strength from the first step)."},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("nuclear_norm_coef", "first_order_coef", "second_order_coef"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"--{name} must be a finite number >= 0 (0 turns that penalty off), got {value!r}")
+        if self.penalty_normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"--penalty_normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.penalty_normalization!r}"
+            )
+        if not isinstance(self.nuclear_norm_every, int) or self.nuclear_norm_every < 1:
+            raise ValueError(
+                f"--nuclear_norm_every must be an integer >= 1 (1 = exact SVD every step), got {self.nuclear_norm_every!r}"
+            )
+        if not 0.0 <= self.penalty_warmup_ratio < 1.0:
+            raise ValueError(f"--penalty_warmup_ratio must be in [0, 1), got {self.penalty_warmup_ratio!r}")
+        super().__post_init__()
+
+    @property
+    def has_penalty(self) -> bool:
+        return self.nuclear_norm_coef + self.first_order_coef + self.second_order_coef > 0

@@ -2,8 +2,9 @@
 
 Patterns follow peft's ``target_modules`` convention so they read the same to HF users:
 
-* a **list** of names: a module matches a name when its qualified name equals it or ends with
-  ``"." + name`` (``["query", "value"]``, ``["layer4.0.conv1"]``);
+* a **list** of names: a module matches a name when its qualified name, or the name of a module
+  that contains it, equals it or ends with ``"." + name`` (``["query", "value"]``,
+  ``["layer4.0.conv1"]``, ``["layer4"]`` for every layer inside ``layer4``);
 * a single **string**: a regular expression that must match the whole qualified name
   (``r".*layer[34]\\..*conv.*"``).
 
@@ -28,9 +29,12 @@ def layer_kind(module: nn.Module) -> str | None:
     """``"linear"``, ``"conv2d"``, ``"conv1d"`` (HF, transposed weight) or ``None`` if unsupported."""
     if getattr(module, "is_low_rank", False):
         return None
-    if isinstance(module, nn.Linear):
+    # Subclasses that change the computation (timm's StdConv2d standardises its weight) are not plain
+    # x @ W layers: a factorisation of W would change what they compute.
+    cls = type(module)
+    if isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward:
         return "linear"
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Conv2d) and cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward:
         return "conv2d"
     # transformers.pytorch_utils.Conv1D, matched by name so this module never imports transformers.
     if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
@@ -49,7 +53,13 @@ def _matcher(patterns: PatternSpec):
         regex = re.compile(patterns)
         return lambda name: regex.fullmatch(name) is not None
     keys = list(patterns)
-    return lambda name: any(name == k or name.endswith("." + k) for k in keys)
+
+    def matches(name: str) -> bool:  # the module itself or any module that contains it
+        parts = name.split(".")
+        prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+        return any(p == k or p.endswith("." + k) for p in prefixes for k in keys)
+
+    return matches
 
 
 def _check_patterns(patterns: PatternSpec, names: list[str], what: str) -> None:

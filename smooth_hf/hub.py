@@ -1,0 +1,608 @@
+"""Save, reload and share compressed models: a folder (or Hub repo) that rebuilds without pickle or remote code.
+
+A compressed checkpoint is a folder of plain files::
+
+    model.safetensors        weights (safetensors only); factorised layers as <name>.down/up.*
+    config.json              the base model's own config, as timm / transformers write it
+    generation_config.json   transformers generative models only, as transformers writes it
+    compression_config.json  LowRankConfig, with the rank of every factorised layer
+    compression_report.json  parameter counts and per-layer table (informational, for the card)
+    README.md                the model card
+
+Reloading follows timm's ``adapt_model_from_file`` and peft's AdaLoRA ``rank_pattern``: build the base
+architecture from its JSON config, replay the recorded ranks (:func:`smooth_hf.lowrank.apply_ranks`),
+then load the weights with ``strict=True`` so that any mismatch is an error, never a silently
+half-initialised model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from . import models as _models  # noqa: F401  (registers the CIFAR ResNets so their configs rebuild)
+from .lowrank import CONFIG_NAME, CompressionReport, LayerReport, LowRankConfig, apply_ranks
+from .model_card import ModelCardInfo, render_model_card
+
+__all__ = [
+    "CONFIG_NAME",
+    "HF_CONFIG_NAME",
+    "PICKLE_SUFFIXES",
+    "REPORT_NAME",
+    "WEIGHTS_NAME",
+    "PushToHubError",
+    "from_pretrained",
+    "push_to_hub",
+    "save_pretrained",
+]
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+HF_CONFIG_NAME = "config.json"
+REPORT_NAME = "compression_report.json"
+CARD_NAME = "README.md"
+GENERATION_CONFIG_NAME = "generation_config.json"
+OWN_FILES = (WEIGHTS_NAME, HF_CONFIG_NAME, GENERATION_CONFIG_NAME, CONFIG_NAME, REPORT_NAME, CARD_NAME)
+# Extensions of pickle-based checkpoints: loading them can execute arbitrary code, so a folder holding
+# any of them is refused rather than half-trusted.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.md"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+class PushToHubError(OSError):
+    """A push failed; ``stage`` says where: ``"create_repo"`` (repo creation / access) or ``"upload"``."""
+
+    def __init__(self, message: str, stage: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+# ---------------------------------------------------------------------------------------------- save
+
+
+def _base_library(model: nn.Module) -> str:
+    """``"transformers"`` or ``"timm"``: the libraries whose configs rebuild an architecture from JSON."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return "transformers"
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("architecture"):
+        return "timm"
+    raise TypeError(
+        f"{type(model).__name__} is neither a timm model (timm.create_model) nor a transformers PreTrainedModel, so "
+        "its architecture cannot be rebuilt from JSON and save_pretrained/from_pretrained cannot handle it. Save its "
+        "state dict yourself instead: safetensors.torch.save_model(model, 'model.safetensors') plus "
+        "json.dump(model.lowrank_config.ranks, ...); to reload, build the dense model in code, call "
+        "smooth_hf.lowrank.apply_ranks(model, ranks), then safetensors.torch.load_model(model, 'model.safetensors')."
+    )
+
+
+def _check_compressed(model: nn.Module) -> LowRankConfig:
+    config = getattr(model, "lowrank_config", None)
+    if not isinstance(config, LowRankConfig):
+        raise ValueError(
+            f"{type(model).__name__} was not compressed (it has no lowrank_config): call "
+            "smooth_hf.compress(model, LowRankConfig(...)) first. To save a dense model, use timm's or transformers' "
+            "own save functions."
+        )
+    # The recorded ranks are all a reload has to rebuild the structure: they must describe this model.
+    wrong = []
+    for name, rank in config.ranks.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            wrong.append(f"{name} (no such module)")
+            continue
+        if not getattr(module, "is_low_rank", False) or getattr(module, "rank", None) != rank:
+            wrong.append(
+                f"{name} (config rank {rank}, model has {type(module).__name__} rank {getattr(module, 'rank', None)})"
+            )
+    if wrong:
+        raise ValueError(
+            "model.lowrank_config.ranks does not describe the model's low-rank layers, so the checkpoint would "
+            f"not reload: {', '.join(wrong[:5])}{', ...' if len(wrong) > 5 else ''}. Do not edit the layers after "
+            "compress()."
+        )
+    meta = [name for name, t in model.state_dict().items() if t.device.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"cannot save tensors on the meta device (e.g. {meta[0]}): load or materialise the weights first"
+        )
+    return config
+
+
+def _pickle_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+
+
+def _write_checkpoint(model: nn.Module, folder: Path, library: str, config: LowRankConfig, card_text: str) -> None:
+    """Write every file of the checkpoint into ``folder`` (a fresh temporary folder)."""
+    # save_model (not save_file) drops the duplicate names of tied tensors (GPT-2's lm_head/wte) and records
+    # which name each dropped one pointed to; from_pretrained re-ties by building the model first.
+    save_model(model, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    if library == "transformers":
+        # As transformers' own save_pretrained records them (on a copy: saving must not edit the model).
+        hf_config = copy.deepcopy(model.config)
+        hf_config.architectures = [type(model).__name__]
+        hf_config.dtype = str(model.dtype).removeprefix("torch.")
+        hf_config.save_pretrained(folder)
+        if model.can_generate() and getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
+    else:
+        from timm.models._hub import save_config_for_hf
+
+        save_config_for_hf(model, str(folder / HF_CONFIG_NAME))
+    config.save_pretrained(folder)
+    report = getattr(model, "lowrank_report", None)
+    if isinstance(report, CompressionReport):
+        (folder / REPORT_NAME).write_text(
+            json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+    (folder / CARD_NAME).write_text(card_text, encoding="utf-8")
+    for path in folder.iterdir():  # durable before the rename makes them visible
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Make ``tmp`` the checkpoint at ``target``; never leave a mix of two saves that ``from_pretrained`` loads.
+
+    * ``target`` absent: one ``rename`` (atomic).
+    * ``target`` holds only checkpoint files: rename it aside, rename ``tmp`` in, delete the old one;
+      if the second rename fails the old folder is put back.
+    * ``target`` also holds other files (e.g. a training output folder): they are kept and the checkpoint
+      files are replaced one by one, ``compression_config.json`` removed first and written last, so a folder
+      caught half way is rejected by ``from_pretrained`` instead of loading mismatched files.
+    """
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    if not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a folder")
+    entries = {p.name for p in target.iterdir()}
+    if entries <= set(OWN_FILES):
+        backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, backup)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(backup, target)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+        return
+    marker = target / CONFIG_NAME
+    if marker.exists():
+        marker.unlink()
+    new_files = {p.name for p in tmp.iterdir()}
+    for name in OWN_FILES:
+        if name == CONFIG_NAME:
+            continue
+        if name in new_files:
+            os.replace(tmp / name, target / name)
+        elif (target / name).exists():
+            (target / name).unlink()  # a stale file of the previous save (e.g. its report) must not survive
+    os.replace(tmp / CONFIG_NAME, marker)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save(model: nn.Module, save_directory: str | os.PathLike, info: ModelCardInfo | None, location: str) -> Path:
+    config = _check_compressed(model)
+    library = _base_library(model)
+    target = Path(save_directory).expanduser().absolute()
+    if target.is_dir():
+        pickles = _pickle_files(target)
+        if pickles:
+            raise ValueError(
+                f"{target} contains pickle files ({', '.join(pickles)}); from_pretrained refuses such folders "
+                "(unpickling can run arbitrary code). Save the compressed model into its own folder, e.g. "
+                "<output_dir>/compressed."
+            )
+    card_text = str(render_model_card(model, info, location=location))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling, so that the final rename stays on one file system (and is atomic). Created with mkdir, not
+    # mkdtemp, so that the folder gets the usual permissions (umask) rather than mkdtemp's private 0700.
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp.mkdir()
+    try:
+        _write_checkpoint(model, tmp, library, config, card_text)
+        _move_into_place(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def save_pretrained(
+    model: nn.Module, save_directory: str | os.PathLike, *, model_card: ModelCardInfo | None = None
+) -> Path:
+    """Save a compressed timm / transformers model as safetensors + JSON configs + model card.
+
+    The files are written into a temporary sibling folder and moved into place only when all of them
+    were written, so a save that fails half way (disk full, interrupted) leaves any previous checkpoint
+    at ``save_directory`` as it was. Other files already in ``save_directory`` are kept.
+
+    Returns:
+        The absolute path of the checkpoint folder.
+
+    Raises:
+        ValueError: the model was not compressed (call :func:`smooth_hf.compress` first), or the folder holds
+            pickle files that :func:`from_pretrained` would refuse.
+        TypeError: the model is neither timm nor transformers, so its architecture cannot be saved as JSON.
+    """
+    return _save(model, save_directory, model_card, location=str(save_directory))
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def _is_repo_id(name: str) -> bool:
+    return bool(_REPO_ID.match(name)) and ".." not in name
+
+
+def _resolve_folder(
+    name_or_path: str | os.PathLike, revision: str | None, token: str | bool | None, cache_dir: Any
+) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = os.fspath(name_or_path)
+    if path.exists():
+        raise ValueError(f"{name} is a file; from_pretrained expects a checkpoint folder written by save_pretrained")
+    if not _is_repo_id(name):
+        raise FileNotFoundError(f"{name!r} is neither an existing folder nor a valid Hub repo id ('user/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    import smooth_hf
+
+    try:
+        return Path(
+            snapshot_download(
+                name,
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                # Only what a reload reads: no pickle is ever downloaded, let alone unpickled.
+                allow_patterns=HUB_PATTERNS,
+                library_name="smooth_hf",
+                library_version=getattr(smooth_hf, "__version__", None),
+            )
+        )
+    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise FileNotFoundError(
+            f"{name!r} is not a local folder and the Hub answered: {err}. Check the repo id and revision, and pass "
+            "token=... (or log in) for a private repo."
+        ) from err
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse, with what to do, anything that is not a complete smooth_hf checkpoint."""
+    present = {p.name for p in folder.iterdir()}
+    if not present:
+        raise FileNotFoundError(
+            f"{folder} is empty: expected {WEIGHTS_NAME}, {HF_CONFIG_NAME} and {CONFIG_NAME} as written by "
+            "smooth_hf.save_pretrained (or push_to_hub)."
+        )
+    pickles = _pickle_files(folder)
+    if pickles:
+        raise ValueError(
+            f"{folder} contains pickle files ({', '.join(pickles)}): smooth_hf refuses to load folders with pickled "
+            "checkpoints, because unpickling can execute arbitrary code. Remove them (the weights smooth_hf reads are "
+            f"in {WEIGHTS_NAME}), or re-save the model with smooth_hf.save_pretrained."
+        )
+    if CONFIG_NAME not in present:
+        if WEIGHTS_NAME in present or HF_CONFIG_NAME in present:
+            raise ValueError(
+                f"{folder} has no {CONFIG_NAME}: this is not a smooth_hf compressed checkpoint. A dense checkpoint "
+                "loads with timm or transformers directly (e.g. transformers' AutoModel*.from_pretrained(path), or "
+                "timm.create_model(..., pretrained_cfg_overlay=dict(file=...))), and can then be compressed with "
+                "smooth_hf.compress."
+            )
+        raise FileNotFoundError(
+            f"{folder} holds no smooth_hf checkpoint (found {', '.join(sorted(present)[:5])}); expected "
+            f"{WEIGHTS_NAME}, {HF_CONFIG_NAME} and {CONFIG_NAME} as written by smooth_hf.save_pretrained."
+        )
+    if HF_CONFIG_NAME not in present:
+        raise FileNotFoundError(
+            f"{folder} has no {HF_CONFIG_NAME} (the base model's config), so the architecture cannot be rebuilt; "
+            "re-save the model with smooth_hf.save_pretrained."
+        )
+    if WEIGHTS_NAME not in present:
+        raise FileNotFoundError(
+            f"{folder} has no {WEIGHTS_NAME}: the weights are missing (smooth_hf reads safetensors only). Re-save the "
+            "model with smooth_hf.save_pretrained, or re-download it (snapshot_download(..., force_download=True))."
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); re-save the model with smooth_hf.save_pretrained") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+def _weight_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Tensor shapes and metadata from the safetensors header, checking the file is complete."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} is truncated or corrupt ({err}). Re-download it (snapshot_download(..., force_download=True)) or "
+            "re-save the model with smooth_hf.save_pretrained."
+        ) from err
+    return shapes, metadata
+
+
+def _tied_groups(model: nn.Module) -> list[set[str]]:
+    """State-dict names sharing one tensor (tied weights), by tensor identity so it works on the meta device."""
+    groups: dict[int, set[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), set()).add(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _check_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]], folder: Path) -> None:
+    """The model (base architecture + recorded ranks) must expect exactly the tensors the file holds."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    tied = _tied_groups(model)
+    missing = sorted(
+        name
+        for name in set(expected) - set(shapes)
+        # safetensors keeps one name per tied group: the others are filled by the tie itself.
+        if not any(name in group and group & set(shapes) for group in tied)
+    )
+    unexpected = sorted(set(shapes) - set(expected))
+    mismatched = sorted(name for name in set(shapes) & set(expected) if shapes[name] != expected[name])
+    if not (missing or unexpected or mismatched):
+        return
+    details = []
+    if mismatched:
+        details.append(
+            "shape mismatch: " + ", ".join(f"{n} file {shapes[n]} vs model {expected[n]}" for n in mismatched[:4])
+        )
+    if missing:
+        details.append("missing from the file: " + ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else ""))
+    if unexpected:
+        details.append(
+            "not expected by the model: " + ", ".join(unexpected[:4]) + (", ..." if len(unexpected) > 4 else "")
+        )
+    raise ValueError(
+        f"The ranks in {folder / CONFIG_NAME} (and the architecture in {HF_CONFIG_NAME}) do not match the weights in "
+        f"{folder / WEIGHTS_NAME}: {'; '.join(details)}. The files come from different saves or were edited; "
+        "re-save the model with smooth_hf.save_pretrained."
+    )
+
+
+def _build_base(folder: Path, hf_config: dict[str, Any], device: str) -> nn.Module:
+    """The dense architecture described by config.json, built under ``torch.device(device)``."""
+    if "architecture" in hf_config:
+        import timm
+        from timm.models._hub import load_model_config_from_path
+
+        name = hf_config["architecture"]
+        if not isinstance(name, str) or not timm.is_model(name):
+            raise ValueError(
+                f"unknown base architecture: timm has no model {name!r} ({folder / HF_CONFIG_NAME}). Upgrade timm, or "
+                "import the module that registers it before calling from_pretrained."
+            )
+        pretrained_cfg, _, model_args = load_model_config_from_path(folder)
+        with torch.device(device):
+            model = timm.create_model(name, pretrained=False, **model_args)
+        # Keep the saved data config (mean/std/input size) rather than the registry default, as timm does.
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **pretrained_cfg}
+        return model
+    if "model_type" in hf_config:
+        import transformers
+        from transformers import AutoConfig, PreTrainedModel
+
+        architectures = hf_config.get("architectures") or []
+        cls = getattr(transformers, architectures[0], None) if architectures else None
+        if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+            raise ValueError(
+                f"unknown base architecture {architectures or '(none)'} in {folder / HF_CONFIG_NAME}: smooth_hf only "
+                "builds model classes shipped with transformers (never remote code). Upgrade transformers if the "
+                "class is newer than the installed version."
+            )
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except (ValueError, KeyError, OSError) as err:
+            raise ValueError(
+                f"unknown base architecture: transformers cannot read {folder / HF_CONFIG_NAME}: {err}"
+            ) from err
+        with torch.device(device):
+            model = cls._from_config(config)
+        if (folder / GENERATION_CONFIG_NAME).is_file() and model.can_generate():
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        return model
+    raise ValueError(
+        f"unknown base architecture: {folder / HF_CONFIG_NAME} is neither a timm config (no 'architecture') nor a "
+        "transformers config (no 'model_type')."
+    )
+
+
+def _meta_tensors(model: nn.Module) -> list[str]:
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    return [name for name, t in tensors if t.device.type == "meta"]
+
+
+def _load_report(folder: Path) -> CompressionReport | None:
+    path = folder / REPORT_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        layers = [LayerReport(**{**row, "shape": tuple(row["shape"])}) for row in data.pop("layers")]
+        data.pop("reduction", None)
+        return CompressionReport(layers=layers, **data)
+    except (ValueError, TypeError, KeyError) as err:  # informational only: never fail a load over it
+        logger.warning("ignoring unreadable %s: %s", path, err)
+        return None
+
+
+def _load_folder(folder: Path, device: str | torch.device) -> nn.Module:
+    _check_folder(folder)
+    try:
+        config = LowRankConfig.from_dict(_read_json(folder / CONFIG_NAME))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{folder / CONFIG_NAME} is invalid: {err}") from err
+    hf_config = _read_json(folder / HF_CONFIG_NAME)
+    weights = folder / WEIGHTS_NAME
+    shapes, _ = _weight_shapes(weights)
+
+    def structure(build_device: str) -> nn.Module:
+        model = _build_base(folder, hf_config, build_device)
+        try:
+            apply_ranks(model, config.ranks)
+        except ValueError as err:
+            raise ValueError(
+                f"The ranks in {folder / CONFIG_NAME} do not fit the architecture in {HF_CONFIG_NAME}: {err}"
+            ) from err
+        _check_keys(model, shapes, folder)
+        return model
+
+    state_dict = load_file(str(weights), device="cpu")
+    # timm models are built on the meta device (no random init, no double memory) and the weights assigned;
+    # transformers models are built on CPU: their non-persistent buffers (position ids, rotary tables) are
+    # computed in __init__ and not in the file, and tied weights must stay tied.
+    model = None
+    if "architecture" in hf_config:
+        try:
+            model = structure("meta")
+        except (NotImplementedError, RuntimeError) as err:  # an __init__ that computes on its tensors
+            logger.debug("meta-device build failed (%s); building on CPU", err)
+        else:
+            model.load_state_dict(state_dict, strict=False, assign=True)
+            if _meta_tensors(model):  # a buffer that is not in the file, or a tie: build for real instead
+                model = None
+    if model is None:
+        model = structure("cpu")
+        dtypes = {t.dtype for t in state_dict.values() if t.is_floating_point()}
+        if len(dtypes) == 1:  # e.g. a bf16 checkpoint: keep its dtype instead of upcasting to the default
+            model.to(dtypes.pop())
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        tied = _tied_groups(model)
+        missing = [n for n in missing if not any(n in g and g & set(state_dict) for g in tied)]
+        if missing or unexpected:  # _check_keys already guarantees this; kept as a surgery check
+            raise RuntimeError(f"strict load failed: missing {missing}, unexpected {unexpected}")
+    model.to(device)
+    model.lowrank_config = config
+    report = _load_report(folder)
+    if report is not None:
+        model.lowrank_report = report
+    return model.eval()
+
+
+def from_pretrained(
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a compressed model saved by :func:`save_pretrained` or :func:`push_to_hub`, in eval mode.
+
+    ``pretrained_model_name_or_path`` is a local folder or a Hub repo id (downloaded with
+    ``snapshot_download``, JSON / safetensors / Markdown files only). The base architecture is rebuilt
+    from ``config.json`` (timm or a transformers class; never remote code), the recorded ranks are
+    replayed, and ``model.safetensors`` is loaded strictly. The returned model carries ``lowrank_config``.
+
+    Raises:
+        FileNotFoundError: empty folder, missing weights or config, unknown path / repo.
+        ValueError: not a smooth_hf checkpoint (dense), pickle files in the folder, truncated weights, ranks
+            that do not match the weights, or an unknown base architecture.
+    """
+    folder = _resolve_folder(pretrained_model_name_or_path, revision, token, cache_dir)
+    return _load_folder(folder, device)
+
+
+# ---------------------------------------------------------------------------------------------- push
+
+
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload compressed model (smooth_hf)",
+    model_card: ModelCardInfo | None = None,
+) -> str:
+    """Save the compressed model into a temporary folder and upload it to the Hub repo ``repo_id``.
+
+    The repo is created if needed (``exist_ok``). Nothing of the caller's is written: the checkpoint
+    exists only in a temporary folder, removed afterwards whatever happens. The card's reload snippet
+    names ``repo_id``.
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        ValueError / TypeError: as :func:`save_pretrained`, before anything is sent.
+        PushToHubError: the repo could not be created or accessed (``stage="create_repo"``), or the upload
+            failed (``stage="upload"``); the Hub's error is chained.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    import smooth_hf
+
+    with tempfile.TemporaryDirectory(prefix="smooth_hf-push-") as tmp:
+        folder = _save(model, Path(tmp) / "checkpoint", model_card, location=repo_id)
+        api = HfApi(token=token, library_name="smooth_hf", library_version=getattr(smooth_hf, "__version__", None))
+        try:
+            repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision is not None and revision != "main" and not revision.startswith("refs/pr/"):
+                api.create_branch(repo_url.repo_id, branch=revision, exist_ok=True)
+        except Exception as err:
+            hint = (
+                "Check the repo id and that the token has write access to its namespace."
+                if isinstance(err, HfHubHTTPError)
+                else "Is the Hub reachable (network, proxy, HF_ENDPOINT)?"
+            )
+            raise PushToHubError(
+                f"push_to_hub: could not create or access the repo {repo_id!r} on {api.endpoint} ({err}). {hint} "
+                "Nothing was uploaded.",
+                stage="create_repo",
+            ) from err
+        if repo_url.repo_id != repo_id:  # e.g. "name" resolved to "user/name": the card must show the real id
+            _rewrite_card(model, folder, model_card, repo_url.repo_id)
+        try:
+            commit = api.upload_folder(
+                repo_id=repo_url.repo_id, folder_path=folder, commit_message=commit_message, revision=revision
+            )
+        except Exception as err:
+            raise PushToHubError(
+                f"push_to_hub: the repo {repo_url} exists but uploading the checkpoint failed ({err}). Your local "
+                "files and model are untouched; retry the push.",
+                stage="upload",
+            ) from err
+    return commit.commit_url
+
+
+def _rewrite_card(model: nn.Module, folder: Path, info: ModelCardInfo | None, location: str) -> None:
+    (folder / CARD_NAME).write_text(str(render_model_card(model, info, location=location)), encoding="utf-8")

@@ -1,0 +1,176 @@
+"""``LowRankConfig``: how many singular values each layer keeps, and which layers are cut.
+
+The config is saved next to the weights (``compression_config.json``) so a compressed model can be
+rebuilt without the data or the dense weights: ``ranks`` records the rank every factorised layer
+kept, which is all :func:`smooth_hf.lowrank.apply_ranks` needs to recreate the structure before a
+strict ``load_state_dict``. JSON is written with sorted keys and the library version, like peft's
+adapter configs, so two saves of the same compression are byte-identical and diffs stay readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = ["CONFIG_NAME", "LowRankConfig"]
+
+CONFIG_NAME = "compression_config.json"
+_VERSION_KEY = "smooth_hf_version"
+_RULES = ("param_reduction", "rank_ratio", "energy")
+
+
+def _library_version() -> str:
+    import smooth_hf
+
+    return getattr(smooth_hf, "__version__", "0.1.0")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class LowRankConfig:
+    """Which layers to factorise and the rule that picks each layer's rank.
+
+    Exactly one of ``param_reduction``, ``rank_ratio`` and ``energy`` must be set. ``param_reduction``
+    is what a user usually means by "70% fewer parameters": it counts the whole model (every unique
+    parameter: weights, biases, norms, embeddings, tied weights once), not only the factorised
+    layers, and spreads the cut over layers so that the least spectral energy is lost.
+    """
+
+    param_reduction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction in [0, 1) of the whole model's parameters to remove, allocated globally across "
+            "the targeted layers so that the least relative spectral energy is lost (e.g. 0.7 = 70% fewer)."
+        },
+    )
+    rank_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "In (0, 1]: every targeted layer keeps ceil(rank_ratio * min(out, in*kh*kw)) singular values."
+        },
+    )
+    energy: float | None = field(
+        default=None,
+        metadata={
+            "help": "In (0, 1]: every targeted layer keeps the smallest rank whose sum of squared singular values "
+            "reaches this fraction of the total."
+        },
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Layers to factorise: a list of module names or name suffixes, or one regex matching the whole "
+            "name. None = every Linear, Conv2d and HF Conv1D layer."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Layers to keep dense, same syntax as target_modules."}
+    )
+    skip_first_last: bool = field(
+        default=False,
+        metadata={"help": "Keep the first and the last targeted layer dense (stem and classifier: small, sensitive)."},
+    )
+    min_rank: int = field(default=1, metadata={"help": "No factorised layer keeps fewer singular values than this."})
+    rank_multiple: int = field(
+        default=1,
+        metadata={
+            "help": "Round every rank up to a multiple of this (8 or 16 give faster matmuls on GPUs), capped at the "
+            "full rank."
+        },
+    )
+    ranks: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Filled by compress(): module name -> rank kept, for the factorised layers only. Used to "
+            "rebuild the compressed structure when reloading."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        chosen = [name for name in _RULES if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                f"LowRankConfig needs exactly one rank rule, got {len(chosen)} ({', '.join(chosen) or 'none'}). "
+                "Set one of param_reduction (e.g. 0.7 = 70% fewer parameters), rank_ratio or energy."
+            )
+        for name, low, low_closed, high, high_closed, example in (
+            ("param_reduction", 0.0, True, 1.0, False, "0.7"),
+            ("rank_ratio", 0.0, False, 1.0, True, "0.25"),
+            ("energy", 0.0, False, 1.0, True, "0.99"),
+        ):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            above = _is_number(value) and (value >= low if low_closed else value > low)
+            below = _is_number(value) and (value <= high if high_closed else value < high)
+            if not (above and below):  # also rejects NaN, strings and bools
+                interval = f"{'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
+                raise ValueError(f"{name} must be a number in {interval}, got {value!r}; e.g. {name}={example}.")
+        for name in ("min_rank", "rank_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None or isinstance(value, str):
+                continue
+            # Tuples and sets become lists so the JSON round trip gives back an equal config.
+            value = list(value)
+            if not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a regex string or a list of module names, got {value!r}.")
+            setattr(self, name, value)
+        if not isinstance(self.ranks, dict):
+            raise ValueError(f"ranks must be a dict of module name -> int rank, got {type(self.ranks).__name__}.")
+        bad = {
+            k: v
+            for k, v in self.ranks.items()
+            if not isinstance(k, str) or not isinstance(v, int) or isinstance(v, bool) or v < 1
+        }
+        if bad:
+            raise ValueError(
+                f"ranks must map module names to integers >= 1; invalid entries: {bad!r}. "
+                "Leave ranks empty: compress() fills it."
+            )
+
+    @property
+    def rule(self) -> str:
+        """The name of the rank rule that is set."""
+        return next(name for name in _RULES if getattr(self, name) is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> LowRankConfig:
+        """Build a config, refusing unknown keys: a typo in a hand-edited JSON must not be dropped silently."""
+        data = {k: v for k, v in config_dict.items() if k != _VERSION_KEY}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown LowRankConfig keys: {', '.join(unknown)}. Valid keys: {', '.join(sorted(known))}."
+            )
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        data = self.to_dict()
+        data[_VERSION_KEY] = _library_version()
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> LowRankConfig:
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No {CONFIG_NAME} in {os.fspath(directory)!r}: is it a compressed model folder?")
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))

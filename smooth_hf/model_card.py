@@ -1,0 +1,359 @@
+"""Model cards for compressed models: Hub metadata (YAML) plus what a reader needs to trust the numbers.
+
+The card is rendered from a Jinja template shipped inside the package (``templates/model_card.md``),
+with ``huggingface_hub``'s :class:`~huggingface_hub.ModelCard` and :class:`~huggingface_hub.ModelCardData`,
+like trl's cards: the YAML front matter is produced by ``huggingface_hub`` (so it is always valid Hub
+metadata, ``model-index`` included), the body by the template. Every number comes from the model
+(``model.lowrank_report`` / ``model.lowrank_config``) or from :class:`ModelCardInfo`, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from torch import nn
+
+from .lowrank import CompressionReport, LowRankConfig, count_parameters
+
+__all__ = ["ModelCardInfo", "render_model_card"]
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE = "model_card.md"
+BASE_TAGS = ("smooth_hf", "low-rank", "compression")
+
+
+@dataclass
+class ModelCardInfo:
+    """What the card cannot learn from the model itself: provenance, data, measured metrics, training setup.
+
+    Everything is optional: a card for a model saved with no info still states the parameter counts,
+    the ranks and how to reload it. Metrics must be *measured* (e.g. by the evaluation recipe), since
+    they go into the Hub's ``model-index``, which the Hub shows as the model's results.
+    """
+
+    model_name: str | None = field(
+        default=None,
+        metadata={"help": "Title of the card and name in the model-index. Default: derived from the architecture."},
+    )
+    base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id of the dense model this one was compressed from (YAML base_model); None if it is not "
+            "on the Hub."
+        },
+    )
+    datasets: list[str] = field(
+        default_factory=list, metadata={"help": "Hub dataset ids used for training / evaluation (YAML datasets)."}
+    )
+    dataset_pretty_name: str | None = field(
+        default=None, metadata={"help": "Human-readable dataset name shown in the model-index (default: datasets[0])."}
+    )
+    dataset_split: str | None = field(
+        default=None, metadata={"help": "Split the metrics were measured on, e.g. 'test'."}
+    )
+    task: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub task id, e.g. 'image-classification' or 'text-classification' (YAML pipeline_tag). "
+            "Default: inferred from the model class."
+        },
+    )
+    metrics: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "Metric name -> value measured on the COMPRESSED model, e.g. {'accuracy': 0.905}."},
+    )
+    dense_metrics: dict[str, float] | None = field(
+        default=None,
+        metadata={"help": "The same metrics measured on the model before compression, for the comparison table."},
+    )
+    training: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Training setup shown as a table: smoothness penalty coefficients, epochs, lr, ..."},
+    )
+    license: str | None = field(default=None, metadata={"help": "Hub license id, e.g. 'apache-2.0'."})
+    tags: list[str] = field(
+        default_factory=list, metadata={"help": f"Extra Hub tags; {', '.join(BASE_TAGS)} are always added."}
+    )
+    extra: str | None = field(
+        default=None, metadata={"help": "Free Markdown appended to the card (limitations, citation, ...)."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.datasets, str):
+            self.datasets = [self.datasets]
+        if isinstance(self.tags, str):
+            self.tags = [self.tags]
+        for name in ("metrics", "dense_metrics"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ValueError(
+                    f"ModelCardInfo.{name} must be a dict of metric name -> number, got {type(values).__name__}"
+                )
+            bad = {
+                k: v
+                for k, v in values.items()
+                if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+            }
+            if bad:
+                raise ValueError(f"ModelCardInfo.{name} values must be finite numbers; invalid: {bad!r}")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _base_library(model: nn.Module) -> str | None:
+    try:
+        from transformers import PreTrainedModel
+
+        if isinstance(model, PreTrainedModel):
+            return "transformers"
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("architecture"):
+        return "timm"
+    return None
+
+
+def _architecture(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    architectures = getattr(config, "architectures", None)
+    if architectures:
+        return architectures[0]
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("architecture"):
+        return cfg["architecture"]
+    return type(model).__name__
+
+
+def _infer_task(model: nn.Module) -> str | None:
+    """The Hub pipeline tag implied by the head: what the Hub uses to list the model under a task."""
+    if _base_library(model) == "timm":
+        return "image-classification" if getattr(model, "num_classes", 0) else "image-feature-extraction"
+    name = type(model).__name__
+    for suffix, task in (
+        ("ForImageClassification", "image-classification"),
+        ("ForSequenceClassification", "text-classification"),
+        ("ForTokenClassification", "token-classification"),
+        ("ForQuestionAnswering", "question-answering"),
+        ("ForCausalLM", "text-generation"),
+        ("LMHeadModel", "text-generation"),
+        ("ForMaskedLM", "fill-mask"),
+    ):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def _cell(value: Any) -> str:
+    """Markdown-table-safe text: a ``|`` or newline in a value must not break the table."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _fmt_number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return _cell(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4g}"
+
+
+def _rank_rule(config: LowRankConfig) -> str:
+    if config.param_reduction is not None:
+        rule = (
+            f"global parameter budget: remove {config.param_reduction:.1%} of the whole model's parameters, "
+            "with ranks allocated across layers so that the least relative spectral energy is lost "
+            "(Eckart-Young: a rank-r truncation loses exactly the tail of the singular values)"
+        )
+    elif config.rank_ratio is not None:
+        rule = f"fixed rank ratio: every factorised layer keeps ceil({config.rank_ratio:g} x full rank) singular values"
+    else:
+        rule = (
+            f"energy threshold: every factorised layer keeps the smallest rank whose squared singular values "
+            f"reach {config.energy:g} of the total"
+        )
+    details = [f"min_rank={config.min_rank}", f"rank_multiple={config.rank_multiple}"]
+    if config.skip_first_last:
+        details.append("first and last layers kept dense")
+    if config.target_modules is not None:
+        details.append(f"target_modules={config.target_modules!r}")
+    if config.exclude_modules is not None:
+        details.append(f"exclude_modules={config.exclude_modules!r}")
+    return f"{rule} ({', '.join(details)})"
+
+
+def _report_from_model(model: nn.Module) -> CompressionReport:
+    """A report rebuilt from the low-rank layers, for a model whose compression report was not kept.
+
+    The energy kept is a property of the dense weights, which are gone: it is reported as unknown.
+    """
+    from .lowrank import LayerReport
+
+    layers = []
+    removed = 0
+    for name, module in model.named_modules():
+        if not getattr(module, "is_low_rank", False):
+            continue
+        if hasattr(module, "in_channels"):
+            kh, kw = module.kernel_size
+            shape, kind = (module.out_channels, module.in_channels, kh, kw), "conv2d"
+        else:
+            shape, kind = (module.out_features, module.in_features, 1, 1), "linear"
+        out, inp, kh, kw = shape
+        bias = module.up.bias.numel() if module.up.bias is not None else 0
+        after = sum(p.numel() for p in module.parameters())
+        before = out * inp * kh * kw + bias
+        removed += before - after
+        layers.append(
+            LayerReport(name, kind, shape, min(out, inp * kh * kw), module.rank, before, after, math.nan, "factorised")
+        )
+    after_total = count_parameters(model)
+    return CompressionReport(after_total + removed, after_total, layers)
+
+
+def _layer_rows(report: CompressionReport) -> list[dict[str, str]]:
+    rows = []
+    for layer in report.layers:
+        energy = layer.energy_kept
+        rows.append(
+            {
+                "name": _cell(layer.name),
+                "kind": _cell(layer.kind),
+                "shape": "x".join(str(d) for d in layer.shape),
+                "rank": f"{layer.rank} / {layer.full_rank}" if layer.rank is not None else f"dense ({layer.full_rank})",
+                "params_before": f"{layer.params_before:,}",
+                "params_after": f"{layer.params_after:,}",
+                "energy": "n/a"
+                if energy is None or (isinstance(energy, float) and math.isnan(energy))
+                else f"{energy:.4f}",
+                "status": _cell(layer.status),
+            }
+        )
+    return rows
+
+
+def _metric_rows(info: ModelCardInfo) -> list[dict[str, str]]:
+    dense = info.dense_metrics or {}
+    rows = []
+    for name in list(info.metrics) + [k for k in dense if k not in info.metrics]:
+        value, before = info.metrics.get(name), dense.get(name)
+        delta = f"{value - before:+.4g}" if value is not None and before is not None else ""
+        rows.append(
+            {
+                "name": _cell(name),
+                "dense": _fmt_number(before) if before is not None else "",
+                "compressed": _fmt_number(value) if value is not None else "",
+                "delta": delta,
+            }
+        )
+    return rows
+
+
+def _card_data(model: nn.Module, info: ModelCardInfo, title: str, task: str | None) -> ModelCardData:
+    library = _base_library(model)
+    tags = list(BASE_TAGS)
+    if library:
+        tags.append(library)  # discoverability under the base library's tag, without claiming its loader
+    tags += [t for t in info.tags if t not in tags]
+    eval_results = None
+    if info.metrics:
+        dataset_id = info.datasets[0] if info.datasets else None
+        dataset_name = info.dataset_pretty_name or dataset_id
+        if task is None or dataset_name is None:
+            raise ValueError(
+                "ModelCardInfo.metrics go into the Hub's model-index, which needs a task and a dataset: set "
+                "ModelCardInfo.task (e.g. 'image-classification') and datasets=[<Hub dataset id>] "
+                "(or dataset_pretty_name)."
+            )
+        eval_results = [
+            EvalResult(
+                task_type=task,
+                dataset_type=dataset_id or dataset_name,
+                dataset_name=dataset_name,
+                dataset_split=info.dataset_split,
+                metric_type=name,
+                metric_value=float(value),
+            )
+            for name, value in info.metrics.items()
+        ]
+    return ModelCardData(
+        # library_name is what the Hub keys its "Use this model" snippet and library filter on. "timm" or
+        # "transformers" would show `timm.create_model("hf-hub:...")` / `AutoModel.from_pretrained(...)`, which
+        # fail on a factorised state dict (down/up weights instead of one dense weight). "smooth_hf" is the
+        # loader that works; the base library is still listed as a tag and in base_model for discovery.
+        library_name="smooth_hf",
+        base_model=info.base_model,
+        datasets=list(info.datasets) or None,
+        license=info.license,
+        tags=tags,
+        pipeline_tag=task,
+        metrics=list(info.metrics) or None,
+        model_name=title if eval_results else None,
+        eval_results=eval_results,
+    )
+
+
+def render_model_card(model: nn.Module, info: ModelCardInfo | None = None, *, location: str | None = None) -> ModelCard:
+    """Render the card of a compressed model (YAML metadata + body) from the packaged template.
+
+    Args:
+        model: a model compressed by :func:`smooth_hf.compress` or reloaded by :func:`smooth_hf.from_pretrained`
+            (it must carry ``lowrank_config``). Its ``lowrank_report`` gives the per-layer table; a reloaded
+            model without one gets a table rebuilt from its low-rank layers (energy kept: n/a).
+        info: provenance, data, measured metrics and training setup (all optional).
+        location: the repo id or folder shown in the "how to reload" snippet.
+
+    Raises:
+        ValueError: the model was not compressed, or metrics were given without a task/dataset for the
+            model-index.
+    """
+    info = info if info is not None else ModelCardInfo()
+    config = getattr(model, "lowrank_config", None)
+    if not isinstance(config, LowRankConfig):
+        raise ValueError(
+            f"{type(model).__name__} has no lowrank_config: call smooth_hf.compress(model, LowRankConfig(...)) "
+            "first (or load a compressed checkpoint with smooth_hf.from_pretrained)."
+        )
+    report = getattr(model, "lowrank_report", None)
+    report_file = isinstance(report, CompressionReport)  # save_pretrained writes it as compression_report.json
+    if not report_file:
+        report = _report_from_model(model)
+    architecture = _architecture(model)
+    title = info.model_name or f"{architecture} (low-rank compressed)"
+    task = info.task or _infer_task(model)
+    card_data = _card_data(model, info, title, task)
+    removed = report.params_before - report.params_after
+    context = {
+        "title": title,
+        "architecture": architecture,
+        "library": _base_library(model) or "unknown",
+        "base_model": info.base_model,
+        "datasets": info.datasets,
+        "task": task,
+        "params_before": f"{report.params_before:,}",
+        "params_after": f"{report.params_after:,}",
+        "params_removed": f"{removed:,}",
+        "reduction": f"{report.reduction:.1%}",
+        "compression_ratio": f"{report.params_before / report.params_after:.2f}x" if report.params_after else "n/a",
+        "n_factorised": len(report.factorised),
+        "n_layers": len(report.layers),
+        "rank_rule": _rank_rule(config),
+        "batchnorm_recalibrated": bool(getattr(report, "batchnorm_recalibrated", False)),
+        "layers": _layer_rows(report),
+        "metrics": _metric_rows(info),
+        "dataset_split": info.dataset_split,
+        "training": [{"name": _cell(k), "value": _fmt_number(v)} for k, v in info.training.items()],
+        "location": location or "<repo id or local folder>",
+        "extra": info.extra,
+        "report_file": report_file,
+    }
+    template = resources.files("smooth_hf").joinpath("templates").joinpath(TEMPLATE).read_text(encoding="utf-8")
+    return ModelCard.from_template(card_data, template_str=template, card=context)

@@ -1,0 +1,168 @@
+"""``SmoothTrainer``: a ``transformers.Trainer`` that adds smoothness penalties to the task loss.
+
+Only hooks are overridden (``compute_loss``, ``log``, checkpoint save/load); the training loop,
+Accelerate, mixed precision, gradient accumulation and distributed training are the Trainer's own.
+
+How the penalty is counted -- once per optimizer step, whatever the batch size, the number of
+gradient-accumulation micro-batches or the number of processes:
+
+* it is added on the **last micro-batch** of each accumulation window only (when Accelerate is about
+  to sync gradients), so it is computed once per step, not once per micro-batch;
+* the Trainer divides a per-batch-mean loss by the number of accumulation steps before ``backward``;
+  the penalty is pre-multiplied by exactly that factor, so its gradient reaches the weights at full
+  strength (``tests/test_trainer.py`` checks GA=1 vs GA=2 give the same weights);
+* under DDP every rank adds the same penalty (its weights are identical) and gradients are averaged
+  across ranks, so the penalty counts once, not once per rank. (``compute_loss``'s
+  ``average_tokens_across_devices`` rescaling applies to the task loss only: the penalty is added
+  after it.)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel, Trainer
+from transformers.utils import logging
+
+from .smoothness import SmoothnessPenalty
+from .training_args import SmoothTrainingArguments
+
+__all__ = ["PENALTY_STATE_NAME", "SmoothTrainer"]
+
+logger = logging.get_logger(__name__)
+
+PENALTY_STATE_NAME = "smooth_penalty_state.safetensors"
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    return isinstance(model, PreTrainedModel)
+
+
+# Heads whose loss is a mean over samples and ignores ``num_items_in_batch``.
+_MEAN_LOSS_HEADS = ("ForSequenceClassification", "ForImageClassification", "ForAudioClassification", "ForMultipleChoice")
+
+
+def _mean_loss_classifier(model: nn.Module) -> bool:
+    return _is_transformers_model(model) and type(model).__name__.endswith(_MEAN_LOSS_HEADS)
+
+
+class SmoothTrainer(Trainer):
+    """``Trainer`` + smoothness penalties (see :class:`SmoothTrainingArguments`).
+
+    Works with transformers models (their own loss is used) and with timm / plain ``nn.Module``
+    image classifiers, which are called as ``model(pixel_values)`` and trained with cross-entropy
+    on ``labels``. The penalised layers are resolved once, here, and listed in the log.
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: SmoothTrainingArguments | None = None, **kwargs: Any):
+        if args is None or not isinstance(args, SmoothTrainingArguments):
+            raise TypeError("SmoothTrainer needs args=SmoothTrainingArguments(...) (a TrainingArguments subclass)")
+        if model is None:
+            raise ValueError("SmoothTrainer needs a model instance (model_init is not supported)")
+        if not _is_transformers_model(model):
+            # A timm model's forward takes only the image: keep the columns, and say where the labels are.
+            if args.remove_unused_columns:
+                logger.info("Non-transformers model: setting remove_unused_columns=False")
+                args.remove_unused_columns = False
+            if args.label_names is None:
+                args.label_names = ["labels"]
+        self.smoothness = SmoothnessPenalty.for_model(
+            model,
+            target_modules=args.penalty_target_modules,
+            exclude_modules=args.penalty_exclude_modules,
+            skip_first_last=args.penalty_skip_first_last,
+            nuclear_norm_coef=args.nuclear_norm_coef,
+            first_order_coef=args.first_order_coef,
+            second_order_coef=args.second_order_coef,
+            normalization=args.penalty_normalization,
+            nuclear_norm_every=args.nuclear_norm_every,
+        )
+        super().__init__(model=model, args=args, **kwargs)
+        if _mean_loss_classifier(model):
+            # These heads return a per-batch *mean* loss yet accept **kwargs, so the Trainer would assume
+            # it is already scaled for gradient accumulation and skip dividing it: GA=2 would double the
+            # task gradient (measured with BertForSequenceClassification, transformers 5.23).
+            self.model_accepts_loss_kwargs = False
+        self._penalty_sums: dict[str, float] = defaultdict(float)
+        self._penalty_steps = 0
+        if self.smoothness.active:
+            names = self.smoothness.layer_names
+            logger.info(f"Smoothness penalties on {len(names)} layers: {names[:3]} ... {names[-2:]}")
+
+    # ---- loss -------------------------------------------------------------------------------
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        if _is_transformers_model(self.accelerator.unwrap_model(model)):
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        else:
+            logits = model(inputs["pixel_values"])
+            loss = F.cross_entropy(logits, inputs["labels"])
+            outputs = {"loss": loss, "logits": logits}
+
+        # Eval loss stays the task loss, comparable with a plain model's.
+        if model.training and self.smoothness.active and self.accelerator.sync_gradients:
+            loss = loss + self._penalty(num_items_in_batch).to(loss.device)
+        return (loss, outputs) if return_outputs else loss
+
+    def _penalty(self, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+        step = self.state.global_step
+        total, terms = self.smoothness(step)
+        ramp = self._warmup_factor(step)
+        for key, value in terms.items():
+            self._penalty_sums[key] += value
+        self._penalty_sums["penalty"] += float(total.detach()) * ramp
+        self._penalty_steps += 1
+        return total * ramp * self._ga_compensation(num_items_in_batch)
+
+    def _warmup_factor(self, step: int) -> float:
+        if self.args.penalty_warmup_ratio <= 0 or not self.state.max_steps:
+            return 1.0
+        warmup_steps = max(1, math.ceil(self.args.penalty_warmup_ratio * self.state.max_steps))
+        return min(1.0, (step + 1) / warmup_steps)
+
+    def _ga_compensation(self, num_items_in_batch: torch.Tensor | int | None) -> float:
+        """Undo the division by the accumulation steps that ``training_step`` applies to this loss."""
+        if self.loss_is_scaled_for_ga is not None:
+            scaled = self.loss_is_scaled_for_ga
+        else:  # the Trainer's own rule (transformers >= 4.46)
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        return 1.0 if scaled else float(self.current_gradient_accumulation_steps)
+
+    # ---- logging ----------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs carry "loss"; add each penalty term, averaged over the steps since the last log.
+        if "loss" in logs and self._penalty_steps:
+            for key, value in self._penalty_sums.items():
+                logs[f"smooth/{key}"] = round(value / self._penalty_steps, 6)
+            self._penalty_sums.clear()
+            self._penalty_steps = 0
+        super().log(logs, start_time)
+
+    # ---- checkpoints: the cached nuclear-norm directions are training state --------------------
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.smoothness.active and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            state = self.smoothness.state_dict()
+            if state:
+                save_file(state, os.path.join(folder, PENALTY_STATE_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, PENALTY_STATE_NAME)
+        if self.smoothness.active and os.path.isfile(path):
+            self.smoothness.load_state_dict(load_file(path))

@@ -1,0 +1,73 @@
+"""Shared tiny models and data for the test suite (no network, a few hundred samples at most)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyConvNet(nn.Module):
+    """A plain nn.Module image classifier without batch norm (BN makes GA=1 != GA=2 by design)."""
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 3, width: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(in_chans, width, 3, padding=1)
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.proj = nn.Linear(width, width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(torch.relu(self.stem(x)))).mean((2, 3))
+        return self.head(torch.relu(self.proj(x)))
+
+
+def tiny_vit(num_labels: int = 3, image_size: int = 8, channels: int = 1):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=image_size, patch_size=4, num_channels=channels, hidden_size=16, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=32, num_labels=num_labels, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0)
+    return ViTForImageClassification(config)
+
+
+def tiny_bert(num_labels: int = 3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                        num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config)
+
+
+def image_dataset(n: int = 16, channels: int = 1, size: int = 8, num_labels: int = 3, seed: int = 1):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    return Dataset.from_dict({
+        "pixel_values": torch.randn(n, channels, size, size, generator=g).tolist(),
+        "labels": torch.randint(0, num_labels, (n,), generator=g).tolist(),
+    }).with_format("torch")
+
+
+def text_dataset(n: int = 16, length: int = 6, num_labels: int = 3, seed: int = 1):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    return Dataset.from_dict({
+        "input_ids": torch.randint(0, 50, (n, length), generator=g).tolist(),
+        "labels": torch.randint(0, num_labels, (n,), generator=g).tolist(),
+    })
+
+
+@pytest.fixture
+def tiny_conv():
+    torch.manual_seed(0)
+    return TinyConvNet()

@@ -1,0 +1,483 @@
+"""save_pretrained / from_pretrained of compressed models: exact round trips, refused folders, atomic saves.
+
+Models are tiny and compressed once per module; every check compares logits with ``torch.equal`` (CPU,
+float32): a reload must give back the very same function, not an approximation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import smooth_hf.hub as hub
+from smooth_hf.hub import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_pretrained
+from smooth_hf.lowrank import LowRankConfig, compress
+
+# ---------------------------------------------------------------------------------------------- tiny models
+
+
+def _randomise_batchnorm(model: nn.Module) -> None:
+    """Non-trivial running statistics, so that a buffer that fails to load changes the logits."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.num_batches_tracked.fill_(7)
+
+
+def make_timm() -> tuple[nn.Module, dict]:
+    import timm
+
+    import smooth_hf.models  # noqa: F401  (registers resnet14_cifar)
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet14_cifar", in_chans=1, num_classes=10).eval()
+    _randomise_batchnorm(model)
+    compress(model, LowRankConfig(rank_ratio=0.5))
+    return model, {"x": torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))}
+
+
+def make_vit() -> tuple[nn.Module, dict]:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=8,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    model = ViTForImageClassification(config).eval()
+    # ViTModel.forward reads patch_embeddings.projection.weight.dtype, so that conv must stay dense.
+    compress(model, LowRankConfig(param_reduction=0.2, exclude_modules=["projection"]))
+    return model, {"pixel_values": torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))}
+
+
+def make_bert() -> tuple[nn.Module, dict]:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    model = BertForSequenceClassification(config).eval()
+    compress(model, LowRankConfig(rank_ratio=0.5))
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 100, (2, 8), generator=g)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    return model, {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": (torch.arange(8) >= 4).long().expand(2, 8),
+    }
+
+
+def make_gpt2() -> tuple[nn.Module, dict]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    compress(model, LowRankConfig(rank_ratio=0.5))
+    return model, {"input_ids": torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(2))}
+
+
+MAKERS: dict[str, Callable[[], tuple[nn.Module, dict]]] = {
+    "timm-resnet14_cifar": make_timm,
+    "vit": make_vit,
+    "bert": make_bert,
+    "gpt2": make_gpt2,
+}
+
+
+def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        if "x" in inputs:
+            return model(inputs["x"])
+        return model(**inputs).logits
+
+
+# Each model is compressed once per test session (compression is the slow part); tests never modify them.
+MODEL_CACHE: dict[str, tuple[nn.Module, dict]] = {}
+
+
+@pytest.fixture(scope="module")
+def compressed() -> dict[str, tuple[nn.Module, dict]]:
+    return MODEL_CACHE
+
+
+def get(compressed: dict, name: str) -> tuple[nn.Module, dict]:
+    if name not in compressed:
+        compressed[name] = MAKERS[name]()
+    return compressed[name]
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_round_trip_is_exact(compressed, name, tmp_path):
+    model, inputs = get(compressed, name)
+    expected = logits(model, inputs)
+    folder = save_pretrained(model, tmp_path / "ckpt")
+
+    assert folder == (tmp_path / "ckpt").absolute()
+    assert {WEIGHTS_NAME, "config.json", CONFIG_NAME, "README.md"} <= set(digest(folder))
+    assert not any(p.suffix in hub.PICKLE_SUFFIXES for p in folder.iterdir())
+
+    loaded = from_pretrained(folder)
+    assert type(loaded) is type(model)
+    assert not loaded.training
+    assert torch.equal(logits(loaded, inputs), expected)
+    assert loaded.lowrank_config.to_dict() == model.lowrank_config.to_dict()
+    assert loaded.lowrank_config.ranks, "the test models must actually be factorised"
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(t.device.type == "cpu" for t in loaded.state_dict().values())
+    assert loaded.lowrank_report.to_dict() == model.lowrank_report.to_dict()
+
+    # A reloaded model saves to the same bytes: nothing is lost or re-derived differently on the way.
+    again = save_pretrained(loaded, tmp_path / "again")
+    for file in (WEIGHTS_NAME, CONFIG_NAME, "config.json", hub.REPORT_NAME):
+        assert (again / file).read_bytes() == (folder / file).read_bytes(), file
+
+
+def test_gpt2_tied_lm_head_stays_tied(compressed, tmp_path):
+    model, inputs = get(compressed, "gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight  # compress keeps tied weights dense
+    loaded = from_pretrained(save_pretrained(model, tmp_path / "gpt2"))
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert (tmp_path / "gpt2" / "generation_config.json").is_file()
+
+
+def test_save_does_not_modify_the_model(compressed, tmp_path):
+    model, inputs = get(compressed, "bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    architectures = model.config.architectures
+    save_pretrained(model, tmp_path / "bert")
+    assert model.config.architectures == architectures
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_timm_data_config_survives(compressed, tmp_path):
+    model, _ = get(compressed, "timm-resnet14_cifar")
+    loaded = from_pretrained(save_pretrained(model, tmp_path / "r"))
+    assert loaded.pretrained_cfg["input_size"][0] == 1
+    assert loaded.pretrained_cfg["architecture"] == "resnet14_cifar"
+
+
+def test_meta_build_falls_back_when_buffers_are_not_in_the_file(compressed, tmp_path, monkeypatch):
+    """A timm model with a non-persistent buffer cannot come from the meta device: the CPU build is used."""
+    model, inputs = get(compressed, "timm-resnet14_cifar")
+    folder = save_pretrained(model, tmp_path / "r")
+    real, devices = hub._build_base, []
+
+    def build_with_buffer(folder, hf_config, device):
+        devices.append(device)
+        built = real(folder, hf_config, device)
+        built.register_buffer("scale", torch.ones(1, device=device), persistent=False)
+        return built
+
+    monkeypatch.setattr(hub, "_build_base", build_with_buffer)
+    loaded = from_pretrained(folder)
+    assert devices == ["meta", "cpu"]
+    assert loaded.scale.device.type == "cpu" and torch.equal(loaded.scale, torch.ones(1))
+    assert torch.equal(logits(loaded, inputs), logits(model, inputs))
+
+
+# ---------------------------------------------------------------------------------------------- refused folders
+
+
+class _Boom:
+    """Unpickling this creates a marker file: proof that a pickle was (wrongly) loaded."""
+
+    marker: Path
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _case_empty(f: Path) -> None:
+    for p in f.iterdir():
+        p.unlink()
+
+
+def _case_dense(f: Path) -> None:
+    (f / CONFIG_NAME).unlink()
+
+
+def _case_missing_weights(f: Path) -> None:
+    (f / WEIGHTS_NAME).unlink()
+
+
+def _case_truncated_weights(f: Path) -> None:
+    data = (f / WEIGHTS_NAME).read_bytes()
+    (f / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+
+
+def _case_truncated_header(f: Path) -> None:
+    (f / WEIGHTS_NAME).write_bytes((f / WEIGHTS_NAME).read_bytes()[:40])
+
+
+def _case_missing_config(f: Path) -> None:
+    (f / "config.json").unlink()
+
+
+def _case_rank_mismatch(f: Path) -> None:
+    def edit(d: dict) -> None:
+        d["ranks"]["stages.0.0.conv1"] -= 1
+
+    _edit_json(f / CONFIG_NAME, edit)
+
+
+def _case_rank_unknown_module(f: Path) -> None:
+    _edit_json(f / CONFIG_NAME, lambda d: d["ranks"].update({"stages.9.conv": 2}))
+
+
+def _case_rank_dropped(f: Path) -> None:
+    _edit_json(f / CONFIG_NAME, lambda d: d["ranks"].pop("fc"))
+
+
+def _case_invalid_compression_json(f: Path) -> None:
+    (f / CONFIG_NAME).write_text("{not json")
+
+
+def _case_unknown_timm_architecture(f: Path) -> None:
+    _edit_json(f / "config.json", lambda d: d.update({"architecture": "no_such_model_v9"}))
+
+
+def _case_unknown_transformers_architecture(f: Path) -> None:
+    (f / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["NoSuchModelForMagic"]}))
+
+
+def _case_remote_code_class(f: Path) -> None:
+    # Only classes shipped with transformers are built; a name that resolves to something else is refused.
+    (f / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["AutoConfig"]}))
+
+
+def _case_neither_library(f: Path) -> None:
+    (f / "config.json").write_text(json.dumps({"hidden_size": 8}))
+
+
+def _case_pickle(f: Path) -> None:
+    boom = _Boom()
+    _Boom.marker = f.parent / "UNPICKLED"
+    (f / "pytorch_model.bin").write_bytes(pickle.dumps(boom))
+
+
+def _case_checkpoint_pickle(f: Path) -> None:
+    (f / "optimizer.pt").write_bytes(b"\x80\x04not really")
+
+
+ERROR_CASES = [
+    # (case id, how to break a good checkpoint, exception type, key phrase of the message)
+    ("empty folder", _case_empty, FileNotFoundError, "is empty"),
+    ("dense checkpoint", _case_dense, ValueError, "not a smooth_hf compressed checkpoint"),
+    ("missing weights", _case_missing_weights, FileNotFoundError, f"no {WEIGHTS_NAME}"),
+    ("truncated weights", _case_truncated_weights, ValueError, "truncated or corrupt"),
+    ("truncated header", _case_truncated_header, ValueError, "truncated or corrupt"),
+    ("missing config.json", _case_missing_config, FileNotFoundError, "no config.json"),
+    ("rank does not match weights", _case_rank_mismatch, ValueError, "do not match the weights"),
+    ("rank for unknown module", _case_rank_unknown_module, ValueError, "do not fit the architecture"),
+    ("rank dropped from config", _case_rank_dropped, ValueError, "do not match the weights"),
+    ("invalid compression_config", _case_invalid_compression_json, ValueError, "not valid JSON"),
+    ("unknown timm architecture", _case_unknown_timm_architecture, ValueError, "unknown base architecture"),
+    ("unknown transformers class", _case_unknown_transformers_architecture, ValueError, "unknown base architecture"),
+    ("non-model transformers attr", _case_remote_code_class, ValueError, "unknown base architecture"),
+    ("config of no known library", _case_neither_library, ValueError, "unknown base architecture"),
+    ("pickle weights present", _case_pickle, ValueError, "pickle"),
+    ("pickle checkpoint present", _case_checkpoint_pickle, ValueError, "refuses to load folders with pickled"),
+]
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(compressed, tmp_path_factory) -> Path:
+    model, _ = get(compressed, "timm-resnet14_cifar")
+    return save_pretrained(model, tmp_path_factory.mktemp("good") / "ckpt")
+
+
+@pytest.mark.parametrize(("case", "breaker", "error", "phrase"), ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_refused_folders(good_checkpoint, tmp_path, case, breaker, error, phrase):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(good_checkpoint, folder)
+    breaker(folder)
+    with pytest.raises(error, match=phrase) as info:
+        from_pretrained(folder)
+    assert str(folder) in str(info.value), "the message must say which folder is wrong"
+    assert not (tmp_path / "UNPICKLED").exists(), "a pickle was unpickled"
+
+
+def test_path_that_is_neither_folder_nor_repo_id(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a valid Hub repo id"):
+        from_pretrained(tmp_path / "does" / "not" / "exist")
+
+
+def test_file_instead_of_folder(good_checkpoint):
+    with pytest.raises(ValueError, match="expects a checkpoint folder"):
+        from_pretrained(good_checkpoint / WEIGHTS_NAME)
+
+
+# ---------------------------------------------------------------------------------------------- refused saves
+
+
+def test_save_refuses_uncompressed_model(tmp_path):
+    import timm
+
+    import smooth_hf.models  # noqa: F401
+
+    model = timm.create_model("resnet14_cifar", in_chans=1, num_classes=10)
+    with pytest.raises(ValueError, match=r"call smooth_hf\.compress"):
+        save_pretrained(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_save_refuses_plain_module(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    compress(model, LowRankConfig(rank_ratio=0.25))
+    with pytest.raises(TypeError, match="cannot be rebuilt from JSON") as info:
+        save_pretrained(model, tmp_path / "x")
+    assert "state dict" in str(info.value) and "apply_ranks" in str(info.value)
+    assert not (tmp_path / "x").exists()
+
+
+def test_save_refuses_folder_with_pickles(compressed, tmp_path):
+    model, _ = get(compressed, "timm-resnet14_cifar")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "training_args.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="pickle files"):
+        save_pretrained(model, tmp_path / "out")
+
+
+def test_save_refuses_edited_structure(compressed, tmp_path):
+    import copy
+
+    model = copy.deepcopy(get(compressed, "timm-resnet14_cifar")[0])
+    model.lowrank_config.ranks["stages.0.0.conv1"] += 1
+    with pytest.raises(ValueError, match="does not describe the model"):
+        save_pretrained(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------- atomic saves
+
+
+def _siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir() if p.name != path.name)
+
+
+@pytest.fixture
+def two_models(compressed):
+    """The compressed resnet and a second, different one with the same structure."""
+    model_a, inputs = get(compressed, "timm-resnet14_cifar")
+    import copy
+
+    model_b = copy.deepcopy(model_a)
+    with torch.no_grad():
+        for p in model_b.parameters():
+            p.mul_(1.5)
+    return model_a, model_b, inputs
+
+
+@pytest.mark.parametrize("foreign_file", [False, True], ids=["checkpoint-only folder", "folder with other files"])
+def test_failed_save_keeps_previous_checkpoint(two_models, tmp_path, monkeypatch, foreign_file):
+    model_a, model_b, inputs = two_models
+    target = tmp_path / "run" / "ckpt"
+    save_pretrained(model_a, target)
+    if foreign_file:
+        (target / "notes.txt").write_text("keep me")
+    before = digest(target)
+
+    def half_written(model, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("No space left on device (simulated)")
+
+    monkeypatch.setattr(hub, "save_model", half_written)
+    with pytest.raises(OSError, match="simulated"):
+        save_pretrained(model_b, target)
+
+    assert digest(target) == before
+    assert _siblings(target) == [], "a temporary folder was left behind"
+    assert torch.equal(logits(from_pretrained(target), inputs), logits(model_a, inputs))
+
+
+def test_failure_while_writing_config_keeps_previous_checkpoint(two_models, tmp_path, monkeypatch):
+    model_a, model_b, inputs = two_models
+    target = tmp_path / "ckpt"
+    save_pretrained(model_a, target)
+    before = digest(target)
+    import timm.models._hub
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("interrupted (simulated)")
+
+    monkeypatch.setattr(timm.models._hub, "save_config_for_hf", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        save_pretrained(model_b, target)
+    assert digest(target) == before
+    assert _siblings(target) == []
+
+
+def test_failed_swap_puts_the_old_folder_back(two_models, tmp_path, monkeypatch):
+    model_a, model_b, inputs = two_models
+    target = tmp_path / "ckpt"
+    save_pretrained(model_a, target)
+    before = digest(target)
+    real_rename = hub.os.rename
+    calls = []
+
+    def rename(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:  # the old folder was moved aside; moving the new one in fails
+            raise OSError("rename failed (simulated)")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(hub.os, "rename", rename)
+    with pytest.raises(OSError, match="simulated"):
+        save_pretrained(model_b, target)
+    monkeypatch.undo()
+    assert digest(target) == before
+    assert _siblings(target) == []
+
+
+@pytest.mark.parametrize("foreign_file", [False, True], ids=["checkpoint-only folder", "folder with other files"])
+def test_successful_overwrite(two_models, tmp_path, foreign_file):
+    model_a, model_b, inputs = two_models
+    target = tmp_path / "ckpt"
+    save_pretrained(model_a, target)
+    if foreign_file:
+        (target / "notes.txt").write_text("keep me")
+    (target / hub.REPORT_NAME).unlink()  # must come back from the new save
+    save_pretrained(model_b, target)
+    assert torch.equal(logits(from_pretrained(target), inputs), logits(model_b, inputs))
+    assert (target / hub.REPORT_NAME).is_file()
+    assert ((target / "notes.txt").read_text() == "keep me") if foreign_file else not (target / "notes.txt").exists()
+    assert _siblings(target) == []

@@ -1,0 +1,239 @@
+"""push_to_hub + from_pretrained(repo_id) end to end, against a Hub look-alike on 127.0.0.1.
+
+``huggingface_hub`` reads ``HF_ENDPOINT`` when it is imported, so the client runs in a subprocess whose
+environment points at the fake server (``tests/hub_server.py``), which runs in this process. The parent
+builds and compresses the models, saves them locally with the inputs and the logits; the child reloads,
+pushes, downloads by repo id and writes the logits of the downloaded model; the parent compares them
+with ``torch.equal`` and inspects what the server stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import FakeHub
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file, save_file
+from test_hub import MODEL_CACHE, get, logits
+
+from smooth_hf.hub import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
+
+TOKEN = "hf_fake_token_for_tests"
+USER = "fake-user"
+CLIENT_TIMEOUT_S = 300  # two cores shared with other test processes: imports alone can take tens of seconds
+
+PUSH_AND_DOWNLOAD = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from safetensors.torch import load_file, save_file
+    from smooth_hf.hub import from_pretrained, push_to_hub
+    from smooth_hf.model_card import ModelCardInfo
+
+    out = {}
+    for case in json.loads(sys.argv[1]):
+        model = from_pretrained(case["local"])
+        url = push_to_hub(model, case["repo_id"], private=case["private"], model_card=ModelCardInfo(**case["card"]))
+        inputs = load_file(case["io"])
+        inputs.pop("logits")
+        results = {}
+        for name, revision in (("main", None), ("commit", url.rsplit("/", 1)[1])):
+            loaded = from_pretrained(case["repo_id"], revision=revision)
+            with torch.no_grad():
+                results[name] = loaded(inputs["x"]) if "x" in inputs else loaded(**inputs).logits
+        save_file(results, case["result"])
+        # Pushing the same checkpoint again changes nothing: no empty commit, the same commit URL back.
+        again = push_to_hub(model, case["repo_id"], model_card=ModelCardInfo(**case["card"]))
+        out[case["repo_id"]] = {"url": url, "again": again, "class": type(loaded).__name__, "training": loaded.training}
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+FAILING_PUSHES = textwrap.dedent(
+    """
+    import json, sys
+    import huggingface_hub
+    import torch
+    from smooth_hf.hub import PushToHubError, from_pretrained, push_to_hub
+
+    args = json.loads(sys.argv[1])
+    model = from_pretrained(args["local"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = {}
+    for repo_id, endpoint in args["cases"]:
+        if endpoint is not None:  # the Hub is down: nothing listens at this address any more
+            huggingface_hub.constants.ENDPOINT = endpoint
+        try:
+            push_to_hub(model, repo_id)
+            out[repo_id] = {"raised": None}
+        except PushToHubError as err:
+            out[repo_id] = {"raised": type(err).__name__, "stage": err.stage, "message": str(err),
+                            "cause": type(err.__cause__).__name__}
+        out[repo_id]["model_unchanged"] = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def fake_hub(tmp_path_factory):
+    with FakeHub(tmp_path_factory.mktemp("hub"), token=TOKEN, user=USER) as hub:
+        yield hub
+
+
+def run_client(script: str, args: object, hub_url: str, workdir: Path) -> dict:
+    """Run ``script`` in a fresh interpreter that talks to ``hub_url`` as if it were the Hub."""
+    (workdir / "tmp").mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(
+        HF_ENDPOINT=hub_url,
+        HF_HUB_OFFLINE="0",
+        HF_HOME=str(workdir / "hf_home"),
+        HF_TOKEN=TOKEN,
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TMPDIR=str(workdir / "tmp"),  # lets the test check that push_to_hub cleans up after itself
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(args)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CLIENT_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"client failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+CASES = {
+    # model, repo id, private, card info
+    "timm-resnet14_cifar": (
+        f"{USER}/resnet14-cifar-smooth",
+        False,
+        {
+            "datasets": ["zalando-datasets/fashion_mnist"],
+            "metrics": {"accuracy": 0.5},
+            "task": "image-classification",
+        },
+    ),
+    "vit": (f"{USER}/vit-tiny-smooth", True, {"license": "apache-2.0"}),
+}
+
+
+def test_push_then_download_by_repo_id(fake_hub, tmp_path):
+    cases = []
+    for name, (repo_id, private, card) in CASES.items():
+        model, inputs = get(MODEL_CACHE, name)
+        local = save_pretrained(model, tmp_path / "local" / name)
+        save_file({**inputs, "logits": logits(model, inputs)}, tmp_path / f"{name}-io.safetensors")
+        cases.append(
+            {
+                "local": str(local),
+                "repo_id": repo_id,
+                "private": private,
+                "card": card,
+                "io": str(tmp_path / f"{name}-io.safetensors"),
+                "result": str(tmp_path / f"{name}-out.safetensors"),
+            }
+        )
+
+    out = run_client(PUSH_AND_DOWNLOAD, cases, fake_hub.url, tmp_path)
+
+    for case, (name, (repo_id, private, card)) in zip(cases, CASES.items(), strict=True):
+        expected = load_file(case["io"])["logits"]
+        got = load_file(case["result"])
+        assert torch.equal(got["main"], expected), f"{name}: downloaded model differs from the saved one"
+        assert torch.equal(got["commit"], expected), f"{name}: download by commit id differs"
+        assert out[repo_id]["url"].startswith(f"{fake_hub.url}/{repo_id}/commit/")
+        assert out[repo_id]["training"] is False
+        assert out[repo_id]["again"] == out[repo_id]["url"]
+        assert len(fake_hub.repos[("model", repo_id)].commits) == 2, "initial commit + one upload"
+
+        files = fake_hub.files(repo_id)
+        assert set(files) == {
+            ".gitattributes",
+            WEIGHTS_NAME,
+            "config.json",
+            CONFIG_NAME,
+            "compression_report.json",
+            "README.md",
+        }
+        local = Path(case["local"])
+        for file in (WEIGHTS_NAME, "config.json", CONFIG_NAME):  # the pushed checkpoint is the saved one
+            assert files[file] == (local / file).read_bytes(), f"{name}: {file} changed on the way"
+        readme = files["README.md"].decode()
+        assert f'smooth_hf.from_pretrained("{repo_id}")' in readme
+        card_data = ModelCard(readme).data
+        assert card_data.library_name == "smooth_hf"
+        if "metrics" in card:
+            assert card_data.eval_results[0].metric_value == 0.5
+        assert fake_hub.repos[("model", repo_id)].private is private
+
+        # Downloads went through the client's cache, and nothing else was fetched.
+        snapshots = tmp_path / "hf_home" / "hub" / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+        (snapshot,) = snapshots.iterdir()
+        assert {p.name for p in snapshot.iterdir()} == set(files) - {".gitattributes"}
+
+    called = fake_hub.endpoints_called()
+    assert {"create", "validate-yaml", "preupload", "commit", "info", "tree", "resolve"} <= called
+    assert "unknown" not in called, [r for r in fake_hub.requests if r[1] == "unknown"]
+    assert list((tmp_path / "tmp").iterdir()) == [], "push_to_hub left temporary files behind"
+
+
+def test_failed_push_is_clear_and_touches_nothing(fake_hub, tmp_path):
+    model, _ = get(MODEL_CACHE, "timm-resnet14_cifar")
+    local = save_pretrained(model, tmp_path / "local")
+    before = digest(local)
+
+    dead = FakeHub(tmp_path / "dead").start()
+    dead_url = dead.url
+    dead.stop()
+
+    fake_hub.fail[f"create:{USER}/fails-at-create"] = 500
+    # Write access refused on an existing repo: 403 is not retried, unlike a 500 on the upload endpoints,
+    # which huggingface_hub retries with backoff for ~20 s before giving up.
+    fake_hub.fail[f"commit:{USER}/fails-at-upload"] = 403
+    try:
+        out = run_client(
+            FAILING_PUSHES,
+            {
+                "local": str(local),
+                "cases": [
+                    [f"{USER}/fails-at-create", None],
+                    [f"{USER}/fails-at-upload", None],
+                    [f"{USER}/hub-is-down", dead_url],
+                ],
+            },
+            fake_hub.url,
+            tmp_path,
+        )
+    finally:
+        fake_hub.fail.clear()
+
+    create, upload, down = (out[f"{USER}/{name}"] for name in ("fails-at-create", "fails-at-upload", "hub-is-down"))
+    assert create["raised"] == "PushToHubError" and create["stage"] == "create_repo"
+    assert "could not create or access the repo" in create["message"] and "500" in create["message"]
+    assert upload["raised"] == "PushToHubError" and upload["stage"] == "upload"
+    assert "uploading the checkpoint failed" in upload["message"] and "403" in upload["message"]
+    assert down["raised"] == "PushToHubError" and down["stage"] == "create_repo"
+    assert dead_url in down["message"]
+    assert all(result["model_unchanged"] for result in out.values())
+
+    assert digest(local) == before, "a failed push changed the caller's files"
+    assert list((tmp_path / "tmp").iterdir()) == [], "a failed push left temporary files behind"
+    assert (("model", f"{USER}/fails-at-create")) not in fake_hub.repos
+    assert fake_hub.files(f"{USER}/fails-at-upload").keys() == {".gitattributes"}, "nothing may be committed"

@@ -1,0 +1,499 @@
+"""Low-rank layers, compress(), apply_ranks(), LowRankConfig and BatchNorm recalibration on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import timm
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
+
+import smooth_hf.models  # noqa: F401  (registers resnet14_cifar with timm)
+from smooth_hf.batchnorm import recalibrate_batchnorm
+from smooth_hf.lowrank import (
+    CONFIG_NAME,
+    CompressionReport,
+    LowRankConfig,
+    LowRankConv2d,
+    LowRankLinear,
+    apply_ranks,
+    compress,
+    count_parameters,
+)
+from smooth_hf.lowrank.compress import _replace_module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices gain nothing from threads, and on a busy 2-core machine OpenMP spinning makes SVDs 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def resnet14() -> nn.Module:
+    return timm.create_model("resnet14_cifar", in_chans=1).eval()
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert() -> BertForSequenceClassification:
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def low_rank_matrix(out: int, inp: int, rank: int) -> torch.Tensor:
+    return torch.randn(out, rank) @ torch.randn(rank, inp)
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_full_rank_reproduces_dense(bias):
+    dense = nn.Linear(12, 20, bias=bias)
+    low = LowRankLinear.from_dense(dense, rank=12)
+    x = torch.randn(5, 3, 12)
+    torch.testing.assert_close(low(x), dense(x), atol=1e-5, rtol=1e-5)
+    assert (low.in_features, low.out_features, low.rank) == (12, 20, 12)
+    assert (low.up.bias is not None) == bias and low.down.bias is None
+    assert "rank=12" in repr(low)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kernel_size": 3, "stride": 2, "padding": 1, "bias": True},
+        {"kernel_size": 3, "stride": 1, "padding": 2, "dilation": 2, "bias": False},
+        {"kernel_size": (3, 1), "stride": (2, 1), "padding": (1, 0), "bias": True},
+        {"kernel_size": 3, "padding": 1, "padding_mode": "reflect", "bias": False},
+        {"kernel_size": 1, "stride": 2, "bias": True},
+    ],
+)
+def test_conv2d_full_rank_reproduces_dense(kwargs):
+    dense = nn.Conv2d(4, 6, **kwargs)
+    full_rank = min(6, 4 * dense.kernel_size[0] * dense.kernel_size[1])
+    low = LowRankConv2d.from_dense(dense, rank=full_rank)
+    x = torch.randn(2, 4, 9, 10)
+    torch.testing.assert_close(low(x), dense(x), atol=1e-5, rtol=1e-5)
+    assert low.stride == dense.stride and low.padding == dense.padding and low.dilation == dense.dilation
+    assert low.down.padding_mode == dense.padding_mode and (low.up.bias is not None) == kwargs["bias"]
+
+
+def test_hf_conv1d_becomes_an_equivalent_linear():
+    dense = Conv1D(nf=12, nx=7)  # weight stored (in=7, out=12)
+    nn.init.normal_(dense.bias)
+    low = LowRankLinear.from_dense(dense, rank=7)
+    assert (low.in_features, low.out_features) == (7, 12)
+    x = torch.randn(4, 3, 7)
+    torch.testing.assert_close(low(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 6])
+def test_truncation_is_the_best_rank_r_approximation(rank):
+    dense = nn.Linear(16, 10, dtype=torch.float64)
+    low = LowRankLinear.from_dense(dense, rank)
+    assert low.up.weight.dtype == low.down.weight.dtype == torch.float64
+    u, s, vh = torch.linalg.svd(dense.weight.detach())
+    best = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+    approx = low.dense_weight().detach()
+    torch.testing.assert_close(approx, best, atol=1e-12, rtol=1e-10)
+    # Eckart-Young: the squared Frobenius error is the tail of the squared singular values.
+    error = torch.linalg.matrix_norm(dense.weight.detach() - approx) ** 2
+    torch.testing.assert_close(error, (s[rank:] ** 2).sum())
+    # Balanced split: both factors carry sqrt(S).
+    torch.testing.assert_close(low.up.weight.norm(dim=0), s[:rank].sqrt())
+    torch.testing.assert_close(low.down.weight.norm(dim=1), s[:rank].sqrt())
+
+
+def test_conv_truncation_is_the_best_approximation_of_the_reshaped_weight():
+    dense = nn.Conv2d(3, 8, 3, bias=False, dtype=torch.float64)
+    low = LowRankConv2d.from_dense(dense, 4)
+    matrix = dense.weight.detach().reshape(8, -1)
+    s = torch.linalg.svdvals(matrix)
+    error = torch.linalg.matrix_norm(matrix - low.dense_weight().detach().reshape(8, -1)) ** 2
+    torch.testing.assert_close(error, (s[4:] ** 2).sum())
+
+
+def test_from_dense_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[1, 4\]"):
+        LowRankLinear.from_dense(nn.Linear(4, 9), 5)
+    with pytest.raises(ValueError, match="rank must be"):
+        LowRankLinear.from_dense(nn.Linear(4, 9), 0)
+    with pytest.raises(ValueError, match="grouped"):
+        LowRankConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2), 1)
+    with pytest.raises(TypeError):
+        LowRankLinear.from_dense(nn.Conv2d(4, 4, 3), 1)
+    with pytest.raises(TypeError):
+        LowRankConv2d.from_dense(nn.Linear(4, 4), 1)
+
+
+# ---------------------------------------------------------------- compress: budgets and rules
+
+
+@pytest.mark.parametrize("p", [0.5, 0.7, 0.9])
+def test_param_reduction_hits_the_target_on_resnet14(p):
+    model = resnet14()
+    before = count_parameters(model)
+    assert compress(model, LowRankConfig(param_reduction=p)) is model
+    report = model.lowrank_report
+    after = count_parameters(model)
+    assert (report.params_before, report.params_after) == (before, after)
+    assert 1 - p - 0.01 <= after / before <= 1 - p + 0.01
+    assert report.reduction == pytest.approx(1 - after / before)
+    ranks = model.lowrank_config.ranks
+    assert ranks and ranks == {r.name: r.rank for r in report.layers if r.status == "factorised"}
+    for name, rank in ranks.items():
+        assert model.get_submodule(name).rank == rank
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_budget_goes_to_the_low_energy_layer_first():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[0].weight.copy_(low_rank_matrix(64, 64, 4))  # exactly rank 4: cutting to 4 loses nothing
+    x = torch.randn(8, 64)
+    hidden = model[0](x)
+    compress(model, LowRankConfig(param_reduction=0.3))  # needs one layer cut to rank <= 12
+    report = {r.name: r for r in model.lowrank_report.layers}
+    assert report["2"].status == "dense: factorising would not remove parameters"
+    assert report["0"].status == "factorised" and 4 <= report["0"].rank <= 12
+    assert report["0"].energy_kept == pytest.approx(1.0)
+    torch.testing.assert_close(model[0](x), hidden, atol=1e-4, rtol=1e-4)
+    assert model.lowrank_report.reduction >= 0.3
+
+
+def test_unreachable_reduction_raises_with_the_maximum_and_leaves_model_untouched():
+    model = resnet14()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"at most [\d,]+ \(\d+\.\d% of the model\).*Lower param_reduction to at most"):
+        compress(model, LowRankConfig(param_reduction=0.99))
+    assert state_equal(model.state_dict(), state)
+    assert not hasattr(model, "lowrank_report")
+    # Excluding most layers lowers the reachable maximum.
+    with pytest.raises(ValueError, match="widen target_modules"):
+        compress(model, LowRankConfig(param_reduction=0.5, target_modules=r"stages\.0\..*"))
+
+
+def test_energy_rule_keeps_the_smallest_rank_reaching_the_fraction():
+    model = nn.Sequential(nn.Linear(32, 32, bias=False))
+    u, _ = torch.linalg.qr(torch.randn(32, 32))
+    v, _ = torch.linalg.qr(torch.randn(32, 32))
+    s = 2.0 ** -torch.arange(32.0)  # energies 4^-i: 1 - 4^-r of the total (nearly) after r components
+    with torch.no_grad():
+        model[0].weight.copy_(u @ torch.diag(s) @ v.T)
+    compress(model, LowRankConfig(energy=0.99))
+    row = model.lowrank_report.layers[0]
+    assert row.rank == 4  # 1 - 4^-3 = 0.984 < 0.99 <= 1 - 4^-4 = 0.996
+    assert row.energy_kept == pytest.approx(1 - 4.0**-4, abs=1e-6)
+
+
+def test_rank_ratio_rule_and_pays_check_on_resnet14():
+    model = resnet14()
+    compress(model, LowRankConfig(rank_ratio=0.25))
+    for row in model.lowrank_report.layers:
+        out, inp, kh, kw = row.shape
+        expected = -(-row.full_rank // 4)  # ceil(0.25 * full)
+        if expected * (inp * kh * kw + out) < out * inp * kh * kw:
+            assert (row.rank, row.status) == (expected, "factorised")
+            assert row.params_after < row.params_before
+        else:
+            assert (row.rank, row.status) == (None, "dense: factorising would not remove parameters")
+    assert model.lowrank_config.ranks["stages.2.1.conv2"] == 32
+
+
+def test_rank_multiple_rounds_up():
+    model = resnet14()
+    compress(model, LowRankConfig(rank_ratio=0.1, rank_multiple=8))
+    rows = {r.name: r for r in model.lowrank_report.layers}
+    assert rows["stages.2.1.conv2"].rank == 16  # ceil(12.8) = 13 -> 16
+    assert rows["stages.1.0.conv1"].rank == 8  # ceil(6.4) = 7 -> 8
+    assert rows["conv1"].rank is None  # 1 -> 8, capped at 9 = full: 8 * 41 >= 288 does not pay
+    assert all(r.rank % 8 == 0 for r in rows.values() if r.rank is not None)
+
+
+def test_layer_that_does_not_pay_stays_dense():
+    model = nn.Sequential(nn.Linear(4, 100), nn.Linear(100, 100))
+    with torch.no_grad():
+        model[1].weight.copy_(low_rank_matrix(100, 100, 2))
+    compress(model, LowRankConfig(energy=0.999))
+    rows = {r.name: r for r in model.lowrank_report.layers}
+    # Layer 0 needs all 4 of its singular values and 4 * (4 + 100) >= 4 * 100: factorising would add parameters.
+    assert (rows["0"].rank, rows["0"].status) == (None, "dense: factorising would not remove parameters")
+    assert rows["0"].params_after == rows["0"].params_before == 500
+    assert type(model[0]) is nn.Linear and isinstance(model[1], LowRankLinear)
+    assert model.lowrank_config.ranks == {"1": 2}
+
+
+def test_excluded_layers_are_reported_dense():
+    model = resnet14()
+    compress(model, LowRankConfig(rank_ratio=0.25, target_modules=r"stages\.2\..*", exclude_modules=["downsample.0"]))
+    rows = {r.name: r for r in model.lowrank_report.layers}
+    assert rows["fc"].status == rows["stages.2.0.downsample.0"].status == "dense: excluded"
+    assert set(model.lowrank_config.ranks) == {f"stages.2.{b}.conv{c}" for b in (0, 1) for c in (1, 2)}
+
+
+# ---------------------------------------------------------------- compress: layers that stay dense, errors
+
+
+def test_depthwise_conv_stays_dense_and_model_runs():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 16, 3, padding=1))
+    x = torch.randn(2, 8, 6, 6)
+    compress(model, LowRankConfig(rank_ratio=0.25))
+    rows = {r.name: r for r in model.lowrank_report.layers}
+    assert rows["0"].status == "dense: grouped conv" and type(model[0]) is nn.Conv2d
+    assert rows["1"].status == "factorised" and isinstance(model[1], LowRankConv2d)
+    assert model(x).shape == (2, 16, 6, 6)
+
+
+def test_multihead_attention_out_proj_stays_dense():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 2, batch_first=True)
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x)[0])
+
+    model = Block().eval()
+    compress(model, LowRankConfig(rank_ratio=0.25))
+    assert type(model.attn.out_proj) is not LowRankLinear and isinstance(model.fc, LowRankLinear)
+    assert model(torch.randn(2, 5, 32)).shape == (2, 5, 32)
+
+
+def test_gpt2_tied_lm_head_stays_dense_and_conv1d_layers_are_factorised():
+    model = tiny_gpt2()
+    ids = torch.randint(0, 100, (2, 10))
+    compress(model, LowRankConfig(rank_ratio=0.25))
+    rows = {r.name: r for r in model.lowrank_report.layers}
+    assert rows["lm_head"].status == "dense: tied weight"
+    assert model.lm_head.weight is model.transformer.wte.weight
+    conv1d_rows = [r for r in rows.values() if r.kind == "conv1d"]
+    assert len(conv1d_rows) == 8 and all(r.status == "factorised" for r in conv1d_rows)
+    assert isinstance(model.transformer.h[0].attn.c_attn, LowRankLinear)
+    assert model(ids).logits.shape == (2, 10, 100)
+    # Tied weights are counted once.
+    assert model.lowrank_report.params_after == sum(p.numel() for p in set(model.parameters()))
+
+
+def test_shared_bias_or_shared_module_stays_dense():
+    shared = nn.Linear(32, 32)
+    model = nn.Sequential(shared, nn.Linear(32, 32), nn.Linear(32, 32), shared)
+    model[2].bias = model[1].bias
+    compress(model, LowRankConfig(rank_ratio=0.25))
+    statuses = {r.name: r.status for r in model.lowrank_report.layers}
+    assert statuses == {"0": "dense: tied weight", "1": "dense: tied weight", "2": "dense: tied weight"}
+    assert model[0] is model[3] and model[1].bias is model[2].bias
+
+
+def test_gpt2_full_rank_factorisation_reproduces_logits():
+    model = tiny_gpt2()
+    ids = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        expected = model(ids).logits
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            _replace_module(model, name, LowRankLinear.from_dense(module, min(module.weight.shape)))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_already_compressed_model_is_refused():
+    model = nn.Sequential(nn.Linear(32, 32))
+    compress(model, LowRankConfig(rank_ratio=0.25))
+    with pytest.raises(ValueError, match="already compressed"):
+        compress(model, LowRankConfig(rank_ratio=0.25))
+
+
+def test_nan_weight_raises_and_leaves_model_untouched():
+    model = resnet14()
+    with torch.no_grad():
+        model.stages[2][1].conv2.weight[0, 0, 0, 0] = float("nan")
+    state = copy.deepcopy(model.state_dict())
+    modules = dict(model.named_modules())
+    with pytest.raises(ValueError, match=r"'stages\.2\.1\.conv2' has NaN or Inf"):
+        compress(model, LowRankConfig(param_reduction=0.5))
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k].nan_to_num(), state[k].nan_to_num()) for k in state)
+    assert dict(model.named_modules()) == modules
+
+
+# ---------------------------------------------------------------- reload and determinism
+
+
+def test_apply_ranks_then_strict_load_reproduces_resnet14():
+    model = resnet14()
+    compress(model, LowRankConfig(param_reduction=0.7))
+    x = torch.randn(2, 1, 16, 16)
+    expected = model(x)
+    fresh = apply_ranks(resnet14(), model.lowrank_config.ranks)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(fresh(x), expected)
+    # On the meta device too (big-model loading): structure first, then the tensors.
+    with torch.device("meta"):
+        meta = resnet14()
+    apply_ranks(meta, model.lowrank_config.ranks)
+    assert meta.stages[2][1].conv2.up.weight.is_meta
+    meta.load_state_dict(model.state_dict(), strict=True, assign=True)
+    assert torch.equal(meta(x), expected)
+
+
+def test_apply_ranks_then_strict_load_reproduces_bert():
+    model = tiny_bert()
+    compress(model, LowRankConfig(rank_ratio=0.25))
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    ids = torch.randint(0, 100, (2, 7))
+    expected = model(ids).logits
+    fresh = apply_ranks(tiny_bert(), model.lowrank_config.ranks)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(fresh(ids).logits, expected)
+
+
+def test_apply_ranks_validates_everything_before_replacing():
+    ranks = {"stages.2.1.conv2": 8}
+    for bad, message in [
+        ({"nope.conv": 2}, "no module named 'nope.conv'"),
+        ({"bn1": 2}, "BatchNorm2d, not a dense"),
+        ({"fc": 11}, r"must be an integer in \[1, 10\]"),
+        ({"fc": 0}, r"\[1, 10\]"),
+    ]:
+        model = resnet14()
+        with pytest.raises(ValueError, match=message):
+            apply_ranks(model, {**ranks, **bad})
+        assert type(model.stages[2][1].conv2) is nn.Conv2d
+
+
+def test_compression_is_deterministic():
+    a = resnet14()
+    b = copy.deepcopy(a)
+    compress(a, LowRankConfig(param_reduction=0.7))
+    compress(b, LowRankConfig(param_reduction=0.7))
+    assert a.lowrank_config.ranks == b.lowrank_config.ranks
+    assert state_equal(a.state_dict(), b.state_dict())
+
+
+def test_report_serialises():
+    model = resnet14()
+    compress(model, LowRankConfig(param_reduction=0.5))
+    report = model.lowrank_report
+    assert isinstance(report, CompressionReport)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["reduction"] == pytest.approx(report.reduction) and len(data["layers"]) == 16
+    table = report.to_markdown()
+    assert table.count("\n| `") == 16 and "| `stages.2.1.conv2` | conv2d | 128x128x3x3 |" in table
+    assert "fewer" in str(report)
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one rank rule, got 0"),
+        ({"param_reduction": 0.5, "energy": 0.9}, "exactly one rank rule, got 2"),
+        ({"param_reduction": 1.0}, r"param_reduction must be a number in \[0, 1\)"),
+        ({"param_reduction": -0.1}, "param_reduction must be"),
+        ({"rank_ratio": 0.0}, r"rank_ratio must be a number in \(0, 1\]"),
+        ({"rank_ratio": 1.5}, "rank_ratio must be"),
+        ({"energy": float("nan")}, "energy must be"),
+        ({"energy": "0.9"}, "energy must be"),
+        ({"energy": 0.9, "min_rank": 0}, "min_rank must be an integer >= 1"),
+        ({"energy": 0.9, "rank_multiple": 0}, "rank_multiple must be"),
+        ({"energy": 0.9, "rank_multiple": 2.0}, "rank_multiple must be"),
+        ({"energy": 0.9, "ranks": {"fc": 2.5}}, "invalid entries"),
+        ({"energy": 0.9, "ranks": {"fc": 0}}, "invalid entries"),
+        ({"energy": 0.9, "target_modules": [1]}, "target_modules must be"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LowRankConfig(**kwargs)
+
+
+def test_config_fields_have_help():
+    from dataclasses import fields
+
+    assert all(f.metadata.get("help") for f in fields(LowRankConfig))
+
+
+def test_config_json_round_trip(tmp_path):
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    compress(model, LowRankConfig(rank_ratio=0.25, target_modules=("0", "1"), rank_multiple=2))
+    config = model.lowrank_config
+    config.save_pretrained(tmp_path)
+    text = (tmp_path / CONFIG_NAME).read_text()
+    data = json.loads(text)
+    assert list(data) == sorted(data) and data["smooth_hf_version"] and data["ranks"] == {"0": 8, "1": 8}
+    assert LowRankConfig.from_pretrained(tmp_path) == config
+    assert config.to_json_string() == text
+    with pytest.raises(ValueError, match="Unknown LowRankConfig keys: rank_ration"):
+        LowRankConfig.from_dict({"rank_ration": 0.5})
+    with pytest.raises(FileNotFoundError):
+        LowRankConfig.from_pretrained(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------- BatchNorm recalibration
+
+
+def _bn_buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_recalibration_changes_statistics_not_weights_and_restores_mode(train_mode):
+    model = resnet14().train(train_mode)
+    model.stages[0][0].bn1.eval()  # a mixed-mode model must come back exactly as it was
+    reference = copy.deepcopy(model)
+    batches = [torch.randn(8, 1, 16, 16) for _ in range(2)]
+    compress(model, LowRankConfig(param_reduction=0.5), recalibrate_batchnorm=batches)
+    compress(reference, LowRankConfig(param_reduction=0.5))
+    assert model.lowrank_report.batchnorm_recalibrated and not reference.lowrank_report.batchnorm_recalibrated
+    params, ref_params = dict(model.named_parameters()), dict(reference.named_parameters())
+    assert all(torch.equal(params[k], ref_params[k]) for k in ref_params)
+    buffers, ref_buffers = _bn_buffers(model), _bn_buffers(reference)
+    assert all(not torch.equal(buffers[k], ref_buffers[k]) for k in buffers if "running_mean" in k)
+    assert {n: m.training for n, m in model.named_modules()} == {n: m.training for n, m in reference.named_modules()}
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_recalibration_is_the_exact_batch_average():
+    model = resnet14()
+    x1, x2 = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    recalibrate_batchnorm(model, [{"pixel_values": x1, "labels": torch.zeros(4)}, (x2, None)], max_batches=1)
+    with torch.no_grad():
+        features = model.conv1(x1)
+    torch.testing.assert_close(model.bn1.running_mean, features.mean((0, 2, 3)))
+    torch.testing.assert_close(model.bn1.running_var, features.var((0, 2, 3), unbiased=True))
+    assert int(model.bn1.num_batches_tracked) == 1 and not model.training
+
+
+def test_recalibration_with_no_batches_restores_statistics():
+    model = resnet14()
+    with torch.no_grad():
+        model.bn1.running_mean.fill_(3.0)
+    before = _bn_buffers(model)
+    with pytest.raises(ValueError, match="no batches"):
+        recalibrate_batchnorm(model, [])
+    assert state_equal(_bn_buffers(model), before)

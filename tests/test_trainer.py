@@ -1,0 +1,190 @@
+"""SmoothTrainer: argument validation, penalty counting (GA, batch, processes), logging, resume."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import timm
+import torch
+from conftest import TinyConvNet, image_dataset, text_dataset, tiny_bert, tiny_vit
+from safetensors.torch import load_file
+
+from smooth_hf import SmoothTrainer, SmoothTrainingArguments
+from smooth_hf.metrics import accuracy_metrics
+from smooth_hf.trainer import PENALTY_STATE_NAME
+
+PENALTIES = {"first_order_coef": 1.0, "second_order_coef": 1.0, "nuclear_norm_coef": 1.0}
+
+
+def make_args(tmp_path, **overrides) -> SmoothTrainingArguments:
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=2, optim="sgd",
+        learning_rate=0.5, lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no",
+        logging_steps=1, disable_tqdm=True, penalty_skip_first_last=False,
+    )
+    kwargs.update(overrides)
+    return SmoothTrainingArguments(**kwargs)
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_diff(a, b) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "phrase"),
+    [
+        ("first_order_coef", -1.0, "finite number >= 0"),
+        ("nuclear_norm_coef", math.nan, "finite number >= 0"),
+        ("second_order_coef", math.inf, "finite number >= 0"),
+        ("penalty_normalization", "mean", "must be one of"),
+        ("nuclear_norm_every", 0, "integer >= 1"),
+        ("penalty_warmup_ratio", 1.5, r"\[0, 1\)"),
+    ],
+)
+def test_invalid_arguments_are_rejected_with_the_fix(tmp_path, field, value, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        make_args(tmp_path, **{field: value})
+
+
+def test_unknown_target_pattern_is_an_error(tmp_path, tiny_conv):
+    args = make_args(tmp_path, first_order_coef=1.0, penalty_target_modules=["convv"])
+    with pytest.raises(ValueError, match="'convv' matches no module"):
+        SmoothTrainer(model=tiny_conv, args=args)
+
+
+def test_targets_that_are_not_factorisable_layers_are_named(tmp_path):
+    model = tiny_bert()
+    args = make_args(tmp_path, first_order_coef=1.0, penalty_target_modules=["word_embeddings"])
+    with pytest.raises(ValueError, match="word_embeddings \\(Embedding\\)"):
+        SmoothTrainer(model=model, args=args)
+
+
+def test_default_targets_every_layer_but_first_and_last(tmp_path, tiny_conv):
+    trainer = SmoothTrainer(model=tiny_conv, args=make_args(tmp_path, first_order_coef=1.0, penalty_skip_first_last=True))
+    assert trainer.smoothness.layer_names == ["conv", "proj"]
+
+
+def train_weights(tmp_path, make_model, dataset, ga, **coefs):
+    model = make_model()
+    args = make_args(tmp_path, per_device_train_batch_size=8 // ga, gradient_accumulation_steps=ga, **coefs)
+    SmoothTrainer(model=model, args=args, train_dataset=dataset).train()
+    return weights(model)
+
+
+@pytest.mark.parametrize(
+    ("make_model", "dataset"),
+    [
+        (lambda: (torch.manual_seed(0), TinyConvNet())[1], image_dataset),
+        (tiny_vit, image_dataset),
+        (tiny_bert, text_dataset),
+    ],
+    ids=["plain-module", "vit", "bert"],
+)
+def test_gradient_accumulation_does_not_change_the_update(tmp_path, make_model, dataset):
+    ga1 = train_weights(tmp_path, make_model, dataset(), 1, **PENALTIES)
+    ga2 = train_weights(tmp_path, make_model, dataset(), 2, **PENALTIES)
+    plain = train_weights(tmp_path, make_model, dataset(), 1)
+    assert max_diff(ga1, ga2) < 1e-5
+    assert max_diff(ga1, plain) > 1e-3  # the penalties did change the update: the test can fail
+
+
+def test_penalty_counts_once_per_step_whatever_the_batch_size(tmp_path):
+    """With lr on the penalty only (a zero-gradient task), the step is the same for batch 2 and 16."""
+
+    class ZeroTask(TinyConvNet):
+        def forward(self, x):
+            return super().forward(x) * 0.0
+
+    results = []
+    for batch in (2, 16):
+        torch.manual_seed(0)
+        model = ZeroTask()
+        args = make_args(tmp_path, per_device_train_batch_size=batch, max_steps=1, **PENALTIES)
+        SmoothTrainer(model=model, args=args, train_dataset=image_dataset(n=32)).train()
+        results.append(weights(model))
+    assert max_diff(*results) < 1e-6
+    torch.manual_seed(0)
+    assert max_diff(results[0], weights(ZeroTask())) > 1e-3
+
+
+def test_each_term_is_logged_separately(tmp_path, tiny_conv):
+    args = make_args(tmp_path, **PENALTIES)
+    trainer = SmoothTrainer(model=tiny_conv, args=args, train_dataset=image_dataset())
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs
+    for key in ("smooth/first_order", "smooth/second_order", "smooth/nuclear_norm", "smooth/penalty"):
+        assert all(key in entry and math.isfinite(entry[key]) for entry in logs), key
+
+
+def test_penalties_fall_during_training(tmp_path):
+    def run(**coefs):
+        torch.manual_seed(0)
+        model = TinyConvNet(width=16)
+        args = make_args(tmp_path, max_steps=30, learning_rate=0.05, logging_steps=30, **coefs)
+        trainer = SmoothTrainer(model=model, args=args, train_dataset=image_dataset(n=240))
+        trainer.train()
+        from smooth_hf.smoothness import SmoothnessPenalty
+
+        measure = SmoothnessPenalty(trainer.smoothness.layers, first_order_coef=1.0, nuclear_norm_coef=1.0)
+        return measure()[1]
+
+    plain, smooth = run(), run(first_order_coef=5.0, nuclear_norm_coef=5.0, nuclear_norm_every=5)
+    assert smooth["first_order"] < 0.8 * plain["first_order"]
+    assert smooth["nuclear_norm"] < plain["nuclear_norm"]
+
+
+def test_timm_model_trains_and_evaluates_with_accuracy(tmp_path):
+    model = timm.create_model("resnet14_cifar", in_chans=1, num_classes=3, channels=(4, 8, 8), layers=(1, 1, 1))
+    args = make_args(tmp_path, first_order_coef=1.0, nuclear_norm_coef=1.0, eval_strategy="no",
+                     penalty_skip_first_last=True, per_device_eval_batch_size=8)
+    trainer = SmoothTrainer(model=model, args=args, train_dataset=image_dataset(), eval_dataset=image_dataset(seed=2),
+                            compute_metrics=accuracy_metrics)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and math.isfinite(metrics["eval_loss"])
+    assert trainer.smoothness.layer_names[0] == "stages.0.0.conv1"  # stem conv left out
+
+
+def test_resume_continues_with_the_same_penalties_and_weights(tmp_path):
+    def run(out, max_steps, resume=None):
+        torch.manual_seed(0)
+        model = TinyConvNet()
+        args = make_args(tmp_path, output_dir=str(out), max_steps=max_steps, save_strategy="steps", save_steps=3,
+                         nuclear_norm_every=4, per_device_train_batch_size=4, **PENALTIES)
+        SmoothTrainer(model=model, args=args, train_dataset=image_dataset(n=64)).train(resume_from_checkpoint=resume)
+        return weights(model)
+
+    full = run(tmp_path / "full", 8)
+    run(tmp_path / "part", 3)  # "interrupted" after the checkpoint at step 3 (last SVD refresh at step 0)
+    checkpoint = tmp_path / "part" / "checkpoint-3"
+    state = load_file(str(checkpoint / PENALTY_STATE_NAME))
+    assert int(state["refreshed_at"]) == 0 and any(k.startswith("direction.") for k in state)
+    resumed = run(tmp_path / "part", 8, resume=str(checkpoint))
+    assert max_diff(full, resumed) < 1e-5
+
+
+def test_eval_loss_is_the_task_loss(tmp_path, tiny_conv):
+    data = image_dataset()
+    plain = SmoothTrainer(model=tiny_conv, args=make_args(tmp_path)).evaluate(data)["eval_loss"]
+    smooth = SmoothTrainer(model=tiny_conv, args=make_args(tmp_path, **PENALTIES)).evaluate(data)["eval_loss"]
+    assert smooth == pytest.approx(plain)
+
+
+def test_requires_smooth_training_arguments(tiny_conv, tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(TypeError, match="SmoothTrainingArguments"):
+        SmoothTrainer(model=tiny_conv, args=TrainingArguments(output_dir=str(tmp_path)))
+
+
+def test_penalty_state_only_written_when_nuclear_norm_is_on(tmp_path, tiny_conv):
+    args = make_args(tmp_path, first_order_coef=1.0, save_strategy="steps", save_steps=2)
+    SmoothTrainer(model=tiny_conv, args=args, train_dataset=image_dataset()).train()
+    assert not os.path.exists(tmp_path / "out" / "checkpoint-2" / PENALTY_STATE_NAME)

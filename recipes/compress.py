@@ -27,12 +27,12 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from transformers import HfArgumentParser, default_data_collator
 
-from smooth_hf.data import ImageTransform, load_image_classification
+from smooth_hf.data import ImageTransform, label_names, load_image_classification
 from smooth_hf.evaluation import classification_accuracy
 from smooth_hf.hub import push_to_hub, save_pretrained
 from smooth_hf.lowrank import LowRankConfig, compress
 from smooth_hf.model_card import ModelCardInfo
-from smooth_hf.modeling import image_input_config, load_dense
+from smooth_hf.modeling import check_num_labels, image_input_config, load_dense
 from smooth_hf.sweep import budget_sweep, plot_sweep, sweep_markdown
 
 logger = logging.getLogger("compress")
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     spec = image_input_config(model)
     transform = {k: spec[k] for k in ("channels", "mean", "std", "image_size")}
     data = load_image_classification(args.dataset_name, args.dataset_config_name, seed=args.seed)
+    check_num_labels(model, len(label_names(data["train"])))
     test = data["test"]
     if args.max_eval_samples:
         test = test.shuffle(seed=args.seed).select(range(min(args.max_eval_samples, len(test))))

@@ -37,7 +37,7 @@ from transformers import HfArgumentParser, set_seed
 from smooth_hf import SmoothTrainer, SmoothTrainingArguments
 from smooth_hf.data import ImageTransform, label_names, load_image_classification
 from smooth_hf.metrics import accuracy_metrics
-from smooth_hf.modeling import build_model, image_input_config, save_dense
+from smooth_hf.modeling import build_model, check_num_labels, image_input_config, save_dense
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         num_channels=1 if model_args.model_type is None and _is_grey(data["train"]) else None,
         id2label=dict(enumerate(names)),
     )
-    if getattr(model, "num_labels", getattr(model, "num_classes", len(names))) != len(names):
-        raise ValueError(f"the model has {model.num_labels} outputs but the dataset has {len(names)} classes")
+    check_num_labels(model, len(names))
 
     spec = image_input_config(model)
     common = {"channels": spec["channels"], "mean": spec["mean"], "std": spec["std"], "image_size": spec["image_size"]}

@@ -1,11 +1,16 @@
 """smooth_hf: smooth training and low-rank compression without fine-tuning, for HF and timm models.
 
     from smooth_hf import SmoothTrainer, SmoothTrainingArguments, LowRankConfig, compress
+    import smooth_hf; smooth_hf.save_pretrained(model, dir); smooth_hf.from_pretrained(dir)
 """
 
 __version__ = "0.1.0"
 
 from . import models  # noqa: F401  (registers resnet18_cifar / resnet14_cifar with timm)
+from .batchnorm import recalibrate_batchnorm
+from .hub import from_pretrained, push_to_hub, save_pretrained
+from .lowrank import CompressionReport, LowRankConfig, apply_ranks, compress, count_parameters
+from .model_card import ModelCardInfo
 from .penalties import first_order, nuclear_norm, second_order
 from .smoothness import SmoothnessPenalty
 from .targeting import find_layers
@@ -13,12 +18,22 @@ from .trainer import SmoothTrainer
 from .training_args import SmoothTrainingArguments
 
 __all__ = [
+    "CompressionReport",
+    "LowRankConfig",
+    "ModelCardInfo",
     "SmoothTrainer",
     "SmoothTrainingArguments",
     "SmoothnessPenalty",
     "__version__",
+    "apply_ranks",
+    "compress",
+    "count_parameters",
     "find_layers",
     "first_order",
+    "from_pretrained",
     "nuclear_norm",
+    "push_to_hub",
+    "recalibrate_batchnorm",
+    "save_pretrained",
     "second_order",
 ]

@@ -257,10 +257,11 @@ def _is_repo_id(name: str) -> bool:
 
 def _resolve_folder(
     name_or_path: str | os.PathLike, revision: str | None, token: str | bool | None, cache_dir: Any
-) -> Path:
+) -> tuple[Path, bool]:
+    """The local folder to load, and whether it was downloaded from the Hub."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return path
+        return path, False
     name = os.fspath(name_or_path)
     if path.exists():
         raise ValueError(f"{name} is a file; from_pretrained expects a checkpoint folder written by save_pretrained")
@@ -272,26 +273,25 @@ def _resolve_folder(
     import smooth_hf
 
     try:
-        return Path(
-            snapshot_download(
-                name,
-                revision=revision,
-                token=token,
-                cache_dir=cache_dir,
-                # Only what a reload reads: no pickle is ever downloaded, let alone unpickled.
-                allow_patterns=HUB_PATTERNS,
-                library_name="smooth_hf",
-                library_version=getattr(smooth_hf, "__version__", None),
-            )
+        folder = snapshot_download(
+            name,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            # Only what a reload reads: no pickle is ever downloaded, let alone unpickled.
+            allow_patterns=HUB_PATTERNS,
+            library_name="smooth_hf",
+            library_version=getattr(smooth_hf, "__version__", None),
         )
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise FileNotFoundError(
             f"{name!r} is not a local folder and the Hub answered: {err}. Check the repo id and revision, and pass "
             "token=... (or log in) for a private repo."
         ) from err
+    return Path(folder), True
 
 
-def _check_folder(folder: Path) -> None:
+def _check_folder(folder: Path, check_pickles: bool = True) -> None:
     """Refuse, with what to do, anything that is not a complete smooth_hf checkpoint."""
     present = {p.name for p in folder.iterdir()}
     if not present:
@@ -299,7 +299,7 @@ def _check_folder(folder: Path) -> None:
             f"{folder} is empty: expected {WEIGHTS_NAME}, {HF_CONFIG_NAME} and {CONFIG_NAME} as written by "
             "smooth_hf.save_pretrained (or push_to_hub)."
         )
-    pickles = _pickle_files(folder)
+    pickles = _pickle_files(folder) if check_pickles else []
     if pickles:
         raise ValueError(
             f"{folder} contains pickle files ({', '.join(pickles)}): smooth_hf refuses to load folders with pickled "
@@ -340,18 +340,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _weight_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """Tensor shapes and metadata from the safetensors header, checking the file is complete."""
+def _weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors header; opening it also checks that the file is complete."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-            metadata = f.metadata() or {}
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(
             f"{path} is truncated or corrupt ({err}). Re-download it (snapshot_download(..., force_download=True)) or "
             "re-save the model with smooth_hf.save_pretrained."
         ) from err
-    return shapes, metadata
 
 
 def _tied_groups(model: nn.Module) -> list[set[str]]:
@@ -462,15 +460,15 @@ def _load_report(folder: Path) -> CompressionReport | None:
         return None
 
 
-def _load_folder(folder: Path, device: str | torch.device) -> nn.Module:
-    _check_folder(folder)
+def _load_folder(folder: Path, device: str | torch.device, check_pickles: bool = True) -> nn.Module:
+    _check_folder(folder, check_pickles)
     try:
         config = LowRankConfig.from_dict(_read_json(folder / CONFIG_NAME))
     except (ValueError, TypeError) as err:
         raise ValueError(f"{folder / CONFIG_NAME} is invalid: {err}") from err
     hf_config = _read_json(folder / HF_CONFIG_NAME)
     weights = folder / WEIGHTS_NAME
-    shapes, _ = _weight_shapes(weights)
+    shapes = _weight_shapes(weights)
 
     def structure(build_device: str) -> nn.Module:
         model = _build_base(folder, hf_config, build_device)
@@ -535,8 +533,10 @@ def from_pretrained(
         ValueError: not a smooth_hf checkpoint (dense), pickle files in the folder, truncated weights, ranks
             that do not match the weights, or an unknown base architecture.
     """
-    folder = _resolve_folder(pretrained_model_name_or_path, revision, token, cache_dir)
-    return _load_folder(folder, device)
+    folder, downloaded = _resolve_folder(pretrained_model_name_or_path, revision, token, cache_dir)
+    # A Hub snapshot holds only the files requested (no pickle is ever downloaded), but the cache folder may
+    # hold more, fetched by other libraries for the same commit: those are never read, so they do not count.
+    return _load_folder(folder, device, check_pickles=not downloaded)
 
 
 # ---------------------------------------------------------------------------------------------- push

@@ -31,9 +31,11 @@ from . import models as _models  # noqa: F401  (registers the CIFAR ResNets with
 __all__ = [
     "build_from_config_dir",
     "build_model",
+    "check_num_labels",
     "image_input_config",
     "is_timm_name",
     "load_dense",
+    "num_labels_of",
     "save_dense",
 ]
 
@@ -107,6 +109,23 @@ def build_model(
     if not pretrained:
         return auto_class.from_config(config)
     return auto_class.from_pretrained(model_name_or_path, config=config, ignore_mismatched_sizes=True)
+
+
+def num_labels_of(model: nn.Module) -> int | None:
+    """Output classes of a classifier: transformers ``config.num_labels``, timm ``num_classes``."""
+    if isinstance(model, PreTrainedModel):
+        return getattr(model.config, "num_labels", None)
+    return getattr(model, "num_classes", None)
+
+
+def check_num_labels(model: nn.Module, num_classes: int) -> None:
+    """A dataset with more (or fewer) classes than the model's head is a mistake, not a warning."""
+    outputs = num_labels_of(model)
+    if outputs is not None and outputs != num_classes:
+        raise ValueError(
+            f"the model has {outputs} outputs but the dataset has {num_classes} classes: use the dataset the "
+            f"model was trained on, or build the model with num_labels={num_classes}"
+        )
 
 
 def image_input_config(model: nn.Module) -> dict[str, Any]:

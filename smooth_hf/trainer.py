@@ -85,6 +85,7 @@ class SmoothTrainer(Trainer):
             nuclear_norm_every=args.nuclear_norm_every,
         )
         super().__init__(model=model, args=args, **kwargs)
+        self._check_unsharded_weights()
         if _mean_loss_classifier(model):
             # These heads return a per-batch *mean* loss yet accept **kwargs, so the Trainer would assume
             # it is already scaled for gradient accumulation and skip dividing it: GA=2 would double the
@@ -95,6 +96,20 @@ class SmoothTrainer(Trainer):
         if self.smoothness.active:
             names = self.smoothness.layer_names
             logger.info(f"Smoothness penalties on {len(names)} layers: {names[:3]} ... {names[-2:]}")
+
+    def _check_unsharded_weights(self) -> None:
+        """Penalties need each weight matrix whole: refuse sharded-parameter setups at start-up."""
+        if not self.smoothness.active:
+            return
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+            raise ValueError(
+                "smoothness penalties are not supported with FSDP or DeepSpeed ZeRO-3: parameters are sharded "
+                "across processes, so no process sees a whole weight matrix to difference or decompose. Use DDP "
+                "(the default for `accelerate launch` on several GPUs) or DeepSpeed ZeRO-1/2, which keep whole "
+                "weights on every process."
+            )
 
     # ---- loss -------------------------------------------------------------------------------
     def compute_loss(

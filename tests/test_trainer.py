@@ -188,3 +188,10 @@ def test_penalty_state_only_written_when_nuclear_norm_is_on(tmp_path, tiny_conv)
     args = make_args(tmp_path, first_order_coef=1.0, save_strategy="steps", save_steps=2)
     SmoothTrainer(model=tiny_conv, args=args, train_dataset=image_dataset()).train()
     assert not os.path.exists(tmp_path / "out" / "checkpoint-2" / PENALTY_STATE_NAME)
+
+
+def test_sharded_weights_are_refused_at_start_up(tmp_path, tiny_conv, monkeypatch):
+    trainer = SmoothTrainer(model=tiny_conv, args=make_args(tmp_path, first_order_coef=1.0))
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+    with pytest.raises(ValueError, match="not supported with FSDP or DeepSpeed ZeRO-3"):
+        trainer._check_unsharded_weights()

@@ -1,0 +1,117 @@
+"""The recipes as users run them, on a tiny dataset in the Fashion-MNIST format (no Hub)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Array2D, ClassLabel, Dataset, DatasetDict, Features
+
+import smooth_hf
+from smooth_hf.data import ImageTransform
+from smooth_hf.evaluation import logits_of
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+import compress as compress_recipe  # noqa: E402
+import smooth_vs_plain  # noqa: E402
+import train as train_recipe  # noqa: E402
+
+TINY_MODEL = ["--model_name_or_path", "resnet14_cifar", "--config_overrides", "channels=[4,8,8],layers=[1,1,1]"]
+
+
+@pytest.fixture(scope="module")
+def tiny_fmnist(tmp_path_factory) -> str:
+    """64 train / 32 test 12x12 grey images with 3 classes: the brightness of a quadrant decides the class."""
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        labels = rng.integers(0, 3, n)
+        images = rng.integers(0, 60, (n, 12, 12)).astype(np.uint8)
+        for image, label in zip(images, labels, strict=True):
+            image[: 6 * (label > 0) + 6, :6] += 150 if label else 0
+        return {"image": images, "label": labels}
+
+    features = Features({"image": Array2D((12, 12), "uint8"), "label": ClassLabel(names=["a", "b", "c"])})
+    path = tmp_path_factory.mktemp("data") / "tiny_fmnist"
+    DatasetDict({s: Dataset.from_dict(split(n), features=features) for s, n in (("train", 64), ("test", 32))}).save_to_disk(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_fmnist, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "smooth"
+    metrics = train_recipe.main([
+        *TINY_MODEL, "--dataset_name", tiny_fmnist, "--output_dir", str(out), "--do_train", "--do_eval",
+        "--max_train_samples", "48", "--max_eval_samples", "16", "--num_train_epochs", "2",
+        "--per_device_train_batch_size", "16", "--learning_rate", "1e-2", "--nuclear_norm_coef", "1",
+        "--first_order_coef", "1", "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--logging_steps", "1",
+    ])
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    return out
+
+
+def test_train_writes_a_rebuildable_checkpoint_and_logs_penalties(trained):
+    assert {"model.safetensors", "config.json", "training_args.json"} <= {p.name for p in trained.iterdir()}
+    state = json.loads((trained / "trainer_state.json").read_text())
+    logged = [e for e in state["log_history"] if "loss" in e]
+    assert logged and all("smooth/nuclear_norm" in e and "smooth/first_order" in e for e in logged)
+    model = smooth_hf.modeling.load_dense(trained)
+    assert model.num_classes == 3 and model.in_chans == 1
+
+
+def test_compress_recipe_saves_a_model_that_reloads_with_equal_logits(trained, tiny_fmnist, tmp_path):
+    out = tmp_path / "compressed"
+    result = compress_recipe.main(["--model_name_or_path", str(trained), "--dataset_name", tiny_fmnist,
+                                   "--param_reduction", "0.5", "--output_dir", str(out)])
+    assert result["reduction"] == pytest.approx(0.5, abs=0.01)
+    card = (out / "README.md").read_text()
+    assert "model-index" in card and "nuclear_norm_coef" in card
+    reloaded = smooth_hf.from_pretrained(out)
+    assert reloaded.lowrank_config.ranks
+    x = torch.randn(4, 1, 12, 12)
+    again = smooth_hf.from_pretrained(out)
+    assert torch.equal(logits_of(reloaded, {"pixel_values": x}), logits_of(again, {"pixel_values": x}))
+
+
+def test_compress_recipe_sweep_writes_table_and_plot(trained, tiny_fmnist, tmp_path):
+    out = tmp_path / "sweep"
+    results = compress_recipe.main(["--model_name_or_path", str(trained), "--dataset_name", tiny_fmnist,
+                                    "--budgets", "0.3,0.5", "--recalibrate_batchnorm", "32", "--output_dir", str(out)])
+    (rows,) = results.values()
+    assert [r["budget"] for r in rows] == [0.0, 0.3, 0.5]
+    assert all("accuracy_bn_recalibrated" in r for r in rows[1:])
+    assert (out / "accuracy_vs_params_removed.png").stat().st_size > 1000
+    assert "| 50% |" in (out / "results.md").read_text()
+
+
+def test_compress_recipe_rejects_ambiguous_rules(trained):
+    with pytest.raises(ValueError, match="exactly one of"):
+        compress_recipe.main(["--model_name_or_path", str(trained), "--output_dir", "x", "--param_reduction", "0.5",
+                              "--rank_ratio", "0.5"])
+
+
+def test_main_job_end_to_end(tiny_fmnist, tmp_path, capsys):
+    out = tmp_path / "main"
+    results = smooth_vs_plain.main([
+        "--output_dir", str(out), "--dataset_name", tiny_fmnist, "--config_overrides", "channels=[4,8,8],layers=[1,1,1]",
+        "--max_train_samples", "48", "--max_eval_samples", "32", "--num_train_epochs", "1",
+        "--per_device_train_batch_size", "16", "--budgets", "0.3,0.5", "--save_budget", "0.5",
+        "--bn_recalibration_samples", "32",
+    ])
+    assert set(results) == {"plain", "smooth"}
+    printed = capsys.readouterr().out
+    assert "| parameters removed | plain |" in printed and "| 50% |" in printed
+    assert (out / "accuracy_vs_params_removed.png").is_file()
+    reloaded = smooth_hf.from_pretrained(out / "smooth-lowrank-50")
+    assert reloaded.lowrank_report.reduction == pytest.approx(0.5, abs=0.01)
+
+
+def test_image_transform_handles_channels_and_sizes():
+    grey = np.full((12, 12), 255, dtype=np.uint8)
+    out = ImageTransform(channels=3, mean=(0.5,), std=(0.5,), image_size=16)({"image": [grey], "label": [1]})
+    assert out["pixel_values"][0].shape == (3, 16, 16) and torch.allclose(out["pixel_values"][0], torch.ones(3, 16, 16))
+    assert out["labels"] == [1]

@@ -176,6 +176,22 @@ def time_refresh(layers: list[tuple[str, nn.Module]], reps: int, methods: dict) 
     return {k: summarize(v) for k, v in samples.items()}
 
 
+def time_penalty_only(model: nn.Module, runners: list, reps: int) -> dict[str, dict]:
+    """ms of ``penalty(step)`` forward + backward alone (no model pass), per config, interleaved."""
+    runners = [r for r in runners if r.penalty is not None and r.name != "all_k1"]
+    samples: dict[str, list[float]] = {r.name: [] for r in runners}
+    for rep in range(reps + 1):
+        for r in runners[rep % len(runners):] + runners[: rep % len(runners)]:
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            total, _ = r.penalty(r.step)
+            total.backward()
+            if rep:  # rep 0 is warm-up
+                samples[r.name].append((time.perf_counter() - t0) * 1e3)
+    model.zero_grad(set_to_none=True)
+    return {k: summarize(v) for k, v in samples.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # part 1: step time
 # ---------------------------------------------------------------------------------------------
@@ -186,8 +202,11 @@ class Runner:
         self.name, self.penalty, self.step = name, penalty, 0
         self.samples: list[float] = []
         self.block_means: list[float] = []
+        self.cpu_samples: list[float] = []
+        self.cpu_block_means: list[float] = []
 
     def __call__(self, model, opt, x, y) -> float:
+        c0 = time.process_time()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
@@ -197,6 +216,7 @@ class Runner:
         loss.backward()
         opt.step()
         self.step += 1
+        self.last_cpu = (time.process_time() - c0) * 1e3
         return (time.perf_counter() - t0) * 1e3
 
 
@@ -230,13 +250,19 @@ def step_time(args, batch_size: int) -> dict:
     for rnd in range(args.rounds):
         order = runners[rnd % len(runners):] + runners[: rnd % len(runners)]
         for r in order:
-            block = [r(model, opt, x, y) for _ in range(args.block)]
+            block, cpu = [], []
+            for _ in range(args.block):
+                block.append(r(model, opt, x, y))
+                cpu.append(r.last_cpu)
             r.samples += block
             r.block_means.append(statistics.fmean(block))
+            r.cpu_samples += cpu
+            r.cpu_block_means.append(statistics.fmean(cpu))
         print(f"  round {rnd + 1}/{args.rounds}: "
               + "  ".join(f"{r.name} {r.block_means[-1]:.0f}" for r in runners) + " ms", flush=True)
 
-    # the refresh on its own (and the alternatives), on the same weights
+    # the penalty's own forward + backward, and the refresh (and its alternatives), on the same weights
+    penalty_only = time_penalty_only(model, runners, args.penalty_reps)
     layers = runners[1].penalty.layers
     refresh = time_refresh(layers, args.refresh_reps, REFRESH_METHODS if args.alternatives else
                            {"svd64": direction_svd64})
@@ -244,14 +270,20 @@ def step_time(args, batch_size: int) -> dict:
 
     plain_blocks = runners[0].block_means
     plain_med = summarize(runners[0].samples)["median"]
+    plain_cpu_med = summarize(runners[0].cpu_samples)["median"]
     configs = {}
     for r in runners:
         s = summarize(r.samples)
+        sc = summarize(r.cpu_samples)
         ratios = [100 * (b / p - 1) for b, p in zip(r.block_means, plain_blocks, strict=True)]
+        cpu_ratios = [100 * (b / p - 1) for b, p in zip(r.cpu_block_means, runners[0].cpu_block_means, strict=True)]
         configs[r.name] = {
             "ms": s,
             "overhead_pct_median_of_samples": 100 * (s["median"] / plain_med - 1),
             "overhead_pct_paired_rounds": summarize(ratios),
+            "cpu_ms": sc,
+            "cpu_overhead_pct_median_of_samples": 100 * (sc["median"] / plain_cpu_med - 1),
+            "cpu_overhead_pct_paired_rounds": summarize(cpu_ratios),
         }
     # amortised nuclear_norm_every=k: penalty step with cached direction + refresh / k
     refresh_ms = refresh["svd64"]["median"]
@@ -263,6 +295,7 @@ def step_time(args, batch_size: int) -> dict:
         per_k[str(k)] = {
             "ms_amortised": ms,
             "overhead_pct": 100 * (ms / plain_med - 1),
+            "overhead_pct_from_parts": 100 * (penalty_only["all_cached"]["median"] + refresh_ms / k) / plain_med,
             "overhead_pct_paired_rounds": summarize(amort),
         }
         # what the faster refresh would give
@@ -281,6 +314,7 @@ def step_time(args, batch_size: int) -> dict:
         "steps_per_config": args.rounds * args.block,
         "configs": configs,
         "refresh_ms": refresh,
+        "penalty_only_fwd_bwd_ms": penalty_only,
         "per_k": per_k,
         "direct_per_k": direct,
         "loadavg_before_after": [load_before, load_after],
@@ -425,22 +459,28 @@ def markdown(result: dict) -> str:
         lines += [f"## Step time: resnet18_cifar, batch {t['batch_size']} "
                   f"({t['steps_per_config']} timed steps per config, interleaved; load avg before/after "
                   f"{t['loadavg_before_after']})\n",
-                  "| config | median ms | mean ms | p25-p75 ms | overhead % (medians) | overhead % paired rounds: median [min, max] |",
-                  "|---|---|---|---|---|---|"]
+                  "| config | wall median ms | wall mean ms | wall p25-p75 ms | overhead % (medians) | "
+                  "overhead % paired rounds: median [min, max] | CPU-time overhead % paired: median [min, max] | "
+                  "penalty alone fwd+bwd ms (median) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, c in t["configs"].items():
-            s, o = c["ms"], c["overhead_pct_paired_rounds"]
+            s, o, oc = c["ms"], c["overhead_pct_paired_rounds"], c["cpu_overhead_pct_paired_rounds"]
+            alone = t["penalty_only_fwd_bwd_ms"].get(name)
             lines.append(f"| {name} | {s['median']:.0f} | {s['mean']:.0f} | {s['p25']:.0f}-{s['p75']:.0f} | "
-                         f"{c['overhead_pct_median_of_samples']:+.1f} | {o['median']:+.1f} [{o['min']:+.1f}, {o['max']:+.1f}] |")
+                         f"{c['overhead_pct_median_of_samples']:+.1f} | {o['median']:+.1f} [{o['min']:+.1f}, {o['max']:+.1f}] | "
+                         f"{oc['median']:+.1f} [{oc['min']:+.1f}, {oc['max']:+.1f}] | "
+                         f"{'' if alone is None else format(alone['median'], '.0f')} |")
         lines += ["", "Refresh of all directions (ms, median [min, max]): " + ", ".join(
             f"{m} {s['median']:.0f} [{s['min']:.0f}, {s['max']:.0f}]" for m, s in t["refresh_ms"].items()), ""]
         alts = [m for m in t["refresh_ms"] if m != "svd64"]
-        lines += ["| nuclear_norm_every k | amortised ms (all_cached + refresh/k) | overhead % | paired rounds median [min, max] |"
+        lines += ["| nuclear_norm_every k | amortised ms (all_cached + refresh/k) | overhead % | paired rounds median [min, max] | "
+                  "from parts: (penalty alone + refresh/k) / plain % |"
                   + "".join(f" overhead % with {a} |" for a in alts),
-                  "|---|---|---|---|" + "---|" * len(alts)]
+                  "|---|---|---|---|---|" + "---|" * len(alts)]
         for k, v in t["per_k"].items():
             o = v["overhead_pct_paired_rounds"]
             lines.append(f"| {k} | {v['ms_amortised']:.0f} | {v['overhead_pct']:+.1f} | "
-                         f"{o['median']:+.1f} [{o['min']:+.1f}, {o['max']:+.1f}] |"
+                         f"{o['median']:+.1f} [{o['min']:+.1f}, {o['max']:+.1f}] | {v['overhead_pct_from_parts']:+.1f} |"
                          + "".join(f" {v[f'overhead_pct_with_{a}']:+.1f} |" for a in alts))
         if t["direct_per_k"]:
             lines += ["", "Direct end-to-end (refresh steps included):", "",
@@ -539,18 +579,23 @@ def print_summary(result: dict) -> None:
         plain = t["configs"]["plain"]["ms"]
         print(f"\nresnet18_cifar batch {t['batch_size']}: plain median {plain['median']:.0f} ms "
               f"(mean {plain['mean']:.0f}, p25-p75 {plain['p25']:.0f}-{plain['p75']:.0f})")
-        print(f"{'config':>16} {'median ms':>10} {'mean ms':>8} {'ovh % (med)':>12} {'paired rounds: med [min,max]':>30}")
+        print(f"{'config':>16} {'median ms':>10} {'mean ms':>8} {'ovh % (med)':>12} {'paired rounds: med [min,max]':>30}"
+              f" {'CPU-time paired: med [min,max]':>32} {'alone ms':>9}")
         for name, c in t["configs"].items():
-            o = c["overhead_pct_paired_rounds"]
+            o, oc = c["overhead_pct_paired_rounds"], c["cpu_overhead_pct_paired_rounds"]
+            alone = t["penalty_only_fwd_bwd_ms"].get(name)
             print(f"{name:>16} {c['ms']['median']:10.0f} {c['ms']['mean']:8.0f} {c['overhead_pct_median_of_samples']:+12.1f} "
-                  f"{o['median']:+14.1f} [{o['min']:+.1f}, {o['max']:+.1f}]")
+                  f"{o['median']:+14.1f} [{o['min']:+.1f}, {o['max']:+.1f}]"
+                  f"{oc['median']:+14.1f} [{oc['min']:+.1f}, {oc['max']:+.1f}]"
+                  f" {'' if alone is None else format(alone['median'], '9.0f')}")
         print("refresh (all layers) ms median: " + ", ".join(f"{m} {s['median']:.0f}" for m, s in t["refresh_ms"].items()))
         for k, v in t["per_k"].items():
             o = v["overhead_pct_paired_rounds"]
             alts = "  ".join(f"{key.removeprefix('overhead_pct_with_')}: {val:+.1f}%" for key, val in v.items()
                              if key.startswith("overhead_pct_with_"))
             print(f"  k={k:>3}: amortised {v['ms_amortised']:.0f} ms, overhead {v['overhead_pct']:+.1f}% "
-                  f"(paired rounds {o['median']:+.1f} [{o['min']:+.1f}, {o['max']:+.1f}])  {alts}")
+                  f"(paired rounds {o['median']:+.1f} [{o['min']:+.1f}, {o['max']:+.1f}]; from parts "
+                  f"{v['overhead_pct_from_parts']:+.1f}%)  {alts}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -560,9 +605,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 10, 25, 50], help="nuclear_norm_every values")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per config")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
-    p.add_argument("--block", type=int, default=3, help="timed steps per config per round")
+    p.add_argument("--rounds", type=int, default=12, help="interleaved rounds")
+    p.add_argument("--block", type=int, default=1, help="timed steps per config per round")
     p.add_argument("--refresh-reps", type=int, default=5)
+    p.add_argument("--penalty-reps", type=int, default=10, help="reps of the penalty-alone fwd+bwd timing")
     p.add_argument("--direct-steps", type=int, default=0,
                    help="also time each k end to end over max(N, 2k) steps (0 = off; slow on CPU)")
     p.add_argument("--no-alternatives", dest="alternatives", action="store_false",

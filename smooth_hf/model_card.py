@@ -87,6 +87,7 @@ class ModelCardInfo:
     def __post_init__(self) -> None:
         if isinstance(self.datasets, str):
             self.datasets = [self.datasets]
+        self.datasets = [d for d in self.datasets if d]  # e.g. [args.dataset_name] when no dataset was named
         if isinstance(self.tags, str):
             self.tags = [self.tags]
         for name in ("metrics", "dense_metrics"):

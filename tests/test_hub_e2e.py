@@ -35,8 +35,8 @@ PUSH_AND_DOWNLOAD = textwrap.dedent(
     import json, sys
     import torch
     from safetensors.torch import load_file, save_file
-    from smooth_hf.hub import from_pretrained, push_to_hub
-    from smooth_hf.model_card import ModelCardInfo
+    import smooth_hf
+    from smooth_hf import ModelCardInfo, from_pretrained, push_to_hub
 
     out = {}
     for case in json.loads(sys.argv[1]):
@@ -46,7 +46,7 @@ PUSH_AND_DOWNLOAD = textwrap.dedent(
         inputs.pop("logits")
         results = {}
         for name, revision in (("main", None), ("commit", url.rsplit("/", 1)[1])):
-            loaded = from_pretrained(case["repo_id"], revision=revision)
+            loaded = smooth_hf.from_pretrained(case["repo_id"], revision=revision)  # as the model card says
             with torch.no_grad():
                 results[name] = loaded(inputs["x"]) if "x" in inputs else loaded(**inputs).logits
         save_file(results, case["result"])

@@ -497,3 +497,25 @@ def test_recalibration_with_no_batches_restores_statistics():
     with pytest.raises(ValueError, match="no batches"):
         recalibrate_batchnorm(model, [])
     assert state_equal(_bn_buffers(model), before)
+
+
+def test_vit_compresses_with_default_targets_and_still_runs():
+    """ViTModel.forward reads patch_embeddings.projection.weight.dtype: the low-rank layer must answer."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from smooth_hf.lowrank import LowRankConfig, compress
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
+                                                num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                                num_labels=3)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    expected = model(pixel_values=x).logits
+    compress(model, LowRankConfig(rank_ratio=1.0, min_rank=1))
+    torch.testing.assert_close(model(pixel_values=x).logits, expected, atol=1e-4, rtol=1e-4)
+    compress_model = ViTForImageClassification(model.config).eval()
+    compress(compress_model, LowRankConfig(rank_ratio=0.25))
+    assert getattr(compress_model.vit.embeddings.patch_embeddings.projection, "is_low_rank", False)
+    assert compress_model(pixel_values=x).logits.shape == (2, 3)
+    w = compress_model.vit.embeddings.patch_embeddings.projection.weight
+    assert w.shape == (16, 1, 4, 4)

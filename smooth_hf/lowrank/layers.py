@@ -108,6 +108,17 @@ class LowRankLinear(nn.Module):
         """The ``(out, in)`` product of the factors (for inspection; the forward never builds it)."""
         return self.up.weight @ self.down.weight
 
+    # Code that reads ``layer.weight`` / ``layer.bias`` directly (ViTModel reads
+    # ``patch_embeddings.projection.weight.dtype``) gets the exact dense equivalent, built on demand;
+    # the forward pass never builds it.
+    @property
+    def weight(self) -> Tensor:
+        return self.dense_weight()
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.up.bias
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -209,6 +220,17 @@ class LowRankConv2d(nn.Module):
         return (up @ self.down.weight.reshape(self.rank, -1)).reshape(
             self.out_channels, self.in_channels, *self.kernel_size
         )
+
+    # Code that reads ``layer.weight`` / ``layer.bias`` directly (ViTModel reads
+    # ``patch_embeddings.projection.weight.dtype``) gets the exact dense equivalent, built on demand;
+    # the forward pass never builds it.
+    @property
+    def weight(self) -> Tensor:
+        return self.dense_weight()
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.up.bias
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,503 @@
+"""The paper's protocol at CPU scale: smooth training, then compression and pruning without fine-tuning.
+
+On real Fashion-MNIST (the local Debian idx files through ``smooth_hf.data``; the full 60,000 training
+images and the full 10,000 test images unless flags reduce them), with a small CIFAR-style ResNet
+(``resnet14_cifar`` with widths 16-32-64: 175k parameters):
+
+1. **train** five variants with ``SmoothTrainer`` -- the same seed, data order, augmentation and
+   hyper-parameters (AdamW, cosine schedule) for all, only the penalty coefficients differ
+   (scale-free normalisation, the default):
+
+   ==============  ==============================================
+   plain           no penalty
+   nuclear         ``nuclear_norm_coef=10``
+   first_order     ``first_order_coef=1``
+   second_order    ``second_order_coef=1``
+   recommended     ``nuclear_norm_coef=10, first_order_coef=1`` (``--recommended``)
+   ==============  ==============================================
+
+2. **compress / prune every trained model without fine-tuning** to 50/60/70/80/90% fewer
+   parameters, always counted over the *whole* model (``smooth_hf.lowrank.count_parameters``):
+
+   * ``lowrank_global``: truncated SVD, ``LowRankConfig(param_reduction=p)`` (global allocation);
+     also ``+BN recal.``: the same models after re-estimating BatchNorm statistics on
+     ``--bn_recalibration_samples`` training images (forward passes only; reported apart);
+   * ``lowrank_uniform``: the same rank ratio in every layer, ``LowRankConfig(rank_ratio=r)``, with
+     ``r`` the largest ratio whose model loses at least ``p`` (an exact search over the ratios where
+     some layer's rank changes); the reduction actually reached is reported;
+   * ``magnitude``: global unstructured magnitude pruning (``smooth_hf.pruning.magnitude_prune``);
+   * ``filter_l1``: L1-norm filter pruning (``smooth_hf.pruning.filter_prune``, global ranking by
+     L1 norm / filter size unless ``--filter_scope layer``).
+
+   Every method targets the same layers (every Conv2d and Linear, stem and classifier included).
+
+3. **writes** ``<results_dir>/cpu_protocol<tag>.json`` (every number, the exact arguments, the date,
+   the machine), ``.md`` (one table per method: rows = budgets, dense first; columns = variants) and
+   two PNGs: ``_lowrank_global.png`` (all variants) and ``_methods.png`` (every method, plain vs
+   recommended). Trained dense models go to ``--work_dir/<variant>/dense`` (safetensors + timm
+   config), so ``--skip_training`` recomputes every table from them.
+
+Defaults: about 15 minutes on an idle 2-core CPU (the run is dominated by 5 x 469 training steps and
+~130 evaluations of the test set). A busy machine: ``--threads 1`` avoids OpenMP oversubscription;
+``--max_train_samples`` / ``--max_eval_samples`` shrink the run (the test subset is fixed by ``--seed``).
+
+    .venv/bin/python benchmarks/cpu_protocol.py
+    .venv/bin/python benchmarks/cpu_protocol.py --skip_training          # tables again from runs/cpu_protocol
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import set_seed
+
+from smooth_hf import SmoothTrainer, SmoothTrainingArguments
+from smooth_hf.data import ImageTransform, label_names, load_image_classification
+from smooth_hf.evaluation import classification_accuracy
+from smooth_hf.lowrank import LowRankConfig, compress, count_parameters
+from smooth_hf.modeling import build_model, image_input_config, load_dense, save_dense
+from smooth_hf.pruning import FILTER_SCOPES, filter_prune, magnitude_prune
+from smooth_hf.smoothness import SmoothnessPenalty
+from smooth_hf.sweep import budget_sweep, plot_sweep, sweep_markdown
+
+VARIANTS = ("plain", "nuclear", "first_order", "second_order", "recommended")
+METHODS = {
+    "lowrank_global": "Low-rank, global allocation (LowRankConfig(param_reduction=p))",
+    "lowrank_uniform": "Low-rank, uniform rank ratio (LowRankConfig(rank_ratio=r), r searched per budget)",
+    "magnitude": "Global magnitude pruning (unstructured, weights set to zero)",
+    "filter_l1": "L1-norm filter pruning (whole output filters set to zero)",
+}
+COEF_KEYS = ("nuclear_norm_coef", "first_order_coef", "second_order_coef")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_name_or_path", default="resnet14_cifar", help="timm name (see smooth_hf.models).")
+    p.add_argument("--channels", default="16,32,64", help="Stage widths of the CIFAR ResNet ('' = the model's own).")
+    p.add_argument("--dataset_name", default="fashion_mnist", help="Any dataset smooth_hf.data loads.")
+    p.add_argument("--max_train_samples", type=int, default=None, help="Training images (default: all 60,000).")
+    p.add_argument("--max_eval_samples", type=int, default=None,
+                   help="Test images for every accuracy: a fixed subset drawn with --seed (default: all 10,000).")
+    p.add_argument("--num_train_epochs", type=float, default=1.0)
+    p.add_argument("--per_device_train_batch_size", type=int, default=128)
+    p.add_argument("--learning_rate", type=float, default=2e-3, help="AdamW peak learning rate (cosine schedule).")
+    p.add_argument("--weight_decay", type=float, default=5e-4)
+    p.add_argument("--warmup_ratio", type=float, default=0.05, help="Learning-rate warm-up, fraction of the steps.")
+    p.add_argument("--nuclear_norm_every", type=int, default=10, help="SVD refresh period of the nuclear norm.")
+    p.add_argument("--recommended", default="nuclear_norm_coef=10,first_order_coef=1",
+                   help="Coefficients of the 'recommended' variant, key=value pairs.")
+    p.add_argument("--penalty_warmup_ratio", type=float, default=0.0,
+                   help="Penalty ramp for every penalised variant (0 = full strength from step 0).")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"Subset of {','.join(VARIANTS)}.")
+    p.add_argument("--budgets", default="0.5,0.6,0.7,0.8,0.9", help="Fractions of all parameters to remove.")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"Subset of {','.join(METHODS)}.")
+    p.add_argument("--filter_scope", default="global", choices=FILTER_SCOPES,
+                   help="L1 filter pruning: one global ranking (L1 / filter size) or the same fraction per layer.")
+    p.add_argument("--bn_recalibration_samples", type=int, default=512,
+                   help="Training images for the '+BN recal.' columns of the global low-rank method (0 = skip).")
+    p.add_argument("--seed", type=int, default=42, help="Seed for initialisation, data order and the test subset.")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default).")
+    p.add_argument("--eval_batch_size", type=int, default=500)
+    p.add_argument("--work_dir", default="runs/cpu_protocol", help="Trained dense models (not committed).")
+    p.add_argument("--results_dir", default="benchmarks/results", help="JSON, Markdown and PNG results.")
+    p.add_argument("--tag", default="", help="Suffix of the result file names (cpu_protocol<tag>.*).")
+    p.add_argument("--skip_training", action="store_true", help="Load the dense models from --work_dir instead.")
+    args = p.parse_args(argv)
+    for name, allowed in (("variants", VARIANTS), ("methods", tuple(METHODS))):
+        values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            p.error(f"--{name}: unknown {bad or 'empty'}; choose from {','.join(allowed)}")
+        setattr(args, name, values)
+    args.budgets = sorted(float(b) for b in args.budgets.split(","))
+    if not all(0 < b < 1 for b in args.budgets):
+        p.error("--budgets must be fractions in (0, 1)")
+    return args
+
+
+def variant_coefs(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    recommended = {}
+    for item in args.recommended.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() not in COEF_KEYS:
+            raise SystemExit(f"--recommended: {key.strip()!r} is not one of {COEF_KEYS}")
+        recommended[key.strip()] = float(value)
+    table = {
+        "plain": {},
+        "nuclear": {"nuclear_norm_coef": 10.0},
+        "first_order": {"first_order_coef": 1.0},
+        "second_order": {"second_order_coef": 1.0},
+        "recommended": recommended,
+    }
+    return {name: table[name] for name in args.variants}
+
+
+def machine_description(args: argparse.Namespace) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# ---- data ---------------------------------------------------------------------------------------
+class TensorExamples(torch.utils.data.Dataset):
+    """Pre-transformed images as the ``{"pixel_values", "labels"}`` items the evaluation reads (no per-epoch decode)."""
+
+    def __init__(self, dataset, transform: ImageTransform, batch: int = 2000):
+        pixels, labels = [], []
+        for start in range(0, len(dataset), batch):
+            out = transform(dataset[start : start + batch])
+            pixels.append(torch.stack(out["pixel_values"]))
+            labels.append(torch.tensor(out["labels"]))
+        self.pixel_values, self.labels = torch.cat(pixels), torch.cat(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}
+
+    def batches(self, size: int) -> list[torch.Tensor]:
+        return list(self.pixel_values.split(size))
+
+
+# ---- training -----------------------------------------------------------------------------------
+def new_model(args: argparse.Namespace, num_labels: int) -> nn.Module:
+    overrides = f"channels=[{args.channels}]" if args.channels else None
+    return build_model(args.model_name_or_path, num_labels=num_labels, num_channels=1, config_overrides=overrides)
+
+
+def train_variant(name: str, coefs: dict[str, float], args: argparse.Namespace, data, folder: Path) -> dict[str, Any]:
+    set_seed(args.seed)  # same initialisation and data order for every variant
+    model = new_model(args, len(label_names(data["train"])))
+    training_args = SmoothTrainingArguments(
+        output_dir=str(folder / "trainer"), num_train_epochs=args.num_train_epochs,
+        per_device_train_batch_size=args.per_device_train_batch_size, learning_rate=args.learning_rate,
+        optim="adamw_torch", lr_scheduler_type="cosine", warmup_steps=args.warmup_ratio,
+        weight_decay=args.weight_decay, logging_steps=50, save_strategy="no", report_to=[], seed=args.seed,
+        data_seed=args.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        nuclear_norm_every=args.nuclear_norm_every,
+        penalty_warmup_ratio=args.penalty_warmup_ratio if coefs else 0.0, **coefs,
+    )
+    spec = image_input_config(model)
+    transform = ImageTransform(spec["channels"], spec["mean"], spec["std"], spec["image_size"], train=True)
+    print(f"\n== training {name} ({count_parameters(model):,} parameters; penalties: {coefs or 'none'}) ==", flush=True)
+    start = time.time()
+    trainer = SmoothTrainer(model=model, args=training_args, train_dataset=data["train"].with_transform(transform))
+    output = trainer.train()
+    seconds = time.time() - start
+    save_dense(model, folder / "dense")
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    info = {
+        "coefs": coefs, "penalty_warmup_ratio": training_args.penalty_warmup_ratio, "train_seconds": round(seconds, 1),
+        "steps": trainer.state.global_step, "train_loss": output.training_loss,
+        "last_logged": logs[-1] if logs else None, "log_history": trainer.state.log_history,
+    }
+    (folder / "train_info.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def smoothness_terms(model: nn.Module) -> dict[str, float]:
+    """The scale-free penalty terms of a trained model (exact SVD), on the layers training penalised."""
+    penalty = SmoothnessPenalty.for_model(model, skip_first_last=True, nuclear_norm_coef=1.0, first_order_coef=1.0,
+                                          second_order_coef=1.0, nuclear_norm_every=1)
+    with torch.no_grad():
+        return {k: round(v, 6) for k, v in penalty(0)[1].items()}
+
+
+# ---- compression and pruning --------------------------------------------------------------------
+def full_ranks(model: nn.Module) -> list[int]:
+    probe = compress(copy.deepcopy(model), LowRankConfig(rank_ratio=1.0))
+    return [layer.full_rank for layer in probe.lowrank_report.layers if not layer.status.startswith("dense: excluded")]
+
+
+def uniform_low_rank(model: nn.Module, budget: float, ranks: list[int]) -> tuple[nn.Module, float] | None:
+    """The largest ``rank_ratio`` whose compressed model loses at least ``budget``; None if none does.
+
+    A layer's rank ``ceil(r * full)`` only changes at ``r = k / full``, and parameters only grow with
+    ``r``, so a binary search over those ratios is exact.
+    """
+    ratios = sorted({k / full for full in ranks for k in range(1, full + 1)})
+    cache: dict[float, nn.Module] = {}
+
+    def reduction(r: float) -> float:
+        if r not in cache:
+            cache[r] = compress(copy.deepcopy(model), LowRankConfig(rank_ratio=r))
+        return cache[r].lowrank_report.reduction
+
+    lo, hi = 0, len(ratios) - 1
+    if reduction(ratios[lo]) < budget - 1e-12:
+        return None
+    while lo < hi:  # invariant: ratios[lo] reaches the budget
+        mid = (lo + hi + 1) // 2
+        if reduction(ratios[mid]) >= budget - 1e-12:
+            lo = mid
+        else:
+            hi = mid - 1
+    return cache[ratios[lo]], ratios[lo]
+
+
+def run_methods(name: str, model: nn.Module, args, test: TensorExamples, calib: TensorExamples | None,
+                results: dict[str, dict[str, list]]) -> None:
+    evaluate = lambda m: classification_accuracy(m, test, batch_size=args.eval_batch_size)  # noqa: E731
+    dense_params = count_parameters(model)
+    t0 = time.time()
+    dense = evaluate(model)
+    dense_row = {"budget": 0.0, "params": dense_params, "removed": 0.0, "accuracy": dense}
+    print(f"[{name}] dense: accuracy {100 * dense:.2f}% ({dense_params:,} parameters)", flush=True)
+
+    def record(method: str, budget: float, row: dict[str, Any] | None, note: str = "") -> None:
+        rows = results.setdefault(method, {}).setdefault(name, [dense_row])
+        if row is None:
+            print(f"[{name}] {method:<15} {100 * budget:.0f}%: unreachable {note}", flush=True)
+            return
+        rows.append({"budget": budget, **row})
+        extra = f", BN recal. {100 * row['accuracy_bn_recalibrated']:.2f}%" if "accuracy_bn_recalibrated" in row else ""
+        print(f"[{name}] {method:<15} {100 * budget:.0f}%: removed {100 * row['removed']:.2f}%, accuracy "
+              f"{100 * row['accuracy']:.2f}%{extra}{note}", flush=True)
+
+    if "lowrank_global" in args.methods:
+        batches = (lambda: calib.batches(128)) if calib is not None else None
+        rows = budget_sweep(model, args.budgets, evaluate, recalibration_batches=batches)
+        for row in rows:
+            if row["budget"] > 0:
+                record("lowrank_global", row["budget"], {k: v for k, v in row.items() if k != "budget"})
+    if "lowrank_uniform" in args.methods:
+        ranks = full_ranks(model)
+        for budget in args.budgets:
+            found = uniform_low_rank(model, budget, ranks)
+            if found is None:
+                record("lowrank_uniform", budget, None, "(rank 1 everywhere is not enough)")
+                continue
+            compressed, ratio = found
+            params = count_parameters(compressed)
+            record("lowrank_uniform", budget, {"params": params, "removed": 1 - params / dense_params,
+                                               "accuracy": evaluate(compressed), "rank_ratio": ratio},
+                   f" (rank_ratio {ratio:.4f})")
+    for method, prune in (("magnitude", magnitude_prune), ("filter_l1", filter_prune)):
+        if method not in args.methods:
+            continue
+        kwargs = {"scope": args.filter_scope} if method == "filter_l1" else {}
+        for budget in args.budgets:
+            pruned = copy.deepcopy(model)
+            try:
+                report = prune(pruned, budget, **kwargs)
+            except ValueError as err:
+                record(method, budget, None, f"({err})")
+                continue
+            record(method, budget, {"params": dense_params - report["params_removed"], "removed": report["reduction"],
+                                    "accuracy": evaluate(pruned)})
+    print(f"[{name}] compression and pruning done in {time.time() - t0:.0f} s", flush=True)
+
+
+# ---- reports ------------------------------------------------------------------------------------
+def markdown(payload: dict[str, Any]) -> str:
+    a, results, variants = payload["arguments"], payload["results"], payload["variants"]
+    lines = [
+        f"# CPU protocol: {a['model_name_or_path']} (channels {a['channels'] or 'default'}) on {a['dataset_name']}",
+        "",
+        f"{payload['date']}; {payload['machine']['cpu']}, {payload['machine']['torch_threads']} torch threads, "
+        f"torch {payload['machine']['torch']}. Training: {payload['data']['train']:,} images, "
+        f"{a['num_train_epochs']:g} epoch(s), batch {a['per_device_train_batch_size']}, AdamW lr "
+        f"{a['learning_rate']:g} cosine, seed {a['seed']} (same for every variant). Accuracy (%) on "
+        f"{payload['data']['test']:,} Fashion-MNIST test images. No fine-tuning after compression or pruning. "
+        "Parameters removed = fraction of ALL the model's parameters (`count_parameters`).",
+        "",
+        "## Trained models",
+        "",
+        "| variant | penalties | dense accuracy | train time (s) | nuclear (scale-free) | first order | second order |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, v in variants.items():
+        s = v["smoothness"]
+        coefs = ", ".join(f"{k.removesuffix('_coef')}={c:g}" for k, c in v["coefs"].items()) or "none"
+        lines.append(f"| {name} | {coefs} | {100 * v['dense_accuracy']:.2f} | {v.get('train_seconds', '-')} | "
+                     f"{s['nuclear_norm']:.4f} | {s['first_order']:.4f} | {s['second_order']:.4f} |")
+    lines += ["", "Smoothness columns: the scale-free penalty terms of the trained weights (exact SVD, layers the "
+              "training penalises), lower = smoother / lower rank.", ""]
+    for method, title in METHODS.items():
+        if method not in results:
+            continue
+        lines += [f"## {title}", ""]
+        if method == "lowrank_global":
+            lines += ["'+BN recal.': the same compressed model after re-estimating BatchNorm statistics on "
+                      f"{a['bn_recalibration_samples']} training images (forward passes only, no weight change).", ""]
+        if method == "filter_l1":
+            lines += [f"Filter ranking: {a['filter_scope']} "
+                      f"({'L1 norm / filter size across all layers' if a['filter_scope'] == 'global' else 'same fraction of filters per layer'}"
+                      "); at least one filter kept per layer; a zeroed filter's bias is zeroed too.", ""]
+        lines += [sweep_markdown(results[method]), ""]
+        if method in ("lowrank_uniform", "filter_l1", "lowrank_global", "magnitude"):
+            reached = reached_table(results[method], with_ratio=method == "lowrank_uniform")
+            if reached:
+                lines += ["Parameters actually removed (%)" + (" and rank ratio" if method == "lowrank_uniform" else "")
+                          + ":", "", reached, ""]
+    t = payload["timing"]
+    lines += [f"Wall time: {t['total_seconds']:.0f} s (training {t['training_seconds']:.0f} s, compression, pruning "
+              f"and evaluation {t['evaluation_seconds']:.0f} s).", ""]
+    return "\n".join(lines)
+
+
+def reached_table(by_variant: dict[str, list], with_ratio: bool) -> str:
+    budgets = sorted({r["budget"] for rows in by_variant.values() for r in rows if r["budget"] > 0})
+    if not with_ratio and all(abs(r["removed"] - r["budget"]) < 0.0005 for rows in by_variant.values()
+                              for r in rows if r["budget"] > 0):
+        return ""  # every budget met to 0.05%: nothing worth a table
+    lines = ["| budget | " + " | ".join(by_variant) + " |", "|" + "---|" * (len(by_variant) + 1)]
+    for b in budgets:
+        cells = []
+        for rows in by_variant.values():
+            row = next((r for r in rows if r["budget"] == b), None)
+            if row is None:
+                cells.append("-")
+            else:
+                cells.append(f"{100 * row['removed']:.1f}" + (f" (r={row['rank_ratio']:.3f})" if with_ratio else ""))
+        lines.append(f"| {100 * b:.0f}% | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_methods(results: dict[str, dict[str, list]], variants: list[str], path: Path, title: str) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v in variants if any(v in by_variant for by_variant in results.values())]
+    if not variants:
+        return None
+    fig, axes = plt.subplots(1, len(variants), figsize=(5.2 * len(variants), 4.2), dpi=120, sharey=True, squeeze=False)
+    series = []
+    for method in METHODS:
+        if method in results:
+            series.append((method, "accuracy", METHODS[method].split(" (")[0]))
+            if method == "lowrank_global" and any("accuracy_bn_recalibrated" in r for rows in results[method].values()
+                                                  for r in rows):
+                series.append((method, "accuracy_bn_recalibrated", "Low-rank, global allocation +BN recal."))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, variant in zip(axes[0], variants, strict=True):
+        for i, (method, key, label) in enumerate(series):
+            rows = sorted(results[method].get(variant, []), key=lambda r: r["removed"])
+            rows = [r for r in rows if key in r or r["budget"] == 0]
+            if not rows:
+                continue
+            ax.plot([100 * r["removed"] for r in rows], [100 * r.get(key, r["accuracy"]) for r in rows], marker="o",
+                    markersize=3.5, color=colors[i % len(colors)], linestyle="--" if "bn" in key else "-", label=label)
+        ax.set_title(variant)
+        ax.set_xlabel("parameters removed (% of the whole model)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---- main ---------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING, handlers=[logging.StreamHandler(sys.stdout)])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    started_at = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    machine = machine_description(args)
+    work, results_dir = Path(args.work_dir), Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    coefs = variant_coefs(args)
+
+    data = load_image_classification(args.dataset_name, seed=args.seed)
+    if args.max_train_samples:
+        n = min(args.max_train_samples, len(data["train"]))
+        data["train"] = data["train"].shuffle(seed=args.seed).select(range(n))
+    if args.max_eval_samples:
+        n = min(args.max_eval_samples, len(data["test"]))
+        data["test"] = data["test"].shuffle(seed=args.seed).select(range(n))
+    num_labels = len(label_names(data["train"]))
+    spec = image_input_config(new_model(args, num_labels))
+    plain_transform = ImageTransform(spec["channels"], spec["mean"], spec["std"], spec["image_size"])
+    test = TensorExamples(data["test"], plain_transform)
+    calib = None
+    if args.bn_recalibration_samples:
+        n = min(args.bn_recalibration_samples, len(data["train"]))
+        calib = TensorExamples(data["train"].shuffle(seed=args.seed + 1).select(range(n)), plain_transform)
+    print(f"data: {args.dataset_name}, {len(data['train']):,} training / {len(test):,} test images; "
+          f"variants {list(coefs)}; methods {args.methods}; budgets {args.budgets}; "
+          f"{torch.get_num_threads()} threads", flush=True)
+
+    variants: dict[str, dict[str, Any]] = {}
+    t_train = 0.0
+    for name, c in coefs.items():
+        folder = work / name
+        if args.skip_training:
+            if not (folder / "dense" / "model.safetensors").is_file():
+                raise SystemExit(f"--skip_training: {folder / 'dense'} has no trained model; run without --skip_training first")
+            info = json.loads((folder / "train_info.json").read_text()) if (folder / "train_info.json").is_file() else {}
+            if info and info.get("coefs") != c:
+                print(f"warning: {folder} was trained with {info.get('coefs')}, not {c}", flush=True)
+        else:
+            info = train_variant(name, c, args, data, folder)
+            t_train += info["train_seconds"]
+        variants[name] = {"coefs": info.get("coefs", c), **{k: v for k, v in info.items() if k in (
+            "train_seconds", "steps", "train_loss", "last_logged", "penalty_warmup_ratio")}}
+
+    results: dict[str, dict[str, list]] = {}
+    t_eval = time.time()
+    for name in coefs:
+        model = load_dense(work / name / "dense").eval()  # the saved model, so --skip_training measures the same thing
+        variants[name]["smoothness"] = smoothness_terms(model)
+        print(f"\n== {name}: compression and pruning without fine-tuning ==", flush=True)
+        run_methods(name, model, args, test, calib, results)
+        variants[name]["dense_accuracy"] = results[next(iter(results))][name][0]["accuracy"]
+    t_eval = time.time() - t_eval
+
+    tag = f"cpu_protocol{args.tag}"
+    payload = {
+        "date": started_at,
+        "command": " ".join([sys.executable, *sys.argv]) if argv is None else argv,
+        "arguments": vars(args),
+        "machine": machine,
+        "data": {"dataset": args.dataset_name, "train": len(data["train"]), "test": len(test),
+                 "bn_recalibration": len(calib) if calib is not None else 0},
+        "timing": {"total_seconds": time.time() - start, "training_seconds": t_train, "evaluation_seconds": t_eval},
+        "variants": variants,
+        "results": results,
+    }
+    title = f"{args.model_name_or_path} [{args.channels}] on {args.dataset_name}, no fine-tuning"
+    if "lowrank_global" in results:
+        plot_sweep(results["lowrank_global"], results_dir / f"{tag}_lowrank_global.png", f"Low-rank, global allocation: {title}")
+    compare = [v for v in ("plain", "recommended") if v in coefs]
+    plot_methods(results, compare, results_dir / f"{tag}_methods.png", f"Methods compared: {title}")
+    payload["timing"]["total_seconds"] = time.time() - start
+    (results_dir / f"{tag}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    text = markdown(payload)
+    (results_dir / f"{tag}.md").write_text(text)
+    print("\n" + text)
+    print(f"results: {results_dir / tag}.json / .md / _lowrank_global.png / _methods.png; models: {work}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

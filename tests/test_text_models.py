@@ -1,0 +1,110 @@
+"""Text models end to end: SmoothTrainer fine-tunes a BERT sequence classifier on tokenised text with the
+penalties on, logs every penalty term, and the result compresses and is scored without fine-tuning.
+
+Everything is built here (a word-level vocabulary, a tokenizer, a tiny ``BertConfig``): no download.
+The real-model version of this flow (all-MiniLM-L6-v2 on Pang & Lee sentences) is
+``benchmarks/transformers_path.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+from smooth_hf import SmoothTrainer, SmoothTrainingArguments
+from smooth_hf.evaluation import classification_accuracy
+from smooth_hf.lowrank import LowRankConfig, LowRankLinear, compress, count_parameters
+
+POSITIVE = ["good", "great", "fine", "superb", "lovely"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring"]
+FILLER = ["the", "movie", "film", "plot", "was", "is", "a", "very", "quite", "story", "cast", "and"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+MAX_LENGTH = 12
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    vocab = tmp_path_factory.mktemp("tok") / "vocab.txt"
+    vocab.write_text("\n".join(SPECIAL + POSITIVE + NEGATIVE + FILLER) + "\n")
+    return BertTokenizer(vocab_file=str(vocab), do_lower_case=True)
+
+
+def sentences(n: int, seed: int) -> dict[str, list]:
+    """Filler words around one sentiment word; the label is that word's polarity (balanced)."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        label = i % 2
+        words = rng.choices(FILLER, k=rng.randint(2, 7))
+        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+        texts.append(" ".join(words))
+        labels.append(label)
+    return {"text": texts, "label": labels}
+
+
+def tokenised(tokenizer, n: int, seed: int) -> Dataset:
+    data = Dataset.from_dict(sentences(n, seed))
+    data = data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=MAX_LENGTH, padding="max_length"),
+                    batched=True, remove_columns=["text"])
+    return data.rename_column("label", "labels").with_format("torch")
+
+
+def tiny_bert_classifier(vocab_size: int) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=MAX_LENGTH, num_labels=2,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config)
+
+
+def test_bert_fine_tunes_with_penalties_and_compresses_without_fine_tuning(tmp_path, tokenizer):
+    train, test = tokenised(tokenizer, 96, seed=0), tokenised(tokenizer, 64, seed=1)
+    assert set(train.column_names) >= {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    model = tiny_bert_classifier(tokenizer.vocab_size)
+    chance = classification_accuracy(model, test)
+
+    args = SmoothTrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=36, per_device_train_batch_size=16, learning_rate=3e-3,
+        lr_scheduler_type="constant", weight_decay=0.0, report_to=[], use_cpu=True, save_strategy="no",
+        logging_steps=6, disable_tqdm=True, seed=0, data_seed=0,
+        first_order_coef=1.0, nuclear_norm_coef=1.0, second_order_coef=0.5, nuclear_norm_every=4,
+    )
+    trainer = SmoothTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    # Every Linear but the first (layer 0's query) and the last (the classifier head) is penalised.
+    names = trainer.smoothness.layer_names
+    assert names[0] == "bert.encoder.layer.0.attention.self.key" and "classifier" not in names
+    assert "bert.pooler.dense" in names
+    trainer.train()
+
+    train_logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(train_logs) == 36 // 6
+    for log in train_logs:
+        for key in ("smooth/first_order", "smooth/second_order", "smooth/nuclear_norm", "smooth/penalty"):
+            assert key in log and math.isfinite(log[key]) and log[key] > 0, (key, log)
+        # The logged total is the weighted sum of the logged (unweighted) terms.
+        weighted = log["smooth/first_order"] + 0.5 * log["smooth/second_order"] + log["smooth/nuclear_norm"]
+        assert log["smooth/penalty"] == pytest.approx(weighted, rel=1e-3)
+    # The first-order penalty (the smoothness of the weights along their channel axes) went down.
+    assert train_logs[-1]["smooth/first_order"] < train_logs[0]["smooth/first_order"]
+
+    dense_accuracy = classification_accuracy(model, test)
+    assert dense_accuracy >= 0.9 > chance + 0.2, (chance, dense_accuracy)
+
+    before = count_parameters(model)
+    compress(model, LowRankConfig(rank_ratio=0.5))
+    report = model.lowrank_report
+    assert count_parameters(model) == report.params_after < before
+    factorised = {layer.name for layer in report.factorised}
+    assert "bert.encoder.layer.1.intermediate.dense" in factorised and "classifier" not in factorised
+    assert isinstance(model.get_submodule("bert.encoder.layer.0.attention.self.query"), LowRankLinear)
+
+    accuracy = classification_accuracy(model, test, batch_size=32)
+    assert 0.0 <= accuracy <= 1.0
+    with torch.no_grad():
+        batch = {k: v[:4] for k, v in test[:4].items() if k != "labels"}
+        assert torch.isfinite(model(**batch).logits).all()

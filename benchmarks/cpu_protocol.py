@@ -263,7 +263,11 @@ def run_methods(name: str, model: nn.Module, args, test: TensorExamples, calib: 
     evaluate = lambda m: classification_accuracy(m, test, batch_size=args.eval_batch_size)  # noqa: E731
     dense_params = count_parameters(model)
     t0 = time.time()
-    dense = evaluate(model)
+    sweep = None
+    if "lowrank_global" in args.methods:  # its first row is the dense model: no second dense evaluation
+        batches = (lambda: calib.batches(128)) if calib is not None else None
+        sweep = budget_sweep(model, args.budgets, evaluate, recalibration_batches=batches)
+    dense = sweep[0]["accuracy"] if sweep else evaluate(model)
     dense_row = {"budget": 0.0, "params": dense_params, "removed": 0.0, "accuracy": dense}
     print(f"[{name}] dense: accuracy {100 * dense:.2f}% ({dense_params:,} parameters)", flush=True)
 
@@ -277,10 +281,8 @@ def run_methods(name: str, model: nn.Module, args, test: TensorExamples, calib: 
         print(f"[{name}] {method:<15} {100 * budget:.0f}%: removed {100 * row['removed']:.2f}%, accuracy "
               f"{100 * row['accuracy']:.2f}%{extra}{note}", flush=True)
 
-    if "lowrank_global" in args.methods:
-        batches = (lambda: calib.batches(128)) if calib is not None else None
-        rows = budget_sweep(model, args.budgets, evaluate, recalibration_batches=batches)
-        for row in rows:
+    if sweep:
+        for row in sweep:
             if row["budget"] > 0:
                 record("lowrank_global", row["budget"], {k: v for k, v in row.items() if k != "budget"})
     if "lowrank_uniform" in args.methods:

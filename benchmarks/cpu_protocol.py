@@ -52,7 +52,6 @@ import copy
 import datetime
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -487,9 +486,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "variants": variants,
         "results": results,
     }
-    title = f"{args.model_name_or_path} [{args.channels}] on {args.dataset_name}, no fine-tuning"
+    title = (f"{args.model_name_or_path} [{args.channels}], {args.dataset_name} ({len(data['train']):,} train / "
+             f"{len(test):,} test images), no fine-tuning")
     if "lowrank_global" in results:
-        plot_sweep(results["lowrank_global"], results_dir / f"{tag}_lowrank_global.png", f"Low-rank, global allocation: {title}")
+        plot_sweep(results["lowrank_global"], results_dir / f"{tag}_lowrank_global.png",
+                   f"Low-rank, global allocation\n{title}")
     compare = [v for v in ("plain", "recommended") if v in coefs]
     plot_methods(results, compare, results_dir / f"{tag}_methods.png", f"Methods compared: {title}")
     payload["timing"]["total_seconds"] = time.time() - start

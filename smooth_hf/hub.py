@@ -36,6 +36,7 @@ from torch import nn
 from . import models as _models  # noqa: F401  (registers the CIFAR ResNets so their configs rebuild)
 from .lowrank import CONFIG_NAME, CompressionReport, LayerReport, LowRankConfig, apply_ranks
 from .model_card import ModelCardInfo, render_model_card
+from .modeling import build_from_config_dir
 
 __all__ = [
     "CONFIG_NAME",
@@ -394,51 +395,7 @@ def _check_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]], folder: Pa
 
 def _build_base(folder: Path, hf_config: dict[str, Any], device: str) -> nn.Module:
     """The dense architecture described by config.json, built under ``torch.device(device)``."""
-    if "architecture" in hf_config:
-        import timm
-        from timm.models._hub import load_model_config_from_path
-
-        name = hf_config["architecture"]
-        if not isinstance(name, str) or not timm.is_model(name):
-            raise ValueError(
-                f"unknown base architecture: timm has no model {name!r} ({folder / HF_CONFIG_NAME}). Upgrade timm, or "
-                "import the module that registers it before calling from_pretrained."
-            )
-        pretrained_cfg, _, model_args = load_model_config_from_path(folder)
-        with torch.device(device):
-            model = timm.create_model(name, pretrained=False, **model_args)
-        # Keep the saved data config (mean/std/input size) rather than the registry default, as timm does.
-        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **pretrained_cfg}
-        return model
-    if "model_type" in hf_config:
-        import transformers
-        from transformers import AutoConfig, PreTrainedModel
-
-        architectures = hf_config.get("architectures") or []
-        cls = getattr(transformers, architectures[0], None) if architectures else None
-        if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
-            raise ValueError(
-                f"unknown base architecture {architectures or '(none)'} in {folder / HF_CONFIG_NAME}: smooth_hf only "
-                "builds model classes shipped with transformers (never remote code). Upgrade transformers if the "
-                "class is newer than the installed version."
-            )
-        try:
-            config = AutoConfig.from_pretrained(folder)
-        except (ValueError, KeyError, OSError) as err:
-            raise ValueError(
-                f"unknown base architecture: transformers cannot read {folder / HF_CONFIG_NAME}: {err}"
-            ) from err
-        with torch.device(device):
-            model = cls._from_config(config)
-        if (folder / GENERATION_CONFIG_NAME).is_file() and model.can_generate():
-            from transformers import GenerationConfig
-
-            model.generation_config = GenerationConfig.from_pretrained(folder)
-        return model
-    raise ValueError(
-        f"unknown base architecture: {folder / HF_CONFIG_NAME} is neither a timm config (no 'architecture') nor a "
-        "transformers config (no 'model_type')."
-    )
+    return build_from_config_dir(folder, device, hf_config)
 
 
 def _meta_tensors(model: nn.Module) -> list[str]:

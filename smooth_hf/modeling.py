@@ -172,27 +172,58 @@ def _transformers_class(directory: str | os.PathLike, config: dict[str, Any]) ->
     architectures = config.get("architectures") or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
-        raise ValueError(f"unknown transformers architecture {architectures} in {directory}/config.json; smooth_hf "
-                         "builds only classes shipped with transformers (no remote code)")
+        raise ValueError(
+            f"unknown base architecture {architectures or '(none)'} in {Path(directory) / 'config.json'}: smooth_hf "
+            "only builds model classes shipped with transformers (never remote code). Upgrade transformers if the "
+            "class is newer than the installed version."
+        )
     return cls
 
 
-def build_from_config_dir(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """The (randomly initialised) architecture described by ``directory/config.json``."""
-    config = _read_config(directory)
-    if "architecture" in config:  # timm's config (save_config_for_hf)
+def build_from_config_dir(
+    directory: str | os.PathLike, device: str | torch.device = "cpu", config: dict[str, Any] | None = None
+) -> nn.Module:
+    """The (randomly initialised) architecture described by ``directory/config.json``.
+
+    timm configs (``architecture`` + ``model_args``, as ``save_config_for_hf`` writes them) and
+    transformers configs (``model_type`` + ``architectures``) are both understood; ``config`` is the
+    already-parsed ``config.json`` when the caller has it. Built under ``torch.device(device)``
+    (``"meta"`` builds the structure without allocating weights).
+    """
+    folder = Path(directory)
+    config = _read_config(folder) if config is None else config
+    if "architecture" in config:
+        from timm.models._hub import load_model_config_from_path
+
         name = config["architecture"]
-        if not timm.is_model(name):
-            raise ValueError(f"unknown timm architecture {name!r} in {directory}/config.json: is the timm version (or "
-                             "an import that registers it) missing?")
+        if not isinstance(name, str) or not timm.is_model(name):
+            raise ValueError(
+                f"unknown base architecture: timm has no model {name!r} ({folder / 'config.json'}). Upgrade timm, or "
+                "import the module that registers it before loading."
+            )
+        pretrained_cfg, _, model_args = load_model_config_from_path(folder)
         with torch.device(device):
-            return timm.create_model(name, pretrained=False, **config.get("model_args", {}))
+            model = timm.create_model(name, pretrained=False, **model_args)
+        # Keep the saved data config (mean/std/input size) rather than the registry default, as timm does.
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **pretrained_cfg}
+        return model
     if "model_type" in config:
-        cls = _transformers_class(directory, config)
+        cls = _transformers_class(folder, config)
+        try:
+            hf_config = AutoConfig.from_pretrained(folder)
+        except (ValueError, KeyError, OSError) as err:
+            raise ValueError(f"unknown base architecture: transformers cannot read {folder / 'config.json'}: {err}") from err
         with torch.device(device):
-            return cls._from_config(AutoConfig.from_pretrained(directory))
-    raise ValueError(f"{directory}/config.json is neither a timm config (no 'architecture') nor a transformers "
-                     "config (no 'model_type')")
+            model = cls._from_config(hf_config)
+        if (folder / "generation_config.json").is_file() and model.can_generate():
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        return model
+    raise ValueError(
+        f"unknown base architecture: {folder / 'config.json'} is neither a timm config (no 'architecture') nor a "
+        "transformers config (no 'model_type')."
+    )
 
 
 def load_dense(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:

@@ -242,7 +242,7 @@ def filter_prune(
     sizes = [w[0].numel() for _, _, w in layers]  # weights per filter: in * kh * kw
     bias_per_filter = [1 if getattr(m, "bias", None) is not None else 0 for _, m, _ in layers]
     norms = [w.detach().reshape(w.shape[0], -1).abs().sum(1).to("cpu", torch.float64) for _, _, w in layers]
-    most = sum(max(0, w.shape[0] - min_filters) * (s + b) for (_, _, w), s, b in zip(layers, sizes, bias_per_filter))
+    most = sum(max(0, w.shape[0] - min_filters) * (s + b) for (_, _, w), s, b in zip(layers, sizes, bias_per_filter, strict=True))
     if needed > most:
         raise _unreachable("filter_prune", fraction, needed, total, most, f"every filter but {min_filters} per layer")
     plan_fn = _filter_plan_global if scope == "global" else _filter_plan_layer

@@ -89,7 +89,7 @@ def test_magnitude_ties_exact_and_deterministic():
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     assert magnitude_prune(a, 0.3)["params_removed"] == zeros(a) == math.ceil(0.3 * TOTAL)
     magnitude_prune(b, 0.3)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     n = math.ceil(0.3 * TOTAL)  # 40 < 72 conv weights; ties go in layer order, then position
     assert a.conv.weight.flatten()[:n].eq(0).all() and a.conv.weight.flatten()[n:].ne(0).all()
     assert a.fc.weight.ne(0).all() and a.head.weight.ne(0).all()
@@ -160,7 +160,7 @@ def test_filter_prune_global_is_minimal_and_ranks_by_normalised_l1():
         dead = getattr(model, name).weight.detach().reshape(norms[name].numel(), -1).eq(0).all(1)
         removed_scores += norms[name][dead].tolist()
         # The one filter min_filters keeps per layer is out of the ranking.
-        kept_scores += [s for s, d in zip(norms[name].tolist(), dead.tolist()) if not d and s != norms[name].max()]
+        kept_scores += [s for s, d in zip(norms[name].tolist(), dead.tolist(), strict=True) if not d and s != norms[name].max()]
     assert max(removed_scores) < min(kept_scores)
     # Minimal: without the last filter taken the budget would not be reached.
     sizes = {"conv": 18, "fc": 5, "head": 7}

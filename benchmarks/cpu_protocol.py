@@ -37,12 +37,17 @@ images and the full 10,000 test images unless flags reduce them), with a small C
    recommended). Trained dense models go to ``--work_dir/<variant>/dense`` (safetensors + timm
    config), so ``--skip_training`` recomputes every table from them.
 
-Defaults: about 15 minutes on an idle 2-core CPU (the run is dominated by 5 x 469 training steps and
-~130 evaluations of the test set). A busy machine: ``--threads 1`` avoids OpenMP oversubscription;
-``--max_train_samples`` / ``--max_eval_samples`` shrink the run (the test subset is fixed by ``--seed``).
+Cost: 5 training runs (469 steps each by default) and 130 evaluations of the test set (5 variants x
+(dense + 5 budgets x 5 columns)). Measured: ``--max_train_samples 30000 --max_eval_samples 5000
+--threads 1`` took 34 minutes on a 2-core CPU shared with other jobs (load ~4; training ~190 images/s,
+evaluation ~550 images/s); the defaults do twice that work, so they fit about 15 minutes only on an idle
+machine that runs ~4x faster (2 threads, no contention) -- not measured. On a busy machine
+``--threads 1`` avoids OpenMP oversubscription (a training step was 3x slower with 2 threads at load 4),
+and ``--max_train_samples`` / ``--max_eval_samples`` shrink the run (the test subset is fixed by ``--seed``).
 
     .venv/bin/python benchmarks/cpu_protocol.py
     .venv/bin/python benchmarks/cpu_protocol.py --skip_training          # tables again from runs/cpu_protocol
+    .venv/bin/python benchmarks/cpu_protocol.py --report_only            # Markdown + PNGs again from the JSON
 """
 
 from __future__ import annotations
@@ -114,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results_dir", default="benchmarks/results", help="JSON, Markdown and PNG results.")
     p.add_argument("--tag", default="", help="Suffix of the result file names (cpu_protocol<tag>.*).")
     p.add_argument("--skip_training", action="store_true", help="Load the dense models from --work_dir instead.")
+    p.add_argument("--report_only", action="store_true",
+                   help="Only rewrite the Markdown and PNGs from an existing <results_dir>/cpu_protocol<tag>.json.")
     args = p.parse_args(argv)
     for name, allowed in (("variants", VARIANTS), ("methods", tuple(METHODS))):
         values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
@@ -419,6 +426,13 @@ def plot_methods(results: dict[str, dict[str, list]], variants: list[str], path:
 # ---- main ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.report_only:
+        tag = f"cpu_protocol{args.tag}"
+        path = Path(args.results_dir) / f"{tag}.json"
+        if not path.is_file():
+            raise SystemExit(f"--report_only: {path} does not exist; run the benchmark first")
+        print(write_reports(json.loads(path.read_text()), Path(args.results_dir), tag))
+        return {}
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING, handlers=[logging.StreamHandler(sys.stdout)])
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -486,20 +500,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "variants": variants,
         "results": results,
     }
-    title = (f"{args.model_name_or_path} [{args.channels}], {args.dataset_name} ({len(data['train']):,} train / "
-             f"{len(test):,} test images), no fine-tuning")
-    if "lowrank_global" in results:
-        plot_sweep(results["lowrank_global"], results_dir / f"{tag}_lowrank_global.png",
-                   f"Low-rank, global allocation\n{title}")
-    compare = [v for v in ("plain", "recommended") if v in coefs]
-    plot_methods(results, compare, results_dir / f"{tag}_methods.png", f"Methods compared: {title}")
     payload["timing"]["total_seconds"] = time.time() - start
     (results_dir / f"{tag}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    text = markdown(payload)
-    (results_dir / f"{tag}.md").write_text(text)
+    text = write_reports(payload, results_dir, tag)
     print("\n" + text)
     print(f"results: {results_dir / tag}.json / .md / _lowrank_global.png / _methods.png; models: {work}")
     return payload
+
+
+def write_reports(payload: dict[str, Any], results_dir: Path, tag: str) -> str:
+    """The Markdown tables and the two PNGs, from the JSON payload alone (so ``--report_only`` can redo them)."""
+    a, results = payload["arguments"], payload["results"]
+    title = (f"{a['model_name_or_path']} [{a['channels']}], {a['dataset_name']}\n{payload['data']['train']:,} train / "
+             f"{payload['data']['test']:,} test images, no fine-tuning")
+    if "lowrank_global" in results:
+        plot_sweep(results["lowrank_global"], results_dir / f"{tag}_lowrank_global.png", f"Low-rank, global allocation: {title}")
+    compare = [v for v in ("plain", "recommended") if v in payload["variants"]]
+    plot_methods(results, compare, results_dir / f"{tag}_methods.png", f"Methods compared: {title}".replace("\n", "; "))
+    text = markdown(payload)
+    (results_dir / f"{tag}.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":

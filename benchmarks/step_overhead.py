@@ -374,16 +374,13 @@ def efficacy_batches(args) -> tuple[list[tuple[Tensor, Tensor]], str]:
     source = args.efficacy_data
     if source == "fashion_mnist":
         try:
-            from smooth_hf.data import load_fashion_mnist_local
+            from smooth_hf.data import FASHION_MNIST_DIR, read_idx  # the idx files load_fashion_mnist_local reads
 
-            train = load_fashion_mnist_local()["train"].with_format("numpy")
-            idx = torch.randperm(len(train), generator=g)[:n].numpy()
-            idx.sort()
-            rows = train[idx]
-            images = torch.from_numpy(np.asarray(rows["image"])).float().div(255).sub(0.2860).div(0.3530)
-            labels = torch.from_numpy(np.asarray(rows["label"])).long()
-            perm = torch.randperm(n, generator=g)
-            images, labels = images[perm].unsqueeze(1), labels[perm]
+            all_images = read_idx(FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz")
+            all_labels = read_idx(FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz")
+            idx = torch.randperm(len(all_images), generator=g)[:n].numpy()
+            images = torch.from_numpy(all_images[idx].copy()).float().div(255).sub(0.2860).div(0.3530).unsqueeze(1)
+            labels = torch.from_numpy(all_labels[idx].astype(np.int64))
         except (FileNotFoundError, OSError) as err:
             print(f"  Fashion-MNIST not available ({err}); using random data", flush=True)
             source = "random"

@@ -87,7 +87,7 @@ def plot_sweep(results: dict[str, list[dict[str, Any]]], path: str | Path, title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=120)
     for name, rows in results.items():
         rows = sorted(rows, key=lambda r: r["removed"])
         line = ax.plot([100 * r["removed"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=name)[0]
@@ -98,9 +98,11 @@ def plot_sweep(results: dict[str, list[dict[str, Any]]], path: str | Path, title
                     marker="x", linestyle="--", color=line.get_color(), label=f"{name} + BN recalibration")
     ax.set_xlabel("parameters removed (% of the whole model)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title or "Accuracy without fine-tuning")
+    ax.set_title(title or "Accuracy without fine-tuning", fontsize=10, wrap=True)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    # Many curves: put the legend beside the axes so it never hides one.
+    outside = len(ax.get_lines()) > 4
+    ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if outside else {}))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

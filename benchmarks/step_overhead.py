@@ -559,12 +559,10 @@ def plot(result: dict, path: Path) -> None:
             for name, r in e["runs"].items():
                 style = {"color": "gray", "ls": ":"} if name == "plain" else {}
                 lw = 2.5 if name == "k1" else 1.2
-                ax.plot(r["exact_terms"][key], label=name if name == "plain" else f"k={r['nuclear_norm_every']}",
-                        lw=lw, **style)
-            if key == "nuclear_norm":
-                for name, r in e["runs"].items():
-                    if name not in ("plain", "k1") and r["surrogate_nuclear_norm"]:
-                        ax.plot(r["surrogate_nuclear_norm"], lw=0.6, ls="--", alpha=0.6)
+                (line,) = ax.plot(r["exact_terms"][key], label=name if name == "plain" else f"k={r['nuclear_norm_every']}",
+                                  lw=lw, **style)
+                if key == "nuclear_norm" and name not in ("plain", "k1") and r["surrogate_nuclear_norm"]:
+                    ax.plot(r["surrogate_nuclear_norm"], lw=0.7, ls="--", alpha=0.7, color=line.get_color())
             ax.set_xlabel("step")
             ax.set_title(f"exact {key} term (scale-free, mean over layers)"
                          + ("\n(dashed thin: surrogate <W, UV^T> seen by k>1)" if key == "nuclear_norm" else ""),
@@ -610,7 +608,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per config")
     p.add_argument("--rounds", type=int, default=8, help="interleaved rounds")
     p.add_argument("--block", type=int, default=1, help="timed steps per config per round")
-    p.add_argument("--refresh-reps", type=int, default=5)
+    p.add_argument("--refresh-reps", type=int, default=3)
     p.add_argument("--penalty-reps", type=int, default=10, help="reps of the penalty-alone fwd+bwd timing")
     p.add_argument("--direct-steps", type=int, default=0,
                    help="also time each k end to end over max(N, 2k) steps (0 = off; slow on CPU)")

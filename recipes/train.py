@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train = train.with_transform(ImageTransform(**common, train=data_args.augment))
     test = test.with_transform(ImageTransform(**common))
 
+    # Images are transformed on the fly from the raw "image" column, which the model's forward does not
+    # name: the Trainer must not drop it (as in transformers' run_image_classification.py).
+    training_args.remove_unused_columns = False
     trainer = SmoothTrainer(
         model=model, args=training_args, train_dataset=train if training_args.do_train else None,
         eval_dataset=test if training_args.do_eval else None, compute_metrics=accuracy_metrics,

@@ -97,7 +97,8 @@ def test_compress_recipe_rejects_ambiguous_rules(trained):
 def test_main_job_end_to_end(tiny_fmnist, tmp_path, capsys):
     out = tmp_path / "main"
     results = smooth_vs_plain.main([
-        "--output_dir", str(out), "--dataset_name", tiny_fmnist, "--config_overrides", "channels=[4,8,8],layers=[1,1,1]",
+        "--output_dir", str(out), "--dataset_name", tiny_fmnist,  # the default model: a ViT from scratch, tiny here
+        "--config_overrides", "image_size=12,patch_size=4,hidden_size=16,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32",
         "--max_train_samples", "48", "--max_eval_samples", "32", "--num_train_epochs", "1",
         "--per_device_train_batch_size", "16", "--budgets", "0.3,0.5", "--save_budget", "0.5",
         "--bn_recalibration_samples", "32",
@@ -115,3 +116,17 @@ def test_image_transform_handles_channels_and_sizes():
     out = ImageTransform(channels=3, mean=(0.5,), std=(0.5,), image_size=16)({"image": [grey], "label": [1]})
     assert out["pixel_values"][0].shape == (3, 16, 16) and torch.allclose(out["pixel_values"][0], torch.ones(3, 16, 16))
     assert out["labels"] == [1]
+
+
+def test_train_recipe_trains_a_transformers_vit_from_scratch(tiny_fmnist, tmp_path):
+    out = tmp_path / "vit"
+    metrics = train_recipe.main([
+        "--model_type", "vit", "--config_overrides",
+        "image_size=12,patch_size=4,hidden_size=16,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32",
+        "--dataset_name", tiny_fmnist, "--output_dir", str(out), "--do_train", "--do_eval", "--max_steps", "2",
+        "--per_device_train_batch_size", "8", "--first_order_coef", "1", "--report_to", "none", "--use_cpu",
+        "--save_strategy", "no",
+    ])
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    model = smooth_hf.modeling.load_dense(out)
+    assert type(model).__name__ == "ViTForImageClassification" and model.config.num_labels == 3

@@ -49,16 +49,31 @@ def nuclear_norm(weight: Tensor) -> Tensor:
     return torch.linalg.svdvals(_as_matrix(weight)).sum()
 
 
-def spectral_direction(weight: Tensor) -> Tensor:
+def spectral_direction(weight: Tensor, rtol: float = 1e-6) -> Tensor:
     """``U V^T`` of the thin SVD of ``W.reshape(out, -1)``, detached, in ``weight``'s shape.
 
-    It is the gradient of the nuclear norm at ``W`` (a subgradient where singular values are zero),
-    and ``<W, U V^T> == ||W||_*``. Computed in float64 for a stable factor whatever the weight dtype.
+    It is the gradient of the nuclear norm at ``W`` and ``<W, U V^T> == ||W||_*``. Where ``W`` is
+    (numerically) rank-deficient the gradient is not unique; singular directions below ``rtol`` times
+    the largest are dropped, which is still a subgradient.
+
+    Computed from the eigen-decomposition of the small Gram matrix ``M M^T`` (or ``M^T M``) in float64:
+    ``U V^T = U S^{-1} U^T M``. On ResNet-18's convolutions that is about 9x faster than an SVD
+    (benchmarks/step_overhead.py) and as exact on the directions that matter: float64 keeps singular
+    values down to ~1e-8 of the largest, and ``rtol`` stays well above that.
     """
     with torch.no_grad():
         matrix = _as_matrix(weight).double()
-        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-        return (u @ vh).to(weight.dtype).reshape(weight.shape)
+        tall = matrix.shape[0] > matrix.shape[1]
+        if tall:  # work on the wide orientation: the Gram matrix is then the small one
+            matrix = matrix.t()
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix @ matrix.t())
+        singular = eigenvalues.clamp_min(0).sqrt()
+        keep = singular > rtol * singular.max().clamp_min(torch.finfo(torch.float64).tiny)
+        u = eigenvectors[:, keep]
+        direction = u @ ((u.t() @ matrix) / singular[keep, None])
+        if tall:
+            direction = direction.t()
+        return direction.to(weight.dtype).reshape(weight.shape)
 
 
 def nuclear_norm_surrogate(weight: Tensor, direction: Tensor) -> Tensor:

@@ -105,3 +105,18 @@ def test_surrogate_is_a_lower_bound_after_the_weight_moves():
     direction = spectral_direction(w0)
     w1 = w0 + 0.3 * torch.randn(6, 4, dtype=torch.float64)
     assert nuclear_norm_surrogate(w1, direction).item() <= nuclear_norm(w1).item() + 1e-12
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (8, 3, 3, 3), (5, 5)])
+def test_spectral_direction_equals_svd_u_vt(shape):
+    w = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    u, _, vh = torch.linalg.svd(w.reshape(shape[0], -1), full_matrices=False)
+    torch.testing.assert_close(spectral_direction(w), (u @ vh).reshape(shape))
+
+
+def test_spectral_direction_of_a_rank_deficient_weight_is_a_subgradient():
+    a, b = torch.randn(8, 2, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    w = a @ b  # rank 2
+    direction = spectral_direction(w)
+    assert nuclear_norm_surrogate(w, direction).item() == pytest.approx(nuclear_norm(w).item(), rel=1e-8)
+    assert torch.linalg.matrix_norm(direction, ord=2).item() <= 1 + 1e-8  # in the unit ball of the dual norm

@@ -64,10 +64,33 @@ def _check_rank(rank: int, full_rank: int, what: str) -> None:
         raise ValueError(f"rank must be an integer in [1, {full_rank}] for {what}, got {rank!r}")
 
 
-class LowRankLinear(nn.Module):
-    """``Linear(in, rank, bias=False)`` then ``Linear(rank, out)``: ``rank * (in + out)`` weights."""
+class _LowRank(nn.Module):
+    """Shared by both low-rank layers: ``up(down(x))``, and the dense view other code may read."""
 
     is_low_rank = True
+    down: nn.Module
+    up: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x))
+
+    def dense_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    # Code that reads ``layer.weight`` / ``layer.bias`` directly (ViTModel reads
+    # ``patch_embeddings.projection.weight.dtype``) gets the exact dense equivalent, built on demand;
+    # the forward pass never builds it.
+    @property
+    def weight(self) -> Tensor:
+        return self.dense_weight()
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.up.bias
+
+
+class LowRankLinear(_LowRank):
+    """``Linear(in, rank, bias=False)`` then ``Linear(rank, out)``: ``rank * (in + out)`` weights."""
 
     def __init__(
         self,
@@ -101,23 +124,9 @@ class LowRankLinear(nn.Module):
             new.up.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
         return new
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.up(self.down(x))
-
     def dense_weight(self) -> Tensor:
         """The ``(out, in)`` product of the factors (for inspection; the forward never builds it)."""
         return self.up.weight @ self.down.weight
-
-    # Code that reads ``layer.weight`` / ``layer.bias`` directly (ViTModel reads
-    # ``patch_embeddings.projection.weight.dtype``) gets the exact dense equivalent, built on demand;
-    # the forward pass never builds it.
-    @property
-    def weight(self) -> Tensor:
-        return self.dense_weight()
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.up.bias
 
     def extra_repr(self) -> str:
         return (
@@ -126,15 +135,13 @@ class LowRankLinear(nn.Module):
         )
 
 
-class LowRankConv2d(nn.Module):
+class LowRankConv2d(_LowRank):
     """``Conv2d(in, rank, k, stride, padding, dilation)`` then a 1x1 ``Conv2d(rank, out)``.
 
     All the spatial work happens in the first factor, so the output grid (and padding mode) is the
     dense layer's; the second factor only mixes channels. Grouped convolutions are not supported:
     their weight is block diagonal and a single SVD would mix the groups.
     """
-
-    is_low_rank = True
 
     def __init__(
         self,
@@ -211,26 +218,12 @@ class LowRankConv2d(nn.Module):
     def dilation(self) -> tuple[int, ...]:
         return self.down.dilation
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.up(self.down(x))
-
     def dense_weight(self) -> Tensor:
         """The ``(out, in, kh, kw)`` product of the factors (for inspection; the forward never builds it)."""
         up = self.up.weight.reshape(self.out_channels, self.rank)
         return (up @ self.down.weight.reshape(self.rank, -1)).reshape(
             self.out_channels, self.in_channels, *self.kernel_size
         )
-
-    # Code that reads ``layer.weight`` / ``layer.bias`` directly (ViTModel reads
-    # ``patch_embeddings.projection.weight.dtype``) gets the exact dense equivalent, built on demand;
-    # the forward pass never builds it.
-    @property
-    def weight(self) -> Tensor:
-        return self.dense_weight()
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.up.bias
 
     def extra_repr(self) -> str:
         return (

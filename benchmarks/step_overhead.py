@@ -10,8 +10,8 @@ Three parts, all CPU by default (``torch.set_num_threads``):
    in rotated order over ``--rounds`` rounds of ``--block`` timed steps each (warm-up excluded):
 
    * ``plain``: forward, cross-entropy, backward, optimizer step;
-   * ``all_k1``: + all three penalties with ``nuclear_norm_every=1`` (an exact float64 SVD per layer
-     every step);
+   * ``all_k1``: + all three penalties with ``nuclear_norm_every=1`` (the exact direction of every
+     layer recomputed every step);
    * ``all_cached``: + all three penalties on a step that reuses the cached ``U V^T`` (what every step
      but one in ``k`` costs when ``nuclear_norm_every=k``);
    * ``nuclear_cached`` / ``first_order`` / ``second_order``: each penalty alone.
@@ -29,13 +29,20 @@ Three parts, all CPU by default (``torch.set_num_threads``):
    first and second order), normalised as ``SmoothnessPenalty`` does. If the cached direction steers
    as well as the exact gradient, the curves for all ``k`` overlap.
 
-3. **Refresh alternatives**: float64 SVD (current), float32 SVD, and ``eigh`` of the float64 Gram
-   matrix (``U V^T = (M M^T)^{-1/2} M`` on the numerical support): time and accuracy.
+3. **Refresh alternatives**: ``current`` (``smooth_hf.penalties.spectral_direction`` as installed: an
+   ``eigh`` of the float64 Gram matrix since commit 6d0bdb2), ``svd64`` (float64 ``torch.linalg.svd``,
+   the original implementation and the accuracy reference) and ``svd32``: time per round and accuracy.
 
-Writes ``<out>/step_overhead<tag>.json``, ``.md`` and ``.png``. Default run: about 8-10 minutes on a
-2-core CPU. Bigger runs: ``--batch-sizes 64 128 --rounds 10 --direct-steps 100 --efficacy-steps 300``.
+Writes ``<out>/step_overhead<tag>.json``, ``.md`` and ``.png``. Default run: about 5 minutes on an idle
+2-core CPU (measured: 4m48s). Bigger runs: ``--batch-sizes 64 128 --rounds 12 --direct-steps 100
+--efficacy-steps 300``.
 
     .venv/bin/python benchmarks/step_overhead.py
+
+Shared machines: with 2 threads and another busy process on the cores, OpenMP spin-waiting makes MKL's
+LAPACK (``eigh``/``svd``) up to ~100x slower (a 512x512 float64 ``eigh``: 7.3 s instead of 55 ms at
+1 thread), which inflates the refresh, not the plain step. ``OMP_WAIT_POLICY=PASSIVE`` (set before the
+command) removes that (67 ms); the environment and load average are recorded in the outputs.
 """
 
 from __future__ import annotations
@@ -100,9 +107,17 @@ def load_avg() -> list[float] | None:
 # ---------------------------------------------------------------------------------------------
 # refresh alternatives (part 3)
 # ---------------------------------------------------------------------------------------------
-def direction_svd64(weight: Tensor) -> Tensor:
-    """The current implementation: ``smooth_hf.penalties.spectral_direction``."""
+def direction_current(weight: Tensor) -> Tensor:
+    """What ``SmoothnessPenalty`` uses: ``smooth_hf.penalties.spectral_direction`` as installed."""
     return spectral_direction(weight)
+
+
+def direction_svd64(weight: Tensor) -> Tensor:
+    """``U V^T`` from a float64 ``torch.linalg.svd`` (the package's original implementation; the reference)."""
+    with torch.no_grad():
+        m = weight.detach().reshape(weight.shape[0], -1).double()
+        u, _, vh = torch.linalg.svd(m, full_matrices=False)
+        return (u @ vh).to(weight.dtype).reshape(weight.shape)
 
 
 def direction_svd32(weight: Tensor) -> Tensor:
@@ -113,25 +128,8 @@ def direction_svd32(weight: Tensor) -> Tensor:
         return (u @ vh).to(weight.dtype).reshape(weight.shape)
 
 
-def direction_gram_eigh64(weight: Tensor, rtol: float = 1e-6) -> Tensor:
-    """``U V^T = (M M^T)^{-1/2} M`` (wide M; ``M (M^T M)^{-1/2}`` if tall) by ``eigh`` of the float64 Gram.
-
-    Singular values below ``rtol * s_max`` (where the squared Gram loses them to round-off) get a zero
-    direction: a valid subgradient choice for a (numerically) zero singular value.
-    """
-    with torch.no_grad():
-        m = weight.detach().reshape(weight.shape[0], -1).double()
-        wide = m.shape[0] <= m.shape[1]
-        gram = m @ m.T if wide else m.T @ m
-        evals, evecs = torch.linalg.eigh(gram)
-        s = evals.clamp_min(0).sqrt()
-        inv = torch.where(s > rtol * s.max(), 1.0 / s, torch.zeros_like(s))
-        inv_sqrt = (evecs * inv) @ evecs.T
-        d = inv_sqrt @ m if wide else m @ inv_sqrt
-        return d.to(weight.dtype).reshape(weight.shape)
-
-
-REFRESH_METHODS = {"svd64": direction_svd64, "svd32": direction_svd32, "gram_eigh64": direction_gram_eigh64}
+# "current" first: it is the one SmoothnessPenalty (and the k configs) use.
+REFRESH_METHODS = {"current": direction_current, "svd64": direction_svd64, "svd32": direction_svd32}
 
 
 def refresh_accuracy(methods: dict, matrices: list[Tensor]) -> dict[str, dict[str, float]]:
@@ -159,7 +157,7 @@ def synthetic_matrices(seed: int = 0) -> dict[str, list[Tensor]]:
     For the rank-64 matrix the SVD's ``U V^T`` includes arbitrary unit directions for the 448 zero
     singular values while the Gram route gives them 0: both are valid subgradients, so there the error
     against svd64 is expected to be large and only the nuclear identity and ``||D||_2 <= 1`` matter.
-    Float32 weights: svd64 and gram_eigh64 directions typically round to the same float32 values.
+    Float32 weights: float64 routes (svd64, a Gram eigh) typically round to the same float32 values.
     """
     g = torch.Generator().manual_seed(seed)
     m, n = 512, 4608
@@ -251,7 +249,7 @@ def step_time(args, batch_size: int) -> dict:
         for _ in range(args.warmup):
             r(model, opt, x, y)
     layers = runners[1].penalty.layers
-    methods = REFRESH_METHODS if args.alternatives else {"svd64": direction_svd64}
+    methods = REFRESH_METHODS if args.alternatives else {"current": direction_current}
     refresh_rounds: dict[str, list[float]] = {name: [] for name in methods}
     for fn in methods.values():  # warm-up (LAPACK workspace, allocator)
         fn(out_in_weight(layers[-1][1]))
@@ -305,7 +303,7 @@ def step_time(args, batch_size: int) -> dict:
         for name, times in refresh_rounds.items():
             rounds = [100 * ((c + f / k) / p - 1)
                       for c, f, p in zip(runners[2].block_means, times, plain_blocks, strict=True)]
-            suffix = "" if name == "svd64" else f"_with_{name}"
+            suffix = "" if name == "current" else f"_with_{name}"
             entry[f"ms_amortised{suffix}"] = cached + refresh[name]["median"] / k
             entry[f"overhead_pct{suffix}"] = 100 * ((cached + refresh[name]["median"] / k) / plain_med - 1)
             entry[f"overhead_pct_paired_rounds{suffix}"] = summarize(rounds)
@@ -482,8 +480,8 @@ def markdown(result: dict) -> str:
                   "per round (paired), median [min, max] over rounds; 'from parts' = (penalty alone fwd+bwd + "
                   "refresh / k) / plain.\n"]
         for name in t["refresh_ms"]:
-            suffix = "" if name == "svd64" else f"_with_{name}"
-            lines += [f"Refresh by **{name}**{' (current)' if name == 'svd64' else ''}:\n",
+            suffix = "" if name == "current" else f"_with_{name}"
+            lines += [f"Refresh by **{name}**{' (smooth_hf.penalties.spectral_direction as installed)' if name == 'current' else ''}:\n",
                       "| k | amortised ms | overhead % (medians) | overhead % paired rounds | from parts % |",
                       "|---|---|---|---|---|"]
             for k, v in t["per_k"].items():
@@ -544,7 +542,7 @@ def plot(result: dict, path: Path) -> None:
             labels.append(name)
             med.append(o["median"]), lo.append(o["median"] - o["min"]), hi.append(o["max"] - o["median"])
         for name in t["refresh_ms"]:
-            suffix = "" if name == "svd64" else f"_with_{name}"
+            suffix = "" if name == "current" else f"_with_{name}"
             for k, v in t["per_k"].items():
                 o = v[f"overhead_pct_paired_rounds{suffix}"]
                 labels.append(f"all, k={k} ({name})")
@@ -601,7 +599,7 @@ def print_summary(result: dict) -> None:
         for k, v in t["per_k"].items():
             parts = []
             for name in t["refresh_ms"]:
-                suffix = "" if name == "svd64" else f"_with_{name}"
+                suffix = "" if name == "current" else f"_with_{name}"
                 o = v[f"overhead_pct_paired_rounds{suffix}"]
                 parts.append(f"{name} {o['median']:+.1f}% [{o['min']:+.1f}, {o['max']:+.1f}]")
             print(f"  k={k:>3} amortised overhead, paired rounds median [min, max]: " + "   ".join(parts))
@@ -635,6 +633,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    load = load_avg()
+    if load is not None and load[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {load} -- other processes share the CPUs; timings will be noisy "
+              "(see the module docstring about OMP_WAIT_POLICY=PASSIVE)", flush=True)
     start = time.perf_counter()
     result = {
         "command": " ".join([".venv/bin/python", "benchmarks/step_overhead.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -653,7 +655,7 @@ def main(argv: list[str] | None = None) -> dict:
             model = timm.create_model("resnet18_cifar", in_chans=3, num_classes=10)
             layers = [out_in_weight(m).detach() for _, m in SmoothnessPenalty.for_model(model, **COEFS).layers]
             mats = {"resnet18_init_layers": layers, **synthetic_matrices(args.seed)}
-            alts = {name: fn for name, fn in REFRESH_METHODS.items() if name != "svd64"}
+            alts = {name: fn for name, fn in REFRESH_METHODS.items() if name != "svd64"}  # svd64 is the reference
             per_set = {mname: refresh_accuracy(alts, ms) for mname, ms in mats.items()}
             result["refresh_accuracy"] = {name: {mname: per_set[mname][name] for mname in mats} for name in alts}
     if not args.skip_efficacy:

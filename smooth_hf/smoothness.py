@@ -78,7 +78,8 @@ class SmoothnessPenalty:
         return [name for name, _ in self.layers]
 
     def _refresh_directions(self, step: int) -> None:
-        due = self._refreshed_at is None or step - self._refreshed_at >= self.nuclear_norm_every
+        # A step counter that went backwards (a second train() call) also makes the cache stale.
+        due = self._refreshed_at is None or not 0 <= step - self._refreshed_at < self.nuclear_norm_every
         if due or len(self._directions) != len(self.layers):
             self._directions = {name: spectral_direction(out_in_weight(m)) for name, m in self.layers}
             self._refreshed_at = step

@@ -195,3 +195,13 @@ def test_sharded_weights_are_refused_at_start_up(tmp_path, tiny_conv, monkeypatc
     monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
     with pytest.raises(ValueError, match="not supported with FSDP or DeepSpeed ZeRO-3"):
         trainer._check_unsharded_weights()
+
+
+def test_cached_direction_is_refreshed_when_the_step_counter_restarts(tiny_conv):
+    from smooth_hf.smoothness import SmoothnessPenalty
+
+    penalty = SmoothnessPenalty.for_model(tiny_conv, nuclear_norm_coef=1.0, nuclear_norm_every=10)
+    penalty(step=95)
+    assert penalty._refreshed_at == 95
+    penalty(step=0)  # a new train() starts counting from 0 again
+    assert penalty._refreshed_at == 0

@@ -1,27 +1,29 @@
 """The paper's protocol at CPU scale: smooth training, then compression and pruning without fine-tuning.
 
 On real Fashion-MNIST (the local Debian idx files through ``smooth_hf.data``; the full 60,000 training
-images and the full 10,000 test images unless flags reduce them), with a small CIFAR-style ResNet
+images and a fixed 5,000 of the 10,000 test images unless flags change them), with a small CIFAR-style ResNet
 (``resnet14_cifar`` with widths 16-32-64: 175k parameters):
 
-1. **train** five variants with ``SmoothTrainer`` -- the same seed, data order, augmentation and
-   hyper-parameters (AdamW, cosine schedule) for all, only the penalty coefficients differ
-   (scale-free normalisation, the default):
+1. **train** five variants with ``SmoothTrainer`` -- the same seed, data order and hyper-parameters
+   (AdamW, cosine schedule; no augmentation unless ``--augment``) for all, only the penalty
+   coefficients differ (scale-free normalisation, the default):
 
    ==============  ==============================================
    plain           no penalty
    nuclear         ``nuclear_norm_coef=10``
    first_order     ``first_order_coef=1``
    second_order    ``second_order_coef=1``
-   recommended     ``nuclear_norm_coef=10, first_order_coef=1`` (``--recommended``)
+   recommended     ``nuclear_norm_coef=5, first_order_coef=1`` (``--recommended``)
    ==============  ==============================================
 
 2. **compress / prune every trained model without fine-tuning** to 50/60/70/80/90% fewer
    parameters, always counted over the *whole* model (``smooth_hf.lowrank.count_parameters``):
 
    * ``lowrank_global``: truncated SVD, ``LowRankConfig(param_reduction=p)`` (global allocation);
-     also ``+BN recal.``: the same models after re-estimating BatchNorm statistics on
-     ``--bn_recalibration_samples`` training images (forward passes only; reported apart);
+     also ``+ BN recal.``: the same models after re-estimating BatchNorm statistics on
+     ``--bn_recalibration_samples`` training images, and ``+ BN data-free``: the same on
+     ``--bn_data_free_samples`` inputs synthesised from the dense model's own BatchNorm statistics
+     (forward passes only, no weight change; both reported apart);
    * ``lowrank_uniform``: the same rank ratio in every layer, ``LowRankConfig(rank_ratio=r)``, with
      ``r`` the largest ratio whose model loses at least ``p`` (an exact search over the ratios where
      some layer's rank changes); the reduction actually reached is reported;
@@ -69,13 +71,14 @@ from torch import nn
 from transformers import set_seed
 
 from smooth_hf import SmoothTrainer, SmoothTrainingArguments
+from smooth_hf.batchnorm import DataFreeRecalibration
 from smooth_hf.data import ImageTransform, label_names, load_image_classification
 from smooth_hf.evaluation import classification_accuracy
 from smooth_hf.lowrank import LowRankConfig, compress, count_parameters
 from smooth_hf.modeling import build_model, image_input_config, load_dense, save_dense
 from smooth_hf.pruning import FILTER_SCOPES, filter_prune, magnitude_prune
 from smooth_hf.smoothness import SmoothnessPenalty
-from smooth_hf.sweep import budget_sweep, plot_sweep, sweep_markdown
+from smooth_hf.sweep import BN_REPAIRS, budget_sweep, plot_sweep, sweep_markdown
 
 VARIANTS = ("plain", "nuclear", "first_order", "second_order", "recommended")
 METHODS = {
@@ -93,15 +96,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels", default="16,32,64", help="Stage widths of the CIFAR ResNet ('' = the model's own).")
     p.add_argument("--dataset_name", default="fashion_mnist", help="Any dataset smooth_hf.data loads.")
     p.add_argument("--max_train_samples", type=int, default=None, help="Training images (default: all 60,000).")
-    p.add_argument("--max_eval_samples", type=int, default=None,
-                   help="Test images for every accuracy: a fixed subset drawn with --seed (default: all 10,000).")
+    p.add_argument("--max_eval_samples", type=int, default=5000,
+                   help="Test images for every accuracy: a fixed subset drawn with --seed (0 = all 10,000).")
     p.add_argument("--num_train_epochs", type=float, default=1.0)
     p.add_argument("--per_device_train_batch_size", type=int, default=128)
     p.add_argument("--learning_rate", type=float, default=2e-3, help="AdamW peak learning rate (cosine schedule).")
     p.add_argument("--weight_decay", type=float, default=5e-4)
+    p.add_argument("--augment", action="store_true",
+                   help="Random crop (4-pixel padding) + horizontal flip on the training images. Off by default: "
+                        "in one epoch it costs more accuracy than it buys.")
     p.add_argument("--warmup_ratio", type=float, default=0.05, help="Learning-rate warm-up, fraction of the steps.")
     p.add_argument("--nuclear_norm_every", type=int, default=10, help="SVD refresh period of the nuclear norm.")
-    p.add_argument("--recommended", default="nuclear_norm_coef=10,first_order_coef=1",
+    p.add_argument("--recommended", default="nuclear_norm_coef=5,first_order_coef=1",
                    help="Coefficients of the 'recommended' variant, key=value pairs.")
     p.add_argument("--penalty_warmup_ratio", type=float, default=0.0,
                    help="Penalty ramp for every penalised variant (0 = full strength from step 0).")
@@ -112,6 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="L1 filter pruning: one global ranking (L1 / filter size) or the same fraction per layer.")
     p.add_argument("--bn_recalibration_samples", type=int, default=512,
                    help="Training images for the '+BN recal.' columns of the global low-rank method (0 = skip).")
+    p.add_argument("--bn_data_free_samples", type=int, default=128,
+                   help="'+ BN data-free' columns: inputs synthesised from each dense model's BatchNorm statistics "
+                        "(0 = skip the columns).")
+    p.add_argument("--bn_data_free_steps", type=int, default=150, help="Adam steps of that synthesis.")
     p.add_argument("--seed", type=int, default=42, help="Seed for initialisation, data order and the test subset.")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default).")
     p.add_argument("--eval_batch_size", type=int, default=500)
@@ -207,7 +217,7 @@ def train_variant(name: str, coefs: dict[str, float], args: argparse.Namespace, 
         penalty_warmup_ratio=args.penalty_warmup_ratio if coefs else 0.0, **coefs,
     )
     spec = image_input_config(model)
-    transform = ImageTransform(spec["channels"], spec["mean"], spec["std"], spec["image_size"], train=True)
+    transform = ImageTransform(spec["channels"], spec["mean"], spec["std"], spec["image_size"], train=args.augment)
     print(f"\n== training {name} ({count_parameters(model):,} parameters; penalties: {coefs or 'none'}) ==", flush=True)
     start = time.time()
     trainer = SmoothTrainer(model=model, args=training_args, train_dataset=data["train"].with_transform(transform))
@@ -272,7 +282,11 @@ def run_methods(name: str, model: nn.Module, args, test: TensorExamples, calib: 
     sweep = None
     if "lowrank_global" in args.methods:  # its first row is the dense model: no second dense evaluation
         batches = (lambda: calib.batches(128)) if calib is not None else None
-        sweep = budget_sweep(model, args.budgets, evaluate, recalibration_batches=batches)
+        data_free = False
+        if args.bn_data_free_samples:
+            data_free = DataFreeRecalibration(input_shape=tuple(test.pixel_values.shape[1:]), seed=args.seed,
+                                              num_samples=args.bn_data_free_samples, steps=args.bn_data_free_steps)
+        sweep = budget_sweep(model, args.budgets, evaluate, recalibration_batches=batches, data_free_batchnorm=data_free)
     dense = sweep[0]["accuracy"] if sweep else evaluate(model)
     dense_row = {"budget": 0.0, "params": dense_params, "removed": 0.0, "accuracy": dense}
     print(f"[{name}] dense: accuracy {100 * dense:.2f}% ({dense_params:,} parameters)", flush=True)
@@ -283,7 +297,7 @@ def run_methods(name: str, model: nn.Module, args, test: TensorExamples, calib: 
             print(f"[{name}] {method:<15} {100 * budget:.0f}%: unreachable {note}", flush=True)
             return
         rows.append({"budget": budget, **row})
-        extra = f", BN recal. {100 * row['accuracy_bn_recalibrated']:.2f}%" if "accuracy_bn_recalibrated" in row else ""
+        extra = "".join(f", {BN_REPAIRS[k][0]} {100 * row[k]:.2f}%" for k in BN_REPAIRS if k in row)
         print(f"[{name}] {method:<15} {100 * budget:.0f}%: removed {100 * row['removed']:.2f}%, accuracy "
               f"{100 * row['accuracy']:.2f}%{extra}{note}", flush=True)
 
@@ -328,7 +342,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{payload['date']}; {payload['machine']['cpu']}, {payload['machine']['torch_threads']} torch threads, "
         f"torch {payload['machine']['torch']}. Training: {payload['data']['train']:,} images, "
         f"{a['num_train_epochs']:g} epoch(s), batch {a['per_device_train_batch_size']}, AdamW lr "
-        f"{a['learning_rate']:g} cosine, seed {a['seed']} (same for every variant). Accuracy (%) on "
+        f"{a['learning_rate']:g} cosine, augmentation {'on' if a.get('augment', True) else 'off'}, seed {a['seed']} "
+        "(same for every variant). Accuracy (%) on "
         f"{payload['data']['test']:,} Fashion-MNIST test images. No fine-tuning after compression or pruning. "
         "Parameters removed = fraction of ALL the model's parameters (`count_parameters`).",
         "",
@@ -349,8 +364,11 @@ def markdown(payload: dict[str, Any]) -> str:
             continue
         lines += [f"## {title}", ""]
         if method == "lowrank_global":
-            lines += ["'+BN recal.': the same compressed model after re-estimating BatchNorm statistics on "
-                      f"{a['bn_recalibration_samples']} training images (forward passes only, no weight change).", ""]
+            lines += ["'+ BN recal.': the same compressed model after re-estimating BatchNorm statistics on "
+                      f"{a['bn_recalibration_samples']} training images (forward passes only, no weight change). "
+                      f"'+ BN data-free': the same, on {a.get('bn_data_free_samples')} inputs synthesised in "
+                      f"{a.get('bn_data_free_steps')} Adam steps from the dense model's own BatchNorm statistics "
+                      "(`synthesize_batchnorm_inputs`; no data at all).", ""]
         if method == "filter_l1":
             lines += [f"Filter ranking: {a['filter_scope']} "
                       f"({'L1 norm / filter size across all layers' if a['filter_scope'] == 'global' else 'same fraction of filters per layer'}"
@@ -399,9 +417,9 @@ def plot_methods(results: dict[str, dict[str, list]], variants: list[str], path:
     for method in METHODS:
         if method in results:
             series.append((method, "accuracy", METHODS[method].split(" (")[0]))
-            if method == "lowrank_global" and any("accuracy_bn_recalibrated" in r for rows in results[method].values()
-                                                  for r in rows):
-                series.append((method, "accuracy_bn_recalibrated", "Low-rank, global allocation +BN recal."))
+            for key, (header, *_) in BN_REPAIRS.items():
+                if method == "lowrank_global" and any(key in r for rows in results[method].values() for r in rows):
+                    series.append((method, key, f"Low-rank, global allocation {header}"))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, variant in zip(axes[0], variants, strict=True):
         for i, (method, key, label) in enumerate(series):
@@ -410,7 +428,7 @@ def plot_methods(results: dict[str, dict[str, list]], variants: list[str], path:
             if not rows:
                 continue
             ax.plot([100 * r["removed"] for r in rows], [100 * r.get(key, r["accuracy"]) for r in rows], marker="o",
-                    markersize=3.5, color=colors[i % len(colors)], linestyle="--" if "bn" in key else "-", label=label)
+                    markersize=3.5, color=colors[i % len(colors)], linestyle=BN_REPAIRS[key][2] if key in BN_REPAIRS else "-", label=label)
         ax.set_title(variant)
         ax.set_xlabel("parameters removed (% of the whole model)")
         ax.grid(alpha=0.3)

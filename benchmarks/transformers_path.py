@@ -74,10 +74,28 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+SMOOTH_KEYS = {"fo": "first_order_coef", "nn": "nuclear_norm_coef", "so": "second_order_coef",
+               "warmup": "penalty_warmup_ratio"}
+
+
 def smooth_configs(text: str) -> list[dict[str, float]]:
-    """``"1:10,0.1:1"`` -> penalty coefficients (first_order:nuclear_norm[:second_order]) per smooth model."""
+    """Penalty settings per smooth model, comma-separated.
+
+    Each item is either ``first_order:nuclear_norm[:second_order]`` (``"1:10"``) or ``+``-joined
+    ``key=value`` pairs with keys ``fo``, ``nn``, ``so``, ``warmup`` (``"nn=3+warmup=0.5"``; warmup is
+    ``penalty_warmup_ratio``).
+    """
     configs = []
     for item in text.split(","):
+        if "=" in item:
+            coefs = {"first_order_coef": 0.0, "nuclear_norm_coef": 0.0, "second_order_coef": 0.0}
+            for pair in item.split("+"):
+                key, _, value = pair.partition("=")
+                if key.strip() not in SMOOTH_KEYS:
+                    raise argparse.ArgumentTypeError(f"smooth config {item!r}: unknown key {key!r}; use {', '.join(SMOOTH_KEYS)}")
+                coefs[SMOOTH_KEYS[key.strip()]] = float(value)
+            configs.append(coefs)
+            continue
         parts = [float(x) for x in item.split(":")]
         if len(parts) not in (2, 3):
             raise argparse.ArgumentTypeError(f"smooth config {item!r} is not first_order:nuclear_norm[:second_order]")
@@ -90,6 +108,8 @@ def smooth_name(coefs: dict[str, float]) -> str:
     name = f"smooth (fo={coefs['first_order_coef']:g}, nn={coefs['nuclear_norm_coef']:g}"
     if coefs.get("second_order_coef"):
         name += f", so={coefs['second_order_coef']:g}"
+    if coefs.get("penalty_warmup_ratio"):
+        name += f", warm-up {coefs['penalty_warmup_ratio']:g}"
     return name + ")"
 
 

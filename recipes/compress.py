@@ -27,6 +27,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from transformers import HfArgumentParser, default_data_collator
 
+from smooth_hf.batchnorm import DataFreeRecalibration
 from smooth_hf.data import ImageTransform, label_names, load_image_classification
 from smooth_hf.evaluation import classification_accuracy
 from smooth_hf.hub import push_to_hub, save_pretrained
@@ -57,6 +58,10 @@ class CompressArguments:
         default=0, metadata={"help": "Re-estimate BatchNorm statistics on this many training images after the cut "
                              "(forward passes only; 0 = off, the plain no-fine-tuning result)."},
     )
+    batchnorm_data_free: bool = field(
+        default=False, metadata={"help": "Re-estimate BatchNorm statistics after the cut on inputs synthesised from the "
+                                 "dense model's own statistics: no training images needed (forward passes only)."},
+    )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the compressed model to --hub_model_id."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id, e.g. you/model-lowrank-70."})
     hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the Hub repo as private."})
@@ -70,6 +75,12 @@ class CompressArguments:
             raise ValueError("give exactly one of --param_reduction, --rank_ratio, --energy or --budgets")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. you/model-lowrank-70)")
+        if self.recalibrate_batchnorm < 0:
+            raise ValueError(f"--recalibrate_batchnorm is a number of training images >= 0, got {self.recalibrate_batchnorm}")
+        if self.recalibrate_batchnorm and self.batchnorm_data_free and not self.budgets:
+            raise ValueError("give --recalibrate_batchnorm N (training images) or --batchnorm_data_free (no data), "
+                             "not both: one compressed model gets one set of statistics (a --budgets sweep may "
+                             "report both)")
         if self.push_to_hub and self.budgets:
             raise ValueError("--push_to_hub uploads one model: use --param_reduction, not --budgets")
 
@@ -94,6 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
     def batches():
         return DataLoader(calib, batch_size=128, collate_fn=default_data_collator)
 
+    # Synthetic inputs take the data's image shape: a CIFAR-stem model may be configured for 32x32 and fed 28x28.
+    data_free = DataFreeRecalibration(input_shape=tuple(test[0]["pixel_values"].shape), seed=args.seed)
+
     def evaluate(m):
         return classification_accuracy(m, test)
 
@@ -102,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.budgets:
         budgets = [float(b) for b in args.budgets.split(",")]
         rows = budget_sweep(model, budgets, evaluate, config_kwargs=targets,
-                            recalibration_batches=batches if args.recalibrate_batchnorm else None)
+                            recalibration_batches=batches if args.recalibrate_batchnorm else None,
+                            data_free_batchnorm=data_free if args.batchnorm_data_free else False)
         results = {Path(args.model_name_or_path).name: rows}
         out.mkdir(parents=True, exist_ok=True)
         table = sweep_markdown(results)
@@ -114,11 +129,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     dense_accuracy = evaluate(model)
     config = LowRankConfig(param_reduction=args.param_reduction, rank_ratio=args.rank_ratio, energy=args.energy, **targets)
-    compress(model, config, recalibrate_batchnorm=batches() if args.recalibrate_batchnorm else None)
+    recalibration = batches() if args.recalibrate_batchnorm else data_free if args.batchnorm_data_free else None
+    compress(model, config, recalibrate_batchnorm=recalibration)
     accuracy = evaluate(model)
-    print(model.lowrank_report)
+    report = model.lowrank_report
+    print(report)
     print(f"accuracy: dense {100 * dense_accuracy:.2f}% -> compressed {100 * accuracy:.2f}% "
-          f"({'BN recalibrated' if args.recalibrate_batchnorm else 'no fine-tuning, nothing else'})")
+          f"({'BN recalibrated, ' + report.batchnorm_recalibration if report.batchnorm_recalibrated else 'no fine-tuning, nothing else'})")
     card = ModelCardInfo(base_model=args.base_model, datasets=[args.dataset_name], dataset_split="test",
                          metrics={"accuracy": accuracy}, dense_metrics={"accuracy": dense_accuracy},
                          training=_training_setup(args.model_name_or_path))

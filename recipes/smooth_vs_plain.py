@@ -65,10 +65,10 @@ class MainJobArguments:
     per_device_train_batch_size: int = field(default=128, metadata={"help": "Batch size."})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW peak learning rate (cosine schedule)."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
-    nuclear_norm_coef: float = field(default=10.0, metadata={"help": "Smooth model: nuclear-norm coefficient."})
+    nuclear_norm_coef: float = field(default=5.0, metadata={"help": "Smooth model: nuclear-norm coefficient."})
     first_order_coef: float = field(default=1.0, metadata={"help": "Smooth model: first-order coefficient."})
     second_order_coef: float = field(default=0.0, metadata={"help": "Smooth model: second-order coefficient."})
-    nuclear_norm_every: int = field(default=10, metadata={"help": "SVD refresh period of the nuclear norm."})
+    nuclear_norm_every: int = field(default=25, metadata={"help": "SVD refresh period of the nuclear norm."})
     budgets: str = field(default="0.5,0.6,0.7,0.8,0.9", metadata={"help": "Fractions of parameters to remove."})
     bn_recalibration_samples: int = field(
         default=512, metadata={"help": "Training images for the separate BN-recalibration columns (0 = skip)."}

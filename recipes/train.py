@@ -5,7 +5,7 @@ Copy-paste commands (from the repository root, after `make install`):
     # the paper's model on real Fashion-MNIST (local Debian files, no Hub), one process
     accelerate launch recipes/train.py --model_name_or_path resnet18_cifar --dataset_name fashion_mnist \\
         --max_train_samples 512 --max_eval_samples 256 --do_train --do_eval --output_dir runs/smooth \\
-        --nuclear_norm_coef 10 --first_order_coef 1 --num_train_epochs 1 --per_device_train_batch_size 64
+        --nuclear_norm_coef 5 --first_order_coef 1 --num_train_epochs 1 --per_device_train_batch_size 64
 
     # two real CPU processes (gloo DDP)
     accelerate launch --config_file recipes/accelerate_configs/cpu_2proc.yaml recipes/train.py ...same flags...

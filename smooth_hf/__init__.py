@@ -7,7 +7,7 @@
 __version__ = "0.1.0"
 
 from . import models  # noqa: F401  (registers resnet18_cifar / resnet14_cifar with timm)
-from .batchnorm import recalibrate_batchnorm
+from .batchnorm import DataFreeRecalibration, recalibrate_batchnorm, synthesize_batchnorm_inputs
 from .hub import from_pretrained, push_to_hub, save_pretrained
 from .lowrank import CompressionReport, LowRankConfig, apply_ranks, compress, count_parameters
 from .model_card import ModelCardInfo
@@ -19,6 +19,7 @@ from .training_args import SmoothTrainingArguments
 
 __all__ = [
     "CompressionReport",
+    "DataFreeRecalibration",
     "LowRankConfig",
     "ModelCardInfo",
     "SmoothTrainer",
@@ -36,4 +37,5 @@ __all__ = [
     "recalibrate_batchnorm",
     "save_pretrained",
     "second_order",
+    "synthesize_batchnorm_inputs",
 ]

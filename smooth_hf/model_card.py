@@ -348,6 +348,7 @@ def render_model_card(model: nn.Module, info: ModelCardInfo | None = None, *, lo
         "n_layers": len(report.layers),
         "rank_rule": _rank_rule(config),
         "batchnorm_recalibrated": bool(getattr(report, "batchnorm_recalibrated", False)),
+        "batchnorm_data_free": bool(getattr(report, "batchnorm_data_free", False)),
         "layers": _layer_rows(report),
         "metrics": _metric_rows(info),
         "dataset_split": info.dataset_split,

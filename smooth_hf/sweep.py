@@ -14,12 +14,19 @@ from typing import Any
 
 from torch import nn
 
-from .batchnorm import batchnorm_layers, recalibrate_batchnorm
+from .batchnorm import DataFreeRecalibration, batchnorm_layers, recalibrate_batchnorm
 from .lowrank import LowRankConfig, compress, count_parameters
 
-__all__ = ["budget_sweep", "plot_sweep", "sweep_markdown"]
+__all__ = ["BN_REPAIRS", "budget_sweep", "plot_sweep", "sweep_markdown"]
 
 logger = logging.getLogger(__name__)
+
+
+# Row key -> (table header suffix, plot label suffix, plot line style) of each BatchNorm repair.
+BN_REPAIRS = {
+    "accuracy_bn_recalibrated": ("+ BN recal.", "+ BN recalibration", "--"),
+    "accuracy_bn_data_free": ("+ BN data-free", "+ BN recalibration, data-free", ":"),
+}
 
 
 def budget_sweep(
@@ -29,18 +36,30 @@ def budget_sweep(
     *,
     config_kwargs: dict[str, Any] | None = None,
     recalibration_batches: Callable[[], Iterable[Any]] | None = None,
+    data_free_batchnorm: bool | DataFreeRecalibration = False,
 ) -> list[dict[str, Any]]:
     """One row per budget (0 = the dense model): parameters, fraction removed, accuracy.
 
-    ``evaluate(model) -> accuracy``. With ``recalibration_batches`` (a callable returning fresh
-    training batches) and a model that has BatchNorm, each row also gets ``accuracy_bn_recalibrated``:
-    the same compressed model after re-estimating BatchNorm statistics (forward passes only, no
-    weight changes) -- reported apart so the "no fine-tuning, nothing else" number stays plain.
-    ``config_kwargs`` are extra ``LowRankConfig`` fields (targets, ``rank_ratio`` instead of a
+    ``evaluate(model) -> accuracy``. For a model with BatchNorm, two repairs of the running
+    statistics (forward passes only, no weight changes) can be measured on the same compressed
+    model, each reported apart so the "no fine-tuning, nothing else" number stays plain:
+
+    * ``recalibration_batches`` (a callable returning fresh training batches): rows get
+      ``accuracy_bn_recalibrated``;
+    * ``data_free_batchnorm`` (``True`` or a :class:`~smooth_hf.batchnorm.DataFreeRecalibration`): inputs
+      are synthesised once from the dense model's own statistics, and rows get ``accuracy_bn_data_free``.
+
+    ``config_kwargs`` are extra ``LowRankConfig`` fields (targets; ``rank_ratio`` instead of a
     budget is not allowed here).
     """
     dense_params = count_parameters(model)
-    recalibrate = recalibration_batches is not None and bool(batchnorm_layers(model))
+    repairs: dict[str, Callable[[nn.Module], Any]] = {}
+    if batchnorm_layers(model):
+        if recalibration_batches is not None:
+            repairs["accuracy_bn_recalibrated"] = lambda m: recalibrate_batchnorm(m, recalibration_batches())
+        if data_free_batchnorm:
+            settings = data_free_batchnorm if isinstance(data_free_batchnorm, DataFreeRecalibration) else DataFreeRecalibration()
+            repairs["accuracy_bn_data_free"] = settings.prepare(model)  # inputs synthesised once, from the dense model
     rows = []
     for budget in sorted({0.0, *budgets}):
         if budget == 0.0:
@@ -50,23 +69,26 @@ def budget_sweep(
             compress(candidate, LowRankConfig(param_reduction=budget, **(config_kwargs or {})))
         params = count_parameters(candidate)
         row = {"budget": budget, "params": params, "removed": 1 - params / dense_params, "accuracy": evaluate(candidate)}
-        if recalibrate and budget > 0:
-            recalibrate_batchnorm(candidate, recalibration_batches())
-            row["accuracy_bn_recalibrated"] = evaluate(candidate)
+        if budget > 0:
+            for key, repair in repairs.items():  # each repair starts from the cut model's own (stale) statistics
+                repaired = copy.deepcopy(candidate)
+                repair(repaired)
+                row[key] = evaluate(repaired)
         rows.append(row)
         logger.info("budget %.0f%%: %d parameters, accuracy %.4f%s", 100 * budget, params, row["accuracy"],
-                    f" ({row['accuracy_bn_recalibrated']:.4f} with BN recalibrated)" if "accuracy_bn_recalibrated" in row else "")
+                    "".join(f", {BN_REPAIRS[k][0]} {row[k]:.4f}" for k in BN_REPAIRS if k in row))
     return rows
 
 
 def sweep_markdown(results: dict[str, list[dict[str, Any]]]) -> str:
-    """A Markdown table: one row per budget, one column per model (and per BN variant when present)."""
+    """A Markdown table: one row per budget, one column per model (and per BN repair when present)."""
     budgets = sorted({row["budget"] for rows in results.values() for row in rows})
     columns = []  # (model name, row key, header)
     for name, rows in results.items():
         columns.append((name, "accuracy", name))
-        if any("accuracy_bn_recalibrated" in row for row in rows):
-            columns.append((name, "accuracy_bn_recalibrated", f"{name} + BN recal."))
+        for key, (header, *_) in BN_REPAIRS.items():
+            if any(key in row for row in rows):
+                columns.append((name, key, f"{name} {header}"))
     lines = ["| parameters removed | " + " | ".join(header for *_, header in columns) + " |",
              "|" + "---|" * (len(columns) + 1)]
     for budget in budgets:
@@ -81,7 +103,7 @@ def sweep_markdown(results: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def plot_sweep(results: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> Path:
-    """PNG: accuracy (%) against parameters removed (%), one line per model (dashed: BN recalibrated)."""
+    """PNG: accuracy (%) against parameters removed (%), one line per model (dashed / dotted: BN repairs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,11 +113,12 @@ def plot_sweep(results: dict[str, list[dict[str, Any]]], path: str | Path, title
     for name, rows in results.items():
         rows = sorted(rows, key=lambda r: r["removed"])
         line = ax.plot([100 * r["removed"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=name)[0]
-        bn = [r for r in rows if "accuracy_bn_recalibrated" in r]
-        if bn:
-            ax.plot([100 * r["removed"] for r in rows[:1] + bn],
-                    [100 * rows[0]["accuracy"]] + [100 * r["accuracy_bn_recalibrated"] for r in bn],
-                    marker="x", linestyle="--", color=line.get_color(), label=f"{name} + BN recalibration")
+        for key, (_, label, style) in BN_REPAIRS.items():
+            bn = [r for r in rows if key in r]
+            if bn:
+                ax.plot([100 * r["removed"] for r in rows[:1] + bn],
+                        [100 * rows[0]["accuracy"]] + [100 * r[key] for r in bn],
+                        marker="x", linestyle=style, color=line.get_color(), label=f"{name} {label}")
     ax.set_xlabel("parameters removed (% of the whole model)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or "Accuracy without fine-tuning", fontsize=10, wrap=True)

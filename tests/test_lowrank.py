@@ -13,7 +13,12 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 from transformers.pytorch_utils import Conv1D
 
 import smooth_hf.models  # noqa: F401  (registers resnet14_cifar with timm)
-from smooth_hf.batchnorm import recalibrate_batchnorm
+from smooth_hf.batchnorm import (
+    DataFreeRecalibration,
+    batchnorm_layers,
+    recalibrate_batchnorm,
+    synthesize_batchnorm_inputs,
+)
 from smooth_hf.lowrank import (
     CONFIG_NAME,
     CompressionReport,
@@ -497,6 +502,132 @@ def test_recalibration_with_no_batches_restores_statistics():
     with pytest.raises(ValueError, match="no batches"):
         recalibrate_batchnorm(model, [])
     assert state_equal(_bn_buffers(model), before)
+
+
+# ---------------------------------------------------------------- data-free BatchNorm recalibration
+
+
+def _calibrated_resnet(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A small ResNet whose BatchNorm statistics describe "real" data that is far from N(0, 1) noise."""
+    torch.manual_seed(seed)
+    model = timm.create_model("resnet14_cifar", in_chans=1, num_classes=4, channels=(8, 16, 16), layers=(1, 1, 1))
+    real = 2.0 + 3.0 * torch.rand(256, 1, 12, 12) * torch.linspace(0, 1, 12)  # positive, with a horizontal ramp
+    recalibrate_batchnorm(model.eval(), real.split(64))
+    return model, real
+
+
+def _statistics_distance(model: nn.Module, x: torch.Tensor) -> float:
+    """Sum over BatchNorm layers of |batch mean - running mean| + |batch std - running std| (eval mode)."""
+    total = []
+
+    def hook(module, args):
+        inp = args[0]
+        mean, var = inp.mean((0, 2, 3)), inp.var((0, 2, 3), unbiased=False)
+        total.append(float((mean - module.running_mean).norm() + (var.sqrt() - module.running_var.sqrt()).norm()))
+
+    handles = [m.register_forward_pre_hook(hook) for m in batchnorm_layers(model)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return sum(total)
+
+
+def test_synthesised_inputs_match_the_batchnorm_statistics_and_leave_the_model_alone():
+    model, _ = _calibrated_resnet()
+    model.stages[0].train()  # a mixed-mode model must come back exactly as it was
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    model.fc.weight.requires_grad_(False)
+    noise = torch.randn(64, 1, 12, 12)
+    x = synthesize_batchnorm_inputs(model, (1, 12, 12), num_samples=64, steps=150, seed=3)
+    assert x.shape == (64, 1, 12, 12) and not x.requires_grad
+    model.eval()
+    start, end = _statistics_distance(model, noise), _statistics_distance(model, x)
+    assert end < 0.2 * start, (start, end)  # the optimisation really matched the statistics
+    assert state_equal(model.state_dict(), state)
+    model.stages[0].train()
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert not model.fc.weight.requires_grad and model.conv1.weight.requires_grad
+
+
+def test_synthesis_is_seeded():
+    model, _ = _calibrated_resnet()
+    a, b = (synthesize_batchnorm_inputs(model, (1, 8, 8), num_samples=8, steps=3, seed=5) for _ in range(2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, synthesize_batchnorm_inputs(model, (1, 8, 8), num_samples=8, steps=3, seed=6))
+
+
+def test_data_free_recalibration_moves_statistics_towards_the_real_data():
+    model, real = _calibrated_resnet()
+    stale, data_free, on_data = (copy.deepcopy(model) for _ in range(3))
+    config = LowRankConfig(param_reduction=0.7)
+    compress(stale, config)
+    compress(data_free, config, recalibrate_batchnorm=DataFreeRecalibration(input_shape=(1, 12, 12), num_samples=64))
+    compress(on_data, config, recalibrate_batchnorm=real.split(64))
+    report = data_free.lowrank_report
+    assert report.batchnorm_recalibrated and report.batchnorm_data_free
+    assert "data-free" in str(report) and "data-free" in report.to_markdown()
+    assert not on_data.lowrank_report.batchnorm_data_free and "training batches" in str(on_data.lowrank_report)
+    weights = {k: v for k, v in stale.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert all(torch.equal(v, data_free.state_dict()[k]) for k, v in weights.items())  # no weight changed
+
+    def gap(m):  # distance of the running statistics to those re-estimated on the real data
+        ref = _bn_buffers(on_data)
+        return sum(float((v - ref[k]).norm()) for k, v in _bn_buffers(m).items() if "running" in k)
+
+    assert gap(data_free) < 0.7 * gap(stale), (gap(data_free), gap(stale))
+
+
+def test_data_free_shift_is_anchored_on_the_real_statistics():
+    """No edit, no change; a known edit (first conv doubled) scales the first BatchNorm's variance by exactly 4."""
+    model, _ = _calibrated_resnet()
+    real = _bn_buffers(model)
+    repair = DataFreeRecalibration(input_shape=(1, 12, 12), num_samples=32, steps=20).prepare(model)
+    repair(model)
+    for key, value in _bn_buffers(model).items():
+        torch.testing.assert_close(value, real[key], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        model.conv1.weight.mul_(2.0)
+    repair(model)
+    torch.testing.assert_close(model.bn1.running_var, 4 * real["bn1.running_var"], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(model.bn1.running_mean, real["bn1.running_mean"])
+
+
+def test_data_free_string_uses_the_default_settings_and_the_models_input_shape(monkeypatch):
+    from smooth_hf import batchnorm
+
+    calls = []
+
+    def fake_synthesis(model, input_shape=None, **settings):  # the real one is tested above; this checks the wiring
+        calls.append((batchnorm.default_input_shape(model) if input_shape is None else input_shape, settings))
+        return torch.randn(8, *calls[-1][0])
+
+    monkeypatch.setattr(batchnorm, "synthesize_batchnorm_inputs", fake_synthesis)
+    model, _ = _calibrated_resnet()
+    compress(model, LowRankConfig(param_reduction=0.5), recalibrate_batchnorm="data_free")
+    defaults = DataFreeRecalibration()
+    assert calls == [((1, 32, 32), {"num_samples": defaults.num_samples, "steps": defaults.steps, "lr": defaults.lr,
+                                    "seed": defaults.seed})]
+    assert model.lowrank_report.batchnorm_data_free
+
+
+def test_data_free_recalibration_needs_an_input_shape_and_rejects_other_strings():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 36, 2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="input_shape"):
+        compress(model, LowRankConfig(rank_ratio=0.25, target_modules=["3"]), recalibrate_batchnorm="data_free")
+    with pytest.raises(ValueError, match="'data_free'"):
+        compress(model, LowRankConfig(rank_ratio=0.25, target_modules=["3"]), recalibrate_batchnorm="yes")
+    assert state_equal(model.state_dict(), state)  # untouched: both errors come before the swap
+    settings = DataFreeRecalibration(input_shape=(1, 8, 8), num_samples=8, steps=2)
+    compress(model, LowRankConfig(rank_ratio=0.25, target_modules=["3"]), recalibrate_batchnorm=settings)
+    assert model.lowrank_report.batchnorm_data_free
+    # The only cut is downstream of the only BatchNorm: its input did not change, so neither may its statistics.
+    torch.testing.assert_close(model[1].running_mean, state["1.running_mean"])
+    torch.testing.assert_close(model[1].running_var, state["1.running_var"])
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        synthesize_batchnorm_inputs(nn.Linear(2, 2), (2,))
 
 
 def test_vit_compresses_with_default_targets_and_still_runs():

@@ -80,10 +80,12 @@ def test_compress_recipe_saves_a_model_that_reloads_with_equal_logits(trained, t
 def test_compress_recipe_sweep_writes_table_and_plot(trained, tiny_fmnist, tmp_path):
     out = tmp_path / "sweep"
     results = compress_recipe.main(["--model_name_or_path", str(trained), "--dataset_name", tiny_fmnist,
-                                    "--budgets", "0.3,0.5", "--recalibrate_batchnorm", "32", "--output_dir", str(out)])
+                                    "--budgets", "0.3,0.5", "--recalibrate_batchnorm", "32", "--batchnorm_data_free",
+                                    "--output_dir", str(out)])
     (rows,) = results.values()
     assert [r["budget"] for r in rows] == [0.0, 0.3, 0.5]
-    assert all("accuracy_bn_recalibrated" in r for r in rows[1:])
+    assert all("accuracy_bn_recalibrated" in r and "accuracy_bn_data_free" in r for r in rows[1:])
+    assert "+ BN data-free |" in (out / "results.md").read_text().splitlines()[0]
     assert (out / "accuracy_vs_params_removed.png").stat().st_size > 1000
     assert "| 50% |" in (out / "results.md").read_text()
 
@@ -92,6 +94,18 @@ def test_compress_recipe_rejects_ambiguous_rules(trained):
     with pytest.raises(ValueError, match="exactly one of"):
         compress_recipe.main(["--model_name_or_path", str(trained), "--output_dir", "x", "--param_reduction", "0.5",
                               "--rank_ratio", "0.5"])
+    with pytest.raises(ValueError, match="not both"):
+        compress_recipe.main(["--model_name_or_path", str(trained), "--output_dir", "x", "--param_reduction", "0.5",
+                              "--recalibrate_batchnorm", "32", "--batchnorm_data_free"])
+
+
+def test_compress_recipe_data_free_batchnorm_card(trained, tiny_fmnist, tmp_path):
+    out = tmp_path / "data-free"
+    compress_recipe.main(["--model_name_or_path", str(trained), "--dataset_name", tiny_fmnist, "--param_reduction",
+                          "0.5", "--batchnorm_data_free", "--output_dir", str(out)])
+    reloaded = smooth_hf.from_pretrained(out)
+    assert reloaded.lowrank_report.batchnorm_recalibrated and reloaded.lowrank_report.batchnorm_data_free
+    assert "synthesised from the dense model's own BatchNorm statistics" in (out / "README.md").read_text()
 
 
 def test_main_job_end_to_end(tiny_fmnist, tmp_path, capsys):
@@ -130,3 +144,46 @@ def test_train_recipe_trains_a_transformers_vit_from_scratch(tiny_fmnist, tmp_pa
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     model = smooth_hf.modeling.load_dense(out)
     assert type(model).__name__ == "ViTForImageClassification" and model.config.num_labels == 3
+
+
+def _benchmark(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_protocol_benchmark_runs_end_to_end_and_reports_every_column(tiny_fmnist, tmp_path):
+    """A smoke run of benchmarks/cpu_protocol.py: the published tables come from this code path."""
+    protocol = _benchmark("cpu_protocol")
+    results = tmp_path / "results"
+    payload = protocol.main([
+        "--dataset_name", tiny_fmnist, "--channels", "4,8,8", "--max_train_samples", "64", "--max_eval_samples", "32",
+        "--per_device_train_batch_size", "32", "--variants", "plain,recommended", "--budgets", "0.5",
+        "--bn_recalibration_samples", "16", "--bn_data_free_samples", "8", "--bn_data_free_steps", "2",
+        "--work_dir", str(tmp_path / "work"), "--results_dir", str(results),
+    ])
+    assert set(payload["results"]) == {"lowrank_global", "lowrank_uniform", "magnitude", "filter_l1"}
+    (row,) = [r for r in payload["results"]["lowrank_global"]["recommended"] if r["budget"] == 0.5]
+    assert {"accuracy", "accuracy_bn_recalibrated", "accuracy_bn_data_free"} <= set(row)
+    assert row["removed"] == pytest.approx(0.5, abs=0.02)  # a 5k-parameter model: one rank is ~1.5%
+    table = (results / "cpu_protocol.md").read_text()
+    assert "recommended + BN data-free" in table and "augmentation off" in table
+    assert (results / "cpu_protocol_lowrank_global.png").stat().st_size > 1000
+
+
+def test_transformers_path_smooth_configs_parse_both_syntaxes():
+    parse = _benchmark("transformers_path").smooth_configs
+    assert parse("1:10,0.1:1:2") == [
+        {"first_order_coef": 1.0, "nuclear_norm_coef": 10.0, "second_order_coef": 0.0},
+        {"first_order_coef": 0.1, "nuclear_norm_coef": 1.0, "second_order_coef": 2.0},
+    ]
+    assert parse("fo=1+nn=5,nn=10+warmup=0.5") == [
+        {"first_order_coef": 1.0, "nuclear_norm_coef": 5.0, "second_order_coef": 0.0},
+        {"first_order_coef": 0.0, "nuclear_norm_coef": 10.0, "second_order_coef": 0.0, "penalty_warmup_ratio": 0.5},
+    ]
+    with pytest.raises(Exception, match="unknown key 'nuc'"):
+        parse("nuc=3")

@@ -82,6 +82,7 @@ class CompressionReport:
     params_after: int
     layers: list[LayerReport] = field(default_factory=list)
     batchnorm_recalibrated: bool = False
+    batchnorm_data_free: bool = False  # recalibrated on synthetic inputs, not on training batches
 
     @property
     def reduction(self) -> float:
@@ -100,7 +101,7 @@ class CompressionReport:
     def to_markdown(self) -> str:
         lines = [
             f"Parameters: {self.params_before:,} -> {self.params_after:,} ({self.reduction:.1%} fewer, whole model, "
-            f"unique parameters). BatchNorm recalibrated: {'yes' if self.batchnorm_recalibrated else 'no'}.",
+            f"unique parameters). BatchNorm recalibrated: {self.batchnorm_recalibration}.",
             "",
             "| layer | kind | shape (out, in, kh, kw) | rank / full | params before | params after | energy kept "
             "| status |",
@@ -119,8 +120,15 @@ class CompressionReport:
         return (
             f"CompressionReport({self.params_before:,} -> {self.params_after:,} parameters, "
             f"{self.reduction:.1%} fewer; {len(self.factorised)}/{len(self.layers)} layers factorised"
-            f"{'; BatchNorm recalibrated' if self.batchnorm_recalibrated else ''})"
+            f"{'; BatchNorm recalibrated (' + self.batchnorm_recalibration + ')' if self.batchnorm_recalibrated else ''})"
         )
+
+    @property
+    def batchnorm_recalibration(self) -> str:
+        """"no", "on training batches" or "data-free, on synthetic inputs"."""
+        if not self.batchnorm_recalibrated:
+            return "no"
+        return "data-free, on synthetic inputs" if self.batchnorm_data_free else "on training batches"
 
 
 @dataclass
@@ -228,8 +236,14 @@ def _choose_ranks(candidates: list[_Candidate], config: LowRankConfig, params_be
     return ranks
 
 
+DATA_FREE = "data_free"
+
+
 def compress(
-    model: nn.Module, config: LowRankConfig, *, recalibrate_batchnorm: Iterable[Any] | None = None
+    model: nn.Module,
+    config: LowRankConfig,
+    *,
+    recalibrate_batchnorm: Iterable[Any] | str | _batchnorm.DataFreeRecalibration | None = None,
 ) -> nn.Module:
     """Factorise the targeted layers of ``model`` in place by truncated SVD; no fine-tuning.
 
@@ -240,10 +254,15 @@ def compress(
     dense. See :class:`LowRankConfig` for the rank rules.
 
     Args:
-        recalibrate_batchnorm: ``None`` (off) or an iterable of training batches; after the cut,
-            BatchNorm running statistics are re-estimated on them
-            (:func:`smooth_hf.batchnorm.recalibrate_batchnorm`), which often recovers much of the
-            accuracy lost to truncation without changing a weight.
+        recalibrate_batchnorm: ``None`` (off), an iterable of training batches, or ``"data_free"``
+            / a :class:`smooth_hf.batchnorm.DataFreeRecalibration`. After the cut, BatchNorm running
+            statistics are re-estimated on the batches (:func:`smooth_hf.batchnorm.recalibrate_batchnorm`),
+            which often recovers much of the accuracy lost to truncation without changing a weight.
+            The data-free form needs no data: before the cut, inputs are synthesised from the dense
+            model's own BatchNorm statistics (:func:`smooth_hf.batchnorm.synthesize_batchnorm_inputs`;
+            ``"data_free"`` uses the model's configured input shape); after it, each running statistic
+            moves by the change the cut made on those inputs
+            (:func:`smooth_hf.batchnorm.shift_batchnorm_statistics`).
 
     Returns:
         ``model``, with ``model.lowrank_config`` (a copy of ``config`` with ``ranks`` filled, what
@@ -267,6 +286,13 @@ def compress(
         )
     if config.ranks:
         logger.warning("config.ranks is set but compress() chooses ranks from the rule; the given ranks are ignored")
+    if isinstance(recalibrate_batchnorm, str | bytes):
+        if recalibrate_batchnorm != DATA_FREE:
+            raise ValueError(
+                f"recalibrate_batchnorm={recalibrate_batchnorm!r}: give None, an iterable of training batches, or "
+                f"{DATA_FREE!r} (synthetic inputs, no data needed)"
+            )
+        recalibrate_batchnorm = _batchnorm.DataFreeRecalibration()
 
     # Phase 1: classify every supported layer and take the spectra of the candidates.
     targets = dict(find_layers(model, config.target_modules, config.exclude_modules, config.skip_first_last))
@@ -315,6 +341,11 @@ def compress(
         row.params_after = _layer_params(replacements[c.name])
         row.energy_kept = energy_kept(c.spectrum, rank)
 
+    # Data-free recalibration reads the dense model's statistics, so its inputs are made before the swap.
+    has_batchnorm = bool(_batchnorm.batchnorm_layers(model))
+    data_free = isinstance(recalibrate_batchnorm, _batchnorm.DataFreeRecalibration)
+    repair = recalibrate_batchnorm.prepare(model) if data_free and has_batchnorm else None
+
     # Phase 4: swap.
     for name, new in replacements.items():
         _replace_module(model, name, new)
@@ -329,9 +360,13 @@ def compress(
     model.lowrank_config = saved
     model.lowrank_report = report
     if recalibrate_batchnorm is not None:
-        if _batchnorm.batchnorm_layers(model):
-            _batchnorm.recalibrate_batchnorm(model, recalibrate_batchnorm)
+        if has_batchnorm:
+            if repair is not None:
+                repair(model)
+            else:
+                _batchnorm.recalibrate_batchnorm(model, recalibrate_batchnorm)
             report.batchnorm_recalibrated = True
+            report.batchnorm_data_free = data_free
         else:
             logger.warning("recalibrate_batchnorm was given but the model has no BatchNorm layer; skipped")
     logger.info("%s", report)

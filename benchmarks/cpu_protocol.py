@@ -21,9 +21,9 @@ images and a fixed 5,000 of the 10,000 test images unless flags change them), wi
 
    * ``lowrank_global``: truncated SVD, ``LowRankConfig(param_reduction=p)`` (global allocation);
      also ``+ BN recal.``: the same models after re-estimating BatchNorm statistics on
-     ``--bn_recalibration_samples`` training images, and ``+ BN data-free``: the same on
-     ``--bn_data_free_samples`` inputs synthesised from the dense model's own BatchNorm statistics
-     (forward passes only, no weight change; both reported apart);
+     ``--bn_recalibration_samples`` training images, and ``+ BN data-free``: statistics moved by the
+     change the cut makes on ``--bn_data_free_samples`` inputs synthesised from the dense model's own
+     BatchNorm statistics (forward passes only, no weight change; both reported apart);
    * ``lowrank_uniform``: the same rank ratio in every layer, ``LowRankConfig(rank_ratio=r)``, with
      ``r`` the largest ratio whose model loses at least ``p`` (an exact search over the ratios where
      some layer's rank changes); the reduction actually reached is reported;
@@ -39,13 +39,12 @@ images and a fixed 5,000 of the 10,000 test images unless flags change them), wi
    recommended). Trained dense models go to ``--work_dir/<variant>/dense`` (safetensors + timm
    config), so ``--skip_training`` recomputes every table from them.
 
-Cost: 5 training runs (469 steps each by default) and 130 evaluations of the test set (5 variants x
-(dense + 5 budgets x 5 columns)). Measured: ``--max_train_samples 30000 --max_eval_samples 5000
---threads 1`` took 34 minutes on a 2-core CPU shared with other jobs (load ~4; training ~190 images/s,
-evaluation ~550 images/s); the defaults do twice that work, so they fit about 15 minutes only on an idle
-machine that runs ~4x faster (2 threads, no contention) -- not measured. On a busy machine
-``--threads 1`` avoids OpenMP oversubscription (a training step was 3x slower with 2 threads at load 4),
-and ``--max_train_samples`` / ``--max_eval_samples`` shrink the run (the test subset is fixed by ``--seed``).
+Cost: 5 training runs (469 steps each by default) and 155 evaluations of 5,000 test images (5 variants
+x (dense + 5 budgets x 6 columns)). Measured at the defaults on the idle 2-core CPU: 1,436 s (training
+690 s; compression, pruning and evaluation 741 s, of which ~35 s per variant synthesise the data-free
+inputs). ``--max_train_samples 30000`` halves the training and ``--bn_data_free_samples 0`` skips the
+synthesis. On a busy machine ``--threads 1`` avoids OpenMP oversubscription (a training step was 3x
+slower with 2 threads at load 4).
 
     .venv/bin/python benchmarks/cpu_protocol.py
     .venv/bin/python benchmarks/cpu_protocol.py --skip_training          # tables again from runs/cpu_protocol
@@ -366,9 +365,10 @@ def markdown(payload: dict[str, Any]) -> str:
         if method == "lowrank_global":
             lines += ["'+ BN recal.': the same compressed model after re-estimating BatchNorm statistics on "
                       f"{a['bn_recalibration_samples']} training images (forward passes only, no weight change). "
-                      f"'+ BN data-free': the same, on {a.get('bn_data_free_samples')} inputs synthesised in "
-                      f"{a.get('bn_data_free_steps')} Adam steps from the dense model's own BatchNorm statistics "
-                      "(`synthesize_batchnorm_inputs`; no data at all).", ""]
+                      f"'+ BN data-free': no data at all; {a.get('bn_data_free_samples')} inputs are synthesised in "
+                      f"{a.get('bn_data_free_steps')} Adam steps from the dense model's own BatchNorm statistics, and "
+                      "each running statistic moves by the change the cut makes on them "
+                      "(`DataFreeRecalibration`).", ""]
         if method == "filter_l1":
             lines += [f"Filter ranking: {a['filter_scope']} "
                       f"({'L1 norm / filter size across all layers' if a['filter_scope'] == 'global' else 'same fraction of filters per layer'}"

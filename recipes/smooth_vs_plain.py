@@ -14,7 +14,8 @@ plain "no fine-tuning" numbers (the default ViT has no BatchNorm, so there are n
 fit a 2-core CPU in under 10 minutes. The paper's CNN setting, CPU-sized:
 
     python recipes/smooth_vs_plain.py --model_name_or_path resnet14_cifar \
-        --config_overrides "channels=[16,32,64]" --num_train_epochs 3 --augment --first_order_coef 0
+        --config_overrides "channels=[16,32,64]" --num_train_epochs 3 --augment \
+        --nuclear_norm_coef 10 --first_order_coef 0    # CNNs: the nuclear norm alone (BENCHMARKS.md, section 2)
 
 and with --model_name_or_path resnet18_cifar --config_overrides "" and the full training set on a GPU.
 """

@@ -325,6 +325,8 @@ def compress(
                 f"layer {name!r} has NaN or Inf weights; nothing was compressed. Fix or exclude the layer "
                 "(exclude_modules) before compressing."
             )
+        # Singular values only (svdvals): keeping every layer's U and V until the ranks are known would
+        # double peak memory on a large model; the factors are computed once, for factorised layers only.
         spectrum = singular_values(weight.reshape(shape[0], -1)).cpu()
         candidates.append(_Candidate(name, module, kind, shape, spectrum))
 

@@ -41,8 +41,8 @@ images and a fixed 5,000 of the 10,000 test images unless flags change them), wi
 
 Cost: 5 training runs (469 steps each by default) and 155 evaluations of 5,000 test images (5 variants
 x (dense + 5 budgets x 6 columns)). Measured at the defaults on the idle 2-core CPU: 1,436 s (training
-690 s; compression, pruning and evaluation 741 s, of which ~35 s per variant synthesise the data-free
-inputs). ``--max_train_samples 30000`` halves the training and ``--bn_data_free_samples 0`` skips the
+690 s; compression, pruning and evaluation 741 s, the data-free synthesis included).
+``--max_train_samples 30000`` halves the training and ``--bn_data_free_samples 0`` skips the
 synthesis. On a busy machine ``--threads 1`` avoids OpenMP oversubscription (a training step was 3x
 slower with 2 threads at load 4).
 

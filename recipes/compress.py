@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
         return DataLoader(calib, batch_size=128, collate_fn=default_data_collator)
 
     # Synthetic inputs take the data's image shape: a CIFAR-stem model may be configured for 32x32 and fed 28x28.
-    data_free = DataFreeRecalibration(input_shape=tuple(test[0]["pixel_values"].shape), seed=args.seed)
+    data_free = None
+    if args.batchnorm_data_free:
+        data_free = DataFreeRecalibration(input_shape=tuple(test[0]["pixel_values"].shape), seed=args.seed)
 
     def evaluate(m):
         return classification_accuracy(m, test)
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         budgets = [float(b) for b in args.budgets.split(",")]
         rows = budget_sweep(model, budgets, evaluate, config_kwargs=targets,
                             recalibration_batches=batches if args.recalibrate_batchnorm else None,
-                            data_free_batchnorm=data_free if args.batchnorm_data_free else False)
+                            data_free_batchnorm=data_free or False)
         results = {Path(args.model_name_or_path).name: rows}
         out.mkdir(parents=True, exist_ok=True)
         table = sweep_markdown(results)
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     dense_accuracy = evaluate(model)
     config = LowRankConfig(param_reduction=args.param_reduction, rank_ratio=args.rank_ratio, energy=args.energy, **targets)
-    recalibration = batches() if args.recalibrate_batchnorm else data_free if args.batchnorm_data_free else None
+    recalibration = batches() if args.recalibrate_batchnorm else data_free
     compress(model, config, recalibrate_batchnorm=recalibration)
     accuracy = evaluate(model)
     report = model.lowrank_report

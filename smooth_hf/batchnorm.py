@@ -8,15 +8,17 @@ with dropout off).
 
 Without training images, :func:`synthesize_batchnorm_inputs` makes them up: it optimises random
 inputs until their per-layer statistics in the *dense* model match its running statistics (ZeroQ's
-"distilled data", Cai et al. 2020). The compressed model is then recalibrated on those inputs.
-Only the inputs are optimised; no weight changes either.
+"distilled data", Cai et al. 2020). After the cut, :func:`shift_batchnorm_statistics` moves each
+running statistic by the change the cut makes on those inputs. Only the inputs are optimised; no
+weight changes either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -74,6 +76,34 @@ def _to(value: Any, device: torch.device) -> Any:
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
+def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        return torch.device("cpu"), torch.float32
+    return parameter.device, parameter.dtype if parameter.is_floating_point() else torch.float32
+
+
+@contextlib.contextmanager
+def _modes_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's train/eval flag is restored on exit, whatever happened inside."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _copy_buffers(layers: Iterable[nn.Module]) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in layers]
+
+
+def _restore_buffers(layers: Iterable[nn.Module], saved: list[dict[str, torch.Tensor]]) -> None:
+    for m, buffers in zip(layers, saved, strict=True):
+        for name, value in buffers.items():
+            getattr(m, name).copy_(value)
+
+
 def _forward(model: nn.Module, batch: Any, device: torch.device) -> None:
     if isinstance(batch, torch.Tensor):
         model(batch.to(device))
@@ -116,35 +146,30 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], max_batches:
     if not layers:
         logger.warning("recalibrate_batchnorm: the model has no BatchNorm layer tracking statistics; nothing to do")
         return model
-    modes = {m: m.training for m in model.modules()}
-    saved = [(m.momentum, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in layers]
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
+    momenta, saved = [m.momentum for m in layers], _copy_buffers(layers)
+    device, _ = _device_and_dtype(model)
     seen = 0
-    try:
-        model.eval()
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        with torch.no_grad():
-            for batch in batches:
-                if max_batches is not None and seen >= max_batches:
-                    break
-                _forward(model, batch, device)
-                seen += 1
-        if seen == 0:
-            raise ValueError("recalibrate_batchnorm got no batches; give at least one batch of training inputs")
-    except BaseException:
-        for m, (_, buffers) in zip(layers, saved, strict=True):
-            for name, value in buffers.items():
-                getattr(m, name).copy_(value)
-        raise
-    finally:
-        for m, (momentum, _) in zip(layers, saved, strict=True):
-            m.momentum = momentum
-        for m, training in modes.items():
-            m.training = training
+    with _modes_kept(model):
+        try:
+            model.eval()
+            for m in layers:
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            with torch.no_grad():
+                for batch in batches:
+                    if max_batches is not None and seen >= max_batches:
+                        break
+                    _forward(model, batch, device)
+                    seen += 1
+            if seen == 0:
+                raise ValueError("recalibrate_batchnorm got no batches; give at least one batch of training inputs")
+        except BaseException:
+            _restore_buffers(layers, saved)
+            raise
+        finally:
+            for m, momentum in zip(layers, momenta, strict=True):
+                m.momentum = momentum
     logger.info("recalibrated %d BatchNorm layers on %d batches", len(layers), seen)
     return model
 
@@ -181,7 +206,9 @@ def synthesize_batchnorm_inputs(
     Starting from Gaussian noise, Adam minimises, summed over every BatchNorm layer, the distance
     between the batch mean / standard deviation of the layer's input and its running mean / standard
     deviation (ZeroQ). Call it on the **dense** model, before compressing: its running statistics
-    describe the real data. Repairing the compressed model with the result (recalibrate_batchnorm(compressed, result.split(64))``) then needs no training data.
+    describe the real data. Repairing the compressed model with the result
+    (:func:`shift_batchnorm_statistics`, or :meth:`DataFreeRecalibration.prepare`) then needs no
+    training data.
 
     The model is left exactly as it was: parameters, buffers, ``requires_grad`` flags and train/eval
     modes (it runs in eval mode).
@@ -201,9 +228,7 @@ def synthesize_batchnorm_inputs(
     if num_samples < 2 or steps < 1:
         raise ValueError(f"need num_samples >= 2 (a batch variance) and steps >= 1, got {num_samples} and {steps}")
     shape = tuple(input_shape) if input_shape is not None else default_input_shape(model)
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    device, dtype = _device_and_dtype(model)
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn((num_samples, *shape), generator=generator).to(device, dtype).requires_grad_(True)
 
@@ -218,29 +243,27 @@ def synthesize_batchnorm_inputs(
             + torch.linalg.vector_norm((var + module.eps).sqrt() - (module.running_var + module.eps).sqrt())
         )
 
-    modes = {m: m.training for m in model.modules()}
     flags = {p: p.requires_grad for p in model.parameters()}
     handles = [m.register_forward_pre_hook(match) for m in layers]
-    try:
-        model.eval()
-        for p in flags:
-            p.requires_grad_(False)
-        optimizer = torch.optim.Adam([inputs], lr=lr)
-        with torch.enable_grad():
-            for _ in range(steps):
-                terms.clear()
-                optimizer.zero_grad(set_to_none=True)
-                model(inputs)
-                loss = torch.stack(terms).sum()
-                loss.backward()
-                optimizer.step()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        for m, training in modes.items():
-            m.training = training
+    with _modes_kept(model):
+        try:
+            model.eval()
+            for p in flags:
+                p.requires_grad_(False)
+            optimizer = torch.optim.Adam([inputs], lr=lr)
+            with torch.enable_grad():
+                for _ in range(steps):
+                    terms.clear()
+                    optimizer.zero_grad(set_to_none=True)
+                    model(inputs)
+                    loss = torch.stack(terms).sum()
+                    loss.backward()
+                    optimizer.step()
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
     logger.info("synthesised %d BatchNorm inputs %s in %d steps (statistics distance %.4g)", num_samples, shape,
                 steps, float(loss.detach()))
     return inputs.detach()
@@ -250,14 +273,12 @@ def batch_statistics(model: nn.Module, batches: Iterable[Any]) -> dict[str, tupl
     """``{bn name: (mean, var)}`` that :func:`recalibrate_batchnorm` would set on ``batches``; the model is unchanged."""
     tracked = set(batchnorm_layers(model))
     layers = {name: m for name, m in model.named_modules() if m in tracked}
-    saved = {name: {k: v.clone() for k, v in m.named_buffers(recurse=False)} for name, m in layers.items()}
+    saved = _copy_buffers(layers.values())
     try:
         recalibrate_batchnorm(model, batches)
         return {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in layers.items()}
     finally:
-        for name, m in layers.items():
-            for key, value in saved[name].items():
-                getattr(m, key).copy_(value)
+        _restore_buffers(layers.values(), saved)
 
 
 def shift_batchnorm_statistics(

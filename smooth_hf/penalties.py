@@ -26,6 +26,7 @@ __all__ = [
     "nuclear_norm_surrogate",
     "out_in_weight",
     "second_order",
+    "shrink_singular_values",
     "spectral_direction",
 ]
 
@@ -107,3 +108,34 @@ def second_order(weight: Tensor) -> Tensor:
     """``sum ||W[i+1] - 2 W[i] + W[i-1]||^2`` along the output-channel axis plus the input axis."""
     _as_matrix(weight)
     return _sum_sq_diff(weight, 0, 2) + _sum_sq_diff(weight, 1, 2)
+
+
+def shrink_singular_values(weight: Tensor, threshold: float, keep_norm: bool = False) -> tuple[Tensor, Tensor]:
+    """Soft-threshold the singular values of ``W.reshape(out, -1)``: the proximal step of the nuclear norm.
+
+    Returns ``(U max(S - threshold, 0) V^T, S)`` in ``weight``'s shape and dtype, and the singular values
+    before shrinking (float64, descending). Unlike a gradient step on ``||W||_*``, which makes small singular
+    values oscillate around zero, the proximal step sets them to exactly zero, so a later truncation at that
+    rank changes nothing. ``keep_norm`` rescales the result to ``||W||_F``: for a penalty that is invariant to
+    the weight's scale (``scale_free``), only the shape of the spectrum should change, not its size.
+
+    Computed like :func:`spectral_direction`, from the eigen-decomposition of the small Gram matrix in float64:
+    ``U diag(max(s - t, 0) / s) U^T M`` needs no SVD of the (possibly long) matrix itself.
+    """
+    with torch.no_grad():
+        matrix = _as_matrix(weight).double()
+        tall = matrix.shape[0] > matrix.shape[1]
+        if tall:  # work on the wide orientation: the Gram matrix is then the small one
+            matrix = matrix.t()
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix @ matrix.t())
+        singular = eigenvalues.clamp_min(0).sqrt().flip(0)  # descending
+        eigenvectors = eigenvectors.flip(1)
+        floor = 1e-12 * singular[0].clamp_min(torch.finfo(torch.float64).tiny)
+        factor = torch.where(singular > floor, (singular - threshold).clamp_min(0) / singular.clamp_min(floor), 0.0)
+        result = eigenvectors @ (factor[:, None] * (eigenvectors.t() @ matrix))
+        if keep_norm:
+            norm = result.norm()
+            result = result * (matrix.norm() / norm) if norm > 0 else result
+        if tall:
+            result = result.t()
+        return result.to(weight.dtype).reshape(weight.shape), singular

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .smoothness import NORMALIZATIONS
+from .smoothness import NORMALIZATIONS, NUCLEAR_NORM_MODES
 
 __all__ = ["SmoothTrainingArguments"]
 
@@ -39,8 +39,9 @@ class SmoothTrainingArguments(TrainingArguments):
     penalty_normalization: str = field(
         default="scale_free",
         metadata={"help": "How layer terms are weighted. 'scale_free': each term divided by a scale of its "
-                  "own weight and averaged over layers (size- and scale-independent); 'sum': plain sums "
-                  "added over layers.", "choices": list(NORMALIZATIONS)},
+                  "own weight and averaged over layers (size- and scale-independent); 'relative': the same terms "
+                  "times the squared norm of the weight, held constant, so that a step moves each weight by a "
+                  "fraction of its own size, whatever its initial scale; 'sum': plain sums added over layers.", "choices": list(NORMALIZATIONS)},
     )
     penalty_target_modules: list[str] | None = field(
         default=None,
@@ -59,8 +60,14 @@ class SmoothTrainingArguments(TrainingArguments):
     nuclear_norm_every: int = field(
         default=25,
         metadata={"help": "Recompute the nuclear norm's gradient direction U V^T every N optimizer steps and use "
-                  "the surrogate <W, U V^T> in between (1 = exact every step). 25 costs ~1% of a ResNet-18 CPU "
-                  "step and tracks the exact penalty's descent (BENCHMARKS.md)."},
+                  "the surrogate <W, U V^T> in between (1 = exact every step; cost and accuracy of the "
+                  "default: BENCHMARKS.md). In proximal mode: apply the proximal step every N steps."},
+    )
+    nuclear_norm_mode: str = field(
+        default="gradient",
+        metadata={"help": "How the nuclear norm acts: 'gradient' adds it to the loss; 'proximal' soft-thresholds "
+                  "each layer's singular values every nuclear_norm_every steps instead (exact zeros, so truncating "
+                  "at the rank it reaches changes nothing).", "choices": list(NUCLEAR_NORM_MODES)},
     )
     penalty_warmup_ratio: float = field(
         default=0.0,
@@ -80,6 +87,10 @@ class SmoothTrainingArguments(TrainingArguments):
         if not isinstance(self.nuclear_norm_every, int) or self.nuclear_norm_every < 1:
             raise ValueError(
                 f"--nuclear_norm_every must be an integer >= 1 (1 = exact SVD every step), got {self.nuclear_norm_every!r}"
+            )
+        if self.nuclear_norm_mode not in NUCLEAR_NORM_MODES:
+            raise ValueError(
+                f"--nuclear_norm_mode must be one of {', '.join(NUCLEAR_NORM_MODES)}, got {self.nuclear_norm_mode!r}"
             )
         if not 0.0 <= self.penalty_warmup_ratio < 1.0:
             raise ValueError(f"--penalty_warmup_ratio must be in [0, 1), got {self.penalty_warmup_ratio!r}")

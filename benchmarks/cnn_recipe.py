@@ -1,0 +1,373 @@
+"""CNN recipe search and confirmation: train CIFAR-style ResNets with SmoothTrainer, cut them without fine-tuning.
+
+Each *run* is one training (a JSON dict of settings, see ``RunSpec``) followed by truncated-SVD compression at
+several budgets (global allocation, ``LowRankConfig(param_reduction=p)``), evaluated on the full Fashion-MNIST
+test set, with no fine-tuning and no BatchNorm repair. Runs go through the product's own path --
+``SmoothTrainer`` + ``SmoothTrainingArguments`` with the optimizer and schedule a user would pass to
+``recipes/train.py`` -- on in-memory tensors, so that many runs fit a GPU lease. Several worker processes share
+one GPU (small CNNs are bound by kernel launches, not by the GPU); on a CPU use one worker.
+
+    # a grid (a JSON list of run dicts, or a name from GRIDS) on every visible device, results as JSON lines
+    python benchmarks/cnn_recipe.py --grid smoke --workers 1 --out runs/cnn_recipe_smoke.jsonl
+    python benchmarks/cnn_recipe.py --grid my_runs.json --workers 8 --deadline 480 --out $OUT/runs.jsonl
+
+Each finished run appends one JSON line (settings, training log, dense and compressed accuracies, timings), so a
+run cut short by ``--deadline`` keeps what finished. ``benchmarks/cnn_recipe_report.py`` turns lines into tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FASHION_MNIST_DIR = Path(os.environ.get("SMOOTH_HF_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
+
+@dataclass
+class RunSpec:
+    """One training run and its compression sweep. Penalty fields are SmoothTrainingArguments fields."""
+
+    name: str
+    model: str = "resnet14_cifar"
+    channels: list[int] | None = None
+    init: str = "model"  # "model": the architecture's own init; "torch": PyTorch's default conv init
+    init_scale: float = 1.0  # multiply every conv weight by this after init (BN makes it a no-op for the function)
+    epochs: float = 4.0
+    batch_size: int = 128
+    optim: str = "sgd"
+    learning_rate: float = 0.1
+    weight_decay: float = 5e-4
+    warmup: float = 0.25
+    scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    flip: bool = True
+    max_train_samples: int | None = None
+    nuclear_norm_coef: float = 0.0
+    first_order_coef: float = 0.0
+    second_order_coef: float = 0.0
+    penalty_normalization: str = "scale_free"
+    nuclear_norm_mode: str = "gradient"
+    nuclear_norm_every: int = 25
+    penalty_warmup_ratio: float = 0.0
+    seed: int = 0
+    budgets: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
+    save_weights: bool = False  # write the trained dense weights (fp16 safetensors shards) next to --out
+
+
+# ---- data ------------------------------------------------------------------------------------------
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3])]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
+
+
+def load_fashion_mnist(mean: float, std: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = torch.from_numpy(_read_idx(FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz").copy())
+        labels = torch.from_numpy(_read_idx(FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
+        out[split] = (((images.float() / 255.0) - mean) / std).unsqueeze(1), labels
+    return out
+
+
+class FlipDataset:
+    """``{"pixel_values", "labels"}`` items from tensors; random horizontal flips (torch RNG, seeded by the Trainer)."""
+
+    def __init__(self, images, labels, flip: bool):
+        self.images, self.labels, self.flip = images, labels, flip
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x = self.images[i]
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return {"pixel_values": x, "labels": self.labels[i]}
+
+
+# ---- one run -----------------------------------------------------------------------------------------
+def build(spec: RunSpec) -> torch.nn.Module:
+    import timm
+
+    import smooth_hf  # noqa: F401  (registers the CIFAR ResNets)
+
+    kwargs = {"in_chans": 1, "num_classes": 10}
+    if spec.channels:
+        kwargs["channels"] = tuple(spec.channels)
+    model = timm.create_model(spec.model, **kwargs)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                if spec.init == "torch":
+                    module.reset_parameters()
+                module.weight.mul_(spec.init_scale)
+    return model
+
+
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> float:
+    device = next(model.parameters()).device
+    model.eval()
+    correct = 0
+    for start in range(0, len(labels), batch):
+        logits = model(images[start : start + batch].to(device))
+        correct += int((logits.argmax(-1).cpu() == labels[start : start + batch]).sum())
+    return correct / len(labels)
+
+
+def normalized_nuclear(model: torch.nn.Module) -> float:
+    """The scale-free nuclear term (exact SVD) over the layers training penalises: 1 = flat spectrum."""
+    from smooth_hf import SmoothnessPenalty
+
+    penalty = SmoothnessPenalty.for_model(model, skip_first_last=True, nuclear_norm_coef=1.0, nuclear_norm_every=1)
+    with torch.no_grad():
+        return penalty(0)[1]["nuclear_norm"]
+
+
+def save_shards(model: torch.nn.Module, folder: Path, name: str, max_bytes: int = 15_000_000) -> None:
+    """The dense weights as fp16 safetensors shards of at most ``max_bytes`` (the device tool returns <=16 MB files)."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        tensor = tensor.half() if tensor.is_floating_point() else tensor
+        nbytes = tensor.numel() * tensor.element_size()
+        if size + nbytes > max_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    for i, shard in enumerate(shards):
+        save_file(shard, str(folder / f"{name}-{i:02d}.safetensors"))
+
+
+def layer_spectra(model: torch.nn.Module) -> dict[str, list[float]]:
+    """Singular values of every Linear/Conv2d weight (as (out, in*kh*kw)), for offline rank allocations."""
+    from smooth_hf.targeting import find_layers
+
+    return {name: torch.linalg.svdvals(m.weight.detach().double().reshape(m.weight.shape[0], -1)).cpu().tolist()
+            for name, m in find_layers(model)}
+
+
+def run_one(spec: RunSpec, data: dict, work_dir: Path, out_dir: Path) -> dict[str, Any]:
+    from transformers import set_seed
+
+    from smooth_hf import SmoothTrainer, SmoothTrainingArguments
+    from smooth_hf.sweep import budget_sweep
+
+    set_seed(spec.seed)
+    model = build(spec)
+    images, labels = data["train"]
+    if spec.max_train_samples:
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(spec.seed))[: spec.max_train_samples]
+        images, labels = images[order], labels[order]
+    optim_args = "momentum=0.9,nesterov=True" if spec.optim == "sgd" else None
+    args = SmoothTrainingArguments(
+        output_dir=str(work_dir / spec.name), num_train_epochs=spec.epochs, per_device_train_batch_size=spec.batch_size,
+        learning_rate=spec.learning_rate, weight_decay=spec.weight_decay, optim=spec.optim, optim_args=optim_args,
+        lr_scheduler_type=spec.scheduler, warmup_steps=spec.warmup, max_grad_norm=spec.max_grad_norm,
+        logging_steps=50, save_strategy="no", report_to=[], seed=spec.seed, data_seed=spec.seed,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
+        nuclear_norm_coef=spec.nuclear_norm_coef, first_order_coef=spec.first_order_coef,
+        second_order_coef=spec.second_order_coef, penalty_normalization=spec.penalty_normalization,
+        nuclear_norm_mode=spec.nuclear_norm_mode, nuclear_norm_every=spec.nuclear_norm_every,
+        penalty_warmup_ratio=spec.penalty_warmup_ratio,
+    )
+    start = time.time()
+    trainer = SmoothTrainer(model=model, args=args, train_dataset=FlipDataset(images, labels, spec.flip))
+    trainer.train()
+    train_seconds = time.time() - start
+    model = trainer.model.eval()
+    test_images, test_labels = data["test"]
+    start = time.time()
+    rows = budget_sweep(model, spec.budgets, lambda m: accuracy(m, test_images, test_labels))
+    if spec.save_weights:
+        save_shards(model, out_dir, spec.name)
+    log = [{k: v for k, v in e.items() if k in ("step", "epoch", "loss", "smooth/nuclear_norm", "smooth/first_order",
+                                                 "learning_rate", "grad_norm")}
+           for e in trainer.state.log_history if "loss" in e]
+    return {
+        "spec": asdict(spec), "train_seconds": round(train_seconds, 1), "sweep_seconds": round(time.time() - start, 1),
+        "steps": trainer.state.global_step, "normalized_nuclear": normalized_nuclear(model), "rows": rows, "log": log,
+        "spectra": layer_spectra(model) if spec.save_weights else None,
+    }
+
+
+# ---- workers -----------------------------------------------------------------------------------------
+def _worker(queue, out_path: str, deadline: float, threads: int, work_dir: str) -> None:
+    torch.set_num_threads(threads)
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("smooth_hf").setLevel(logging.WARNING)
+    from smooth_hf.modeling import image_input_config
+
+    # The normalisation recipes/train.py applies: the model's timm config, averaged to one channel.
+    spec = image_input_config(build(RunSpec(name="probe")))
+    data = load_fashion_mnist(mean=spec["mean"][0], std=spec["std"][0])
+    while True:
+        item = queue.get()
+        if item is None:
+            return
+        spec = RunSpec(**item)
+        if time.time() > deadline:
+            print(f"[skip] {spec.name}: deadline reached", flush=True)
+            continue
+        try:
+            result = run_one(spec, data, Path(work_dir), Path(out_path).parent)
+        except Exception as err:  # one bad run must not lose the others' results
+            result = {"spec": asdict(spec), "error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+        with open(out_path, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        rows = result.get("rows") or []
+        summary = " ".join(f"{r['budget']:.1f}:{100 * r['accuracy']:.2f}" for r in rows) or result.get("error")
+        print(f"[done] {spec.name} ({result.get('train_seconds')} s train) {summary}", flush=True)
+
+
+def load_grid(name: str) -> list[dict[str, Any]]:
+    if name in GRIDS:
+        return GRIDS[name]()
+    return json.loads(Path(name).read_text())
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "cpu_count": os.cpu_count()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--grid", required=True, help=f"A JSON file with a list of run dicts, or one of {sorted(GRIDS)}.")
+    p.add_argument("--out", required=True, help="JSON-lines file the results are appended to.")
+    p.add_argument("--workers", type=int, default=1, help="Processes sharing the device (1 on a CPU).")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers).")
+    p.add_argument("--deadline", type=float, default=0, help="Seconds after which no new run starts (0: none).")
+    p.add_argument("--work_dir", default="runs/cnn_recipe", help="Scratch folder for the Trainer.")
+    p.add_argument("--only", default="", help="Comma-separated run names to keep from the grid.")
+    args = p.parse_args(argv)
+    grid = load_grid(args.grid)
+    names = [g["name"] for g in grid]
+    if len(set(names)) != len(names):
+        raise SystemExit("run names in the grid must be unique")
+    unknown = [k for g in grid for k in g if k not in {f.name for f in fields(RunSpec)}]
+    if unknown:
+        raise SystemExit(f"unknown run settings: {sorted(set(unknown))}")
+    if args.only:
+        keep = set(args.only.split(","))
+        grid = [g for g in grid if g["name"] in keep]
+    done = set()
+    if Path(args.out).is_file():
+        done = {json.loads(line)["spec"]["name"] for line in Path(args.out).read_text().splitlines() if line.strip()}
+    grid = [g for g in grid if g["name"] not in done]
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    deadline = time.time() + args.deadline if args.deadline else float("inf")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    print(json.dumps({"machine": machine(), "runs": len(grid), "skipped_done": len(done)}), flush=True)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    for item in grid:
+        queue.put(item)
+    for _ in range(args.workers):
+        queue.put(None)
+    procs = [ctx.Process(target=_worker, args=(queue, args.out, deadline, threads, args.work_dir))
+             for _ in range(args.workers)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+
+
+# ---- grids ---------------------------------------------------------------------------------------------
+def _smoke() -> list[dict[str, Any]]:
+    tiny = {"channels": [8, 16, 32], "epochs": 1, "max_train_samples": 512, "budgets": [0.5, 0.8]}
+    return [
+        {"name": "smoke_plain", **tiny},
+        {"name": "smoke_nuclear_prox", **tiny, "nuclear_norm_coef": 10, "nuclear_norm_mode": "proximal",
+         "nuclear_norm_every": 2},
+        {"name": "smoke_relative", **tiny, "nuclear_norm_coef": 1, "penalty_normalization": "relative",
+         "init": "torch", "init_scale": 3.0},
+    ]
+
+
+def _gpu1() -> list[dict[str, Any]]:
+    """The first GPU lease: mechanisms x coefficients x seeds for resnet14_cifar 32-64-128, in priority order."""
+    sf = {"penalty_normalization": "scale_free"}
+    rel = {"penalty_normalization": "relative"}
+    prox = {"nuclear_norm_mode": "proximal", "nuclear_norm_every": 10}
+    candidates = {  # name -> penalty settings
+        "plain": {},
+        "sf10": {**sf, "nuclear_norm_coef": 10},
+        "sf30": {**sf, "nuclear_norm_coef": 30},
+        "rel0.05": {**rel, "nuclear_norm_coef": 0.05},
+        "rel0.15": {**rel, "nuclear_norm_coef": 0.15},
+        "relprox0.05": {**rel, **prox, "nuclear_norm_coef": 0.05},
+        "relprox0.15": {**rel, **prox, "nuclear_norm_coef": 0.15},
+        "relprox0.4": {**rel, **prox, "nuclear_norm_coef": 0.4},
+        "relprox1": {**rel, **prox, "nuclear_norm_coef": 1.0},
+        "rel0.4": {**rel, "nuclear_norm_coef": 0.4},
+    }
+    main_keys = ("plain", "sf10", "sf30", "rel0.05", "rel0.15", "relprox0.05", "relprox0.15", "relprox0.4")
+    runs: list[dict[str, Any]] = []
+    r18 = {"model": "resnet18_cifar", "budgets": [0.5, 0.7, 0.8, 0.9]}
+    for key in ("plain", "relprox0.15", "rel0.15", "sf30"):
+        runs.append({"name": f"r18_{key}_s0", **r18, **candidates[key], "save_weights": key in ("plain", "relprox0.15")})
+    for seed in (0, 1, 2):
+        for key in main_keys:
+            runs.append({"name": f"r14_{key}_e4_s{seed}", **candidates[key], "seed": seed})
+        if seed == 0:
+            small = {"channels": [16, 32, 64]}
+            for label, data in (("20k2", {"max_train_samples": 20000, "epochs": 2}),
+                                ("45k1", {"max_train_samples": 45000, "epochs": 1})):
+                for key in ("plain", "relprox0.4", "relprox1", "rel0.4"):
+                    runs.append({"name": f"main16_{label}_{key}", **small, **data, **candidates[key]})
+            for key in ("plain", "relprox0.4", "relprox1"):
+                runs.append({"name": f"main32_10k2_{key}", "max_train_samples": 10000, "epochs": 2, **candidates[key]})
+    for key in ("plain", "sf30", "rel0.15", "relprox0.15"):
+        runs.append({"name": f"r14_{key}_e4_init3x", **candidates[key], "init_scale": 3.0})
+    for key in ("plain", "relprox0.15"):
+        runs.append({"name": f"r14_{key}_e4_torchinit", **candidates[key], "init": "torch"})
+        runs.append({"name": f"r14_{key}_e4_noflip", **candidates[key], "flip": False})
+    for seed in (0, 1, 2):
+        for key in ("plain", "relprox0.15", "rel0.15"):
+            runs.append({"name": f"r14_{key}_e3_s{seed}", **candidates[key], "epochs": 3, "seed": seed})
+    reference = {"epochs": 2, "init": "torch", "nuclear_norm_every": 1, "max_grad_norm": 0.0}
+    runs += [
+        {"name": "ref_plain", **reference},
+        {"name": "ref_sf3", **reference, **sf, "nuclear_norm_coef": 3},
+        {"name": "ref_sf10", **reference, **sf, "nuclear_norm_coef": 10},
+        {"name": "ref_sf10_kaiming", **reference, **sf, "nuclear_norm_coef": 10, "init": "model"},
+        {"name": "ref_sf10_clip_every25", **reference, **sf, "nuclear_norm_coef": 10, "max_grad_norm": 1.0,
+         "nuclear_norm_every": 25},
+        {"name": "r14_sfprox30_e4_s0", **sf, **prox, "nuclear_norm_coef": 30},
+        {"name": "r14_torch_sf3_e4_s0", **sf, "nuclear_norm_coef": 3, "init": "torch"},
+        {"name": "r14_torch_sf10_e4_s0", **sf, "nuclear_norm_coef": 10, "init": "torch"},
+    ]
+    return runs
+
+
+GRIDS = {"smoke": _smoke, "gpu1": _gpu1}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from . import models as _models  # noqa: F401  (registers the CIFAR ResNets so their configs rebuild)
+from .compat import base_library
 from .lowrank import CONFIG_NAME, CompressionReport, LayerReport, LowRankConfig, apply_ranks
 from .model_card import ModelCardInfo, render_model_card
 from .modeling import build_from_config_dir
@@ -78,13 +79,9 @@ class PushToHubError(OSError):
 
 def _base_library(model: nn.Module) -> str:
     """``"transformers"`` or ``"timm"``: the libraries whose configs rebuild an architecture from JSON."""
-    from transformers import PreTrainedModel
-
-    if isinstance(model, PreTrainedModel):
-        return "transformers"
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("architecture"):
-        return "timm"
+    library = base_library(model)
+    if library is not None:
+        return library
     raise TypeError(
         f"{type(model).__name__} is neither a timm model (timm.create_model) nor a transformers PreTrainedModel, so "
         "its architecture cannot be rebuilt from JSON and save_pretrained/from_pretrained cannot handle it. Save its "

@@ -18,6 +18,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
+from .compat import base_library
 from .lowrank import CompressionReport, LowRankConfig, count_parameters
 
 __all__ = ["ModelCardInfo", "render_model_card"]
@@ -110,20 +111,6 @@ class ModelCardInfo:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _base_library(model: nn.Module) -> str | None:
-    try:
-        from transformers import PreTrainedModel
-
-        if isinstance(model, PreTrainedModel):
-            return "transformers"
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("architecture"):
-        return "timm"
-    return None
-
-
 def _architecture(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     architectures = getattr(config, "architectures", None)
@@ -137,7 +124,7 @@ def _architecture(model: nn.Module) -> str:
 
 def _infer_task(model: nn.Module) -> str | None:
     """The Hub pipeline tag implied by the head: what the Hub uses to list the model under a task."""
-    if _base_library(model) == "timm":
+    if base_library(model) == "timm":
         return "image-classification" if getattr(model, "num_classes", 0) else "image-feature-extraction"
     name = type(model).__name__
     for suffix, task in (
@@ -259,7 +246,7 @@ def _metric_rows(info: ModelCardInfo) -> list[dict[str, str]]:
 
 
 def _card_data(model: nn.Module, info: ModelCardInfo, title: str, task: str | None) -> ModelCardData:
-    library = _base_library(model)
+    library = base_library(model)
     tags = list(BASE_TAGS)
     if library:
         tags.append(library)  # discoverability under the base library's tag, without claiming its loader
@@ -335,7 +322,7 @@ def render_model_card(model: nn.Module, info: ModelCardInfo | None = None, *, lo
     context = {
         "title": title,
         "architecture": architecture,
-        "library": _base_library(model) or "unknown",
+        "library": base_library(model) or "unknown",
         "base_model": info.base_model,
         "datasets": info.datasets,
         "task": task,

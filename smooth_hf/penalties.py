@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .compat import is_hf_conv1d
+
 __all__ = [
     "first_order",
     "nuclear_norm",
@@ -33,7 +35,7 @@ __all__ = [
 def out_in_weight(module: nn.Module) -> Tensor:
     """The weight of ``module`` in ``(out, in, *kernel)`` layout (a view, gradients flow)."""
     weight = module.weight
-    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D stores (in, out)
+    if is_hf_conv1d(module):  # stores (in, out)
         return weight.t()
     return weight
 

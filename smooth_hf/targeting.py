@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .compat import is_hf_conv1d
+
 __all__ = ["PatternSpec", "find_layers", "is_supported_layer", "layer_kind"]
 
 PatternSpec = str | Sequence[str] | None
@@ -36,8 +38,7 @@ def layer_kind(module: nn.Module) -> str | None:
         return "linear"
     if isinstance(module, nn.Conv2d) and cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward:
         return "conv2d"
-    # transformers.pytorch_utils.Conv1D, matched by name so this module never imports transformers.
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+    if is_hf_conv1d(module):
         return "conv1d"
     return None
 

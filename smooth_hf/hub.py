@@ -35,7 +35,7 @@ from torch import nn
 
 from . import models as _models  # noqa: F401  (registers the CIFAR ResNets so their configs rebuild)
 from .compat import base_library
-from .lowrank import CONFIG_NAME, CompressionReport, LayerReport, LowRankConfig, apply_ranks
+from .lowrank import CONFIG_NAME, CompressionReport, LowRankConfig, LowRankLayer, apply_ranks
 from .model_card import ModelCardInfo, render_model_card
 from .modeling import build_from_config_dir
 
@@ -107,7 +107,7 @@ def _check_compressed(model: nn.Module) -> LowRankConfig:
         except AttributeError:
             wrong.append(f"{name} (no such module)")
             continue
-        if not getattr(module, "is_low_rank", False) or getattr(module, "rank", None) != rank:
+        if not isinstance(module, LowRankLayer) or getattr(module, "rank", None) != rank:
             wrong.append(
                 f"{name} (config rank {rank}, model has {type(module).__name__} rank {getattr(module, 'rank', None)})"
             )
@@ -405,10 +405,7 @@ def _load_report(folder: Path) -> CompressionReport | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        layers = [LayerReport(**{**row, "shape": tuple(row["shape"])}) for row in data.pop("layers")]
-        data.pop("reduction", None)
-        return CompressionReport(layers=layers, **data)
+        return CompressionReport.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, TypeError, KeyError) as err:  # informational only: never fail a load over it
         logger.warning("ignoring unreadable %s: %s", path, err)
         return None

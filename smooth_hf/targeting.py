@@ -28,9 +28,10 @@ PatternSpec = str | Sequence[str] | None
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv2d"``, ``"conv1d"`` (HF, transposed weight) or ``None`` if unsupported."""
-    if getattr(module, "is_low_rank", False):
-        return None
+    """``"linear"``, ``"conv2d"``, ``"conv1d"`` (HF, transposed weight) or ``None`` if unsupported.
+
+    A low-rank layer is none of these (it is not an ``nn.Linear`` / ``nn.Conv2d``): it is never cut twice.
+    """
     # Subclasses that change the computation (timm's StdConv2d standardises its weight) are not plain
     # x @ W layers: a factorisation of W would change what they compute.
     cls = type(module)
@@ -108,10 +109,11 @@ def find_layers(
     _check_patterns(exclude_modules, names, "exclude_modules pattern")
     is_target, is_excluded = _matcher(target_modules), _matcher(exclude_modules)
 
+    # Imported here, not at the top: the lowrank package imports this module.
+    from .lowrank.base import LowRankLayer
+
     # Layers inside an already low-rank layer are its factors, not new targets.
-    inside_low_rank = {
-        f"{n}.{c}" for n, m in named if getattr(m, "is_low_rank", False) for c, _ in m.named_modules() if c
-    }
+    inside_low_rank = {f"{n}.{c}" for n, m in named if isinstance(m, LowRankLayer) for c, _ in m.named_modules() if c}
     selected, unsupported = [], []
     for name, module in named:
         if name in inside_low_rank or (is_target is not None and not is_target(name)):

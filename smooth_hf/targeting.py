@@ -73,16 +73,22 @@ def _check_patterns(patterns: PatternSpec, names: list[str], what: str) -> None:
         try:
             regex = re.compile(patterns)
         except re.error as err:
-            raise ValueError(f"{what} regex {patterns!r} is invalid: {err}") from None
+            raise ValueError(
+                f"{what} regex {patterns!r} is invalid: {err}. Fix the regex, or pass a list of module names "
+                "(matched by name or name suffix) instead."
+            ) from None
         if not any(regex.fullmatch(n) for n in names):
             raise ValueError(
-                f"{what} regex {patterns!r} matches no module name (it must match the whole name). "
-                f"Module names look like: {hint}"
+                f"{what} regex {patterns!r} matches no module name (it must match the whole name, e.g. "
+                f"'.*conv.*' rather than 'conv'). Module names look like: {hint}"
             )
         return
     for key in patterns:
         if not any(n == key or n.endswith("." + key) for n in names):
-            raise ValueError(f"{what} {key!r} matches no module. Module names look like: {hint}")
+            raise ValueError(
+                f"{what} {key!r} matches no module: use a module name, or the end of one after a dot. "
+                f"Module names look like: {hint}"
+            )
 
 
 def find_layers(

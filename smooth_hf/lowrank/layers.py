@@ -68,10 +68,15 @@ def truncated_svd_factors(matrix: Tensor, rank: int, dtype: torch.dtype | None =
     available on every device. The factors are returned in ``dtype`` (default: the matrix's dtype).
     """
     if matrix.dim() != 2:
-        raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
+        raise ValueError(
+            f"expected a 2-D matrix, got shape {tuple(matrix.shape)}: reshape the weight to (out, in*kh*kw) first "
+            "(weight_matrix(module) does)"
+        )
     full_rank = min(matrix.shape)
     if not 1 <= rank <= full_rank:
-        raise ValueError(f"rank must be in [1, {full_rank}] for a {tuple(matrix.shape)} matrix, got {rank}")
+        raise ValueError(
+            f"rank must be in [1, {full_rank}] for a {tuple(matrix.shape)} matrix, got {rank}: pass a rank in that range"
+        )
     with torch.no_grad():
         u, s, vh = _svd_float64(matrix)
         root = s[:rank].sqrt()
@@ -83,7 +88,9 @@ def truncated_svd_factors(matrix: Tensor, rank: int, dtype: torch.dtype | None =
 
 def _check_rank(rank: int, full_rank: int, what: str) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full_rank:
-        raise ValueError(f"rank must be an integer in [1, {full_rank}] for {what}, got {rank!r}")
+        raise ValueError(
+            f"rank must be an integer in [1, {full_rank}] for {what}, got {rank!r}: pass an integer in that range"
+        )
 
 
 class LowRankLinear(LowRankLayer):

@@ -33,11 +33,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from . import models as _models  # noqa: F401  (registers the CIFAR ResNets so their configs rebuild)
+from . import modeling_resnet_cifar  # noqa: F401  (registers the CIFAR ResNets so their configs rebuild)
+from .auto import build_from_config_dir
 from .compat import base_library
 from .lowrank import CONFIG_NAME, CompressionReport, LowRankConfig, LowRankLayer, apply_ranks
 from .model_card import ModelCardInfo, render_model_card
-from .modeling import build_from_config_dir
 
 __all__ = [
     "CONFIG_NAME",

@@ -8,8 +8,8 @@ from conftest import TinyConvNet, tiny_vit
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from smooth_hf.auto import save_dense
 from smooth_hf.compat import base_library, is_hf_conv1d, is_transformers_model_class
-from smooth_hf.modeling import save_dense
 from smooth_hf.penalties import out_in_weight
 from smooth_hf.targeting import layer_kind
 

@@ -39,7 +39,7 @@ def _randomise_batchnorm(model: nn.Module) -> None:
 def make_timm() -> tuple[nn.Module, dict]:
     import timm
 
-    import smooth_hf.models  # noqa: F401  (registers resnet14_cifar)
+    import smooth_hf.modeling_resnet_cifar  # noqa: F401  (registers resnet14_cifar)
 
     torch.manual_seed(0)
     model = timm.create_model("resnet14_cifar", in_chans=1, num_classes=10).eval()
@@ -363,7 +363,7 @@ def test_file_instead_of_folder(good_checkpoint):
 def test_save_refuses_uncompressed_model(tmp_path):
     import timm
 
-    import smooth_hf.models  # noqa: F401
+    import smooth_hf.modeling_resnet_cifar  # noqa: F401
 
     model = timm.create_model("resnet14_cifar", in_chans=1, num_classes=10)
     with pytest.raises(ValueError, match=r"call smooth_hf\.compress"):

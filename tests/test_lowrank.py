@@ -14,7 +14,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-import smooth_hf.models  # noqa: F401  (registers resnet14_cifar with timm)
+import smooth_hf.modeling_resnet_cifar  # noqa: F401  (registers resnet14_cifar with timm)
 from smooth_hf.batchnorm import (
     DataFreeRecalibration,
     batchnorm_layers,

@@ -20,7 +20,7 @@ from smooth_hf.model_card import ModelCardInfo, render_model_card
 def resnet() -> nn.Module:
     import timm
 
-    import smooth_hf.models  # noqa: F401
+    import smooth_hf.modeling_resnet_cifar  # noqa: F401
 
     torch.manual_seed(0)
     model = timm.create_model("resnet14_cifar", in_chans=1, num_classes=10).eval()

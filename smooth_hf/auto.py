@@ -1,4 +1,4 @@
-"""Build models from a name, a type or a checkpoint folder: timm and transformers behind one seam.
+"""Build models from a name, a type or a checkpoint folder, like transformers' Auto classes, for timm too.
 
 * ``build_model("resnet18_cifar", num_labels=10, num_channels=1)``: a timm architecture (timm's
   registry, ``timm/...`` or ``hf-hub:...``), pretrained weights when timm has them;
@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 from transformers import AutoConfig
 
-from . import models as _models  # noqa: F401  (registers the CIFAR ResNets with timm)
+from . import modeling_resnet_cifar  # noqa: F401  (registers the CIFAR ResNets with timm)
 from .compat import base_library, is_transformers_model, is_transformers_model_class
 
 __all__ = [

@@ -113,13 +113,11 @@ class ModelCardInfo:
 
 
 def _architecture(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    architectures = getattr(config, "architectures", None)
-    if architectures:
-        return architectures[0]
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("architecture"):
-        return cfg["architecture"]
+    library = base_library(model)
+    if library == "transformers" and model.config.architectures:
+        return model.config.architectures[0]
+    if library == "timm":
+        return model.pretrained_cfg["architecture"]
     return type(model).__name__
 
 

@@ -59,9 +59,9 @@ def spectral_direction(weight: Tensor, rtol: float = 1e-6) -> Tensor:
     the largest are dropped, which is still a subgradient.
 
     Computed from the eigen-decomposition of the small Gram matrix ``M M^T`` (or ``M^T M``) in float64:
-    ``U V^T = U S^{-1} U^T M``. On ResNet-18's convolutions that is faster than a float64 SVD (510 vs
-    624 ms on 2 idle CPU cores, and far less sensitive to a loaded machine; benchmarks/step_overhead.py)
-    and as exact on the directions that matter: float64 keeps singular values down to ~1e-8 of the
+    ``U V^T = U S^{-1} U^T M``. On ResNet-18's convolutions that is faster than a float64 SVD, and less
+    sensitive to a loaded machine (``benchmarks/step_overhead.py`` times both), and as exact on the
+    directions that matter: float64 keeps singular values down to ~1e-8 of the
     largest, and ``rtol`` stays well above that.
     """
     with torch.no_grad():

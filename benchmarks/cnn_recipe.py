@@ -221,7 +221,7 @@ def _worker(queue, out_path: str, deadline: float, threads: int, work_dir: str) 
 
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("smooth_hf").setLevel(logging.WARNING)
-    from smooth_hf.modeling import image_input_config
+    from smooth_hf.auto import image_input_config
 
     # The normalisation recipes/train.py applies: the model's timm config, averaged to one channel.
     spec = image_input_config(build(RunSpec(name="probe")))

@@ -70,11 +70,11 @@ from torch import nn
 from transformers import set_seed
 
 from smooth_hf import SmoothTrainer, SmoothTrainingArguments
+from smooth_hf.auto import build_model, image_input_config, load_dense, save_dense
 from smooth_hf.batchnorm import DataFreeRecalibration
 from smooth_hf.data import ImageTransform, label_names, load_image_classification
 from smooth_hf.evaluation import classification_accuracy
 from smooth_hf.lowrank import LowRankConfig, compress, count_parameters
-from smooth_hf.modeling import build_model, image_input_config, load_dense, save_dense
 from smooth_hf.pruning import FILTER_SCOPES, filter_prune, magnitude_prune
 from smooth_hf.smoothness import SmoothnessPenalty
 from smooth_hf.sweep import BN_REPAIRS, budget_sweep, plot_sweep, sweep_markdown
@@ -91,7 +91,7 @@ COEF_KEYS = ("nuclear_norm_coef", "first_order_coef", "second_order_coef")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model_name_or_path", default="resnet14_cifar", help="timm name (see smooth_hf.models).")
+    p.add_argument("--model_name_or_path", default="resnet14_cifar", help="timm name (see smooth_hf.modeling_resnet_cifar).")
     p.add_argument("--channels", default="16,32,64", help="Stage widths of the CIFAR ResNet ('' = the model's own).")
     p.add_argument("--dataset_name", default="fashion_mnist", help="Any dataset smooth_hf.data loads.")
     p.add_argument("--max_train_samples", type=int, default=None, help="Training images (default: all 60,000).")

@@ -28,11 +28,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnn_recipe import RunSpec, accuracy, build, load_fashion_mnist  # noqa: E402
 
+from smooth_hf.auto import image_input_config  # noqa: E402
 from smooth_hf.lowrank import LowRankConfig, compress, count_parameters  # noqa: E402
 from smooth_hf.lowrank.allocation import allocate_ranks  # noqa: E402
-from smooth_hf.lowrank.compress import _low_rank_from_dense, _replace_module  # noqa: E402
-from smooth_hf.lowrank.layers import singular_values  # noqa: E402
-from smooth_hf.modeling import image_input_config  # noqa: E402
+from smooth_hf.lowrank.compress import _replace_module  # noqa: E402
+from smooth_hf.lowrank.layers import factorise, singular_values  # noqa: E402
 from smooth_hf.targeting import find_layers, layer_kind  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def compress_macs(model: nn.Module, reduction: float, pixels: dict[str, int]) ->
     ranks = allocate_ranks(spectra, costs, dense, target)
     for (name, module), rank in zip(layers, ranks, strict=True):
         if rank is not None:
-            _replace_module(model, name, _low_rank_from_dense(module, layer_kind(module), rank))
+            _replace_module(model, name, factorise(module, rank))
     return model
 
 

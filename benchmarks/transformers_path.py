@@ -50,11 +50,11 @@ import transformers  # noqa: E402
 from torch import nn  # noqa: E402
 
 from smooth_hf import SmoothTrainer, SmoothTrainingArguments  # noqa: E402
+from smooth_hf.auto import build_model, image_input_config  # noqa: E402
 from smooth_hf.data import ImageTransform, label_names, load_image_classification  # noqa: E402
 from smooth_hf.evaluation import classification_accuracy, logits_of  # noqa: E402
 from smooth_hf.lowrank import count_parameters  # noqa: E402
 from smooth_hf.lowrank.allocation import max_removable  # noqa: E402
-from smooth_hf.modeling import build_model, image_input_config  # noqa: E402
 from smooth_hf.sweep import budget_sweep, plot_sweep, sweep_markdown  # noqa: E402
 from smooth_hf.targeting import find_layers  # noqa: E402
 

@@ -27,13 +27,13 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from transformers import HfArgumentParser, default_data_collator
 
+from smooth_hf.auto import check_num_labels, image_input_config, load_dense
 from smooth_hf.batchnorm import DataFreeRecalibration
 from smooth_hf.data import ImageTransform, label_names, load_image_classification
 from smooth_hf.evaluation import classification_accuracy
 from smooth_hf.hub import push_to_hub, save_pretrained
 from smooth_hf.lowrank import LowRankConfig, compress
 from smooth_hf.model_card import ModelCardInfo
-from smooth_hf.modeling import check_num_labels, image_input_config, load_dense
 from smooth_hf.sweep import budget_sweep, plot_sweep, sweep_markdown
 
 logger = logging.getLogger("compress")

@@ -33,12 +33,12 @@ import torch
 from transformers import HfArgumentParser, default_data_collator, set_seed
 
 from smooth_hf import SmoothTrainer, SmoothTrainingArguments
+from smooth_hf.auto import build_model, image_input_config, save_dense
 from smooth_hf.data import ImageTransform, label_names, load_image_classification
 from smooth_hf.evaluation import classification_accuracy
 from smooth_hf.hub import save_pretrained
 from smooth_hf.lowrank import LowRankConfig, compress
 from smooth_hf.model_card import ModelCardInfo
-from smooth_hf.modeling import build_model, image_input_config, save_dense
 from smooth_hf.sweep import budget_sweep, plot_sweep, sweep_markdown
 
 logger = logging.getLogger("smooth_vs_plain")

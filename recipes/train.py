@@ -35,9 +35,9 @@ import transformers
 from transformers import HfArgumentParser, set_seed
 
 from smooth_hf import SmoothTrainer, SmoothTrainingArguments
+from smooth_hf.auto import build_model, check_num_labels, image_input_config, save_dense
 from smooth_hf.data import ImageTransform, label_names, load_image_classification
 from smooth_hf.metrics import accuracy_metrics
-from smooth_hf.modeling import build_model, check_num_labels, image_input_config, save_dense
 
 logger = logging.getLogger(__name__)
 

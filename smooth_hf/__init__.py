@@ -6,7 +6,7 @@
 
 __version__ = "0.1.0"
 
-from . import models  # noqa: F401  (registers resnet18_cifar / resnet14_cifar with timm)
+from . import modeling_resnet_cifar  # noqa: F401  (registers resnet18_cifar / resnet14_cifar with timm)
 from .batchnorm import DataFreeRecalibration, recalibrate_batchnorm, synthesize_batchnorm_inputs
 from .hub import from_pretrained, push_to_hub, save_pretrained
 from .lowrank import CompressionReport, LowRankConfig, apply_ranks, compress, count_parameters

@@ -33,10 +33,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from . import models as _models  # noqa: F401  (registers the CIFAR ResNets so their configs rebuild)
-from .lowrank import CONFIG_NAME, CompressionReport, LayerReport, LowRankConfig, apply_ranks
+from . import modeling_resnet_cifar  # noqa: F401  (registers the CIFAR ResNets so their configs rebuild)
+from .auto import build_from_config_dir
+from .compat import base_library
+from .lowrank import CONFIG_NAME, CompressionReport, LowRankConfig, LowRankLayer, apply_ranks
 from .model_card import ModelCardInfo, render_model_card
-from .modeling import build_from_config_dir
 
 __all__ = [
     "CONFIG_NAME",
@@ -78,13 +79,9 @@ class PushToHubError(OSError):
 
 def _base_library(model: nn.Module) -> str:
     """``"transformers"`` or ``"timm"``: the libraries whose configs rebuild an architecture from JSON."""
-    from transformers import PreTrainedModel
-
-    if isinstance(model, PreTrainedModel):
-        return "transformers"
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("architecture"):
-        return "timm"
+    library = base_library(model)
+    if library is not None:
+        return library
     raise TypeError(
         f"{type(model).__name__} is neither a timm model (timm.create_model) nor a transformers PreTrainedModel, so "
         "its architecture cannot be rebuilt from JSON and save_pretrained/from_pretrained cannot handle it. Save its "
@@ -110,7 +107,7 @@ def _check_compressed(model: nn.Module) -> LowRankConfig:
         except AttributeError:
             wrong.append(f"{name} (no such module)")
             continue
-        if not getattr(module, "is_low_rank", False) or getattr(module, "rank", None) != rank:
+        if not isinstance(module, LowRankLayer) or getattr(module, "rank", None) != rank:
             wrong.append(
                 f"{name} (config rank {rank}, model has {type(module).__name__} rank {getattr(module, 'rank', None)})"
             )
@@ -408,10 +405,7 @@ def _load_report(folder: Path) -> CompressionReport | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        layers = [LayerReport(**{**row, "shape": tuple(row["shape"])}) for row in data.pop("layers")]
-        data.pop("reduction", None)
-        return CompressionReport(layers=layers, **data)
+        return CompressionReport.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, TypeError, KeyError) as err:  # informational only: never fail a load over it
         logger.warning("ignoring unreadable %s: %s", path, err)
         return None

@@ -18,7 +18,9 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
-from .lowrank import CompressionReport, LowRankConfig, count_parameters
+from .compat import base_library
+from .lowrank import CompressionReport, LowRankConfig
+from .lowrank.report import markdown_cell
 
 __all__ = ["ModelCardInfo", "render_model_card"]
 
@@ -110,34 +112,18 @@ class ModelCardInfo:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _base_library(model: nn.Module) -> str | None:
-    try:
-        from transformers import PreTrainedModel
-
-        if isinstance(model, PreTrainedModel):
-            return "transformers"
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("architecture"):
-        return "timm"
-    return None
-
-
 def _architecture(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    architectures = getattr(config, "architectures", None)
-    if architectures:
-        return architectures[0]
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("architecture"):
-        return cfg["architecture"]
+    library = base_library(model)
+    if library == "transformers" and model.config.architectures:
+        return model.config.architectures[0]
+    if library == "timm":
+        return model.pretrained_cfg["architecture"]
     return type(model).__name__
 
 
 def _infer_task(model: nn.Module) -> str | None:
     """The Hub pipeline tag implied by the head: what the Hub uses to list the model under a task."""
-    if _base_library(model) == "timm":
+    if base_library(model) == "timm":
         return "image-classification" if getattr(model, "num_classes", 0) else "image-feature-extraction"
     name = type(model).__name__
     for suffix, task in (
@@ -154,14 +140,9 @@ def _infer_task(model: nn.Module) -> str | None:
     return None
 
 
-def _cell(value: Any) -> str:
-    """Markdown-table-safe text: a ``|`` or newline in a value must not break the table."""
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
 def _fmt_number(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return _cell(value)
+        return markdown_cell(value)
     if isinstance(value, int):
         return f"{value:,}"
     return f"{value:.4g}"
@@ -191,56 +172,6 @@ def _rank_rule(config: LowRankConfig) -> str:
     return f"{rule} ({', '.join(details)})"
 
 
-def _report_from_model(model: nn.Module) -> CompressionReport:
-    """A report rebuilt from the low-rank layers, for a model whose compression report was not kept.
-
-    The energy kept is a property of the dense weights, which are gone: it is reported as unknown.
-    """
-    from .lowrank import LayerReport
-
-    layers = []
-    removed = 0
-    for name, module in model.named_modules():
-        if not getattr(module, "is_low_rank", False):
-            continue
-        if hasattr(module, "in_channels"):
-            kh, kw = module.kernel_size
-            shape, kind = (module.out_channels, module.in_channels, kh, kw), "conv2d"
-        else:
-            shape, kind = (module.out_features, module.in_features, 1, 1), "linear"
-        out, inp, kh, kw = shape
-        bias = module.up.bias.numel() if module.up.bias is not None else 0
-        after = sum(p.numel() for p in module.parameters())
-        before = out * inp * kh * kw + bias
-        removed += before - after
-        layers.append(
-            LayerReport(name, kind, shape, min(out, inp * kh * kw), module.rank, before, after, math.nan, "factorised")
-        )
-    after_total = count_parameters(model)
-    return CompressionReport(after_total + removed, after_total, layers)
-
-
-def _layer_rows(report: CompressionReport) -> list[dict[str, str]]:
-    rows = []
-    for layer in report.layers:
-        energy = layer.energy_kept
-        rows.append(
-            {
-                "name": _cell(layer.name),
-                "kind": _cell(layer.kind),
-                "shape": "x".join(str(d) for d in layer.shape),
-                "rank": f"{layer.rank} / {layer.full_rank}" if layer.rank is not None else f"dense ({layer.full_rank})",
-                "params_before": f"{layer.params_before:,}",
-                "params_after": f"{layer.params_after:,}",
-                "energy": "n/a"
-                if energy is None or (isinstance(energy, float) and math.isnan(energy))
-                else f"{energy:.4f}",
-                "status": _cell(layer.status),
-            }
-        )
-    return rows
-
-
 def _metric_rows(info: ModelCardInfo) -> list[dict[str, str]]:
     dense = info.dense_metrics or {}
     rows = []
@@ -249,7 +180,7 @@ def _metric_rows(info: ModelCardInfo) -> list[dict[str, str]]:
         delta = f"{value - before:+.4g}" if value is not None and before is not None else ""
         rows.append(
             {
-                "name": _cell(name),
+                "name": markdown_cell(name),
                 "dense": _fmt_number(before) if before is not None else "",
                 "compressed": _fmt_number(value) if value is not None else "",
                 "delta": delta,
@@ -259,7 +190,7 @@ def _metric_rows(info: ModelCardInfo) -> list[dict[str, str]]:
 
 
 def _card_data(model: nn.Module, info: ModelCardInfo, title: str, task: str | None) -> ModelCardData:
-    library = _base_library(model)
+    library = base_library(model)
     tags = list(BASE_TAGS)
     if library:
         tags.append(library)  # discoverability under the base library's tag, without claiming its loader
@@ -326,7 +257,7 @@ def render_model_card(model: nn.Module, info: ModelCardInfo | None = None, *, lo
     report = getattr(model, "lowrank_report", None)
     report_file = isinstance(report, CompressionReport)  # save_pretrained writes it as compression_report.json
     if not report_file:
-        report = _report_from_model(model)
+        report = CompressionReport.from_model(model)
     architecture = _architecture(model)
     title = info.model_name or f"{architecture} (low-rank compressed)"
     task = info.task or _infer_task(model)
@@ -335,7 +266,7 @@ def render_model_card(model: nn.Module, info: ModelCardInfo | None = None, *, lo
     context = {
         "title": title,
         "architecture": architecture,
-        "library": _base_library(model) or "unknown",
+        "library": base_library(model) or "unknown",
         "base_model": info.base_model,
         "datasets": info.datasets,
         "task": task,
@@ -349,10 +280,10 @@ def render_model_card(model: nn.Module, info: ModelCardInfo | None = None, *, lo
         "rank_rule": _rank_rule(config),
         "batchnorm_recalibrated": bool(getattr(report, "batchnorm_recalibrated", False)),
         "batchnorm_data_free": bool(getattr(report, "batchnorm_data_free", False)),
-        "layers": _layer_rows(report),
+        "layer_table": report.layer_table(),
         "metrics": _metric_rows(info),
         "dataset_split": info.dataset_split,
-        "training": [{"name": _cell(k), "value": _fmt_number(v)} for k, v in info.training.items()],
+        "training": [{"name": markdown_cell(k), "value": _fmt_number(v)} for k, v in info.training.items()],
         "location": location or "<repo id or local folder>",
         "extra": info.extra,
         "report_file": report_file,

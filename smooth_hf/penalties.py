@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .compat import is_hf_conv1d
+
 __all__ = [
     "first_order",
     "nuclear_norm",
@@ -34,7 +36,7 @@ __all__ = [
 def out_in_weight(module: nn.Module) -> Tensor:
     """The weight of ``module`` in ``(out, in, *kernel)`` layout (a view, gradients flow)."""
     weight = module.weight
-    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D stores (in, out)
+    if is_hf_conv1d(module):  # stores (in, out)
         return weight.t()
     return weight
 
@@ -58,9 +60,9 @@ def spectral_direction(weight: Tensor, rtol: float = 1e-6) -> Tensor:
     the largest are dropped, which is still a subgradient.
 
     Computed from the eigen-decomposition of the small Gram matrix ``M M^T`` (or ``M^T M``) in float64:
-    ``U V^T = U S^{-1} U^T M``. On ResNet-18's convolutions that is faster than a float64 SVD (510 vs
-    624 ms on 2 idle CPU cores, and far less sensitive to a loaded machine; benchmarks/step_overhead.py)
-    and as exact on the directions that matter: float64 keeps singular values down to ~1e-8 of the
+    ``U V^T = U S^{-1} U^T M``. On ResNet-18's convolutions that is faster than a float64 SVD, and less
+    sensitive to a loaded machine (``benchmarks/step_overhead.py`` times both), and as exact on the
+    directions that matter: float64 keeps singular values down to ~1e-8 of the
     largest, and ``rtol`` stays well above that.
     """
     with torch.no_grad():

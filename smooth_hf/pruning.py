@@ -3,9 +3,9 @@
 The paper compares its smooth low-rank compression with standard pruning (and reports that pruning
 also works better on smooth models). These are those baselines, measured the same way:
 
-* the **budget** is a fraction of *all* the model's parameters, counted like
-  :func:`smooth_hf.lowrank.count_parameters` (unique parameters: weights, biases, norm scales;
-  buffers do not count). ``fraction=0.7`` removes at least 70% of that count -- exactly
+* the **budget** is a fraction of *all* the model's parameters, counted by
+  :func:`smooth_hf.lowrank.count_parameters`, as for compression (unique parameters: weights, biases,
+  norm scales; buffers do not count). ``fraction=0.7`` removes at least 70% of that count -- exactly
   ``ceil(0.7 * total)`` parameters for magnitude pruning, the fewest whole filters that reach it
   for filter pruning;
 * "removed" means **set to zero** (the tensors keep their shapes; a sparse or physically slimmed
@@ -48,18 +48,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .lowrank.report import count_parameters
 from .penalties import out_in_weight
 from .targeting import PatternSpec, find_layers
 
 __all__ = ["FILTER_SCOPES", "filter_prune", "magnitude_prune", "sparsity"]
 
 FILTER_SCOPES = ("global", "layer")
-
-
-def _count_parameters(model: nn.Module) -> int:
-    # Same rule as smooth_hf.lowrank.count_parameters (unique parameters, tied ones once); kept local
-    # so that this module does not import the compression package.
-    return sum(p.numel() for p in model.parameters())
 
 
 def _check_fraction(fraction: Any) -> float:
@@ -82,27 +77,30 @@ def _target_weights(
         if weight.device.type == "meta":
             raise ValueError(f"layer {name!r} is on the meta device: load real weights before pruning")
         if not torch.isfinite(weight).all():
-            raise ValueError(f"layer {name!r} has NaN or Inf weights; nothing was pruned. Fix or exclude it.")
+            raise ValueError(
+                f"layer {name!r} has NaN or Inf weights; nothing was pruned. Fix the weights, or exclude the layer "
+                "(exclude_modules)."
+            )
         layers.append((name, module, weight))
     return layers
 
 
-def _needed(fraction: float, total: int) -> int:
+def _budget(method: str, fraction: float, total: int, most: int, detail: str) -> int:
+    """Parameters to zero for ``fraction`` of ``total``; an error, before any change, if above ``most``."""
     # At least the budget, immune to float noise (0.7 * 1000 is 700.0000000000001).
-    return max(0, math.ceil(fraction * total - 1e-9))
-
-
-def _unreachable(method: str, fraction: float, needed: int, total: int, most: int, detail: str) -> ValueError:
-    return ValueError(
-        f"{method}: fraction={fraction} asks to zero {needed:,} of the model's {total:,} parameters, but the "
-        f"targeted layers can give at most {most:,} ({most / total:.1%} of the model; {detail}). Lower the "
-        "fraction, or widen target_modules / exclude fewer modules."
-    )
+    needed = max(0, math.ceil(fraction * total - 1e-9))
+    if needed > most:
+        raise ValueError(
+            f"{method}: fraction={fraction} asks to zero {needed:,} of the model's {total:,} parameters, but the "
+            f"targeted layers can give at most {most:,} ({most / total:.1%} of the model; {detail}). Lower the "
+            "fraction, or widen target_modules / exclude fewer modules."
+        )
+    return needed
 
 
 def sparsity(model: nn.Module) -> float:
     """Fraction of the model's parameters (``count_parameters`` rule) that are exactly zero."""
-    total = _count_parameters(model)
+    total = count_parameters(model)
     zeros = sum(int((p == 0).sum()) for p in model.parameters())
     return zeros / total if total else 0.0
 
@@ -142,11 +140,8 @@ def magnitude_prune(
     """
     fraction = _check_fraction(fraction)
     layers = _target_weights(model, target_modules, exclude_modules, skip_first_last)
-    total = _count_parameters(model)
-    needed = _needed(fraction, total)
-    most = sum(w.numel() for _, _, w in layers)
-    if needed > most:
-        raise _unreachable("magnitude_prune", fraction, needed, total, most, "all their weights")
+    total = count_parameters(model)
+    needed = _budget("magnitude_prune", fraction, total, sum(w.numel() for _, _, w in layers), "all their weights")
     rows = [{"name": n, "shape": list(w.shape), "numel": w.numel(), "removed": 0} for n, _, w in layers]
     if needed:
         scores = torch.cat([w.detach().abs().flatten().to("cpu", torch.float64) for _, _, w in layers])
@@ -237,14 +232,12 @@ def filter_prune(
     if isinstance(min_filters, bool) or not isinstance(min_filters, int) or min_filters < 0:
         raise ValueError(f"min_filters must be an integer >= 0, got {min_filters!r}")
     layers = _target_weights(model, target_modules, exclude_modules, skip_first_last)
-    total = _count_parameters(model)
-    needed = _needed(fraction, total)
+    total = count_parameters(model)
     sizes = [w[0].numel() for _, _, w in layers]  # weights per filter: in * kh * kw
     bias_per_filter = [1 if getattr(m, "bias", None) is not None else 0 for _, m, _ in layers]
-    norms = [w.detach().reshape(w.shape[0], -1).abs().sum(1).to("cpu", torch.float64) for _, _, w in layers]
     most = sum(max(0, w.shape[0] - min_filters) * (s + b) for (_, _, w), s, b in zip(layers, sizes, bias_per_filter, strict=True))
-    if needed > most:
-        raise _unreachable("filter_prune", fraction, needed, total, most, f"every filter but {min_filters} per layer")
+    needed = _budget("filter_prune", fraction, total, most, f"every filter but {min_filters} per layer")
+    norms = [w.detach().reshape(w.shape[0], -1).abs().sum(1).to("cpu", torch.float64) for _, _, w in layers]
     plan_fn = _filter_plan_global if scope == "global" else _filter_plan_layer
     plan = plan_fn(sizes, norms, bias_per_filter, needed, min_filters) if needed else [[] for _ in layers]
     rows = []

@@ -20,15 +20,18 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .compat import is_hf_conv1d
+
 __all__ = ["PatternSpec", "find_layers", "is_supported_layer", "layer_kind"]
 
 PatternSpec = str | Sequence[str] | None
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv2d"``, ``"conv1d"`` (HF, transposed weight) or ``None`` if unsupported."""
-    if getattr(module, "is_low_rank", False):
-        return None
+    """``"linear"``, ``"conv2d"``, ``"conv1d"`` (HF, transposed weight) or ``None`` if unsupported.
+
+    A low-rank layer is none of these (it is not an ``nn.Linear`` / ``nn.Conv2d``): it is never cut twice.
+    """
     # Subclasses that change the computation (timm's StdConv2d standardises its weight) are not plain
     # x @ W layers: a factorisation of W would change what they compute.
     cls = type(module)
@@ -36,8 +39,7 @@ def layer_kind(module: nn.Module) -> str | None:
         return "linear"
     if isinstance(module, nn.Conv2d) and cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward:
         return "conv2d"
-    # transformers.pytorch_utils.Conv1D, matched by name so this module never imports transformers.
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+    if is_hf_conv1d(module):
         return "conv1d"
     return None
 
@@ -71,16 +73,22 @@ def _check_patterns(patterns: PatternSpec, names: list[str], what: str) -> None:
         try:
             regex = re.compile(patterns)
         except re.error as err:
-            raise ValueError(f"{what} regex {patterns!r} is invalid: {err}") from None
+            raise ValueError(
+                f"{what} regex {patterns!r} is invalid: {err}. Fix the regex, or pass a list of module names "
+                "(matched by name or name suffix) instead."
+            ) from None
         if not any(regex.fullmatch(n) for n in names):
             raise ValueError(
-                f"{what} regex {patterns!r} matches no module name (it must match the whole name). "
-                f"Module names look like: {hint}"
+                f"{what} regex {patterns!r} matches no module name (it must match the whole name, e.g. "
+                f"'.*conv.*' rather than 'conv'). Module names look like: {hint}"
             )
         return
     for key in patterns:
         if not any(n == key or n.endswith("." + key) for n in names):
-            raise ValueError(f"{what} {key!r} matches no module. Module names look like: {hint}")
+            raise ValueError(
+                f"{what} {key!r} matches no module: use a module name, or the end of one after a dot. "
+                f"Module names look like: {hint}"
+            )
 
 
 def find_layers(
@@ -107,10 +115,11 @@ def find_layers(
     _check_patterns(exclude_modules, names, "exclude_modules pattern")
     is_target, is_excluded = _matcher(target_modules), _matcher(exclude_modules)
 
+    # Imported here, not at the top: the lowrank package imports this module.
+    from .lowrank.base import LowRankLayer
+
     # Layers inside an already low-rank layer are its factors, not new targets.
-    inside_low_rank = {
-        f"{n}.{c}" for n, m in named if getattr(m, "is_low_rank", False) for c, _ in m.named_modules() if c
-    }
+    inside_low_rank = {f"{n}.{c}" for n, m in named if isinstance(m, LowRankLayer) for c, _ in m.named_modules() if c}
     selected, unsupported = [], []
     for name, module in named:
         if name in inside_low_rank or (is_target is not None and not is_target(name)):

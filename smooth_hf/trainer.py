@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
+from .compat import is_transformers_model
 from .smoothness import SmoothnessPenalty
 from .training_args import SmoothTrainingArguments
 
@@ -41,16 +42,12 @@ logger = logging.get_logger(__name__)
 PENALTY_STATE_NAME = "smooth_penalty_state.safetensors"
 
 
-def _is_transformers_model(model: nn.Module) -> bool:
-    return isinstance(model, PreTrainedModel)
-
-
 # Heads whose loss is a mean over samples and ignores ``num_items_in_batch``.
 _MEAN_LOSS_HEADS = ("ForSequenceClassification", "ForImageClassification", "ForAudioClassification", "ForMultipleChoice")
 
 
 def _mean_loss_classifier(model: nn.Module) -> bool:
-    return _is_transformers_model(model) and type(model).__name__.endswith(_MEAN_LOSS_HEADS)
+    return is_transformers_model(model) and type(model).__name__.endswith(_MEAN_LOSS_HEADS)
 
 
 class SmoothTrainer(Trainer):
@@ -66,7 +63,7 @@ class SmoothTrainer(Trainer):
             raise TypeError("SmoothTrainer needs args=SmoothTrainingArguments(...) (a TrainingArguments subclass)")
         if model is None:
             raise ValueError("SmoothTrainer needs a model instance (model_init is not supported)")
-        if not _is_transformers_model(model):
+        if not is_transformers_model(model):
             # A timm model's forward takes only the image: keep the columns, and say where the labels are.
             if args.remove_unused_columns:
                 logger.info("Non-transformers model: setting remove_unused_columns=False")
@@ -123,7 +120,7 @@ class SmoothTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        if _is_transformers_model(self.accelerator.unwrap_model(model)):
+        if is_transformers_model(self.accelerator.unwrap_model(model)):
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         else:
             logits = model(inputs["pixel_values"])

@@ -71,3 +71,108 @@ def text_dataset(n: int = 16, length: int = 6, num_labels: int = 3, seed: int = 
 def tiny_conv():
     torch.manual_seed(0)
     return TinyConvNet()
+
+
+def tiny_resnet14(**kwargs) -> nn.Module:
+    """timm's ``resnet14_cifar`` (registered by smooth_hf), one input channel, 10 classes, in eval mode."""
+    import timm
+
+    import smooth_hf.modeling_resnet_cifar  # noqa: F401  (registers resnet14_cifar with timm)
+
+    torch.manual_seed(0)
+    return timm.create_model("resnet14_cifar", **{"in_chans": 1, "num_classes": 10, **kwargs}).eval()
+
+
+# ---------------------------------------------------------------------------------------------- compressed models
+# One compressed model per library, with inputs that exercise it; built once per session (compression is the
+# slow part) by compressed_model(name). Tests must not modify them: deep-copy first.
+
+
+def _randomise_batchnorm(model: nn.Module) -> None:
+    """Non-trivial running statistics, so that a buffer that fails to load changes the logits."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.num_batches_tracked.fill_(7)
+
+
+def _compressed_timm() -> tuple[nn.Module, dict]:
+    from smooth_hf.lowrank import LowRankConfig, compress
+
+    model = tiny_resnet14()
+    _randomise_batchnorm(model)
+    compress(model, LowRankConfig(rank_ratio=0.5))
+    return model, {"x": torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))}
+
+
+def _compressed_vit() -> tuple[nn.Module, dict]:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from smooth_hf.lowrank import LowRankConfig, compress
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=8, num_channels=1, hidden_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=64, num_labels=3)
+    model = ViTForImageClassification(config).eval()
+    # ViTModel.forward reads patch_embeddings.projection.weight.dtype, so that conv must stay dense.
+    compress(model, LowRankConfig(param_reduction=0.2, exclude_modules=["projection"]))
+    return model, {"pixel_values": torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))}
+
+
+def _compressed_bert() -> tuple[nn.Module, dict]:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from smooth_hf.lowrank import LowRankConfig, compress
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    model = BertForSequenceClassification(config).eval()
+    compress(model, LowRankConfig(rank_ratio=0.5))
+    g = torch.Generator().manual_seed(2)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    return model, {
+        "input_ids": torch.randint(0, 100, (2, 8), generator=g),
+        "attention_mask": mask,
+        "token_type_ids": (torch.arange(8) >= 4).long().expand(2, 8),
+    }
+
+
+def _compressed_gpt2() -> tuple[nn.Module, dict]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from smooth_hf.lowrank import LowRankConfig, compress
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    compress(model, LowRankConfig(rank_ratio=0.5))
+    return model, {"input_ids": torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(2))}
+
+
+_COMPRESSED_BUILDERS = {
+    "timm-resnet14_cifar": _compressed_timm,
+    "vit": _compressed_vit,
+    "bert": _compressed_bert,
+    "gpt2": _compressed_gpt2,
+}
+COMPRESSED_MODELS = list(_COMPRESSED_BUILDERS)
+_COMPRESSED_CACHE: dict[str, tuple[nn.Module, dict]] = {}
+
+
+def compressed_model(name: str) -> tuple[nn.Module, dict]:
+    """``(model, inputs)`` for one of COMPRESSED_MODELS, compressed once per session; do not modify it."""
+    if name not in _COMPRESSED_CACHE:
+        _COMPRESSED_CACHE[name] = _COMPRESSED_BUILDERS[name]()
+    return _COMPRESSED_CACHE[name]
+
+
+def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """The output of a model from compressed_model, whatever its library."""
+    with torch.no_grad():
+        if "x" in inputs:
+            return model(inputs["x"])
+        return model(**inputs).logits

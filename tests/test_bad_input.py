@@ -19,8 +19,8 @@ from test_hub import ERROR_CASES as RELOAD_CASES
 
 import smooth_hf
 from smooth_hf import LowRankConfig, SmoothTrainingArguments, compress
+from smooth_hf.auto import check_num_labels
 from smooth_hf.data import load_image_classification
-from smooth_hf.modeling import check_num_labels
 
 
 def resnet():

@@ -1,7 +1,8 @@
 """save_pretrained / from_pretrained of compressed models: exact round trips, refused folders, atomic saves.
 
-Models are tiny and compressed once per module; every check compares logits with ``torch.equal`` (CPU,
-float32): a reload must give back the very same function, not an approximation.
+Models are tiny and compressed once per session (``conftest.compressed_model``); every check compares
+logits with ``torch.equal`` (CPU, float32): a reload must give back the very same function, not an
+approximation.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COMPRESSED_MODELS, compressed_model, logits, tiny_resnet14
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -22,116 +24,6 @@ from torch import nn
 import smooth_hf.hub as hub
 from smooth_hf.hub import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_pretrained
 from smooth_hf.lowrank import LowRankConfig, compress
-
-# ---------------------------------------------------------------------------------------------- tiny models
-
-
-def _randomise_batchnorm(model: nn.Module) -> None:
-    """Non-trivial running statistics, so that a buffer that fails to load changes the logits."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.num_batches_tracked.fill_(7)
-
-
-def make_timm() -> tuple[nn.Module, dict]:
-    import timm
-
-    import smooth_hf.models  # noqa: F401  (registers resnet14_cifar)
-
-    torch.manual_seed(0)
-    model = timm.create_model("resnet14_cifar", in_chans=1, num_classes=10).eval()
-    _randomise_batchnorm(model)
-    compress(model, LowRankConfig(rank_ratio=0.5))
-    return model, {"x": torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))}
-
-
-def make_vit() -> tuple[nn.Module, dict]:
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=16,
-        patch_size=8,
-        num_channels=1,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-    )
-    model = ViTForImageClassification(config).eval()
-    # ViTModel.forward reads patch_embeddings.projection.weight.dtype, so that conv must stay dense.
-    compress(model, LowRankConfig(param_reduction=0.2, exclude_modules=["projection"]))
-    return model, {"pixel_values": torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))}
-
-
-def make_bert() -> tuple[nn.Module, dict]:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    model = BertForSequenceClassification(config).eval()
-    compress(model, LowRankConfig(rank_ratio=0.5))
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, 100, (2, 8), generator=g)
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[1, 5:] = 0
-    return model, {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "token_type_ids": (torch.arange(8) >= 4).long().expand(2, 8),
-    }
-
-
-def make_gpt2() -> tuple[nn.Module, dict]:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(config).eval()
-    compress(model, LowRankConfig(rank_ratio=0.5))
-    return model, {"input_ids": torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(2))}
-
-
-MAKERS: dict[str, Callable[[], tuple[nn.Module, dict]]] = {
-    "timm-resnet14_cifar": make_timm,
-    "vit": make_vit,
-    "bert": make_bert,
-    "gpt2": make_gpt2,
-}
-
-
-def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        if "x" in inputs:
-            return model(inputs["x"])
-        return model(**inputs).logits
-
-
-# Each model is compressed once per test session (compression is the slow part); tests never modify them.
-MODEL_CACHE: dict[str, tuple[nn.Module, dict]] = {}
-
-
-@pytest.fixture(scope="module")
-def compressed() -> dict[str, tuple[nn.Module, dict]]:
-    return MODEL_CACHE
-
-
-def get(compressed: dict, name: str) -> tuple[nn.Module, dict]:
-    if name not in compressed:
-        compressed[name] = MAKERS[name]()
-    return compressed[name]
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
@@ -146,9 +38,9 @@ def digest(folder: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("name", list(MAKERS))
-def test_round_trip_is_exact(compressed, name, tmp_path):
-    model, inputs = get(compressed, name)
+@pytest.mark.parametrize("name", COMPRESSED_MODELS)
+def test_round_trip_is_exact(name, tmp_path):
+    model, inputs = compressed_model(name)
     expected = logits(model, inputs)
     folder = save_pretrained(model, tmp_path / "ckpt")
 
@@ -176,16 +68,16 @@ def test_round_trip_is_exact(compressed, name, tmp_path):
     assert safetensors_metadata(folder / WEIGHTS_NAME) == safetensors_metadata(again / WEIGHTS_NAME)
 
 
-def test_gpt2_tied_lm_head_stays_tied(compressed, tmp_path):
-    model, inputs = get(compressed, "gpt2")
+def test_gpt2_tied_lm_head_stays_tied(tmp_path):
+    model, inputs = compressed_model("gpt2")
     assert model.lm_head.weight is model.transformer.wte.weight  # compress keeps tied weights dense
     loaded = from_pretrained(save_pretrained(model, tmp_path / "gpt2"))
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     assert (tmp_path / "gpt2" / "generation_config.json").is_file()
 
 
-def test_save_does_not_modify_the_model(compressed, tmp_path):
-    model, inputs = get(compressed, "bert")
+def test_save_does_not_modify_the_model(tmp_path):
+    model, inputs = compressed_model("bert")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     architectures = model.config.architectures
     save_pretrained(model, tmp_path / "bert")
@@ -193,16 +85,16 @@ def test_save_does_not_modify_the_model(compressed, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_timm_data_config_survives(compressed, tmp_path):
-    model, _ = get(compressed, "timm-resnet14_cifar")
+def test_timm_data_config_survives(tmp_path):
+    model, _ = compressed_model("timm-resnet14_cifar")
     loaded = from_pretrained(save_pretrained(model, tmp_path / "r"))
     assert loaded.pretrained_cfg["input_size"][0] == 1
     assert loaded.pretrained_cfg["architecture"] == "resnet14_cifar"
 
 
-def test_meta_build_falls_back_when_buffers_are_not_in_the_file(compressed, tmp_path, monkeypatch):
+def test_meta_build_falls_back_when_buffers_are_not_in_the_file(tmp_path, monkeypatch):
     """A timm model with a non-persistent buffer cannot come from the meta device: the CPU build is used."""
-    model, inputs = get(compressed, "timm-resnet14_cifar")
+    model, inputs = compressed_model("timm-resnet14_cifar")
     folder = save_pretrained(model, tmp_path / "r")
     real, devices = hub._build_base, []
 
@@ -331,8 +223,8 @@ ERROR_CASES = [
 
 
 @pytest.fixture(scope="module")
-def good_checkpoint(compressed, tmp_path_factory) -> Path:
-    model, _ = get(compressed, "timm-resnet14_cifar")
+def good_checkpoint(tmp_path_factory) -> Path:
+    model, _ = compressed_model("timm-resnet14_cifar")
     return save_pretrained(model, tmp_path_factory.mktemp("good") / "ckpt")
 
 
@@ -361,11 +253,7 @@ def test_file_instead_of_folder(good_checkpoint):
 
 
 def test_save_refuses_uncompressed_model(tmp_path):
-    import timm
-
-    import smooth_hf.models  # noqa: F401
-
-    model = timm.create_model("resnet14_cifar", in_chans=1, num_classes=10)
+    model = tiny_resnet14()
     with pytest.raises(ValueError, match=r"call smooth_hf\.compress"):
         save_pretrained(model, tmp_path / "x")
     assert not (tmp_path / "x").exists()
@@ -380,18 +268,18 @@ def test_save_refuses_plain_module(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_save_refuses_folder_with_pickles(compressed, tmp_path):
-    model, _ = get(compressed, "timm-resnet14_cifar")
+def test_save_refuses_folder_with_pickles(tmp_path):
+    model, _ = compressed_model("timm-resnet14_cifar")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "training_args.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="pickle files"):
         save_pretrained(model, tmp_path / "out")
 
 
-def test_save_refuses_edited_structure(compressed, tmp_path):
+def test_save_refuses_edited_structure(tmp_path):
     import copy
 
-    model = copy.deepcopy(get(compressed, "timm-resnet14_cifar")[0])
+    model = copy.deepcopy(compressed_model("timm-resnet14_cifar")[0])
     model.lowrank_config.ranks["stages.0.0.conv1"] += 1
     with pytest.raises(ValueError, match="does not describe the model"):
         save_pretrained(model, tmp_path / "x")
@@ -406,9 +294,9 @@ def _siblings(path: Path) -> list[str]:
 
 
 @pytest.fixture
-def two_models(compressed):
+def two_models():
     """The compressed resnet and a second, different one with the same structure."""
-    model_a, inputs = get(compressed, "timm-resnet14_cifar")
+    model_a, inputs = compressed_model("timm-resnet14_cifar")
     import copy
 
     model_b = copy.deepcopy(model_a)

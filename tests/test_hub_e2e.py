@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compressed_model, logits
 from hub_server import FakeHub
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
-from test_hub import MODEL_CACHE, get, logits
 
 from smooth_hf.hub import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
 
@@ -137,7 +137,7 @@ CASES = {
 def test_push_then_download_by_repo_id(fake_hub, tmp_path):
     cases = []
     for name, (repo_id, private, card) in CASES.items():
-        model, inputs = get(MODEL_CACHE, name)
+        model, inputs = compressed_model(name)
         local = save_pretrained(model, tmp_path / "local" / name)
         save_file({**inputs, "logits": logits(model, inputs)}, tmp_path / f"{name}-io.safetensors")
         cases.append(
@@ -195,7 +195,7 @@ def test_push_then_download_by_repo_id(fake_hub, tmp_path):
 
 
 def test_failed_push_is_clear_and_touches_nothing(fake_hub, tmp_path):
-    model, _ = get(MODEL_CACHE, "timm-resnet14_cifar")
+    model, _ = compressed_model("timm-resnet14_cifar")
     local = save_pretrained(model, tmp_path / "local")
     before = digest(local)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+import math
 
 import pytest
 import timm
@@ -12,7 +14,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-import smooth_hf.models  # noqa: F401  (registers resnet14_cifar with timm)
+import smooth_hf.modeling_resnet_cifar  # noqa: F401  (registers resnet14_cifar with timm)
 from smooth_hf.batchnorm import (
     DataFreeRecalibration,
     batchnorm_layers,
@@ -22,8 +24,10 @@ from smooth_hf.batchnorm import (
 from smooth_hf.lowrank import (
     CONFIG_NAME,
     CompressionReport,
+    LayerReport,
     LowRankConfig,
     LowRankConv2d,
+    LowRankLayer,
     LowRankLinear,
     apply_ranks,
     compress,
@@ -148,8 +152,59 @@ def test_from_dense_rejects_bad_input():
         LowRankConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2), 1)
     with pytest.raises(TypeError):
         LowRankLinear.from_dense(nn.Conv2d(4, 4, 3), 1)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="factorise"):
         LowRankConv2d.from_dense(nn.Linear(4, 4), 1)
+
+
+@pytest.mark.parametrize(
+    ("dense", "kind", "shape"),
+    [
+        (nn.Linear(12, 20), LowRankLinear, (20, 12, 1, 1)),
+        (Conv1D(nf=12, nx=7), LowRankLinear, (12, 7, 1, 1)),
+        (nn.Conv2d(4, 6, (3, 1), stride=2, padding=(1, 0), bias=False), LowRankConv2d, (6, 4, 3, 1)),
+    ],
+)
+def test_one_constructor_for_compress_and_reload(dense, kind, shape):
+    """``low_rank_layer_like`` gives the geometry ``factorise`` (compress) fills and ``apply_ranks`` loads into."""
+    from smooth_hf.lowrank import factorise, low_rank_layer_like
+
+    dense = dense.to(torch.float64)
+    empty = low_rank_layer_like(dense, 3)
+    filled = factorise(dense, 3)
+    assert type(empty) is type(filled) is kind and isinstance(filled, LowRankLayer)
+    assert empty.dense_shape == filled.dense_shape == shape and empty.rank == 3
+    assert {k: (v.shape, v.dtype) for k, v in empty.state_dict().items()} == {
+        k: (v.shape, v.dtype) for k, v in filled.state_dict().items()
+    }
+    assert filled.up.weight.dtype == torch.float64  # the dense layer's dtype, by default
+    meta = low_rank_layer_like(dense, 3, device="meta", dtype=torch.bfloat16)
+    assert all(p.is_meta and p.dtype == torch.bfloat16 for p in meta.parameters())
+    # The state dict of a factorised layer loads into the empty one and gives the same function.
+    empty.load_state_dict(filled.state_dict(), strict=True)
+    x = torch.randn(2, *((4, 5, 5) if kind is LowRankConv2d else (shape[1],)), dtype=torch.float64)
+    assert torch.equal(empty(x), filled(x))
+
+
+def test_constructor_refuses_what_cannot_be_factorised():
+    from smooth_hf.lowrank import low_rank_layer_like
+
+    with pytest.raises(TypeError, match=r"cannot factorise a BatchNorm2d.*exclude_modules"):
+        low_rank_layer_like(nn.BatchNorm2d(4), 1)
+    with pytest.raises(TypeError, match="cannot factorise a LowRankLinear"):  # never cut twice
+        low_rank_layer_like(LowRankLinear(8, 8, 2), 1)
+    with pytest.raises(ValueError, match="grouped.*exclude_modules"):
+        low_rank_layer_like(nn.Conv2d(4, 4, 3, groups=2), 1)
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[1, 4\]"):
+        low_rank_layer_like(nn.Linear(4, 9), 5)
+
+
+def test_low_rank_layers_and_their_factors_are_never_targets():
+    from smooth_hf.targeting import find_layers
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    compress(model, LowRankConfig(rank_ratio=0.25, target_modules=["0"]))
+    assert isinstance(model[0], LowRankLayer)
+    assert [name for name, _ in find_layers(model)] == ["2"]  # not "0", "0.down" or "0.up"
 
 
 # ---------------------------------------------------------------- compress: budgets and rules
@@ -330,10 +385,11 @@ def test_already_compressed_model_is_refused():
         compress(model, LowRankConfig(rank_ratio=0.25))
 
 
-def test_nan_weight_raises_and_leaves_model_untouched():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_or_inf_weight_raises_and_leaves_model_untouched(bad):
     model = resnet14()
     with torch.no_grad():
-        model.stages[2][1].conv2.weight[0, 0, 0, 0] = float("nan")
+        model.stages[2][1].conv2.weight[0, 0, 0, 0] = bad
     state = copy.deepcopy(model.state_dict())
     modules = dict(model.named_modules())
     with pytest.raises(ValueError, match=r"'stages\.2\.1\.conv2' has NaN or Inf"):
@@ -342,6 +398,46 @@ def test_nan_weight_raises_and_leaves_model_untouched():
     assert after.keys() == state.keys()
     assert all(torch.equal(after[k].nan_to_num(), state[k].nan_to_num()) for k in state)
     assert dict(model.named_modules()) == modules
+    assert not hasattr(model, "lowrank_config") and not hasattr(model, "lowrank_report")
+
+
+def _untouched(model: nn.Module, modules: dict, state: dict) -> bool:
+    return dict(model.named_modules()) == modules and state_equal(model.state_dict(), state) and not any(
+        hasattr(model, a) for a in ("lowrank_config", "lowrank_report")
+    )
+
+
+def test_a_swap_that_fails_half_way_is_undone(monkeypatch):
+    compress_module = importlib.import_module("smooth_hf.lowrank.compress")  # the function shadows the module name
+
+    model = resnet14()
+    modules, state = dict(model.named_modules()), copy.deepcopy(model.state_dict())
+    real, calls = compress_module._replace_module, []
+
+    def fail_on_third(model, name, new):
+        calls.append(name)
+        if len(calls) == 3:
+            raise RuntimeError("simulated failure while moving a layer to its device")
+        real(model, name, new)
+
+    monkeypatch.setattr(compress_module, "_replace_module", fail_on_third)
+    with pytest.raises(RuntimeError, match="simulated"):
+        compress(model, LowRankConfig(param_reduction=0.5))
+    assert len(calls) == 3 and _untouched(model, modules, state)
+
+
+def test_parameter_count_check_is_a_real_error_and_undoes_the_swap(monkeypatch):
+    """Not an assert (``python -O`` would skip it): a surgery that misses its plan raises and is undone."""
+    compress_module = importlib.import_module("smooth_hf.lowrank.compress")  # the function shadows the module name
+
+    model = resnet14()
+    modules, state = dict(model.named_modules()), copy.deepcopy(model.state_dict())
+    real_count = compress_module.count_parameters
+    counts = iter([real_count(model), 1])  # the planned count, then a wrong count after the swap
+    monkeypatch.setattr(compress_module, "count_parameters", lambda m: next(counts))
+    with pytest.raises(RuntimeError, match="were planned.*restored.*exclude_modules"):
+        compress(model, LowRankConfig(param_reduction=0.5))
+    assert _untouched(model, modules, state)
 
 
 # ---------------------------------------------------------------- reload and determinism
@@ -408,6 +504,48 @@ def test_report_serialises():
     table = report.to_markdown()
     assert table.count("\n| `") == 16 and "| `stages.2.1.conv2` | conv2d | 128x128x3x3 |" in table
     assert "fewer" in str(report)
+    assert report.layer_table() in table  # one renderer: the model card uses the same table
+
+
+def test_report_from_dict_inverts_to_dict():
+    model = resnet14()
+    compress(model, LowRankConfig(param_reduction=0.5), recalibrate_batchnorm=[torch.randn(4, 1, 16, 16)])
+    report = model.lowrank_report
+    again = CompressionReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert again == report and again.batchnorm_recalibrated and isinstance(again.layers[0].shape, tuple)
+    assert again.to_dict() == report.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(params_befor=1), "unknown keys params_befor"),
+        (lambda d: d.pop("params_after"), "missing keys params_after"),
+        (lambda d: d["layers"][0].update(rank_kept=3), r"layer row 'conv1'.*unknown keys rank_kept"),
+        (lambda d: d.update(layers={"conv1": 1}), "must be a list"),
+    ],
+)
+def test_report_from_dict_refuses_what_it_cannot_read(edit, message):
+    data = CompressionReport(10, 5, [LayerReport("conv1", "conv2d", (4, 1, 3, 3), 4, 2, 36, 26, 0.9, "factorised")]).to_dict()
+    edit(data)
+    with pytest.raises(ValueError, match=message):
+        CompressionReport.from_dict(data)
+
+
+def test_report_rebuilt_from_a_compressed_model():
+    model = resnet14()
+    compress(model, LowRankConfig(param_reduction=0.5))
+    kept = model.lowrank_report
+    rebuilt = CompressionReport.from_model(model)
+    assert (rebuilt.params_before, rebuilt.params_after) == (kept.params_before, kept.params_after)
+    factorised = {r.name: r for r in kept.factorised}
+    assert [r.name for r in rebuilt.layers] == list(factorised)
+    for row in rebuilt.layers:
+        same = factorised[row.name]
+        assert (row.kind, row.shape, row.full_rank, row.rank) == (same.kind, same.shape, same.full_rank, same.rank)
+        assert (row.params_before, row.params_after) == (same.params_before, same.params_after)
+        assert math.isnan(row.energy_kept)  # a property of the dense weights, which are gone
+    assert "| n/a |" in rebuilt.layer_table()
 
 
 # ---------------------------------------------------------------- config
@@ -453,7 +591,7 @@ def test_config_json_round_trip(tmp_path):
     assert list(data) == sorted(data) and data["smooth_hf_version"] and data["ranks"] == {"0": 8, "1": 8}
     assert LowRankConfig.from_pretrained(tmp_path) == config
     assert config.to_json_string() == text
-    with pytest.raises(ValueError, match="Unknown LowRankConfig keys: rank_ration"):
+    with pytest.raises(ValueError, match="Unknown LowRankConfig keys: rank_ration.*Fix or remove them"):
         LowRankConfig.from_dict({"rank_ration": 0.5})
     with pytest.raises(FileNotFoundError):
         LowRankConfig.from_pretrained(tmp_path / "missing")
@@ -646,7 +784,7 @@ def test_vit_compresses_with_default_targets_and_still_runs():
     torch.testing.assert_close(model(pixel_values=x).logits, expected, atol=1e-4, rtol=1e-4)
     compress_model = ViTForImageClassification(model.config).eval()
     compress(compress_model, LowRankConfig(rank_ratio=0.25))
-    assert getattr(compress_model.vit.embeddings.patch_embeddings.projection, "is_low_rank", False)
+    assert isinstance(compress_model.vit.embeddings.patch_embeddings.projection, LowRankLayer)
     assert compress_model(pixel_values=x).logits.shape == (2, 3)
     w = compress_model.vit.embeddings.patch_embeddings.projection.weight
     assert w.shape == (16, 1, 4, 4)

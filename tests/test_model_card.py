@@ -6,8 +6,8 @@ import copy
 import re
 
 import pytest
-import torch
 import yaml
+from conftest import compressed_model, tiny_resnet14
 from huggingface_hub import ModelCard
 from torch import nn
 
@@ -18,13 +18,8 @@ from smooth_hf.model_card import ModelCardInfo, render_model_card
 
 @pytest.fixture(scope="module")
 def resnet() -> nn.Module:
-    import timm
-
-    import smooth_hf.models  # noqa: F401
-
-    torch.manual_seed(0)
-    model = timm.create_model("resnet14_cifar", in_chans=1, num_classes=10).eval()
-    return compress(model, LowRankConfig(param_reduction=0.5, skip_first_last=True))
+    # A global budget with the stem and head kept dense: the card shows both factorised and dense rows.
+    return compress(tiny_resnet14(), LowRankConfig(param_reduction=0.5, skip_first_last=True))
 
 
 INFO = ModelCardInfo(
@@ -111,20 +106,7 @@ def test_minimal_card_without_info(resnet):
 
 
 def test_text_task_is_inferred_and_tables_escape_pipes():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=50,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            num_labels=2,
-        )
-    )
-    compress(model, LowRankConfig(rank_ratio=0.5))
+    model, _ = compressed_model("bert")
     info = ModelCardInfo(datasets=["stanfordnlp/sst2"], metrics={"accuracy": 0.8}, training={"note": "a|b"})
     card = render_model_card(model, info)
     assert card.data.pipeline_tag == "text-classification"

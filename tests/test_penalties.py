@@ -16,6 +16,7 @@ from smooth_hf.penalties import (
     second_order,
     spectral_direction,
 )
+from smooth_hf.smoothness import SmoothnessPenalty
 
 
 def numpy_reference(w: np.ndarray) -> dict[str, float]:
@@ -120,3 +121,53 @@ def test_spectral_direction_of_a_rank_deficient_weight_is_a_subgradient():
     direction = spectral_direction(w)
     assert nuclear_norm_surrogate(w, direction).item() == pytest.approx(nuclear_norm(w).item(), rel=1e-8)
     assert torch.linalg.matrix_norm(direction, ord=2).item() <= 1 + 1e-8  # in the unit ball of the dual norm
+
+
+# ---------------------------------------------------------------- SmoothnessPenalty weighting (public API)
+
+
+def _layers(scale: float = 1.0) -> list[tuple[str, nn.Module]]:
+    """A Linear, a Conv2d and an HF Conv1D, float64, with weights multiplied by ``scale``."""
+    torch.manual_seed(0)
+    layers = [("linear", nn.Linear(5, 4)), ("conv", nn.Conv2d(3, 6, 3)), ("conv1d", Conv1D(nf=5, nx=3))]
+    with torch.no_grad():
+        for _, module in layers:
+            module.double().weight.mul_(scale)
+    return layers
+
+
+COEFS = {"nuclear_norm_coef": 2.0, "first_order_coef": 0.5, "second_order_coef": 0.25}
+
+
+def test_sum_normalization_is_the_plain_sum_over_layers():
+    layers = _layers()
+    total, terms = SmoothnessPenalty(layers, normalization="sum", nuclear_norm_every=1, **COEFS)(0)
+    weights = [out_in_weight(m).detach() for _, m in layers]
+    expected = {
+        "nuclear_norm": sum(nuclear_norm(w).item() for w in weights),
+        "first_order": sum(first_order(w).item() for w in weights),
+        "second_order": sum(second_order(w).item() for w in weights),
+    }
+    assert terms == pytest.approx(expected, rel=1e-9)
+    weighted = sum(COEFS[f"{k}_coef"] * v for k, v in expected.items())
+    assert total.item() == pytest.approx(weighted, rel=1e-9)
+
+
+def test_scale_free_value_does_not_depend_on_the_scale_of_the_weights():
+    base = SmoothnessPenalty(_layers(), normalization="scale_free", nuclear_norm_every=1, **COEFS)(0)
+    tripled = SmoothnessPenalty(_layers(3.0), normalization="scale_free", nuclear_norm_every=1, **COEFS)(0)
+    assert tripled[1] == pytest.approx(base[1], rel=1e-9)
+    assert tripled[0].item() == pytest.approx(base[0].item(), rel=1e-9)
+    # The plain sums do scale (x3 for the nuclear norm, x9 for the squared differences): the invariance is the weighting's.
+    plain = SmoothnessPenalty(_layers(), normalization="sum", nuclear_norm_every=1, **COEFS)(0)[1]
+    plain_tripled = SmoothnessPenalty(_layers(3.0), normalization="sum", nuclear_norm_every=1, **COEFS)(0)[1]
+    assert plain_tripled["nuclear_norm"] == pytest.approx(3 * plain["nuclear_norm"], rel=1e-9)
+    assert plain_tripled["first_order"] == pytest.approx(9 * plain["first_order"], rel=1e-9)
+
+
+def test_scale_free_value_does_not_depend_on_the_number_of_layers():
+    layers = _layers()
+    settings = {"normalization": "scale_free", "nuclear_norm_every": 1, **COEFS}
+    once = SmoothnessPenalty(layers, **settings)(0)
+    twice = SmoothnessPenalty(layers + [(f"{n}.copy", m) for n, m in layers], **settings)(0)
+    assert twice[1] == pytest.approx(once[1], rel=1e-9)

@@ -59,7 +59,7 @@ def test_train_writes_a_rebuildable_checkpoint_and_logs_penalties(trained):
     state = json.loads((trained / "trainer_state.json").read_text())
     logged = [e for e in state["log_history"] if "loss" in e]
     assert logged and all("smooth/nuclear_norm" in e and "smooth/first_order" in e for e in logged)
-    model = smooth_hf.modeling.load_dense(trained)
+    model = smooth_hf.auto.load_dense(trained)
     assert model.num_classes == 3 and model.in_chans == 1
 
 
@@ -142,7 +142,7 @@ def test_train_recipe_trains_a_transformers_vit_from_scratch(tiny_fmnist, tmp_pa
         "--save_strategy", "no",
     ])
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
-    model = smooth_hf.modeling.load_dense(out)
+    model = smooth_hf.auto.load_dense(out)
     assert type(model).__name__ == "ViTForImageClassification" and model.config.num_labels == 3
 
 

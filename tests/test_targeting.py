@@ -49,11 +49,12 @@ def test_exclude(resnet):
 @pytest.mark.parametrize(
     ("kwargs", "phrase"),
     [
-        ({"target_modules": ["nope"]}, "'nope' matches no module"),
-        ({"exclude_modules": ["nope"]}, "'nope' matches no module"),
-        ({"target_modules": r"conv"}, "matches no module name"),  # regexes match whole names
-        ({"target_modules": r"(["}, "is invalid"),
-        ({"target_modules": ["bn1"]}, r"bn1 \(BatchNorm2d\)"),
+        # Each message says what is wrong and what to do instead.
+        ({"target_modules": ["nope"]}, "'nope' matches no module: use a module name, or the end of one"),
+        ({"exclude_modules": ["nope"]}, "'nope' matches no module: use a module name"),
+        ({"target_modules": r"conv"}, r"matches no module name \(it must match the whole name, e\.g\. '\.\*conv\.\*'"),
+        ({"target_modules": r"(["}, "is invalid.*Fix the regex, or pass a list of module names"),
+        ({"target_modules": ["bn1"]}, r"bn1 \(BatchNorm2d\).*name layers of those types"),
     ],
 )
 def test_bad_patterns_are_errors(resnet, kwargs, phrase):

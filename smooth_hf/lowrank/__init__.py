@@ -2,13 +2,15 @@
 
 ``compress(model, LowRankConfig(param_reduction=0.7))`` replaces Linear / Conv2d / HF Conv1D layers
 by two thin factors in place; ``apply_ranks`` rebuilds that structure on a fresh model so a saved
-compressed state dict loads strictly.
+compressed state dict loads strictly. Every low-rank layer is a :class:`LowRankLayer`.
 """
 
 from .allocation import allocate_ranks
-from .compress import CompressionReport, LayerReport, apply_ranks, compress, count_parameters
+from .base import LowRankLayer
+from .compress import apply_ranks, compress
 from .config import CONFIG_NAME, LowRankConfig
-from .layers import LowRankConv2d, LowRankLinear
+from .layers import LowRankConv2d, LowRankLinear, factorise, low_rank_layer_like
+from .report import CompressionReport, LayerReport, count_parameters
 
 __all__ = [
     "CONFIG_NAME",
@@ -16,9 +18,12 @@ __all__ = [
     "LayerReport",
     "LowRankConfig",
     "LowRankConv2d",
+    "LowRankLayer",
     "LowRankLinear",
     "allocate_ranks",
     "apply_ranks",
     "compress",
     "count_parameters",
+    "factorise",
+    "low_rank_layer_like",
 ]

@@ -31,7 +31,10 @@ SpectrumLike = Sequence[float] | np.ndarray  # torch tensors work too: they go t
 def _spectrum(values) -> np.ndarray:
     s = np.asarray(values.detach().cpu().double() if hasattr(values, "detach") else values, dtype=np.float64)
     if s.ndim != 1 or s.size == 0:
-        raise ValueError(f"a spectrum must be a non-empty 1-D sequence of singular values, got shape {s.shape}")
+        raise ValueError(
+            f"a spectrum must be a non-empty 1-D sequence of singular values, got shape {s.shape}: pass one "
+            "layer's singular values, e.g. torch.linalg.svdvals(weight.reshape(out, -1))"
+        )
     return s
 
 
@@ -125,14 +128,18 @@ def allocate_ranks(
             ``target_removed``; the message gives the largest achievable amount.
     """
     if not len(spectra) == len(costs) == len(dense_params):
-        raise ValueError("spectra, costs and dense_params must have one entry per layer")
+        raise ValueError(
+            f"spectra, costs and dense_params must have one entry per layer, got {len(spectra)}, {len(costs)} and "
+            f"{len(dense_params)}: pass the three lists for the same layers, in the same order"
+        )
     arrays = [_spectrum(s) for s in spectra]
     full_ranks = [len(s) for s in arrays]
     most = max_removable(full_ranks, costs, dense_params, min_rank, rank_multiple)
     if most < target_removed:
         raise ValueError(
             f"cannot remove {target_removed:,.0f} parameters from these layers: at most {most:,} can be removed "
-            f"with min_rank={min_rank} and rank_multiple={rank_multiple}"
+            f"with min_rank={min_rank} and rank_multiple={rank_multiple}. Lower the target, or lower min_rank / "
+            "rank_multiple."
         )
     if not arrays:
         return []

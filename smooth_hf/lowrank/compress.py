@@ -1,13 +1,13 @@
 """Replace dense layers by truncated-SVD factorisations, in place, with no fine-tuning.
 
-``compress`` works in three phases so that a model is never left half compressed: it checks every
-targeted layer and computes its singular values, then chooses every rank, then builds every
-replacement; only when all of that succeeded does it swap the modules in. Any error on the way
-(NaN weights, an unreachable budget, an SVD failure) leaves the model exactly as it was.
+``compress`` never leaves a model half compressed: it first *plans* without touching the model (checks
+every targeted layer, takes its singular values, chooses every rank, builds every replacement), and
+only when all of that succeeded does it swap the modules in; a swap that fails half way is undone.
+Any error on the way (NaN weights, an unreachable budget, an SVD failure) leaves the model exactly as
+it was. BatchNorm repair is a separate step that ``compress`` runs after the swap when asked
+(:mod:`smooth_hf.batchnorm`); :func:`smooth_hf.sweep.budget_sweep` composes the same two steps.
 
-"Parameters" are always the unique parameters of the whole model (``count_parameters``): weights,
-biases, norm scales, embeddings; a tied weight (GPT-2's ``lm_head``/``wte``) counts once; buffers
-(BatchNorm running statistics) are not parameters and do not count.
+Parameters are counted as in :func:`~smooth_hf.lowrank.report.count_parameters` (unique, whole model).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import copy
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,8 +27,20 @@ from .. import batchnorm as _batchnorm
 from ..penalties import out_in_weight
 from ..targeting import find_layers, layer_kind
 from .allocation import allocate_ranks, energy_kept, finalize_rank, max_removable, rank_for_energy, rank_for_ratio
+from .base import LowRankLayer
 from .config import LowRankConfig
-from .layers import LowRankConv2d, LowRankLinear, singular_values
+from .layers import factorise, low_rank_layer_like, singular_values, weight_matrix
+from .report import (
+    STATUS_DENSE_EXCLUDED,
+    STATUS_DENSE_GROUPED,
+    STATUS_DENSE_NO_GAIN,
+    STATUS_DENSE_READ_BY_PARENT,
+    STATUS_DENSE_TIED,
+    STATUS_FACTORISED,
+    CompressionReport,
+    LayerReport,
+    count_parameters,
+)
 
 __all__ = [
     "CompressionReport",
@@ -36,6 +48,7 @@ __all__ = [
     "STATUS_DENSE_EXCLUDED",
     "STATUS_DENSE_GROUPED",
     "STATUS_DENSE_NO_GAIN",
+    "STATUS_DENSE_READ_BY_PARENT",
     "STATUS_DENSE_TIED",
     "STATUS_FACTORISED",
     "apply_ranks",
@@ -45,90 +58,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STATUS_FACTORISED = "factorised"
-STATUS_DENSE_NO_GAIN = "dense: factorising would not remove parameters"
-STATUS_DENSE_GROUPED = "dense: grouped conv"
-STATUS_DENSE_TIED = "dense: tied weight"
-STATUS_DENSE_EXCLUDED = "dense: excluded"
-# nn.MultiheadAttention reads out_proj.weight directly instead of calling out_proj: replacing it would crash.
-STATUS_DENSE_READ_BY_PARENT = "dense: weight read directly by nn.MultiheadAttention"
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters of ``model``: a tied or shared parameter counts once; buffers do not count."""
-    return sum(p.numel() for p in model.parameters())
-
-
-@dataclass
-class LayerReport:
-    """What happened to one supported layer. ``shape`` is ``(out, in, kh, kw)`` (``1, 1`` for linear)."""
-
-    name: str
-    kind: str
-    shape: tuple[int, int, int, int]
-    full_rank: int
-    rank: int | None
-    params_before: int
-    params_after: int
-    energy_kept: float
-    status: str
-
-
-@dataclass
-class CompressionReport:
-    """Parameter counts of the whole model before and after, and one row per supported layer."""
-
-    params_before: int
-    params_after: int
-    layers: list[LayerReport] = field(default_factory=list)
-    batchnorm_recalibrated: bool = False
-    batchnorm_data_free: bool = False  # recalibrated on synthetic inputs, not on training batches
-
-    @property
-    def reduction(self) -> float:
-        """Fraction of the model's parameters removed (0.7 = 70% fewer)."""
-        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
-
-    @property
-    def factorised(self) -> list[LayerReport]:
-        return [layer for layer in self.layers if layer.rank is not None]
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["reduction"] = self.reduction
-        return data
-
-    def to_markdown(self) -> str:
-        lines = [
-            f"Parameters: {self.params_before:,} -> {self.params_after:,} ({self.reduction:.1%} fewer, whole model, "
-            f"unique parameters). BatchNorm recalibrated: {self.batchnorm_recalibration}.",
-            "",
-            "| layer | kind | shape (out, in, kh, kw) | rank / full | params before | params after | energy kept "
-            "| status |",
-            "|---|---|---|---|---:|---:|---:|---|",
-        ]
-        for r in self.layers:
-            rank = f"{r.rank} / {r.full_rank}" if r.rank is not None else f"- / {r.full_rank}"
-            shape = "x".join(str(d) for d in r.shape)
-            lines.append(
-                f"| `{r.name}` | {r.kind} | {shape} | {rank} | {r.params_before:,} | {r.params_after:,} "
-                f"| {r.energy_kept:.4f} | {r.status} |"
-            )
-        return "\n".join(lines) + "\n"
-
-    def __str__(self) -> str:
-        return (
-            f"CompressionReport({self.params_before:,} -> {self.params_after:,} parameters, "
-            f"{self.reduction:.1%} fewer; {len(self.factorised)}/{len(self.layers)} layers factorised"
-            f"{'; BatchNorm recalibrated (' + self.batchnorm_recalibration + ')' if self.batchnorm_recalibrated else ''})"
-        )
-
-    @property
-    def batchnorm_recalibration(self) -> str:
-        """"no", "on training batches" or "data-free, on synthetic inputs"."""
-        if not self.batchnorm_recalibrated:
-            return "no"
-        return "data-free, on synthetic inputs" if self.batchnorm_data_free else "on training batches"
+DATA_FREE = "data_free"
 
 
 @dataclass
@@ -183,22 +113,12 @@ def _read_by_parent(model: nn.Module) -> set[str]:
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` at ``name`` (peft-style), on the old module's device/dtype and in its train/eval mode."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
+    old = model.get_submodule(name)
     weight = getattr(old, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
         new.to(device=weight.device, dtype=weight.dtype)
     new.train(old.training)
-    setattr(parent, child, new)
-
-
-def _low_rank_from_dense(module: nn.Module, kind: str, rank: int) -> nn.Module:
-    if kind == "conv2d":
-        return LowRankConv2d.from_dense(module, rank)
-    if kind in ("linear", "conv1d"):
-        return LowRankLinear.from_dense(module, rank)
-    raise TypeError(f"cannot factorise {type(module).__name__}: only nn.Linear, nn.Conv2d and HF Conv1D are supported")
+    model.set_submodule(name, new)
 
 
 def _choose_ranks(candidates: list[_Candidate], config: LowRankConfig, params_before: int) -> list[int | None]:
@@ -236,14 +156,134 @@ def _choose_ranks(candidates: list[_Candidate], config: LowRankConfig, params_be
     return ranks
 
 
-DATA_FREE = "data_free"
+@dataclass
+class _Plan:
+    """Everything ``compress`` decided, computed without touching the model."""
+
+    config: LowRankConfig
+    params_before: int
+    rows: dict[str, LayerReport]  # one per supported layer, in registration order
+    replacements: dict[str, LowRankLayer]  # the factorised layers, ready to swap in
+
+
+def _check_not_compressed(model: nn.Module) -> None:
+    already = [name for name, m in model.named_modules() if isinstance(m, LowRankLayer)]
+    if already:
+        raise ValueError(
+            f"model is already compressed (low-rank layers: {', '.join(already[:5])}"
+            f"{', ...' if len(already) > 5 else ''}); compress the dense model instead, or reload a compressed "
+            "checkpoint with apply_ranks"
+        )
+
+
+def _plan(model: nn.Module, config: LowRankConfig) -> _Plan:
+    """Classify every supported layer, take the candidates' spectra, choose ranks, build the replacements."""
+    targets = dict(find_layers(model, config.target_modules, config.exclude_modules, config.skip_first_last))
+    tied, read_by_parent = _tied_weight_ids(model), _read_by_parent(model)
+    params_before = count_parameters(model)
+    rows: dict[str, LayerReport] = {}
+    candidates: list[_Candidate] = []
+    for name, module in find_layers(model):
+        kind = layer_kind(module)
+        shape = _shape(module, kind)
+        full_rank = min(shape[0], shape[1] * shape[2] * shape[3])
+        n_params = _layer_params(module)
+        status = None
+        if name not in targets:
+            status = STATUS_DENSE_EXCLUDED
+        elif kind == "conv2d" and module.groups != 1:
+            status = STATUS_DENSE_GROUPED
+        elif any(id(p) in tied for p in module.parameters()):  # weight or bias shared
+            status = STATUS_DENSE_TIED
+        elif name in read_by_parent:
+            status = STATUS_DENSE_READ_BY_PARENT
+        rows[name] = LayerReport(name, kind, shape, full_rank, None, n_params, n_params, 1.0, status or "")
+        if status is not None:
+            continue
+        matrix = weight_matrix(module).detach()
+        if matrix.device.type == "meta":
+            raise ValueError(f"layer {name!r} is on the meta device: load real weights before compressing")
+        if not torch.isfinite(matrix).all():
+            raise ValueError(
+                f"layer {name!r} has NaN or Inf weights; nothing was compressed. Fix or exclude the layer "
+                "(exclude_modules) before compressing."
+            )
+        # Singular values only (svdvals): keeping every layer's U and V until the ranks are known would
+        # double peak memory on a large model; the factors are computed once, for factorised layers only.
+        candidates.append(_Candidate(name, module, kind, shape, singular_values(matrix).cpu()))
+
+    replacements: dict[str, LowRankLayer] = {}
+    for c, rank in zip(candidates, _choose_ranks(candidates, config, params_before), strict=True):
+        row = rows[c.name]
+        if rank is None:
+            row.status = STATUS_DENSE_NO_GAIN
+            continue
+        replacements[c.name] = factorise(c.module, rank)
+        row.rank, row.status = rank, STATUS_FACTORISED
+        row.params_after = _layer_params(replacements[c.name])
+        row.energy_kept = energy_kept(c.spectrum, rank)
+    saved = copy.deepcopy(config)
+    saved.ranks = {name: rows[name].rank for name in replacements}
+    return _Plan(saved, params_before, rows, replacements)
+
+
+def _apply(model: nn.Module, plan: _Plan) -> None:
+    """Swap the replacements in and record ``lowrank_config`` / ``lowrank_report``; all or nothing."""
+    originals: dict[str, nn.Module] = {}
+    try:
+        for name, new in plan.replacements.items():
+            originals[name] = model.get_submodule(name)
+            _replace_module(model, name, new)
+        params_after = count_parameters(model)
+        expected = plan.params_before - sum(r.params_before - r.params_after for r in plan.rows.values())
+        if params_after != expected:
+            raise RuntimeError(
+                f"compress: the model has {params_after:,} parameters after the swap but {expected:,} were planned, "
+                "so a replaced layer shares parameters in a way compress did not detect. The model was restored; "
+                "keep the shared layers dense (exclude_modules) and please report the model."
+            )
+    except BaseException:
+        for name, old in originals.items():
+            model.set_submodule(name, old)
+        raise
+    model.lowrank_config = plan.config
+    model.lowrank_report = CompressionReport(plan.params_before, params_after, list(plan.rows.values()))
+
+
+BatchNormRepair = Iterable[Any] | str | _batchnorm.DataFreeRecalibration | None
+
+
+def _check_batchnorm_repair(how: BatchNormRepair) -> Iterable[Any] | _batchnorm.DataFreeRecalibration | None:
+    """``how`` with ``"data_free"`` resolved; checked before any work so a typo costs nothing."""
+    if isinstance(how, str | bytes):
+        if how != DATA_FREE:
+            raise ValueError(
+                f"recalibrate_batchnorm={how!r}: give None, an iterable of training batches, or "
+                f"{DATA_FREE!r} (synthetic inputs, no data needed)"
+            )
+        return _batchnorm.DataFreeRecalibration()
+    return how
+
+
+def _prepare_batchnorm_repair(
+    model: nn.Module, how: Iterable[Any] | _batchnorm.DataFreeRecalibration | None
+) -> Callable[[nn.Module], Any] | None:
+    """The repair to run after the cut, prepared on the *dense* model (data-free inputs come from its statistics)."""
+    if how is None:
+        return None
+    if not _batchnorm.batchnorm_layers(model):
+        logger.warning("recalibrate_batchnorm was given but the model has no BatchNorm layer; skipped")
+        return None
+    if isinstance(how, _batchnorm.DataFreeRecalibration):
+        return how.prepare(model)
+    return lambda m: _batchnorm.recalibrate_batchnorm(m, how)
 
 
 def compress(
     model: nn.Module,
     config: LowRankConfig,
     *,
-    recalibrate_batchnorm: Iterable[Any] | str | _batchnorm.DataFreeRecalibration | None = None,
+    recalibrate_batchnorm: BatchNormRepair = None,
 ) -> nn.Module:
     """Factorise the targeted layers of ``model`` in place by truncated SVD; no fine-tuning.
 
@@ -272,158 +312,62 @@ def compress(
     Raises:
         ValueError: the model is already compressed, a targeted weight has NaN/Inf, or the
             ``param_reduction`` budget cannot be reached. The model is untouched in every case.
+        RuntimeError: the swapped-in layers do not hold the planned parameter count (a sharing
+            compress did not detect); the swap is undone, so the model is untouched here too.
             (BatchNorm recalibration runs after the cut: if it fails, the model stays compressed with
             its previous BatchNorm statistics and ``batchnorm_recalibrated=False``.)
     """
     if not isinstance(config, LowRankConfig):
-        raise TypeError(f"config must be a LowRankConfig, got {type(config).__name__}")
-    already = [name for name, m in model.named_modules() if getattr(m, "is_low_rank", False)]
-    if already:
-        raise ValueError(
-            f"model is already compressed (low-rank layers: {', '.join(already[:5])}"
-            f"{', ...' if len(already) > 5 else ''}); compress the dense model instead, or reload a compressed "
-            "checkpoint with apply_ranks"
+        raise TypeError(
+            f"config must be a LowRankConfig, got {type(config).__name__}: pass e.g. LowRankConfig(param_reduction=0.7)"
         )
+    _check_not_compressed(model)
     if config.ranks:
         logger.warning("config.ranks is set but compress() chooses ranks from the rule; the given ranks are ignored")
-    if isinstance(recalibrate_batchnorm, str | bytes):
-        if recalibrate_batchnorm != DATA_FREE:
-            raise ValueError(
-                f"recalibrate_batchnorm={recalibrate_batchnorm!r}: give None, an iterable of training batches, or "
-                f"{DATA_FREE!r} (synthetic inputs, no data needed)"
-            )
-        recalibrate_batchnorm = _batchnorm.DataFreeRecalibration()
+    how = _check_batchnorm_repair(recalibrate_batchnorm)
 
-    # Phase 1: classify every supported layer and take the spectra of the candidates.
-    targets = dict(find_layers(model, config.target_modules, config.exclude_modules, config.skip_first_last))
-    tied, read_by_parent = _tied_weight_ids(model), _read_by_parent(model)
-    params_before = count_parameters(model)
-    rows: dict[str, LayerReport] = {}
-    candidates: list[_Candidate] = []
-    for name, module in find_layers(model):
-        kind = layer_kind(module)
-        shape = _shape(module, kind)
-        full_rank = min(shape[0], shape[1] * shape[2] * shape[3])
-        n_params = _layer_params(module)
-        status = None
-        if name not in targets:
-            status = STATUS_DENSE_EXCLUDED
-        elif kind == "conv2d" and module.groups != 1:
-            status = STATUS_DENSE_GROUPED
-        elif any(id(p) in tied for p in module.parameters()):  # weight or bias shared
-            status = STATUS_DENSE_TIED
-        elif name in read_by_parent:
-            status = STATUS_DENSE_READ_BY_PARENT
-        rows[name] = LayerReport(name, kind, shape, full_rank, None, n_params, n_params, 1.0, status or "")
-        if status is not None:
-            continue
-        weight = out_in_weight(module).detach()
-        if weight.device.type == "meta":
-            raise ValueError(f"layer {name!r} is on the meta device: load real weights before compressing")
-        if not torch.isfinite(weight).all():
-            raise ValueError(
-                f"layer {name!r} has NaN or Inf weights; nothing was compressed. Fix or exclude the layer "
-                "(exclude_modules) before compressing."
-            )
-        # Singular values only (svdvals): keeping every layer's U and V until the ranks are known would
-        # double peak memory on a large model; the factors are computed once, for factorised layers only.
-        spectrum = singular_values(weight.reshape(shape[0], -1)).cpu()
-        candidates.append(_Candidate(name, module, kind, shape, spectrum))
-
-    # Phase 2: ranks. Phase 3: build replacements, still without touching the model.
-    ranks = _choose_ranks(candidates, config, params_before)
-    replacements: dict[str, nn.Module] = {}
-    for c, rank in zip(candidates, ranks, strict=True):
-        row = rows[c.name]
-        if rank is None:
-            row.status = STATUS_DENSE_NO_GAIN
-            continue
-        replacements[c.name] = _low_rank_from_dense(c.module, c.kind, rank)
-        row.rank, row.status = rank, STATUS_FACTORISED
-        row.params_after = _layer_params(replacements[c.name])
-        row.energy_kept = energy_kept(c.spectrum, rank)
-
-    # Data-free recalibration reads the dense model's statistics, so its inputs are made before the swap.
-    has_batchnorm = bool(_batchnorm.batchnorm_layers(model))
-    data_free = isinstance(recalibrate_batchnorm, _batchnorm.DataFreeRecalibration)
-    repair = recalibrate_batchnorm.prepare(model) if data_free and has_batchnorm else None
-
-    # Phase 4: swap.
-    for name, new in replacements.items():
-        _replace_module(model, name, new)
-    params_after = count_parameters(model)
-    expected = params_before - sum(r.params_before - r.params_after for r in rows.values())
-    assert params_after == expected, f"parameter count {params_after} != planned {expected}"  # surgery check
-
-    report = CompressionReport(params_before, params_after, list(rows.values()))
-    saved = copy.deepcopy(config)
-    saved.ranks = {name: rows[name].rank for name in replacements}
-    # Recorded before recalibrating, so the model is consistent even if a recalibration batch fails.
-    model.lowrank_config = saved
-    model.lowrank_report = report
-    if recalibrate_batchnorm is not None:
-        if has_batchnorm:
-            if repair is not None:
-                repair(model)
-            else:
-                _batchnorm.recalibrate_batchnorm(model, recalibrate_batchnorm)
-            report.batchnorm_recalibrated = True
-            report.batchnorm_data_free = data_free
-        else:
-            logger.warning("recalibrate_batchnorm was given but the model has no BatchNorm layer; skipped")
-    logger.info("%s", report)
+    plan = _plan(model, config)  # the model is untouched until _apply
+    repair = _prepare_batchnorm_repair(model, how)  # before the swap: it may read the dense model
+    _apply(model, plan)
+    if repair is not None:
+        # After the cut; the report is already recorded, so a failing batch leaves a consistent compressed model.
+        repair(model)
+        model.lowrank_report.batchnorm_recalibrated = True
+        model.lowrank_report.batchnorm_data_free = isinstance(how, _batchnorm.DataFreeRecalibration)
+    logger.info("%s", model.lowrank_report)
     return model
 
 
 def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     """Give ``model`` the structure of a compressed checkpoint, ready for ``load_state_dict(strict=True)``.
 
-    Each named layer becomes an *uninitialised* low-rank layer of the recorded rank, on the
-    layer's device and dtype (the meta device included, for big-model loading): no SVD is run since
-    the weights are about to be overwritten. Every entry is validated before any layer is replaced.
+    Each named layer becomes an *uninitialised* low-rank layer of the recorded rank
+    (:func:`~smooth_hf.lowrank.layers.low_rank_layer_like`), on the layer's device and dtype (the meta
+    device included, for big-model loading): no SVD is run since the weights are about to be
+    overwritten. Every entry is validated, and every new layer built, before any layer is replaced.
 
     Raises:
         ValueError: a name is missing or not a Linear/Conv2d/Conv1D layer (or a grouped conv), or a
             rank is not in ``[1, full rank]``.
     """
-    plan = []
+    plan = {}
     for name, rank in ranks.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"apply_ranks: no module named {name!r} in {type(model).__name__}") from None
-        kind = layer_kind(module)
-        if kind is None:
+            raise ValueError(
+                f"apply_ranks: no module named {name!r} in {type(model).__name__}: the ranks must come from a "
+                "compression of this same architecture (its compression_config.json)"
+            ) from None
+        if layer_kind(module) is None:
             raise ValueError(
                 f"apply_ranks: {name!r} is a {type(module).__name__}, not a dense Linear, Conv2d or Conv1D layer"
-                f"{' (already low-rank?)' if getattr(module, 'is_low_rank', False) else ''}"
+                f"{'; it is already low-rank: apply ranks to a freshly built dense model' if isinstance(module, LowRankLayer) else ''}"
             )
-        if kind == "conv2d" and module.groups != 1:
-            raise ValueError(f"apply_ranks: {name!r} is a grouped conv (groups={module.groups}); it cannot be low-rank")
-        out, inp, kh, kw = _shape(module, kind)
-        full_rank = min(out, inp * kh * kw)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full_rank:
-            raise ValueError(f"apply_ranks: rank for {name!r} must be an integer in [1, {full_rank}], got {rank!r}")
-        plan.append((name, module, kind, (out, inp, kh, kw), rank))
-    for name, module, kind, (out, inp, kh, kw), rank in plan:
-        weight, bias = module.weight, module.bias is not None
-        if kind == "conv2d":
-            new = LowRankConv2d(
-                inp,
-                out,
-                (kh, kw),
-                rank,
-                stride=module.stride,
-                padding=module.padding,
-                dilation=module.dilation,
-                bias=bias,
-                padding_mode=module.padding_mode,
-                device="meta",
-                dtype=weight.dtype,
-            )
-        else:
-            new = LowRankLinear(inp, out, rank, bias=bias, device="meta", dtype=weight.dtype)
-        if weight.device.type != "meta":
-            new = new.to_empty(device=weight.device)
+        try:
+            plan[name] = low_rank_layer_like(module, rank)
+        except ValueError as err:
+            raise ValueError(f"apply_ranks: {name!r}: {err}") from None
+    for name, new in plan.items():
         _replace_module(model, name, new)
     return model

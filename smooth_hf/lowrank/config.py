@@ -114,7 +114,7 @@ class LowRankConfig:
         for name in ("min_rank", "rank_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}; 1 means no constraint.")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None or isinstance(value, str):
@@ -122,10 +122,16 @@ class LowRankConfig:
             # Tuples and sets become lists so the JSON round trip gives back an equal config.
             value = list(value)
             if not all(isinstance(v, str) for v in value):
-                raise ValueError(f"{name} must be a regex string or a list of module names, got {value!r}.")
+                raise ValueError(
+                    f"{name} must be a regex string or a list of module names, got {value!r}; e.g. "
+                    f"{name}=['query', 'value'] or {name}=r'.*layer4.*'."
+                )
             setattr(self, name, value)
         if not isinstance(self.ranks, dict):
-            raise ValueError(f"ranks must be a dict of module name -> int rank, got {type(self.ranks).__name__}.")
+            raise ValueError(
+                f"ranks must be a dict of module name -> int rank, got {type(self.ranks).__name__}. "
+                "Leave ranks empty: compress() fills it."
+            )
         bad = {
             k: v
             for k, v in self.ranks.items()
@@ -153,7 +159,8 @@ class LowRankConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(
-                f"Unknown LowRankConfig keys: {', '.join(unknown)}. Valid keys: {', '.join(sorted(known))}."
+                f"Unknown LowRankConfig keys: {', '.join(unknown)}. Valid keys: {', '.join(sorted(known))}. "
+                "Fix or remove them (a typo in a hand-edited file?), or upgrade smooth_hf if a newer version wrote it."
             )
         return cls(**data)
 
@@ -171,6 +178,9 @@ class LowRankConfig:
     def from_pretrained(cls, directory: str | os.PathLike) -> LowRankConfig:
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"No {CONFIG_NAME} in {os.fspath(directory)!r}: is it a compressed model folder?")
+            raise FileNotFoundError(
+                f"No {CONFIG_NAME} in {os.fspath(directory)!r}: pass the folder that smooth_hf.save_pretrained wrote "
+                "for a compressed model (a dense checkpoint has no compression config)."
+            )
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))

@@ -5,8 +5,13 @@ A weight ``W`` (``out x in*kh*kw``) is replaced by two plain layers, ``up(down(x
 The singular values are split evenly between the factors so both have the same scale, which keeps
 them well conditioned for half-precision inference or later fine-tuning. The factors are ordinary
 ``nn.Linear`` / ``nn.Conv2d`` modules, so the state dict holds plain tensors (``down.weight``,
-``up.weight``, ``up.bias``) that any loader understands, and ``is_low_rank = True`` tells
-:mod:`smooth_hf.targeting` never to penalise or factorise them again.
+``up.weight``, ``up.bias``) that any loader understands. Both layers subclass
+:class:`~smooth_hf.lowrank.base.LowRankLayer`, which tells :mod:`smooth_hf.targeting` never to
+penalise or factorise them again.
+
+Every low-rank layer is built by one constructor, :func:`low_rank_layer_like` (the geometry of a
+dense layer, uninitialised): :func:`factorise` then fills the factors from the truncated SVD (what
+``compress`` does), and ``apply_ranks`` leaves them for ``load_state_dict`` (what a reload does).
 """
 
 from __future__ import annotations
@@ -15,9 +20,26 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from ..penalties import out_in_weight
 from ..targeting import layer_kind
+from .base import LowRankLayer
 
-__all__ = ["LowRankConv2d", "LowRankLinear", "singular_values", "truncated_svd_factors"]
+__all__ = [
+    "LowRankConv2d",
+    "LowRankLayer",
+    "LowRankLinear",
+    "factorise",
+    "low_rank_layer_like",
+    "singular_values",
+    "truncated_svd_factors",
+    "weight_matrix",
+]
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """The weight of a Linear / HF Conv1D / Conv2d as the ``(out, in*kh*kw)`` matrix whose SVD is taken."""
+    weight = out_in_weight(module)
+    return weight.reshape(weight.shape[0], -1)
 
 
 def _svd_float64(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -46,10 +68,15 @@ def truncated_svd_factors(matrix: Tensor, rank: int, dtype: torch.dtype | None =
     available on every device. The factors are returned in ``dtype`` (default: the matrix's dtype).
     """
     if matrix.dim() != 2:
-        raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
+        raise ValueError(
+            f"expected a 2-D matrix, got shape {tuple(matrix.shape)}: reshape the weight to (out, in*kh*kw) first "
+            "(weight_matrix(module) does)"
+        )
     full_rank = min(matrix.shape)
     if not 1 <= rank <= full_rank:
-        raise ValueError(f"rank must be in [1, {full_rank}] for a {tuple(matrix.shape)} matrix, got {rank}")
+        raise ValueError(
+            f"rank must be in [1, {full_rank}] for a {tuple(matrix.shape)} matrix, got {rank}: pass a rank in that range"
+        )
     with torch.no_grad():
         u, s, vh = _svd_float64(matrix)
         root = s[:rank].sqrt()
@@ -61,36 +88,15 @@ def truncated_svd_factors(matrix: Tensor, rank: int, dtype: torch.dtype | None =
 
 def _check_rank(rank: int, full_rank: int, what: str) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full_rank:
-        raise ValueError(f"rank must be an integer in [1, {full_rank}] for {what}, got {rank!r}")
+        raise ValueError(
+            f"rank must be an integer in [1, {full_rank}] for {what}, got {rank!r}: pass an integer in that range"
+        )
 
 
-class _LowRank(nn.Module):
-    """Shared by both low-rank layers: ``up(down(x))``, and the dense view other code may read."""
-
-    is_low_rank = True
-    down: nn.Module
-    up: nn.Module
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.up(self.down(x))
-
-    def dense_weight(self) -> Tensor:
-        raise NotImplementedError
-
-    # Code that reads ``layer.weight`` / ``layer.bias`` directly (ViTModel reads
-    # ``patch_embeddings.projection.weight.dtype``) gets the exact dense equivalent, built on demand;
-    # the forward pass never builds it.
-    @property
-    def weight(self) -> Tensor:
-        return self.dense_weight()
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.up.bias
-
-
-class LowRankLinear(_LowRank):
+class LowRankLinear(LowRankLayer):
     """``Linear(in, rank, bias=False)`` then ``Linear(rank, out)``: ``rank * (in + out)`` weights."""
+
+    kind = "linear"
 
     def __init__(
         self,
@@ -111,21 +117,14 @@ class LowRankLinear(_LowRank):
     @classmethod
     def from_dense(cls, module: nn.Module, rank: int) -> LowRankLinear:
         """Truncated SVD of an ``nn.Linear`` or HF ``Conv1D`` (whose ``(in, out)`` weight is transposed first)."""
-        kind = layer_kind(module)
-        if kind not in ("linear", "conv1d"):
-            raise TypeError(f"LowRankLinear.from_dense needs nn.Linear or transformers Conv1D, got {type(module)}")
-        weight = module.weight.t() if kind == "conv1d" else module.weight
-        out_features, in_features = weight.shape
-        new = cls(in_features, out_features, rank, bias=module.bias is not None, device="meta")
-        up, down = truncated_svd_factors(weight, rank)
-        new.down.weight = nn.Parameter(down, requires_grad=module.weight.requires_grad)
-        new.up.weight = nn.Parameter(up, requires_grad=module.weight.requires_grad)
-        if module.bias is not None:
-            new.up.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
-        return new
+        return factorise(module, rank, expect=cls)
+
+    @property
+    def dense_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_features, self.in_features, 1, 1)
 
     def dense_weight(self) -> Tensor:
-        """The ``(out, in)`` product of the factors (for inspection; the forward never builds it)."""
+        """The ``(out, in)`` product of the factors."""
         return self.up.weight @ self.down.weight
 
     def extra_repr(self) -> str:
@@ -135,13 +134,15 @@ class LowRankLinear(_LowRank):
         )
 
 
-class LowRankConv2d(_LowRank):
+class LowRankConv2d(LowRankLayer):
     """``Conv2d(in, rank, k, stride, padding, dilation)`` then a 1x1 ``Conv2d(rank, out)``.
 
     All the spatial work happens in the first factor, so the output grid (and padding mode) is the
     dense layer's; the second factor only mixes channels. Grouped convolutions are not supported:
     their weight is block diagonal and a single SVD would mix the groups.
     """
+
+    kind = "conv2d"
 
     def __init__(
         self,
@@ -181,30 +182,11 @@ class LowRankConv2d(_LowRank):
     @classmethod
     def from_dense(cls, module: nn.Conv2d, rank: int) -> LowRankConv2d:
         """Truncated SVD of ``module.weight`` reshaped to ``(out, in*kh*kw)``."""
-        if layer_kind(module) != "conv2d":
-            raise TypeError(f"LowRankConv2d.from_dense needs nn.Conv2d, got {type(module)}")
-        if module.groups != 1:
-            raise ValueError(f"grouped convolutions (groups={module.groups}) cannot be factorised; keep them dense")
-        weight = module.weight
-        out_channels, in_channels, kh, kw = weight.shape
-        new = cls(
-            in_channels,
-            out_channels,
-            (kh, kw),
-            rank,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            device="meta",
-        )
-        up, down = truncated_svd_factors(weight.reshape(out_channels, -1), rank)
-        new.down.weight = nn.Parameter(down.reshape(rank, in_channels, kh, kw), requires_grad=weight.requires_grad)
-        new.up.weight = nn.Parameter(up.reshape(out_channels, rank, 1, 1), requires_grad=weight.requires_grad)
-        if module.bias is not None:
-            new.up.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
-        return new
+        return factorise(module, rank, expect=cls)
+
+    @property
+    def dense_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
 
     @property
     def stride(self) -> tuple[int, ...]:
@@ -219,7 +201,7 @@ class LowRankConv2d(_LowRank):
         return self.down.dilation
 
     def dense_weight(self) -> Tensor:
-        """The ``(out, in, kh, kw)`` product of the factors (for inspection; the forward never builds it)."""
+        """The ``(out, in, kh, kw)`` product of the factors."""
         up = self.up.weight.reshape(self.out_channels, self.rank)
         return (up @ self.down.weight.reshape(self.rank, -1)).reshape(
             self.out_channels, self.in_channels, *self.kernel_size
@@ -230,3 +212,78 @@ class LowRankConv2d(_LowRank):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, bias={self.up.bias is not None}"
         )
+
+
+def low_rank_layer_like(
+    dense: nn.Module,
+    rank: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> LowRankLayer:
+    """An uninitialised rank-``rank`` layer with the geometry of ``dense`` (Linear, HF Conv1D or Conv2d).
+
+    The one constructor of low-rank layers: :func:`factorise` fills its factors from the SVD of the
+    dense weight, :func:`smooth_hf.lowrank.apply_ranks` leaves them for ``load_state_dict``.
+    ``device`` and ``dtype`` default to those of ``dense``'s weight; on the ``"meta"`` device nothing
+    is allocated, elsewhere the parameters hold uninitialised memory (``torch.empty``).
+
+    Raises:
+        TypeError: ``dense`` is not a layer that can be factorised.
+        ValueError: a grouped convolution, or ``rank`` not in ``[1, full rank]``.
+    """
+    kind = layer_kind(dense)
+    if kind is None:
+        raise TypeError(
+            f"cannot factorise a {type(dense).__name__}: only nn.Linear, nn.Conv2d and transformers' Conv1D layers "
+            "can be low-rank. Leave it out of target_modules (or add it to exclude_modules)."
+        )
+    weight = dense.weight
+    device = weight.device if device is None else torch.device(device)
+    dtype = weight.dtype if dtype is None else dtype
+    bias = dense.bias is not None
+    # Built on the meta device first: no random initialisation of factors that are about to be overwritten.
+    if kind == "conv2d":
+        if dense.groups != 1:
+            raise ValueError(
+                f"grouped convolutions (groups={dense.groups}) cannot be factorised (their weight is block diagonal); "
+                "keep them dense: add them to exclude_modules."
+            )
+        out, inp, kh, kw = weight.shape
+        new: LowRankLayer = LowRankConv2d(
+            inp,
+            out,
+            (kh, kw),
+            rank,
+            stride=dense.stride,
+            padding=dense.padding,
+            dilation=dense.dilation,
+            bias=bias,
+            padding_mode=dense.padding_mode,
+            device="meta",
+            dtype=dtype,
+        )
+    else:
+        out, inp = out_in_weight(dense).shape
+        new = LowRankLinear(inp, out, rank, bias=bias, device="meta", dtype=dtype)
+    return new if device.type == "meta" else new.to_empty(device=device)
+
+
+def factorise(dense: nn.Module, rank: int, *, expect: type[LowRankLayer] = LowRankLayer) -> LowRankLayer:
+    """The best rank-``rank`` replacement of ``dense`` (truncated SVD), in ``dense``'s dtype and on its device.
+
+    ``expect`` narrows the accepted layers (``LowRankConv2d.from_dense`` passes ``LowRankConv2d``).
+    """
+    new = low_rank_layer_like(dense, rank, device="meta")
+    if not isinstance(new, expect):
+        raise TypeError(
+            f"{expect.__name__}.from_dense cannot replace a {type(dense).__name__}; call "
+            "smooth_hf.lowrank.layers.factorise(module, rank), which picks the matching low-rank layer."
+        )
+    up, down = truncated_svd_factors(weight_matrix(dense), rank)
+    trainable = dense.weight.requires_grad
+    new.down.weight = nn.Parameter(down.reshape(new.down.weight.shape), requires_grad=trainable)
+    new.up.weight = nn.Parameter(up.reshape(new.up.weight.shape), requires_grad=trainable)
+    if dense.bias is not None:
+        new.up.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=dense.bias.requires_grad)
+    return new

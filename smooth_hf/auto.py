@@ -1,4 +1,4 @@
-"""Build models from a name, a type or a checkpoint folder: timm and transformers behind one seam.
+"""Build models from a name, a type or a checkpoint folder, like transformers' Auto classes, for timm too.
 
 * ``build_model("resnet18_cifar", num_labels=10, num_channels=1)``: a timm architecture (timm's
   registry, ``timm/...`` or ``hf-hub:...``), pretrained weights when timm has them;
@@ -24,9 +24,10 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_model
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig
 
-from . import models as _models  # noqa: F401  (registers the CIFAR ResNets with timm)
+from . import modeling_resnet_cifar  # noqa: F401  (registers the CIFAR ResNets with timm)
+from .compat import base_library, is_transformers_model, is_transformers_model_class
 
 __all__ = [
     "build_from_config_dir",
@@ -113,7 +114,7 @@ def build_model(
 
 def num_labels_of(model: nn.Module) -> int | None:
     """Output classes of a classifier: transformers ``config.num_labels``, timm ``num_classes``."""
-    if isinstance(model, PreTrainedModel):
+    if is_transformers_model(model):
         return getattr(model.config, "num_labels", None)
     return getattr(model, "num_classes", None)
 
@@ -130,7 +131,7 @@ def check_num_labels(model: nn.Module, num_classes: int) -> None:
 
 def image_input_config(model: nn.Module) -> dict[str, Any]:
     """Channels, fixed image size (or None) and normalisation a model expects, timm or transformers."""
-    if isinstance(model, PreTrainedModel):
+    if is_transformers_model(model):
         config = model.config
         size = getattr(config, "image_size", None)
         size = size[0] if isinstance(size, list | tuple) else size
@@ -148,13 +149,14 @@ def image_input_config(model: nn.Module) -> dict[str, Any]:
 def save_dense(model: nn.Module, directory: str | os.PathLike) -> None:
     """Weights (safetensors) + the config that rebuilds the architecture, timm or transformers."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, PreTrainedModel):
-        model.save_pretrained(directory)
-        return
-    if getattr(model, "pretrained_cfg", None) is None:
+    library = base_library(model)
+    if library is None:  # checked before creating the folder: a refused save writes nothing
         raise TypeError(f"{type(model).__name__} is neither a timm nor a transformers model: its architecture "
                         "cannot be written as JSON. Build it with timm.create_model or transformers.")
+    directory.mkdir(parents=True, exist_ok=True)
+    if library == "transformers":
+        model.save_pretrained(directory)
+        return
     from timm.models._hub import save_config_for_hf
 
     save_config_for_hf(model, directory / "config.json")
@@ -168,10 +170,10 @@ def _read_config(directory: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _transformers_class(directory: str | os.PathLike, config: dict[str, Any]) -> type[PreTrainedModel]:
+def _transformers_class(directory: str | os.PathLike, config: dict[str, Any]) -> type[nn.Module]:
     architectures = config.get("architectures") or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
-    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+    if not is_transformers_model_class(cls):
         raise ValueError(
             f"unknown base architecture {architectures or '(none)'} in {Path(directory) / 'config.json'}: smooth_hf "
             "only builds model classes shipped with transformers (never remote code). Upgrade transformers if the "

@@ -1,0 +1,48 @@
+"""``LowRankLayer``: the base class of every low-rank layer, recognised everywhere with ``isinstance``.
+
+Like peft's ``BaseTunerLayer``: code that must treat a factorised layer differently (targeting skips
+it and its factors, ``compress`` refuses to cut it twice, saving checks the recorded ranks, reports
+read its geometry) asks ``isinstance(module, LowRankLayer)``. This module imports nothing else of the
+package, so any module can import it without an import cycle.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["LowRankLayer"]
+
+
+class LowRankLayer(nn.Module):
+    """``up(down(x))``: two plain layers standing in for one dense layer of rank ``rank``.
+
+    Subclasses set ``down``, ``up`` and ``rank`` and say which dense layer they replace
+    (:attr:`kind`, :attr:`dense_shape`, :meth:`dense_weight`).
+    """
+
+    kind: str  # "linear" or "conv2d": the computation it stands in for (an HF Conv1D becomes "linear")
+    rank: int
+    down: nn.Module
+    up: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x))
+
+    @property
+    def dense_shape(self) -> tuple[int, int, int, int]:
+        """``(out, in, kh, kw)`` of the dense weight this layer replaces (``kh = kw = 1`` for a linear layer)."""
+        raise NotImplementedError
+
+    def dense_weight(self) -> Tensor:
+        """The product of the factors, shaped like the dense weight (for inspection; the forward never builds it)."""
+        raise NotImplementedError
+
+    # Code that reads ``layer.weight`` / ``layer.bias`` directly (ViTModel reads
+    # ``patch_embeddings.projection.weight.dtype``) gets the exact dense equivalent, built on demand.
+    @property
+    def weight(self) -> Tensor:
+        return self.dense_weight()
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.up.bias

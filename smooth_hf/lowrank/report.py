@@ -1,0 +1,203 @@
+"""``CompressionReport``: what ``compress`` did, per layer and for the whole model.
+
+One place for the report: its JSON form (``to_dict`` / ``from_dict``, saved next to a checkpoint as
+``compression_report.json``), the per-layer Markdown table (``layer_table``, used by ``to_markdown`` and
+by the model card), and the rebuild from a model's low-rank layers when no report was kept
+(``from_model``).
+
+"Parameters" are always the unique parameters of the whole model (``count_parameters``): weights,
+biases, norm scales, embeddings; a tied weight (GPT-2's ``lm_head``/``wte``) counts once; buffers
+(BatchNorm running statistics) are not parameters and do not count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from torch import nn
+
+from .base import LowRankLayer
+
+__all__ = [
+    "STATUS_DENSE_EXCLUDED",
+    "STATUS_DENSE_GROUPED",
+    "STATUS_DENSE_NO_GAIN",
+    "STATUS_DENSE_READ_BY_PARENT",
+    "STATUS_DENSE_TIED",
+    "STATUS_FACTORISED",
+    "CompressionReport",
+    "LayerReport",
+    "count_parameters",
+    "markdown_cell",
+]
+
+STATUS_FACTORISED = "factorised"
+STATUS_DENSE_NO_GAIN = "dense: factorising would not remove parameters"
+STATUS_DENSE_GROUPED = "dense: grouped conv"
+STATUS_DENSE_TIED = "dense: tied weight"
+STATUS_DENSE_EXCLUDED = "dense: excluded"
+# nn.MultiheadAttention reads out_proj.weight directly instead of calling out_proj: replacing it would crash.
+STATUS_DENSE_READ_BY_PARENT = "dense: weight read directly by nn.MultiheadAttention"
+
+_DERIVED_KEYS = ("reduction",)  # written by to_dict for readers of the JSON, recomputed on reading
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters of ``model``: a tied or shared parameter counts once; buffers do not count."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def markdown_cell(value: Any) -> str:
+    """Markdown-table-safe text: a ``|`` or newline in a value must not break the table."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+@dataclass
+class LayerReport:
+    """What happened to one supported layer. ``shape`` is ``(out, in, kh, kw)`` (``1, 1`` for linear).
+
+    ``energy_kept`` is NaN when unknown (a report rebuilt from a compressed model: the dense weights are gone).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, int, int, int]
+    full_rank: int
+    rank: int | None
+    params_before: int
+    params_after: int
+    energy_kept: float
+    status: str
+
+
+@dataclass
+class CompressionReport:
+    """Parameter counts of the whole model before and after, and one row per supported layer."""
+
+    params_before: int
+    params_after: int
+    layers: list[LayerReport] = field(default_factory=list)
+    batchnorm_recalibrated: bool = False
+    batchnorm_data_free: bool = False  # recalibrated on synthetic inputs, not on training batches
+
+    @property
+    def reduction(self) -> float:
+        """Fraction of the model's parameters removed (0.7 = 70% fewer)."""
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    @property
+    def factorised(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.rank is not None]
+
+    @property
+    def batchnorm_recalibration(self) -> str:
+        """"no", "on training batches" or "data-free, on synthetic inputs"."""
+        if not self.batchnorm_recalibrated:
+            return "no"
+        return "data-free, on synthetic inputs" if self.batchnorm_data_free else "on training batches"
+
+    # ---- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["reduction"] = self.reduction
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
+        """The inverse of :meth:`to_dict` (e.g. of a ``compression_report.json``); ``reduction`` is recomputed.
+
+        Raises:
+            ValueError: unknown or missing keys, in the report or in a layer row.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a compression report must be a JSON object, got {type(data).__name__}")
+        report = _known_fields(cls, {k: v for k, v in data.items() if k not in _DERIVED_KEYS}, "report")
+        rows = report.pop("layers", [])
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise ValueError("a compression report's 'layers' must be a list of objects, one per layer")
+        layers = []
+        for row in rows:
+            row = _known_fields(LayerReport, row, f"layer row {row.get('name', '?')!r}")
+            row["shape"] = tuple(row["shape"])
+            layers.append(LayerReport(**row))
+        return cls(layers=layers, **report)
+
+    # ---- rebuilt from a model -----------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: nn.Module) -> CompressionReport:
+        """The report of a compressed model whose report was not kept, rebuilt from its low-rank layers.
+
+        Only factorised layers are listed (the dense ones cannot be told apart from layers that were never
+        targeted), and their energy kept is unknown (NaN): it is a property of the dense weights, which are gone.
+        """
+        layers, removed = [], 0
+        for name, module in model.named_modules():
+            if not isinstance(module, LowRankLayer):
+                continue
+            out, inp, kh, kw = module.dense_shape
+            bias = module.up.bias.numel() if module.up.bias is not None else 0
+            before = out * inp * kh * kw + bias
+            after = sum(p.numel() for p in module.parameters())
+            removed += before - after
+            layers.append(
+                LayerReport(
+                    name,
+                    module.kind,
+                    (out, inp, kh, kw),
+                    min(out, inp * kh * kw),
+                    module.rank,
+                    before,
+                    after,
+                    math.nan,
+                    STATUS_FACTORISED,
+                )
+            )
+        params_after = count_parameters(model)
+        return cls(params_after + removed, params_after, layers)
+
+    # ---- Markdown -----------------------------------------------------------------------------
+    def layer_table(self) -> str:
+        """The per-layer table in Markdown (no trailing newline): the one renderer, used by the model card too."""
+        lines = [
+            "| layer | kind | shape (out x in x kh x kw) | rank / full rank | params before | params after "
+            "| energy kept | status |",
+            "|---|---|---|---|---:|---:|---:|---|",
+        ]
+        for layer in self.layers:
+            rank = f"{layer.rank} / {layer.full_rank}" if layer.rank is not None else f"dense ({layer.full_rank})"
+            energy = "n/a" if layer.energy_kept is None or math.isnan(layer.energy_kept) else f"{layer.energy_kept:.4f}"
+            lines.append(
+                f"| `{markdown_cell(layer.name)}` | {markdown_cell(layer.kind)} | {'x'.join(str(d) for d in layer.shape)} "
+                f"| {rank} | {layer.params_before:,} | {layer.params_after:,} | {energy} | {markdown_cell(layer.status)} |"
+            )
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        """A summary line and the per-layer table."""
+        return (
+            f"Parameters: {self.params_before:,} -> {self.params_after:,} ({self.reduction:.1%} fewer, whole model, "
+            f"unique parameters). BatchNorm recalibrated: {self.batchnorm_recalibration}.\n\n{self.layer_table()}\n"
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"CompressionReport({self.params_before:,} -> {self.params_after:,} parameters, "
+            f"{self.reduction:.1%} fewer; {len(self.factorised)}/{len(self.layers)} layers factorised"
+            f"{'; BatchNorm recalibrated (' + self.batchnorm_recalibration + ')' if self.batchnorm_recalibrated else ''})"
+        )
+
+
+def _known_fields(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    """``data`` as constructor arguments of the dataclass ``cls``; unknown or missing keys are an error."""
+    names = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    unknown, missing = sorted(set(data) - names), sorted(required - set(data))
+    if unknown or missing:
+        raise ValueError(
+            f"{what} of a compression report has {'unknown keys ' + ', '.join(unknown) if unknown else ''}"
+            f"{'; ' if unknown and missing else ''}{'missing keys ' + ', '.join(missing) if missing else ''}. "
+            "It was written by another version or edited: re-save the model with smooth_hf.save_pretrained."
+        )
+    return dict(data)

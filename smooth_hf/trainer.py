@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.utils import logging
 
 from .compat import is_transformers_model
@@ -80,12 +80,9 @@ class SmoothTrainer(Trainer):
             second_order_coef=args.second_order_coef,
             normalization=args.penalty_normalization,
             nuclear_norm_every=args.nuclear_norm_every,
-            nuclear_norm_mode=args.nuclear_norm_mode,
+            nuclear_norm_param_reduction=args.nuclear_norm_param_reduction,
         )
         super().__init__(model=model, args=args, **kwargs)
-        self._proximal_lr_sum = 0.0
-        if self.smoothness.nuclear_norm_coef > 0 and self.smoothness.nuclear_norm_mode == "proximal":
-            self.add_callback(_ProximalNuclearNorm(self))
         self._check_unsharded_weights()
         if _mean_loss_classifier(model):
             # These heads return a per-batch *mean* loss yet accept **kwargs, so the Trainer would assume
@@ -142,15 +139,6 @@ class SmoothTrainer(Trainer):
         self._penalty_steps += 1
         return total * ramp * self._ga_compensation(num_items_in_batch)
 
-    def _proximal_update(self) -> None:
-        """After an optimizer step: accumulate its learning rate; every ``nuclear_norm_every`` steps, shrink."""
-        step = self.state.global_step  # not yet incremented: this is the step just taken
-        self._proximal_lr_sum += self.optimizer.param_groups[0]["lr"] * self._warmup_factor(step)
-        if (step + 1) % self.smoothness.nuclear_norm_every == 0:
-            terms = self.smoothness.proximal_step(self._proximal_lr_sum)
-            self._proximal_lr_sum = 0.0
-            self._proximal_terms = terms
-
     def _warmup_factor(self, step: int) -> float:
         if self.args.penalty_warmup_ratio <= 0 or not self.state.max_steps:
             return 1.0
@@ -175,9 +163,6 @@ class SmoothTrainer(Trainer):
                 logs[f"smooth/{key}"] = round(value / self._penalty_steps, 6)
             self._penalty_sums.clear()
             self._penalty_steps = 0
-        if "loss" in logs and getattr(self, "_proximal_terms", None):
-            for key, value in self._proximal_terms.items():  # as of the last proximal step
-                logs[f"smooth/{key}"] = round(value, 6)
         super().log(logs, start_time)
 
     # ---- checkpoints: the cached nuclear-norm directions are training state --------------------
@@ -195,12 +180,3 @@ class SmoothTrainer(Trainer):
         if self.smoothness.active and os.path.isfile(path):
             self.smoothness.load_state_dict(load_file(path))
 
-
-class _ProximalNuclearNorm(TrainerCallback):
-    """Runs :meth:`SmoothTrainer._proximal_update` right after each optimizer step (before the LR moves on)."""
-
-    def __init__(self, trainer: SmoothTrainer):
-        self.trainer = trainer
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._proximal_update()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .smoothness import NORMALIZATIONS, NUCLEAR_NORM_MODES
+from .smoothness import NORMALIZATIONS
 
 __all__ = ["SmoothTrainingArguments"]
 
@@ -61,13 +61,13 @@ class SmoothTrainingArguments(TrainingArguments):
         default=25,
         metadata={"help": "Recompute the nuclear norm's gradient direction U V^T every N optimizer steps and use "
                   "the surrogate <W, U V^T> in between (1 = exact every step; cost and accuracy of the "
-                  "default: BENCHMARKS.md). In proximal mode: apply the proximal step every N steps."},
+                  "default: BENCHMARKS.md)."},
     )
-    nuclear_norm_mode: str = field(
-        default="gradient",
-        metadata={"help": "How the nuclear norm acts: 'gradient' adds it to the loss; 'proximal' soft-thresholds "
-                  "each layer's singular values every nuclear_norm_every steps instead (exact zeros, so truncating "
-                  "at the rank it reaches changes nothing).", "choices": list(NUCLEAR_NORM_MODES)},
+    nuclear_norm_param_reduction: float | None = field(
+        default=None,
+        metadata={"help": "Penalise only the tail of each spectrum: the singular values that a later "
+                  "LowRankConfig(param_reduction=p) cut would remove, re-planned from the current weights at every "
+                  "nuclear_norm_every refresh. None = the whole nuclear norm (the paper's penalty)."},
     )
     penalty_warmup_ratio: float = field(
         default=0.0,
@@ -88,10 +88,9 @@ class SmoothTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"--nuclear_norm_every must be an integer >= 1 (1 = exact SVD every step), got {self.nuclear_norm_every!r}"
             )
-        if self.nuclear_norm_mode not in NUCLEAR_NORM_MODES:
-            raise ValueError(
-                f"--nuclear_norm_mode must be one of {', '.join(NUCLEAR_NORM_MODES)}, got {self.nuclear_norm_mode!r}"
-            )
+        p = self.nuclear_norm_param_reduction
+        if p is not None and not (isinstance(p, int | float) and 0 < p < 1):
+            raise ValueError(f"--nuclear_norm_param_reduction must be a fraction in (0, 1), e.g. 0.8; got {p!r}")
         if not 0.0 <= self.penalty_warmup_ratio < 1.0:
             raise ValueError(f"--penalty_warmup_ratio must be in [0, 1), got {self.penalty_warmup_ratio!r}")
         super().__post_init__()

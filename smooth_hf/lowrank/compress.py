@@ -16,18 +16,20 @@ import copy
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from .. import batchnorm as _batchnorm
 from ..penalties import out_in_weight
 from ..targeting import find_layers, layer_kind
 from .allocation import allocate_ranks, energy_kept, finalize_rank, max_removable, rank_for_energy, rank_for_ratio
 from .config import LowRankConfig
+from .diagnosis import budget_advice, describe, unfactorisable_weights
 from .layers import LowRankConv2d, LowRankLinear, singular_values
 
 __all__ = [
@@ -55,7 +57,18 @@ STATUS_DENSE_READ_BY_PARENT = "dense: weight read directly by nn.MultiheadAttent
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Unique parameters of ``model``: a tied or shared parameter counts once; buffers do not count."""
+    """Unique parameters of ``model``: a tied or shared parameter counts once; buffers do not count.
+
+    Raises:
+        ValueError: the model has uninitialised lazy layers (``nn.LazyLinear``...), whose sizes are unknown.
+    """
+    lazy = [name for name, p in model.named_parameters() if is_lazy(p)]
+    if lazy:
+        raise ValueError(
+            f"{type(model).__name__} has uninitialised lazy parameters ({', '.join(lazy[:3])}"
+            f"{', ...' if len(lazy) > 3 else ''}), e.g. from nn.LazyLinear: their shapes are only known after the "
+            "first forward pass. Run one forward pass (model(example_input)) first, then count or compress."
+        )
     return sum(p.numel() for p in model.parameters())
 
 
@@ -201,7 +214,9 @@ def _low_rank_from_dense(module: nn.Module, kind: str, rank: int) -> nn.Module:
     raise TypeError(f"cannot factorise {type(module).__name__}: only nn.Linear, nn.Conv2d and HF Conv1D are supported")
 
 
-def _choose_ranks(candidates: list[_Candidate], config: LowRankConfig, params_before: int) -> list[int | None]:
+def _choose_ranks(
+    candidates: list[_Candidate], config: LowRankConfig, params_before: int, advice: Callable[[], str] = str
+) -> list[int | None]:
     costs = [c.cost_per_rank for c in candidates]
     dense = [c.dense_params for c in candidates]
     if config.param_reduction is not None:
@@ -213,8 +228,7 @@ def _choose_ranks(candidates: list[_Candidate], config: LowRankConfig, params_be
                 f"param_reduction={config.param_reduction} asks to remove {target:,.0f} of {params_before:,} "
                 f"parameters, but with these targets at most {most:,} ({most / params_before:.1%} of the model) "
                 f"can be removed, even with every factorisable layer at min_rank={config.min_rank}. Lower "
-                f"param_reduction to at most {largest:.3f}, or widen target_modules / exclude fewer modules / "
-                "lower min_rank or rank_multiple."
+                f"param_reduction to at most {largest:.3f}." + (f" {hint}" if (hint := advice()) else "")
             )
         return allocate_ranks(
             [c.spectrum for c in candidates],
@@ -331,7 +345,15 @@ def compress(
         candidates.append(_Candidate(name, module, kind, shape, spectrum))
 
     # Phase 2: ranks. Phase 3: build replacements, still without touching the model.
-    ranks = _choose_ranks(candidates, config, params_before)
+    excluded = [r for r in rows.values() if r.status == STATUS_DENSE_EXCLUDED]
+    ranks = _choose_ranks(
+        candidates,
+        config,
+        params_before,
+        advice=lambda: budget_advice(
+            model, sum(r.params_before for r in excluded), len(excluded), config.min_rank, config.rank_multiple
+        ),
+    )
     replacements: dict[str, nn.Module] = {}
     for c, rank in zip(candidates, ranks, strict=True):
         row = rows[c.name]
@@ -342,6 +364,15 @@ def compress(
         row.rank, row.status = rank, STATUS_FACTORISED
         row.params_after = _layer_params(replacements[c.name])
         row.energy_kept = energy_kept(c.spectrum, rank)
+
+    if not replacements:
+        blocked = unfactorisable_weights(model)
+        logger.warning(
+            "compress: no layer was factorised (%d candidate layers, none where the rule keeps a rank that removes "
+            "parameters)%s",
+            len(candidates),
+            f"; weights smooth_hf cannot factorise: {describe(blocked)}" if blocked else "",
+        )
 
     # Data-free recalibration reads the dense model's statistics, so its inputs are made before the swap.
     has_batchnorm = bool(_batchnorm.batchnorm_layers(model))
@@ -361,6 +392,9 @@ def compress(
     # Recorded before recalibrating, so the model is consistent even if a recalibration batch fails.
     model.lowrank_config = saved
     model.lowrank_report = report
+    from ..hf_quantizer import attach_quantization_config  # here: it imports this module
+
+    attach_quantization_config(model)  # transformers models: model.save_pretrained now records the ranks
     if recalibrate_batchnorm is not None:
         if has_batchnorm:
             if repair is not None:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ..targeting import layer_kind
+from .guard import GUARD_SUFFIX, is_guard
 
 __all__ = ["LowRankConv2d", "LowRankLinear", "singular_values", "truncated_svd_factors"]
 
@@ -73,6 +74,13 @@ class _LowRank(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.up(self.down(x))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        # transformers checkpoints carry a guard at the dense weight's name (smooth_hf.lowrank.guard); it has
+        # no place in this layer, so a strict load_state_dict skips it instead of calling it unexpected.
+        if is_guard(state_dict.get(prefix + GUARD_SUFFIX)):
+            del state_dict[prefix + GUARD_SUFFIX]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def dense_weight(self) -> Tensor:
         raise NotImplementedError

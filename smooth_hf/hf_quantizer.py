@@ -40,28 +40,18 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .dtypes import dtype_from_name, dtype_islands, main_dtype, set_tensor_dtypes
 from .lowrank import LowRankConfig, apply_ranks
-from .lowrank.guard import GUARD_SUFFIX, guard_keys, guard_tensor, is_guard
+from .lowrank.guard import GUARD_SUFFIX, guard_keys, guard_tensor
 
-__all__ = [
-    "GUARD_SUFFIX",
-    "QUANT_METHOD",
-    "SmoothHfConfig",
-    "SmoothHfQuantizer",
-    "attach_quantization_config",
-    "guard_keys",
-    "guard_tensor",
-    "is_guard",
-]
+__all__ = ["LOAD_NOTE", "QUANT_METHOD", "SmoothHfConfig", "SmoothHfQuantizer", "attach_quantization_config"]
 
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "smooth_hf"
 # What someone reading config.json (or transformers' warning about an unknown method) needs to know.
 LOAD_NOTE = (
-    "Compressed with smooth_hf (low-rank factorised layers). Run `import smooth_hf` (pip install smooth_hf) "
-    "before from_pretrained/pipeline: without it transformers builds the dense architecture and refuses the weights."
+    "Compressed with smooth_hf (low-rank factorised layers). Run `import smooth_hf` (the smooth_hf package) before "
+    "from_pretrained/pipeline: without it transformers builds the dense architecture and refuses the weights."
 )
-_EXTRA_KEYS = ("quant_method", "dtype", "dtypes", "smooth_hf_version", "load_note")
 
 
 def _library_version() -> str:
@@ -111,9 +101,9 @@ class SmoothHfConfig(QuantizationConfigMixin):
     @classmethod
     def from_model(cls, model: nn.Module) -> SmoothHfConfig:
         """The section for ``model`` as it is now: its ``lowrank_config`` and its tensors' dtypes."""
-        from .hub import check_compressed
+        from .hub import check_compressed  # here: hub imports this module
 
-        lowrank = check_compressed(model)
+        lowrank = check_compressed(model, allow_meta=True)
         return cls(lowrank=lowrank, dtype=str(main_dtype(model)).removeprefix("torch."), dtypes=dtype_islands(model))
 
     @property
@@ -145,29 +135,59 @@ def _module_names(model: nn.Module) -> set[str]:
     return {name for name, _ in model.named_modules()}
 
 
+def _renamer(model: PreTrainedModel):
+    """Maps a name of the checkpoint's model to ``model``: a checkpoint of a model with a head loads into its
+    base model (``transformer.h.0...`` -> ``h.0...``) and the other way round, as transformers allows for
+    weights. Returns ``rename(name, exists) -> new name | None`` (``None``: a head layer the base model lacks)."""
+    prefix = model.base_model_prefix
+    is_base = not prefix or not hasattr(model, prefix)
+
+    def rename(name: str, exists) -> str | None:
+        if exists(name):
+            return name
+        if prefix and name.startswith(prefix + ".") and exists(name[len(prefix) + 1 :]):
+            return name[len(prefix) + 1 :]
+        if prefix and exists(f"{prefix}.{name}"):
+            return f"{prefix}.{name}"
+        if is_base and prefix and not name.startswith(prefix + "."):
+            return None  # a head layer of the checkpoint (classifier, lm_head): the base model has none
+        raise KeyError(name)
+
+    return rename
+
+
 def _resolve_names(model: PreTrainedModel, ranks: dict[str, int]) -> dict[str, int]:
-    """The ranks renamed for ``model``: a checkpoint of a model with a head loads into its base model
-    (``transformer.h.0...`` -> ``h.0...``) and the other way round, as transformers allows for weights."""
-    names, prefix = _module_names(model), model.base_model_prefix
-    is_base = not hasattr(model, prefix) if prefix else True
+    """The ranks, renamed for ``model`` (see :func:`_renamer`)."""
+    names, rename = {name for name, _ in model.named_modules()}, _renamer(model)
     resolved, unknown = {}, []
     for name, rank in ranks.items():
-        if name in names:
-            resolved[name] = rank
-        elif prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in names:
-            resolved[name[len(prefix) + 1 :]] = rank
-        elif prefix and f"{prefix}.{name}" in names:
-            resolved[f"{prefix}.{name}"] = rank
-        elif is_base and prefix and not name.startswith(prefix + "."):
-            continue  # a head layer of the checkpoint (classifier, lm_head): the base model has none
-        else:
+        try:
+            new = rename(name, names.__contains__)
+        except KeyError:
             unknown.append(name)
+            continue
+        if new is not None:
+            resolved[new] = rank
     if unknown:
         raise ValueError(
             f"the smooth_hf quantization_config names layers that {type(model).__name__} does not have: "
             f"{', '.join(unknown[:4])}{', ...' if len(unknown) > 4 else ''}. Load the checkpoint with the model "
             "class it was saved from (config.json 'architectures')."
         )
+    return resolved
+
+
+def _resolve_tensors(model: PreTrainedModel, dtypes: dict[str, str]) -> dict[str, str]:
+    """The recorded dtypes, renamed for ``model``; tensors it does not have are left out."""
+    tensors = set(dict(model.named_parameters(remove_duplicate=False))) | set(dict(model.named_buffers()))
+    rename, resolved = _renamer(model), {}
+    for name, dtype in dtypes.items():
+        try:
+            new = rename(name, tensors.__contains__)
+        except KeyError:
+            continue
+        if new is not None:
+            resolved[new] = dtype
     return resolved
 
 
@@ -199,8 +219,7 @@ class SmoothHfQuantizer(HfQuantizer):
         if config.dtypes and config.dtype is not None and self._load_dtype == dtype_from_name(config.dtype):
             # transformers casts each loaded tensor to the dtype of the empty tensor it goes into when that
             # differs from the load dtype: giving the empty islands their saved dtype restores them exactly.
-            islands = {name: dtype for name, dtype in config.dtypes.items() if _has_tensor(model, name)}
-            set_tensor_dtypes(model, islands)
+            set_tensor_dtypes(model, _resolve_tensors(model, config.dtypes))
         guards = {r"(^|\.)" + re.escape(f"{name}.{GUARD_SUFFIX}") + "$" for name in self._ranks}
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | guards
         model.lowrank_config = LowRankConfig.from_dict({**config.lowrank.to_dict(), "ranks": dict(self._ranks)})
@@ -253,21 +272,12 @@ class SmoothHfQuantizer(HfQuantizer):
         return True
 
 
-def _has_tensor(model: nn.Module, name: str) -> bool:
-    module_name, _, attr = name.rpartition(".")
-    try:
-        module = model.get_submodule(module_name) if module_name else model
-    except AttributeError:
-        return False
-    return attr in module._parameters or attr in module._buffers
-
-
 def attach_quantization_config(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` write a checkpoint that ``from_pretrained`` rebuilds (transformers models).
 
     Sets ``model.config.quantization_config`` and ``model.hf_quantizer``, as ``from_pretrained`` does for a
     loaded quantized model. Other models are left alone. A model that already carries another
-    quantization method keeps it (a warning says that only :func:`smooth_hf.save_pretrained` then works).
+    quantization method keeps it, with a warning: neither save can then record the low-rank structure.
     """
     if not isinstance(model, PreTrainedModel):
         return
@@ -275,8 +285,8 @@ def attach_quantization_config(model: nn.Module) -> None:
     method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
     if existing is not None and method != QUANT_METHOD:
         logger.warning(
-            "the model already carries the quantization method %r: model.save_pretrained will not record the "
-            "low-rank structure; use smooth_hf.save_pretrained",
+            "the model already carries the quantization method %r: model.save_pretrained and "
+            "smooth_hf.save_pretrained cannot record its low-rank structure",
             method,
         )
         return

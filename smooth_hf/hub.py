@@ -100,8 +100,11 @@ def _base_library(model: nn.Module) -> str:
     )
 
 
-def check_compressed(model: nn.Module) -> LowRankConfig:
-    """``model.lowrank_config``, after checking that it describes the model's low-rank layers (else ValueError)."""
+def check_compressed(model: nn.Module, allow_meta: bool = False) -> LowRankConfig:
+    """``model.lowrank_config``, after checking that it describes the model's low-rank layers (else ValueError).
+
+    ``allow_meta``: tensors on the meta device are accepted (transformers' own save reads offloaded weights back).
+    """
     config = getattr(model, "lowrank_config", None)
     if not isinstance(config, LowRankConfig):
         raise ValueError(
@@ -127,7 +130,7 @@ def check_compressed(model: nn.Module) -> LowRankConfig:
             f"not reload: {', '.join(wrong[:5])}{', ...' if len(wrong) > 5 else ''}. Do not edit the layers after "
             "compress()."
         )
-    meta = [name for name, t in model.state_dict().items() if t.device.type == "meta"]
+    meta = [] if allow_meta else [name for name, t in model.state_dict().items() if t.device.type == "meta"]
     if meta:
         raise ValueError(
             f"cannot save tensors on the meta device (e.g. {meta[0]}): load or materialise the weights first"
@@ -549,6 +552,9 @@ def from_pretrained(
     ``snapshot_download``, JSON / safetensors / Markdown files only). The base architecture is rebuilt
     from ``config.json`` (timm or a transformers class; never remote code), the recorded ranks are
     replayed, and ``model.safetensors`` is loaded strictly. The returned model carries ``lowrank_config``.
+    transformers models load through their class's own ``from_pretrained`` (``dtype="auto"``), so this
+    equals ``AutoModelFor*.from_pretrained`` after ``import smooth_hf``, and also reads folders written
+    by ``model.save_pretrained``.
 
     Raises:
         FileNotFoundError: empty folder, missing weights or config, unknown path / repo.

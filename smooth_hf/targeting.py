@@ -10,8 +10,9 @@ Patterns follow peft's ``target_modules`` convention so they read the same to HF
 
 Only weights that can be both penalised and factorised are ever selected: ``nn.Linear`` (and its
 subclasses whose forward still computes ``x @ W.T + b``, such as Falcon's ``FalconLinear``: see
-``_computes_linear_map``), ``nn.Conv2d`` and transformers' ``Conv1D`` (GPT-2). A pattern that matches nothing, or that names
-only layers of another type, is an error that says what to do -- never silently ignored.
+``_computes_linear_map``), ``nn.Conv2d`` and transformers' ``Conv1D`` (GPT-2). A pattern that matches
+nothing, or that names only layers of another type, is an error that says what to do -- never
+silently ignored.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
-# nn.Linear subclasses that were probed, by class: True when the forward computes x @ W.T + b.
-_LINEAR_MAP_CLASSES: dict[type, bool] = {}
+# nn.Linear subclasses that were probed, by (class, has bias): True when the forward computes x @ W.T + b.
+_LINEAR_MAP_CLASSES: dict[tuple[type, bool], bool] = {}
 _PROBE_IN, _PROBE_OUT = 7, 5
 
 
@@ -62,7 +63,7 @@ def _computes_linear_map(module: nn.Linear) -> bool:
     * its class's forward, run on a shallow copy given small random float64 ``weight``/``bias`` (and
       matching ``in_features``/``out_features``) and a random input, returns ``x @ W.T + b`` to float64
       precision. The probe calls ``forward`` directly (no hooks fire), never touches the module's
-      tensors, and runs once per class.
+      tensors, and runs once per class (with and without bias).
     """
     weight = module._parameters.get("weight")
     if (
@@ -73,10 +74,10 @@ def _computes_linear_map(module: nn.Linear) -> bool:
         or not weight.is_floating_point()
     ):
         return False
-    cls = type(module)
-    if cls not in _LINEAR_MAP_CLASSES:
-        _LINEAR_MAP_CLASSES[cls] = _probe_linear_map(module)
-    return _LINEAR_MAP_CLASSES[cls]
+    key = (type(module), module.bias is not None)
+    if key not in _LINEAR_MAP_CLASSES:
+        _LINEAR_MAP_CLASSES[key] = _probe_linear_map(module)
+    return _LINEAR_MAP_CLASSES[key]
 
 
 def _probe_linear_map(module: nn.Linear) -> bool:

@@ -101,6 +101,8 @@ def run_client(script: str, args: object, hub_url: str, workdir: Path) -> dict:
         HF_HUB_DISABLE_PROGRESS_BARS="1",
         HF_HUB_DISABLE_TELEMETRY="1",
         TMPDIR=str(workdir / "tmp"),  # lets the test check that push_to_hub cleans up after itself
+        # This checkout's smooth_hf, not whichever one is installed in the environment.
+        PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])),
     )
     proc = subprocess.run(
         [sys.executable, "-c", script, json.dumps(args)],

@@ -29,6 +29,7 @@ from ..targeting import find_layers, layer_kind
 from .allocation import allocate_ranks, energy_kept, finalize_rank, max_removable, rank_for_energy, rank_for_ratio
 from .base import LowRankLayer
 from .config import LowRankConfig
+from .diagnosis import budget_advice, describe, unfactorisable_weights
 from .layers import factorise, low_rank_layer_like, singular_values, weight_matrix
 from .report import (
     STATUS_DENSE_EXCLUDED,
@@ -121,7 +122,9 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     model.set_submodule(name, new)
 
 
-def _choose_ranks(candidates: list[_Candidate], config: LowRankConfig, params_before: int) -> list[int | None]:
+def _choose_ranks(
+    candidates: list[_Candidate], config: LowRankConfig, params_before: int, advice: Callable[[], str] = str
+) -> list[int | None]:
     costs = [c.cost_per_rank for c in candidates]
     dense = [c.dense_params for c in candidates]
     if config.param_reduction is not None:
@@ -133,8 +136,7 @@ def _choose_ranks(candidates: list[_Candidate], config: LowRankConfig, params_be
                 f"param_reduction={config.param_reduction} asks to remove {target:,.0f} of {params_before:,} "
                 f"parameters, but with these targets at most {most:,} ({most / params_before:.1%} of the model) "
                 f"can be removed, even with every factorisable layer at min_rank={config.min_rank}. Lower "
-                f"param_reduction to at most {largest:.3f}, or widen target_modules / exclude fewer modules / "
-                "lower min_rank or rank_multiple."
+                f"param_reduction to at most {largest:.3f}." + (f" {hint}" if (hint := advice()) else "")
             )
         return allocate_ranks(
             [c.spectrum for c in candidates],
@@ -213,7 +215,16 @@ def _plan(model: nn.Module, config: LowRankConfig) -> _Plan:
         candidates.append(_Candidate(name, module, kind, shape, singular_values(matrix).cpu()))
 
     replacements: dict[str, LowRankLayer] = {}
-    for c, rank in zip(candidates, _choose_ranks(candidates, config, params_before), strict=True):
+    excluded = [r for r in rows.values() if r.status == STATUS_DENSE_EXCLUDED]
+    ranks = _choose_ranks(
+        candidates,
+        config,
+        params_before,
+        advice=lambda: budget_advice(
+            model, sum(r.params_before for r in excluded), len(excluded), config.min_rank, config.rank_multiple
+        ),
+    )
+    for c, rank in zip(candidates, ranks, strict=True):
         row = rows[c.name]
         if rank is None:
             row.status = STATUS_DENSE_NO_GAIN
@@ -222,6 +233,14 @@ def _plan(model: nn.Module, config: LowRankConfig) -> _Plan:
         row.rank, row.status = rank, STATUS_FACTORISED
         row.params_after = _layer_params(replacements[c.name])
         row.energy_kept = energy_kept(c.spectrum, rank)
+    if not replacements:
+        blocked = unfactorisable_weights(model)
+        logger.warning(
+            "compress: no layer was factorised (%d candidate layers, none where the rule keeps a rank that removes "
+            "parameters)%s",
+            len(candidates),
+            f"; weights smooth_hf cannot factorise: {describe(blocked)}" if blocked else "",
+        )
     saved = copy.deepcopy(config)
     saved.ranks = {name: rows[name].rank for name in replacements}
     return _Plan(saved, params_before, rows, replacements)
@@ -329,6 +348,9 @@ def compress(
     plan = _plan(model, config)  # the model is untouched until _apply
     repair = _prepare_batchnorm_repair(model, how)  # before the swap: it may read the dense model
     _apply(model, plan)
+    from ..hf_quantizer import attach_quantization_config  # here: it imports this module
+
+    attach_quantization_config(model)  # transformers models: model.save_pretrained now records the ranks
     if repair is not None:
         # After the cut; the report is already recorded, so a failing batch leaves a consistent compressed model.
         repair(model)

@@ -59,8 +59,8 @@ class SmoothTrainingArguments(TrainingArguments):
     nuclear_norm_every: int = field(
         default=25,
         metadata={"help": "Recompute the nuclear norm's gradient direction U V^T every N optimizer steps and use "
-                  "the surrogate <W, U V^T> in between (1 = exact every step). 25 costs ~1% of a ResNet-18 CPU "
-                  "step and tracks the exact penalty's descent (BENCHMARKS.md)."},
+                  "the surrogate <W, U V^T> in between (1 = exact every step; cost and accuracy of the "
+                  "default: BENCHMARKS.md)."},
     )
     penalty_warmup_ratio: float = field(
         default=0.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -11,6 +12,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a child interpreter that must import *this* checkout's ``smooth_hf``.
+
+    A script run as ``python recipes/x.py`` puts ``recipes/`` first on ``sys.path``, not the working
+    directory, so without ``PYTHONPATH`` it would import whichever ``smooth_hf`` is installed.
+    One thread: tiny models gain nothing from more, and the test machines are shared.
+    """
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
 class TinyConvNet(nn.Module):

@@ -12,11 +12,13 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.utils.data
 from datasets import Array2D, ClassLabel, Dataset, DatasetDict, Features, load_dataset, load_from_disk
+from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "FASHION_MNIST_DIR",
@@ -48,23 +50,42 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte idx file")
+        raise ValueError(f"{path} is not an unsigned-byte idx file (the MNIST / Fashion-MNIST format, e.g. "
+                         "train-images-idx3-ubyte.gz): point at the original files, or re-download them")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(dims)):
-        raise ValueError(f"{path} is truncated: header says {dims}, found {array.size} values")
+        raise ValueError(f"{path} is truncated: its header says {dims}, it holds {array.size} values. Re-download "
+                         "or reinstall it (Debian: apt-get install --reinstall dataset-fashion-mnist)")
     return array.reshape(dims)
 
 
+def _idx_file(directory: Path, stem: str) -> Path:
+    """``stem`` gzipped (as distributed) or already unpacked."""
+    for path in (directory / f"{stem}.gz", directory / stem):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{directory} has no {stem}.gz (nor {stem}): install the Debian package dataset-fashion-mnist, or set "
+        "SMOOTH_HF_FASHION_MNIST_DIR to a folder holding the four Fashion-MNIST idx files"
+    )
+
+
 def load_fashion_mnist_local(directory: str | os.PathLike = FASHION_MNIST_DIR) -> DatasetDict:
-    """All 70,000 Fashion-MNIST images from the idx files (Debian package ``dataset-fashion-mnist``)."""
+    """All 70,000 Fashion-MNIST images from the idx files (Debian package ``dataset-fashion-mnist``).
+
+    Reads ``{train,t10k}-{images-idx3,labels-idx1}-ubyte``, gzipped or not, from ``directory``.
+    """
     directory = Path(directory)
     features = Features({"image": Array2D((28, 28), "uint8"), "label": ClassLabel(names=FASHION_MNIST_LABELS)})
     splits = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        images = read_idx(directory / f"{prefix}-images-idx3-ubyte.gz")
-        labels = read_idx(directory / f"{prefix}-labels-idx1-ubyte.gz")
+        images = read_idx(_idx_file(directory, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_idx_file(directory, f"{prefix}-labels-idx1-ubyte"))
+        if images.ndim != 3 or tuple(images.shape[1:]) != (28, 28) or labels.shape != images.shape[:1]:
+            raise ValueError(f"{directory}: {prefix} images {images.shape} and labels {labels.shape} are not "
+                             "Fashion-MNIST's N x 28 x 28 images with N labels; check the files")
         splits[split] = Dataset.from_dict({"image": images, "label": labels.astype(np.int64)}, features=features)
     return DatasetDict(splits)
 
@@ -109,7 +130,8 @@ def load_image_classification(
     if isinstance(data, Dataset):
         data = DatasetDict({"train": data})
     if "train" not in data:
-        raise ValueError(f"dataset {dataset_name!r} has no 'train' split (splits: {list(data)})")
+        raise ValueError(f"dataset {dataset_name!r} has no 'train' split (it has {list(data)}): save it as "
+                         "DatasetDict({'train': ..., 'test': ...}), or rename its training split to 'train'")
     if "test" not in data:
         if "validation" in data:
             data["test"] = data.pop("validation")
@@ -140,9 +162,15 @@ def label_names(dataset: Dataset) -> list[str]:
 class ImageTransform:
     """Batch transform for ``Dataset.with_transform``: images -> normalised ``pixel_values``.
 
-    Accepts PIL images or arrays (HWC, HW), any channel count: grey images are repeated to 3
-    channels when the model takes 3, colour images are averaged when it takes 1. ``train=True``
-    adds the standard CIFAR augmentation (random crop with 4-pixel padding, horizontal flip).
+    Accepts PIL images or arrays (HWC, HW), any channel count: grey images become 3 channels when the
+    model takes 3, colour images become grey (luminance) when it takes 1. ``train=True`` adds the
+    standard CIFAR augmentation: a random crop of the image padded by ``CROP_PADDING`` pixels (zeros)
+    and a horizontal flip with probability one half, drawn independently for every image.
+
+    Randomness: with ``seed=None`` the crops and flips come from torch's global generator, which
+    ``transformers.set_seed`` seeds and every ``DataLoader`` worker re-seeds differently, so runs
+    repeat under a seed and workers never repeat each other. With ``seed=s`` the transform owns a
+    generator seeded with ``s`` (``s + k`` in ``DataLoader`` worker ``k``).
     """
 
     channels: int
@@ -150,39 +178,114 @@ class ImageTransform:
     std: tuple[float, ...]
     image_size: int | None = None
     train: bool = False
+    seed: int | None = None
+
+    CROP_PADDING: ClassVar[int] = 4
 
     def __post_init__(self) -> None:
-        mean = torch.tensor(self.mean, dtype=torch.float32)
-        std = torch.tensor(self.std, dtype=torch.float32)
-        if mean.numel() == 1:
-            mean, std = mean.expand(self.channels), std.expand(self.channels)
-        if mean.numel() != self.channels:
-            raise ValueError(f"mean/std have {mean.numel()} values for {self.channels} channels")
-        self._mean, self._std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+        mean, std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        if len(mean) == 1 and len(std) == 1:
+            mean, std = mean * self.channels, std * self.channels
+        if len(mean) != self.channels or len(std) != self.channels:
+            raise ValueError(f"mean/std have {len(mean)}/{len(std)} values for {self.channels} channels: give one value "
+                             f"per channel, or a single value for all (smooth_hf.modeling.image_input_config(model) "
+                             "gives the model's own)")
+        self._mean, self._std = list(mean), list(std)
+        self._generator: torch.Generator | None = None
 
-    def _to_tensor(self, image) -> torch.Tensor:
-        array = np.asarray(image.convert("RGB") if hasattr(image, "mode") and image.mode not in ("L", "RGB") else image)
-        x = torch.from_numpy(np.array(array, dtype=np.float32, copy=True)) / 255.0
-        x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
-        if x.shape[0] != self.channels:
-            x = x.mean(0, keepdim=True) if self.channels == 1 else x[:1].expand(self.channels, -1, -1)
-        if self.image_size is not None and tuple(x.shape[1:]) != (self.image_size, self.image_size):
-            x = F.interpolate(x.unsqueeze(0), size=(self.image_size, self.image_size), mode="bilinear",
-                              align_corners=False).squeeze(0)
-        return x
-
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[1:]
-        padded = F.pad(x, (4, 4, 4, 4))
-        top, left = np.random.randint(0, 9, size=2)
-        x = padded[:, top : top + h, left : left + w]
-        return x.flip(2) if np.random.rand() < 0.5 else x
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers and datasets' copies get a fresh generator, seeded where it is used.
+        return {**self.__dict__, "_generator": None}
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        pixels = []
-        for image in batch["image"]:
-            x = self._to_tensor(image)
-            if self.train:
-                x = self._augment(x)
-            pixels.append((x - self._mean) / self._std)
+        images = batch["image"]
+        pixels: list[torch.Tensor | None] = [None] * len(images)
+        # Images of one shape are transformed together; a folder of mixed sizes makes several groups.
+        for indices, stacked in self._stack_by_shape(images):
+            for i, x in zip(indices, self._transform(stacked).unbind(0), strict=True):
+                pixels[i] = x
         return {"pixel_values": pixels, "labels": list(batch["label"])}
+
+    # ---- steps ------------------------------------------------------------------------------
+    def _stack_by_shape(self, images: list) -> list[tuple[list[int], torch.Tensor]]:
+        """``(indices, uint8/float tensor N x C x H x W)`` per distinct image shape."""
+        if images and not hasattr(images[0], "mode"):  # arrays or nested lists: one conversion for the batch
+            try:
+                array = np.asarray(images)
+            except ValueError:  # ragged: images of several shapes
+                array = None
+            if array is not None and array.ndim in (3, 4):
+                x = torch.from_numpy(np.ascontiguousarray(array))
+                return [(list(range(len(images))), x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2))]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        tensors = [_image_to_chw(image) for image in images]
+        for i, x in enumerate(tensors):
+            groups.setdefault(tuple(x.shape), []).append(i)
+        return [(indices, torch.stack([tensors[i] for i in indices])) for indices in groups.values()]
+
+    def _transform(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32) / 255.0  # pixel values 0..255, whatever the storage type
+        x = self._match_channels(x)
+        if self.image_size is not None and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            x = TF.resize(x, [self.image_size, self.image_size], antialias=True)
+        if self.train:
+            x = self._augment(x)
+        return TF.normalize(x, self._mean, self._std)
+
+    def _match_channels(self, x: torch.Tensor) -> torch.Tensor:
+        have = x.shape[1]
+        if have == 4:  # RGBA / CMYK-like arrays: drop the fourth channel
+            x, have = x[:, :3], 3
+        if have == self.channels:
+            return x
+        if have == 3 and self.channels == 1:
+            return TF.rgb_to_grayscale(x)
+        if have == 1 and self.channels == 3:
+            return TF.grayscale_to_rgb(x)
+        raise ValueError(f"images with {have} channels cannot feed a model that takes {self.channels}: convert the "
+                         f"images to grey or RGB, or build the model with {have} input channels")
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Random crop of the zero-padded image + random horizontal flip, independently per image.
+
+        torchvision's ``RandomCrop`` / ``RandomHorizontalFlip`` draw one set of parameters per call (a
+        batch would share one crop), so the per-image offsets are drawn here and applied in one gather;
+        the flip reverses the column order of the crop.
+        """
+        n, c, h, w = x.shape
+        p = self.CROP_PADDING
+        padded = TF.pad(x, [p, p, p, p], fill=0.0)
+        generator = self._rng()
+        top = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        left = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        flip = torch.rand(n, generator=generator) < 0.5
+        rows = top[:, None] + torch.arange(h)
+        cols = left[:, None] + torch.arange(w)
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+        return padded[
+            torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+            rows[:, None, :, None], cols[:, None, None, :],
+        ]
+
+    def _rng(self) -> torch.Generator | None:
+        if self.seed is None:
+            return None  # torch's global generator (seeded by set_seed, re-seeded per DataLoader worker)
+        if self._generator is None:
+            worker = torch.utils.data.get_worker_info()
+            self._generator = torch.Generator().manual_seed(self.seed + (worker.id if worker is not None else 0))
+        return self._generator
+
+
+def _image_to_chw(image: Any) -> torch.Tensor:
+    """One PIL image or array (HW, HWC) as a ``C x H x W`` tensor of its stored values."""
+    if hasattr(image, "mode"):  # PIL
+        if image.mode not in ("L", "RGB"):
+            image = image.convert("RGB")
+        return TF.pil_to_tensor(image)
+    x = torch.from_numpy(np.ascontiguousarray(np.asarray(image)))
+    if x.ndim == 2:
+        return x.unsqueeze(0)
+    if x.ndim == 3:
+        return x.permute(2, 0, 1)
+    raise ValueError(f"an image array has shape {tuple(x.shape)}: expected height x width (grey) or "
+                     "height x width x channels")

@@ -12,7 +12,6 @@ import torch
 from datasets import Array2D, ClassLabel, Dataset, DatasetDict, Features
 
 import smooth_hf
-from smooth_hf.data import ImageTransform
 from smooth_hf.evaluation import logits_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
@@ -123,13 +122,6 @@ def test_main_job_end_to_end(tiny_fmnist, tmp_path, capsys):
     assert (out / "accuracy_vs_params_removed.png").is_file()
     reloaded = smooth_hf.from_pretrained(out / "smooth-lowrank-50")
     assert reloaded.lowrank_report.reduction == pytest.approx(0.5, abs=0.01)
-
-
-def test_image_transform_handles_channels_and_sizes():
-    grey = np.full((12, 12), 255, dtype=np.uint8)
-    out = ImageTransform(channels=3, mean=(0.5,), std=(0.5,), image_size=16)({"image": [grey], "label": [1]})
-    assert out["pixel_values"][0].shape == (3, 16, 16) and torch.allclose(out["pixel_values"][0], torch.ones(3, 16, 16))
-    assert out["labels"] == [1]
 
 
 def test_train_recipe_trains_a_transformers_vit_from_scratch(tiny_fmnist, tmp_path):

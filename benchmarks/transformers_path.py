@@ -51,7 +51,7 @@ from torch import nn  # noqa: E402
 
 from smooth_hf import SmoothTrainer, SmoothTrainingArguments  # noqa: E402
 from smooth_hf.data import ImageTransform, label_names, load_image_classification  # noqa: E402
-from smooth_hf.evaluation import classification_accuracy, logits_of  # noqa: E402
+from smooth_hf.evaluation import classification_accuracy  # noqa: E402
 from smooth_hf.lowrank import count_parameters  # noqa: E402
 from smooth_hf.lowrank.allocation import max_removable  # noqa: E402
 from smooth_hf.modeling import build_model, image_input_config  # noqa: E402
@@ -228,8 +228,8 @@ def text_data(args: argparse.Namespace, tokenizer):
         return tokenizer(batch["text"], truncation=True, max_length=args.text_max_length, padding=padding)
 
     # Padded per batch: training through a length-grouped sampler, the test split sorted by length
-    # (text_accuracy), which makes each of the ~20 test passes ~2x cheaper than padding to max_length.
-    # test_padded (padded to max_length) is for classification_accuracy, checked once against text_accuracy.
+    # (accuracy() in run_text), which makes each of the ~20 test passes ~2x cheaper than padding to max_length.
+    # test_padded (padded to max_length) is for classification_accuracy, checked once against the per-batch padding.
     train = data["train"].map(lambda b: tokenize(b, False), batched=True, remove_columns=["text"])
     test = data["test"].map(lambda b: tokenize(b, False), batched=True, remove_columns=["text"])
     test = test.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True).sort("length")
@@ -242,19 +242,6 @@ def text_data(args: argparse.Namespace, tokenizer):
             "positive": sum(raw["label"]), "train": len(train), "test": len(test),
             "mean_tokens": sum(lengths) / len(lengths), "truncated_at_max_length": sum(n >= args.text_max_length for n in lengths)}
     return train, test, test_padded, info
-
-
-@torch.no_grad()
-def text_accuracy(model: nn.Module, dataset, collator, batch_size: int = 64) -> float:
-    """Top-1 accuracy over a length-sorted tokenised split, each batch padded to its own longest sentence."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
-    for batch in loader:
-        correct += int((logits_of(model, batch).argmax(-1) == batch["labels"]).sum())
-    model.train(was_training)
-    return correct / len(dataset)
 
 
 # ---- training -------------------------------------------------------------------------------------
@@ -366,8 +353,8 @@ def run_text(args: argparse.Namespace, meta: dict[str, Any]) -> list[Path]:
                    train_sampling_strategy="group_by_length")
     collator = DataCollatorWithPadding(tokenizer)
 
-    def accuracy(model, dataset):
-        return text_accuracy(model, dataset, collator)
+    def accuracy(model, dataset):  # the length-sorted test split, each batch padded to its own longest sentence
+        return classification_accuracy(model, dataset, batch_size=64, collate_fn=collator)
 
     runs, whole, encoder, breakdown = {}, {}, {}, None
     for coefs in [{}] + args.text_smooth:

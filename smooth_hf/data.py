@@ -24,9 +24,14 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_LABELS",
     "ImageTransform",
+    "dataset_card_fields",
+    "image_channels",
+    "label_names",
     "load_fashion_mnist_local",
     "load_image_classification",
+    "prepare_image_splits",
     "read_idx",
+    "select_subset",
 ]
 
 FASHION_MNIST_DIR = Path(os.environ.get("SMOOTH_HF_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -40,6 +45,14 @@ HUB_ALIASES = {
     "cifar100": "uoft-cs/cifar100",
     "mnist": "ylecun/mnist",
 }
+# Names for model cards (the Hub's model-index shows them).
+PRETTY_NAMES = {
+    "zalando-datasets/fashion_mnist": "Fashion-MNIST",
+    "uoft-cs/cifar10": "CIFAR-10",
+    "uoft-cs/cifar100": "CIFAR-100",
+    "ylecun/mnist": "MNIST",
+}
+DEFAULT_EVAL_SPLIT_RATIO = 0.1
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class")
 
@@ -107,7 +120,7 @@ def load_image_classification(
     dataset_config_name: str | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
-    eval_split_ratio: float = 0.1,
+    eval_split_ratio: float | None = None,
     seed: int = 42,
     cache_dir: str | None = None,
 ) -> DatasetDict:
@@ -116,8 +129,10 @@ def load_image_classification(
     ``dataset_name`` is one of: ``fashion_mnist`` (local Debian files when present, else the Hub); a
     Hub id or alias (``cifar10``); a folder written by ``save_to_disk``; a folder of images
     (``imagefolder``: one sub-folder per class). A dataset without a test or validation split gets a
-    seeded ``eval_split_ratio`` split of its train split.
+    seeded ``eval_split_ratio`` split of its train split (default ``DEFAULT_EVAL_SPLIT_RATIO``).
     """
+    if eval_split_ratio is None:
+        eval_split_ratio = DEFAULT_EVAL_SPLIT_RATIO
     path = Path(dataset_name)
     if dataset_name in ("fashion_mnist", HUB_ALIASES["fashion_mnist"]) and FASHION_MNIST_DIR.is_dir():
         data = load_fashion_mnist_local(FASHION_MNIST_DIR)
@@ -148,6 +163,82 @@ def load_image_classification(
     if label != "label":
         data = data.rename_column(label, "label")
     return data
+
+
+def select_subset(dataset: Dataset, max_samples: int | None, seed: int) -> Dataset:
+    """The first ``max_samples`` examples of a shuffle seeded by ``seed`` (all of them when ``None``).
+
+    The one rule for every subset in the project: the same ``max_eval_samples`` and seed give the same
+    evaluation images in ``recipes/train.py``, ``recipes/compress.py`` and the benchmarks.
+    """
+    if max_samples is None or max_samples >= len(dataset):
+        return dataset
+    if max_samples < 1:
+        raise ValueError(f"a subset of {max_samples} examples is empty: give a number >= 1, or leave the limit out")
+    return dataset.shuffle(seed=seed).select(range(max_samples))
+
+
+def prepare_image_splits(
+    data: str | DatasetDict,
+    input_spec: dict[str, Any] | None = None,
+    *,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    seed: int = 42,
+    augment: bool = False,
+    dataset_config_name: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    eval_split_ratio: float | None = None,
+    cache_dir: str | None = None,
+) -> DatasetDict:
+    """Load -> seeded subsets -> transforms: the ``train`` and ``test`` splits a recipe trains and scores on.
+
+    ``data`` is a dataset name (loaded with :func:`load_image_classification` and the loading arguments)
+    or splits already loaded. Subsets follow :func:`select_subset`. With ``input_spec`` (channels, mean,
+    std, image_size: :func:`smooth_hf.modeling.image_input_config` of the model) the splits yield
+    ``pixel_values``/``labels`` through :class:`ImageTransform`, the training split augmented when
+    ``augment``; without it they keep the raw ``image``/``label`` columns, e.g. to read the label names
+    and channels a model is built for, then to be passed back in with that model's spec::
+
+        raw = prepare_image_splits("cifar10", max_eval_samples=1000)
+        model = build_model("resnet18_cifar", num_labels=len(label_names(raw["train"])))
+        splits = prepare_image_splits(raw, image_input_config(model), augment=True)
+    """
+    if isinstance(data, str):
+        data = load_image_classification(data, dataset_config_name, image_column, label_column, eval_split_ratio,
+                                         seed=seed, cache_dir=cache_dir)
+    splits = DatasetDict({
+        "train": select_subset(data["train"], max_train_samples, seed),
+        "test": select_subset(data["test"], max_eval_samples, seed),
+    })
+    if input_spec is None:
+        return splits
+    spec = {k: input_spec[k] for k in ("channels", "mean", "std", "image_size")}
+    splits["train"] = splits["train"].with_transform(ImageTransform(**spec, train=augment))
+    splits["test"] = splits["test"].with_transform(ImageTransform(**spec))
+    return splits
+
+
+def image_channels(dataset: Dataset) -> int:
+    """Channels :class:`ImageTransform` reads from the first image of ``dataset`` (1 for grey images)."""
+    image = dataset[0]["image"]
+    if hasattr(image, "mode"):  # PIL: ImageTransform reads "L" as grey and converts every other mode to RGB
+        return 1 if image.mode == "L" else 3
+    array = np.asarray(image)
+    if array.ndim == 2:
+        return 1
+    return 3 if array.shape[-1] == 4 else int(array.shape[-1])  # ImageTransform drops a fourth channel
+
+
+def dataset_card_fields(dataset_name: str) -> dict[str, Any]:
+    """``ModelCardInfo`` fields that name a dataset: the Hub id (short names resolved, e.g. ``fashion_mnist``
+    to ``zalando-datasets/fashion_mnist``) and a readable name. A local folder has no Hub id: the card
+    names the folder."""
+    if Path(dataset_name).exists():
+        return {"datasets": [], "dataset_pretty_name": Path(dataset_name).name}
+    hub_id = HUB_ALIASES.get(dataset_name, dataset_name)
+    return {"datasets": [hub_id], "dataset_pretty_name": PRETTY_NAMES.get(hub_id)}
 
 
 def label_names(dataset: Dataset) -> list[str]:

@@ -82,6 +82,27 @@ def easy_image_dataset(n: int = 96, channels: int = 1, size: int = 8, num_labels
     return Dataset.from_dict({"pixel_values": pixels.tolist(), "labels": labels.tolist()}).with_format("torch")
 
 
+def save_tiny_fmnist(path: Path, sizes: dict[str, int] | None = None, seed: int = 0) -> str:
+    """A ``save_to_disk`` dataset in the Fashion-MNIST format: 12x12 grey images, 3 classes, where the
+    brightness of the top-left quadrant (and of the one below it) sets the class. Default: 64 train / 32 test."""
+    import numpy as np
+    from datasets import Array2D, ClassLabel, Dataset, DatasetDict, Features
+
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        labels = rng.integers(0, 3, n)
+        images = rng.integers(0, 60, (n, 12, 12)).astype(np.uint8)
+        for image, label in zip(images, labels, strict=True):
+            image[: 6 * (label > 0) + 6, :6] += 150 if label else 0
+        return {"image": images, "label": labels}
+
+    features = Features({"image": Array2D((12, 12), "uint8"), "label": ClassLabel(names=["a", "b", "c"])})
+    sizes = sizes or {"train": 64, "test": 32}
+    DatasetDict({s: Dataset.from_dict(split(n), features=features) for s, n in sizes.items()}).save_to_disk(path)
+    return str(path)
+
+
 def text_dataset(n: int = 16, length: int = 6, num_labels: int = 3, seed: int = 1):
     from datasets import Dataset
 

@@ -9,6 +9,7 @@ both timm models (through ``SmoothTrainer``) and transformers image models take.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,8 +152,7 @@ def load_image_classification(
         if "validation" in data:
             data["test"] = data.pop("validation")
         else:
-            split = data["train"].train_test_split(test_size=eval_split_ratio, seed=seed)
-            data = DatasetDict({"train": split["train"], "test": split["test"]})
+            data = DatasetDict(_held_out_split(data["train"], eval_split_ratio, seed))
 
     columns = data["train"].column_names
     image = _find_column(columns, image_column, IMAGE_COLUMNS, "image", "--image_column_name")
@@ -175,7 +175,28 @@ def select_subset(dataset: Dataset, max_samples: int | None, seed: int) -> Datas
         return dataset
     if max_samples < 1:
         raise ValueError(f"a subset of {max_samples} examples is empty: give a number >= 1, or leave the limit out")
-    return dataset.shuffle(seed=seed).select(range(max_samples))
+    return dataset.select(_permutation(len(dataset), seed)[:max_samples], keep_in_memory=True)
+
+
+# ``Dataset.shuffle`` / ``train_test_split`` write index files next to a dataset loaded from disk -- into the
+# user's own folder -- and ignore ``keep_in_memory`` there (datasets 5.2). The same permutations, drawn here
+# and selected in memory, give the same examples and write nothing.
+def _permutation(n: int, seed: int) -> np.ndarray:
+    """``Dataset.shuffle(seed=seed)``'s order."""
+    return np.random.default_rng(seed).permutation(n)
+
+
+def _held_out_split(dataset: Dataset, test_size: float, seed: int) -> dict[str, Dataset]:
+    """``Dataset.train_test_split(test_size=test_size, seed=seed)``'s two splits."""
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"--train_val_split must be a fraction in (0, 1), got {test_size!r}")
+    n_test = math.ceil(test_size * len(dataset))
+    if not 0 < n_test < len(dataset):
+        raise ValueError(f"a {test_size} test split of {len(dataset)} examples leaves one side empty: use a larger "
+                         "dataset or another --train_val_split")
+    permutation = _permutation(len(dataset), seed)
+    return {"train": dataset.select(permutation[n_test:], keep_in_memory=True),
+            "test": dataset.select(permutation[:n_test], keep_in_memory=True)}
 
 
 def prepare_image_splits(

@@ -213,7 +213,7 @@ def test_cpu_protocol_benchmark_runs_end_to_end_and_reports_every_column(tiny_fm
     assert set(payload["results"]) == {"lowrank_global", "lowrank_uniform", "magnitude", "filter_l1"}
     (row,) = [r for r in payload["results"]["lowrank_global"]["recommended"] if r["budget"] == 0.5]
     assert {"accuracy", "accuracy_bn_recalibrated", "accuracy_bn_data_free"} <= set(row)
-    assert row["removed"] == pytest.approx(0.5, abs=0.02)  # a 5k-parameter model: one rank is ~1.5%
+    assert 0.5 <= row["removed"] < 0.52  # at least the budget; a 5k-parameter model: one rank is ~1.5%
     table = (results / "cpu_protocol.md").read_text()
     assert "recommended + BN data-free" in table and "augmentation off" in table
     assert (results / "cpu_protocol_lowrank_global.png").stat().st_size > 1000

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import save_tiny_fmnist
+from datasets import Dataset, load_from_disk
 from transformers import HfArgumentParser
 
 from smooth_hf.data import dataset_card_fields, prepare_image_splits, select_subset
@@ -29,9 +31,23 @@ def test_the_same_limit_and_seed_select_the_same_subset(tmp_path):
     a, b = select_subset(test, 10, seed=3), select_subset(test, 10, seed=3)
     np.testing.assert_array_equal(images(a), images(b))
     assert not np.array_equal(images(a), images(select_subset(test, 10, seed=4)))
+    in_memory = Dataset.from_dict(test[:])  # datasets' own seeded shuffle picks the same images
+    np.testing.assert_array_equal(images(a), images(in_memory.shuffle(seed=3).select(range(10))))
     assert select_subset(test, None, seed=3) is test and select_subset(test, 1000, seed=3) is test
     with pytest.raises(ValueError, match="give a number >= 1"):
         select_subset(test, 0, seed=3)
+
+
+def test_splits_and_subsets_write_nothing_into_the_dataset_folder(tmp_path):
+    folder = Path(save_tiny_fmnist(tmp_path / "train_only", sizes={"train": 40}))
+    before = sorted(p.name for p in folder.rglob("*"))
+    splits = prepare_image_splits(str(folder), eval_split_ratio=0.25, max_train_samples=9, max_eval_samples=4, seed=1)
+    assert (len(splits["train"]), len(splits["test"])) == (9, 4)
+    assert sorted(p.name for p in folder.rglob("*")) == before
+    # The held-out split is datasets' own train_test_split with that seed.
+    expected = Dataset.from_dict(load_from_disk(str(folder))["train"][:]).train_test_split(test_size=0.25, seed=1)
+    np.testing.assert_array_equal(images(prepare_image_splits(str(folder), eval_split_ratio=0.25, seed=1)["test"]),
+                                  images(expected["test"]))
 
 
 def test_compress_reproduces_the_held_out_split_of_a_dataset_without_a_test_split(tmp_path):

@@ -21,10 +21,9 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
     A script run as ``python recipes/x.py`` puts ``recipes/`` first on ``sys.path``, not the working
     directory, so without ``PYTHONPATH`` it would import whichever ``smooth_hf`` is installed.
-    One thread: tiny models gain nothing from more, and the test machines are shared.
     """
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 class TinyConvNet(nn.Module):

@@ -16,7 +16,9 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
 def _run(cmd: list[str]) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
+    # One thread per process: two processes share the cores, and tiny models gain nothing from more.
+    done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"), cwd=ROOT,
+                          timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout
 

@@ -81,6 +81,19 @@ def easy_image_dataset(n: int = 96, channels: int = 1, size: int = 8, num_labels
     return Dataset.from_dict({"pixel_values": pixels.tolist(), "labels": labels.tolist()}).with_format("torch")
 
 
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the scripts import ``_common`` from their own folder)."""
+    import importlib.util
+    import sys
+
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def save_tiny_fmnist(path: Path, sizes: dict[str, int] | None = None, seed: int = 0) -> str:
     """A ``save_to_disk`` dataset in the Fashion-MNIST format: 12x12 grey images, 3 classes, where the
     brightness of the top-left quadrant (and of the one below it) sets the class. Default: 64 train / 32 test."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, save_tiny_fmnist
+from conftest import ROOT, load_benchmark, save_tiny_fmnist
 from huggingface_hub import ModelCard
 
 import smooth_hf
@@ -190,19 +190,9 @@ def test_train_recipe_trains_a_transformers_vit_from_scratch(tiny_fmnist, tmp_pa
     assert metrics["eval_accuracy"] == pytest.approx((predictions == torch.tensor(test["labels"])).float().mean().item())
 
 
-def _benchmark(name: str):
-    import importlib.util
-
-    path = ROOT / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cpu_protocol_benchmark_runs_end_to_end_and_reports_every_column(tiny_fmnist, tmp_path):
     """A smoke run of benchmarks/cpu_protocol.py: the published tables come from this code path."""
-    protocol = _benchmark("cpu_protocol")
+    protocol = load_benchmark("cpu_protocol")
     results = tmp_path / "results"
     payload = protocol.main([
         "--dataset_name", tiny_fmnist, "--channels", "4,8,8", "--max_train_samples", "64", "--max_eval_samples", "32",
@@ -220,7 +210,7 @@ def test_cpu_protocol_benchmark_runs_end_to_end_and_reports_every_column(tiny_fm
 
 
 def test_transformers_path_smooth_configs_parse_both_syntaxes():
-    parse = _benchmark("transformers_path").smooth_configs
+    parse = load_benchmark("transformers_path").smooth_configs
     assert parse("1:10,0.1:1:2") == [
         {"first_order_coef": 1.0, "nuclear_norm_coef": 10.0, "second_order_coef": 0.0},
         {"first_order_coef": 0.1, "nuclear_norm_coef": 1.0, "second_order_coef": 2.0},

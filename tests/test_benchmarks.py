@@ -5,7 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import load_benchmark, save_tiny_fmnist
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """The scripts set torch's thread count (--threads); later tests compare logits bit for bit with a child
+    process, which only holds with the same thread count."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def check_metadata(meta: dict, script: str) -> None:

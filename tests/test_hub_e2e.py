@@ -122,6 +122,8 @@ def client_env(hub_url: str, workdir: Path) -> dict[str, str]:
         HF_HUB_DISABLE_PROGRESS_BARS="1",
         HF_HUB_DISABLE_TELEMETRY="1",
         TMPDIR=str(workdir / "tmp"),  # lets the test check that push_to_hub cleans up after itself
+        # Logits are compared bit for bit with this process's: the same thread count gives the same sums.
+        OMP_NUM_THREADS=str(torch.get_num_threads()),
     )
     return env
 

@@ -8,26 +8,23 @@ For each model and budget (fraction of all parameters removed, global allocation
 warm-up, on the device given), and the size of the saved safetensors file. Weights are random: speed
 and size do not depend on what was learned, only on the ranks, and the ranks of a random model are
 spread like those of a plainly trained one (a smooth model's would be lower at the same budget).
-Writes JSON + Markdown to benchmarks/results/.
+Writes JSON + Markdown to benchmarks/results/ (``--output_dir``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import add_common_arguments, apply_threads, run_metadata, write_json
 
 import smooth_hf
 from smooth_hf.lowrank import LowRankConfig, compress, count_parameters
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def build(name: str):
@@ -66,7 +63,7 @@ def latency_ms(model, make_input, batch: int, device: str, repeats: int) -> floa
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet18_cifar,minilm")
     parser.add_argument("--budgets", default="0.3,0.4,0.5,0.7,0.9", help="Budgets out of a model's reach are skipped.")
@@ -74,11 +71,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--rank_multiple", type=int, default=1, help="Round ranks up to a multiple (speed).")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--tag", default="")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    apply_threads(args)
+    torch.manual_seed(args.seed)
     budgets = [float(b) for b in args.budgets.split(",")]
     batches = [int(b) for b in args.batch_sizes.split(",")]
 
@@ -114,12 +110,9 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
 
-    meta = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "threads": args.threads,
-            "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
-            "torch": torch.__version__, "args": vars(args)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {**run_metadata(__file__, argv, args), "device": args.device}
     stem = f"speed_size_{args.device}{args.tag}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_json(args.output_dir / f"{stem}.json", {"meta": meta, "rows": rows})
     cols = ["model", "budget", "params", "compress_s", "size_mb"] + [f"latency_ms_b{b}" for b in batches]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
@@ -131,8 +124,9 @@ def main() -> None:
                 value = f"{value} ({value / dense[c]:.2f}x)"
             cells.append("-" if value is None else str(value))
         lines.append("| " + " | ".join(cells) + " |")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (args.output_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    return rows
 
 
 if __name__ == "__main__":

@@ -82,8 +82,9 @@ class SmoothTrainer(Trainer):
             nuclear_norm_every=args.nuclear_norm_every,
             nuclear_norm_param_reduction=args.nuclear_norm_param_reduction,
         )
+        self._check_unsharded_weights(args)  # before the Trainer builds anything: arguments, launcher environment
         super().__init__(model=model, args=args, **kwargs)
-        self._check_unsharded_weights()
+        self._check_unsharded_weights(args)  # and the accelerator the Trainer set up
         if _mean_loss_classifier(model):
             # These heads return a per-batch *mean* loss yet accept **kwargs, so the Trainer would assume
             # it is already scaled for gradient accumulation and skip dividing it: GA=2 would double the
@@ -95,13 +96,22 @@ class SmoothTrainer(Trainer):
             names = self.smoothness.layer_names
             logger.info(f"Smoothness penalties on {len(names)} layers: {names[:3]} ... {names[-2:]}")
 
-    def _check_unsharded_weights(self) -> None:
+    def _check_unsharded_weights(self, args: SmoothTrainingArguments) -> None:
         """Penalties need each weight matrix whole: refuse sharded-parameter setups at start-up."""
         if not self.smoothness.active:
             return
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+        env = os.environ
+        fsdp = (
+            bool(args.fsdp)
+            or getattr(self, "is_fsdp_enabled", False)  # set by Trainer.__init__ from its accelerator
+            or env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # accelerate launch with an FSDP config
+        )
+        zero3 = is_deepspeed_zero3_enabled() or (
+            env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+        )
+        if fsdp or zero3:
             raise ValueError(
                 "smoothness penalties are not supported with FSDP or DeepSpeed ZeRO-3: parameters are sharded "
                 "across processes, so no process sees a whole weight matrix to difference or decompose. Use DDP "
@@ -120,6 +130,14 @@ class SmoothTrainer(Trainer):
         if is_transformers_model(self.accelerator.unwrap_model(model)):
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         else:
+            missing = [key for key in ("pixel_values", "labels") if key not in inputs]
+            if missing:
+                raise ValueError(
+                    f"SmoothTrainer calls a non-transformers model as model(pixel_values) and trains it with cross-"
+                    f"entropy on labels, but the batch has no {missing} (it has {sorted(inputs)}). Make the dataset or "
+                    "the data collator return 'pixel_values' and 'labels' (smooth_hf.data.ImageTransform does), and "
+                    "keep remove_unused_columns=False."
+                )
             logits = model(inputs["pixel_values"])
             loss = F.cross_entropy(logits, inputs["labels"])
             outputs = {"loss": loss, "logits": logits}

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
+from transformers.utils import logging
 
 from .smoothness import NORMALIZATIONS
 
 __all__ = ["SmoothTrainingArguments"]
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -93,8 +98,19 @@ class SmoothTrainingArguments(TrainingArguments):
             raise ValueError(f"--nuclear_norm_param_reduction must be a fraction in (0, 1), e.g. 0.8; got {p!r}")
         if not 0.0 <= self.penalty_warmup_ratio < 1.0:
             raise ValueError(f"--penalty_warmup_ratio must be in [0, 1), got {self.penalty_warmup_ratio!r}")
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            # `accelerate launch` / torchrun with several processes on a machine without GPUs: without use_cpu the
+            # Trainer sets up a process group yet trains every process alone on all the data; with it, gloo DDP.
+            logger.info("%s processes launched and no accelerator: setting use_cpu=True (DDP over gloo)",
+                        os.environ["WORLD_SIZE"])
+            self.use_cpu = True
         super().__post_init__()
 
     @property
     def has_penalty(self) -> bool:
         return self.nuclear_norm_coef + self.first_order_coef + self.second_order_coef > 0
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()

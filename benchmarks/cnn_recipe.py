@@ -62,6 +62,7 @@ class RunSpec:
     penalty_normalization: str = "scale_free"
     nuclear_norm_param_reduction: float | None = None
     nuclear_norm_every: int = 25
+    penalty_exclude_modules: list[str] | None = None
     penalty_warmup_ratio: float = 0.0
     seed: int = 0
     budgets: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
@@ -191,7 +192,7 @@ def run_one(spec: RunSpec, data: dict, work_dir: Path, out_dir: Path) -> dict[st
         nuclear_norm_coef=spec.nuclear_norm_coef, first_order_coef=spec.first_order_coef,
         second_order_coef=spec.second_order_coef, penalty_normalization=spec.penalty_normalization,
         nuclear_norm_param_reduction=spec.nuclear_norm_param_reduction, nuclear_norm_every=spec.nuclear_norm_every,
-        penalty_warmup_ratio=spec.penalty_warmup_ratio,
+        penalty_warmup_ratio=spec.penalty_warmup_ratio, penalty_exclude_modules=spec.penalty_exclude_modules,
     )
     start = time.time()
     trainer = SmoothTrainer(model=model, args=args, train_dataset=FlipDataset(images, labels, spec.flip))

@@ -35,6 +35,7 @@ import os
 import sys
 
 import transformers
+from datasets import DatasetDict
 from transformers import HfArgumentParser, set_seed
 
 from smooth_hf import SmoothTrainer, SmoothTrainingArguments
@@ -56,8 +57,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    set_seed(training_args.seed)
+    return run(model_args, data_args, training_args)[1]
 
+
+def run(
+    model_args: ModelArguments, data_args: TrainingDataArguments, training_args: SmoothTrainingArguments
+) -> tuple[SmoothTrainer, dict[str, float], DatasetDict]:
+    """Build, train (and evaluate) as the command line asks; the trainer, its metrics and the transformed splits.
+
+    The main job (recipes/smooth_vs_plain.py) trains its two models through this, so it runs what users run.
+    """
+    set_seed(training_args.seed)
     raw = prepare_image_splits(**data_args.split_kwargs(), seed=training_args.seed)
     names = label_names(raw["train"])
     model = build_model(
@@ -68,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         id2label=dict(enumerate(names)),
     )
     check_num_labels(model, len(names))
-    data = prepare_image_splits(raw, image_input_config(model), augment=data_args.augment)
+    data = prepare_image_splits(raw, image_input_config(model), **data_args.transform_kwargs())
 
     # Images are transformed on the fly from the raw "image" column, which the model's forward does not
     # name: the Trainer must not drop it (as in transformers' run_image_classification.py).
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
-    return metrics
+    return trainer, metrics, data
 
 
 if __name__ == "__main__":

@@ -206,6 +206,7 @@ def prepare_image_splits(
     max_eval_samples: int | None = None,
     seed: int = 42,
     augment: bool = False,
+    crop_padding: int = 4,
     dataset_config_name: str | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
@@ -235,7 +236,7 @@ def prepare_image_splits(
     if input_spec is None:
         return splits
     spec = {k: input_spec[k] for k in ("channels", "mean", "std", "image_size")}
-    splits["train"] = splits["train"].with_transform(ImageTransform(**spec, train=augment))
+    splits["train"] = splits["train"].with_transform(ImageTransform(**spec, train=augment, crop_padding=crop_padding))
     splits["test"] = splits["test"].with_transform(ImageTransform(**spec))
     return splits
 

@@ -111,11 +111,20 @@ class TrainingDataArguments(DataArguments):
     )
     augment: bool = field(
         default=False,
-        metadata={"help": "Random crop (zero padding) and horizontal flip of the training images."},
+        metadata={"help": "Random horizontal flips of the training images, and random crops of the image padded by "
+                  "--random_crop_padding pixels."},
+    )
+    random_crop_padding: int = field(
+        default=4,
+        metadata={"help": "With --augment: pad by this many pixels (zeros) before the random crop; 0 = flips only."},
     )
 
     def split_kwargs(self) -> dict[str, Any]:
         return {**super().split_kwargs(), "max_train_samples": self.max_train_samples}
+
+    def transform_kwargs(self) -> dict[str, Any]:
+        """The augmentation keywords of :func:`smooth_hf.data.prepare_image_splits`."""
+        return {"augment": self.augment, "crop_padding": self.random_crop_padding}
 
 
 def _low_rank_field(name: str, **overrides: Any) -> Any:

@@ -4,7 +4,7 @@ CIFAR augmentation for training, vectorised over the batch (it runs on every tra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,8 +20,8 @@ class ImageTransform:
 
     Accepts PIL images or arrays (HWC, HW), any channel count: grey images become 3 channels when the
     model takes 3, colour images become grey (luminance) when it takes 1. ``train=True`` adds the
-    standard CIFAR augmentation: a random crop of the image padded by ``CROP_PADDING`` pixels (zeros)
-    and a horizontal flip with probability one half, drawn independently for every image.
+    standard CIFAR augmentation: a random crop of the image padded by ``crop_padding`` pixels (zeros;
+    0 = no crop) and a horizontal flip with probability one half, drawn independently for every image.
 
     Randomness: with ``seed=None`` the crops and flips come from torch's global generator, which
     ``transformers.set_seed`` seeds and every ``DataLoader`` worker re-seeds differently, so runs
@@ -35,8 +35,7 @@ class ImageTransform:
     image_size: int | None = None
     train: bool = False
     seed: int | None = None
-
-    CROP_PADDING: ClassVar[int] = 4
+    crop_padding: int = 4
 
     def __post_init__(self) -> None:
         mean, std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
@@ -46,6 +45,8 @@ class ImageTransform:
             raise ValueError(f"mean/std have {len(mean)}/{len(std)} values for {self.channels} channels: give one value "
                              f"per channel, or a single value for all (smooth_hf.auto.image_input_config(model) "
                              "gives the model's own)")
+        if not isinstance(self.crop_padding, int) or self.crop_padding < 0:
+            raise ValueError(f"crop_padding must be an integer >= 0 (0 = flips only), got {self.crop_padding!r}")
         self._mean, self._std = list(mean), list(std)
         self._generator: torch.Generator | None = None
 
@@ -109,7 +110,7 @@ class ImageTransform:
         the flip reverses the column order of the crop.
         """
         n, c, h, w = x.shape
-        p = self.CROP_PADDING
+        p = self.crop_padding
         padded = TF.pad(x, [p, p, p, p], fill=0.0)
         generator = self._rng()
         top = torch.randint(0, 2 * p + 1, (n,), generator=generator)

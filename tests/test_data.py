@@ -14,7 +14,7 @@ from PIL import Image
 from smooth_hf.data import FASHION_MNIST_LABELS, ImageTransform, load_fashion_mnist_local, read_idx
 
 MEAN, STD = (0.25,), (0.5,)
-PAD = ImageTransform.CROP_PADDING
+PAD = 4  # ImageTransform.crop_padding default
 
 
 def ramp_images(n: int = 6, size: int = 8) -> np.ndarray:

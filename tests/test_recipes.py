@@ -158,18 +158,27 @@ def test_compress_recipe_data_free_batchnorm_card(trained, tiny_fmnist, tmp_path
 def test_main_job_end_to_end(tiny_fmnist, tmp_path, capsys):
     out = tmp_path / "main"
     results = smooth_vs_plain.main([
-        "--output_dir", str(out), "--dataset_name", tiny_fmnist,  # the default model: a ViT from scratch, tiny here
-        "--config_overrides", "image_size=12,patch_size=4,hidden_size=16,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32",
+        "--output_dir", str(out), "--dataset_name", tiny_fmnist, "--config_overrides", "channels=[4,8,8]",
         "--max_train_samples", "48", "--max_eval_samples", "32", "--num_train_epochs", "1",
         "--per_device_train_batch_size", "16", "--budgets", "0.3,0.5", "--save_budget", "0.5",
-        "--bn_recalibration_samples", "32",
     ])
     assert set(results) == {"plain", "smooth"}
     printed = capsys.readouterr().out
-    assert "| parameters removed | plain |" in printed and "| 50% |" in printed
+    assert "| parameters removed | plain | smooth |" in printed and "| 50% |" in printed
     assert (out / "accuracy_vs_params_removed.png").is_file()
+    # both models were trained with the recipe, only the penalty differs
+    plain = json.loads((out / "plain" / "training_args.json").read_text())
+    smooth = json.loads((out / "smooth" / "training_args.json").read_text())
+    assert plain["nuclear_norm_coef"] == 0 and smooth["nuclear_norm_coef"] > 0
+    assert {k: v for k, v in plain.items() if k not in ("nuclear_norm_coef", "output_dir", "logging_dir")} == {
+        k: v for k, v in smooth.items() if k not in ("nuclear_norm_coef", "output_dir", "logging_dir")}
+    assert plain["optim"] == "sgd" and plain["learning_rate"] == 0.1
     reloaded = smooth_hf.from_pretrained(out / "smooth-lowrank-50")
     assert reloaded.lowrank_report.reduction >= 0.5
+    # the saved model's card carries the accuracy the sweep measured at that budget
+    (row,) = [r for r in results["smooth"] if r["budget"] == 0.5]
+    card = ModelCard.load(out / "smooth-lowrank-50" / "README.md")
+    assert card.data.eval_results[0].metric_value == pytest.approx(row["accuracy"])
 
 
 def test_train_recipe_trains_a_transformers_vit_from_scratch(tiny_fmnist, tmp_path):

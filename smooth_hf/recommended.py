@@ -1,0 +1,52 @@
+"""Recommended settings, measured, kept in one place: the recipes, the README and the benchmarks read them here.
+
+``CNN_TRAINING`` trains a CIFAR-style ResNet from scratch so that it loses (almost) nothing to a truncated-SVD
+cut without fine-tuning (the measurements behind each value: BENCHMARKS.md, section 2). It is a set of
+:class:`~smooth_hf.SmoothTrainingArguments` / ``recipes/train.py`` arguments::
+
+    SmoothTrainingArguments(output_dir="runs/cnn", **CNN_TRAINING)
+    python recipes/train.py --model_name_or_path resnet14_cifar ... $(cnn_flags)   # see cnn_flags()
+
+``CNN_DATA`` holds the data arguments of the same recipe (``TrainingDataArguments``: augmentation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["CNN_DATA", "CNN_TRAINING", "as_flags", "cnn_flags"]
+
+CNN_TRAINING: dict[str, Any] = {
+    # SGD with Nesterov momentum and a one-cycle schedule: the classic CIFAR ResNet recipe.
+    "optim": "sgd",
+    "optim_args": "momentum=0.9,nesterov=True",
+    "learning_rate": 0.1,
+    "weight_decay": 5e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.25,  # a float below 1 is a fraction of the steps in transformers 5
+    "per_device_train_batch_size": 128,
+    "num_train_epochs": 4,
+    # The nuclear norm alone, weighted so that its pull does not depend on the initial scale of the weights
+    # (README "Penalty strength"); first- and second-order differences did not help CNNs compress.
+    "penalty_normalization": "relative",
+    "nuclear_norm_coef": 0.1,
+}
+
+CNN_DATA: dict[str, Any] = {"augment": True, "random_crop_padding": 0}  # horizontal flips only
+
+
+def as_flags(settings: dict[str, Any]) -> list[str]:
+    """``{"learning_rate": 0.1}`` -> ``["--learning_rate", "0.1"]``: the same settings on a command line."""
+    flags = []
+    for key, value in settings.items():
+        flags += [f"--{key}", str(value)]
+    return flags
+
+
+def cnn_flags(penalty: bool = True) -> list[str]:
+    """The CNN recipe as ``recipes/train.py`` flags; ``penalty=False`` gives the plain baseline's."""
+    training = dict(CNN_TRAINING)
+    if not penalty:
+        for key in ("penalty_normalization", "nuclear_norm_coef"):
+            training.pop(key)
+    return as_flags({**training, **CNN_DATA})

@@ -172,6 +172,15 @@ def _rank_rule(config: LowRankConfig) -> str:
     return f"{rule} ({', '.join(details)})"
 
 
+def _method(config: LowRankConfig) -> dict[str, Any]:
+    """How each layer was cut, and on what data: the card's "Method" line and its "energy kept" wording."""
+    if config.method != "whitened":
+        return {"whitened": False}
+    samples = f"{config.calibration_samples:,} samples" if config.calibration_samples else "an unrecorded number of samples"
+    name = markdown_cell(config.calibration_dataset) if config.calibration_dataset else "unnamed calibration data"
+    return {"whitened": True, "calibration": f"{name}, {samples}", "damping": f"{config.whitening_damping:g}"}
+
+
 def _metric_rows(info: ModelCardInfo) -> list[dict[str, str]]:
     dense = info.dense_metrics or {}
     rows = []
@@ -278,6 +287,7 @@ def render_model_card(model: nn.Module, info: ModelCardInfo | None = None, *, lo
         "n_factorised": len(report.factorised),
         "n_layers": len(report.layers),
         "rank_rule": _rank_rule(config),
+        "method": _method(config),
         "batchnorm_recalibrated": bool(getattr(report, "batchnorm_recalibrated", False)),
         "batchnorm_data_free": bool(getattr(report, "batchnorm_data_free", False)),
         "layer_table": report.layer_table(),

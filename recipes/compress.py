@@ -8,6 +8,10 @@
     python recipes/compress.py --model_name_or_path runs/smooth --param_reduction 0.7 \\
         --output_dir runs/smooth-lowrank-70 --push_to_hub --hub_model_id you/resnet18-smooth-lowrank-70
 
+    # whitened (activation-aware) truncation: each layer cut where it loses the least on 512 training images
+    python recipes/compress.py --model_name_or_path runs/smooth --dataset_name fashion_mnist \\
+        --param_reduction 0.7 --method whitened --calibration_samples 512 --output_dir runs/smooth-whitened-70
+
     # a sweep: accuracy vs parameters removed, as a table (Markdown + JSON) and a PNG plot
     python recipes/compress.py --model_name_or_path runs/smooth --budgets 0.5,0.6,0.7,0.8,0.9 \\
         --output_dir runs/smooth-sweep
@@ -23,6 +27,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from torch.utils.data import DataLoader
 from transformers import HfArgumentParser, default_data_collator
@@ -54,6 +59,11 @@ class CompressArguments:
     exclude_modules: list[str] | None = field(default=None, metadata={"help": "Layers to keep dense."})
     skip_first_last: bool = field(default=False, metadata={"help": "Keep the first and last layer dense."})
     rank_multiple: int = field(default=1, metadata={"help": "Round ranks up to a multiple of this (speed)."})
+    method: Literal["svd", "whitened"] = field(default="svd", metadata={"help": "'svd': truncated SVD of each weight, no data. 'whitened': "
+                        "the cut that loses the least on each layer's inputs over --calibration_samples training "
+                        "images (activation-aware, SVD-LLM), ranks allocated by that loss."})
+    calibration_samples: int = field(default=512, metadata={"help": "--method whitened: how many training images "
+                                     "(a seeded sample of the training split) calibrate the cut."})
     recalibrate_batchnorm: int = field(
         default=0, metadata={"help": "Re-estimate BatchNorm statistics on this many training images after the cut "
                              "(forward passes only; 0 = off, the plain no-fine-tuning result)."},
@@ -81,6 +91,8 @@ class CompressArguments:
             raise ValueError("give --recalibrate_batchnorm N (training images) or --batchnorm_data_free (no data), "
                              "not both: one compressed model gets one set of statistics (a --budgets sweep may "
                              "report both)")
+        if self.method == "whitened" and self.calibration_samples < 1:
+            raise ValueError(f"--method whitened needs --calibration_samples >= 1 (a few hundred), got {self.calibration_samples}")
         if self.push_to_hub and self.budgets:
             raise ValueError("--push_to_hub uploads one model: use --param_reduction, not --budgets")
 
@@ -99,11 +111,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.max_eval_samples:
         test = test.shuffle(seed=args.seed).select(range(min(args.max_eval_samples, len(test))))
     test = test.with_transform(ImageTransform(**transform))
-    calib = data["train"].shuffle(seed=args.seed).select(range(min(args.recalibrate_batchnorm, len(data["train"]))))
-    calib = calib.with_transform(ImageTransform(**transform))
+    shuffled = data["train"].shuffle(seed=args.seed)
 
-    def batches():
-        return DataLoader(calib, batch_size=128, collate_fn=default_data_collator)
+    def batches(n: int) -> DataLoader:
+        """The first ``n`` images of one seeded shuffle of the training split, as the trainer batches them."""
+        subset = shuffled.select(range(min(n, len(shuffled)))).with_transform(ImageTransform(**transform))
+        return DataLoader(subset, batch_size=128, collate_fn=default_data_collator)
+
+    calibration = batches(args.calibration_samples) if args.method == "whitened" else None
 
     # Synthetic inputs take the data's image shape: a CIFAR-stem model may be configured for 32x32 and fed 28x28.
     data_free = None
@@ -114,12 +129,15 @@ def main(argv: list[str] | None = None) -> dict:
         return classification_accuracy(m, test)
 
     targets = {"target_modules": args.target_modules, "exclude_modules": args.exclude_modules,
-               "skip_first_last": args.skip_first_last, "rank_multiple": args.rank_multiple}
+               "skip_first_last": args.skip_first_last, "rank_multiple": args.rank_multiple, "method": args.method}
+    if calibration is not None:
+        targets["calibration_dataset"] = f"{args.dataset_name} (training split, seeded sample)"
     if args.budgets:
         budgets = [float(b) for b in args.budgets.split(",")]
         rows = budget_sweep(model, budgets, evaluate, config_kwargs=targets,
-                            recalibration_batches=batches if args.recalibrate_batchnorm else None,
-                            data_free_batchnorm=data_free or False)
+                            recalibration_batches=(lambda: batches(args.recalibrate_batchnorm))
+                            if args.recalibrate_batchnorm else None,
+                            data_free_batchnorm=data_free or False, calibration_data=calibration)
         results = {Path(args.model_name_or_path).name: rows}
         out.mkdir(parents=True, exist_ok=True)
         table = sweep_markdown(results)
@@ -131,8 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     dense_accuracy = evaluate(model)
     config = LowRankConfig(param_reduction=args.param_reduction, rank_ratio=args.rank_ratio, energy=args.energy, **targets)
-    recalibration = batches() if args.recalibrate_batchnorm else data_free
-    compress(model, config, recalibrate_batchnorm=recalibration)
+    recalibration = batches(args.recalibrate_batchnorm) if args.recalibrate_batchnorm else data_free
+    compress(model, config, calibration_data=calibration, recalibrate_batchnorm=recalibration)
     accuracy = evaluate(model)
     report = model.lowrank_report
     print(report)

@@ -187,3 +187,16 @@ def test_transformers_path_smooth_configs_parse_both_syntaxes():
     ]
     with pytest.raises(Exception, match="unknown key 'nuc'"):
         parse("nuc=3")
+
+
+def test_compress_recipe_whitened_calibrates_on_training_images_and_records_them(trained, tiny_fmnist, tmp_path):
+    out = tmp_path / "whitened"
+    result = compress_recipe.main(["--model_name_or_path", str(trained), "--dataset_name", tiny_fmnist,
+                                   "--param_reduction", "0.5", "--method", "whitened", "--calibration_samples", "40",
+                                   "--output_dir", str(out)])
+    assert result["reduction"] == pytest.approx(0.5, abs=0.01)
+    saved = json.loads((out / "compression_config.json").read_text())
+    assert saved["method"] == "whitened" and saved["calibration_samples"] == 40
+    assert tiny_fmnist in saved["calibration_dataset"] and "training split" in saved["calibration_dataset"]
+    assert "whitened truncation" in (out / "README.md").read_text()
+    assert smooth_hf.from_pretrained(out).lowrank_config.method == "whitened"

@@ -361,3 +361,18 @@ def test_collect_input_grams_handles_large_unfolds_in_chunks(monkeypatch):
     torch.testing.assert_close(chunked, whole)
     patches = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 18)
     torch.testing.assert_close(whole, patches.t() @ patches)
+
+
+def test_budget_sweep_calibrates_once_and_every_budget_is_whitened(monkeypatch):
+    import smooth_hf.sweep as sweep
+
+    calls = []
+    real = sweep.calibrate
+    monkeypatch.setattr(sweep, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = TinyConvNet()
+    x = _images(8, size=16)
+    seen = []
+    rows = sweep.budget_sweep(model, [0.2, 0.4], lambda m: seen.append(getattr(m, "lowrank_config", None)) or 0.5,
+                              config_kwargs={"method": "whitened"}, calibration_data=[x])
+    assert calls == [1] and [r["budget"] for r in rows] == [0.0, 0.2, 0.4]
+    assert [c.method for c in seen[1:]] == ["whitened", "whitened"] and all(c.calibration_samples == 8 for c in seen[1:])

@@ -149,7 +149,13 @@ def _fmt_number(value: Any) -> str:
 
 
 def _rank_rule(config: LowRankConfig) -> str:
-    if config.param_reduction is not None:
+    if config.param_reduction is not None and config.method == "whitened":
+        rule = (
+            f"global parameter budget: remove {config.param_reduction:.1%} of the whole model's parameters, "
+            "with ranks allocated across layers so that the least relative output energy on the calibration "
+            "data is lost (a whitened rank-r cut loses exactly the tail of the singular values of `W S`)"
+        )
+    elif config.param_reduction is not None:
         rule = (
             f"global parameter budget: remove {config.param_reduction:.1%} of the whole model's parameters, "
             "with ranks allocated across layers so that the least relative spectral energy is lost "

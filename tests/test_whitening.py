@@ -279,6 +279,22 @@ def test_a_targeted_layer_the_forward_never_reaches_is_named():
              calibration_data=[_images(2)])
 
 
+def test_multihead_attention_out_proj_needs_no_calibration_input():
+    """nn.MultiheadAttention reads out_proj.weight itself: the layer stays dense and is not asked for data."""
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.head = nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(x, x, x)[0])
+
+    model = Attention().eval()
+    compress(model, LowRankConfig(rank_ratio=0.25, method="whitened"), calibration_data=[torch.randn(4, 5, 16)])
+    assert set(model.lowrank_config.ranks) == {"head"}
+
+
 # ---------------------------------------------------------------------------------------------- allocation
 
 

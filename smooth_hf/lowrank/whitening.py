@@ -14,6 +14,13 @@ Plain truncated SVD minimises ``||W - W'||_F``; what matters is the error on the
    the tail ``sum_{i > r} Σ_i^2``: the singular values of ``W S`` are the output error on the
    calibration data, which is what the global budget then allocates on.
 
+The global budget uses the same allocator as plain SVD, fed these spectra: it drops first the
+components with the least *relative* output energy (``Σ_i^2 / sum_j Σ_j^2``) per parameter saved.
+The absolute error (``Σ_i^2`` per parameter) was measured too, on all-MiniLM-L6-v2's sentence
+embeddings, and kept less of them at the same budget: raw output energies are not comparable across
+layers (a layer feeding a LayerNorm, a softmax or a residual stream matters on a different scale from
+its own output's), while a relative error is at least free of each layer's scale.
+
 Rank-deficient and ill-conditioned Grams (fewer samples than features, dead ReLU channels, constant
 padding features) are the rule, not the exception, so there is no Cholesky: ``G`` is damped,
 ``G + λ I`` with ``λ = damping * mean(diag G)``, and factored by a symmetric eigen-decomposition,
@@ -31,7 +38,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -134,6 +141,7 @@ class InputGrams:
     rows: dict[str, int]  # module name -> number of input vectors (tokens, patches) summed
     samples: int  # calibration samples (first dimension of each batch)
     batches: int
+    unreached: list[str] = field(default_factory=list)  # layers no batch called (an error only if they are cut)
 
 
 def _layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
@@ -194,9 +202,11 @@ def collect_input_grams(model: nn.Module, layers: Mapping[str, nn.Module], batch
 
     The model's weights, buffers and train/eval flags are the same afterwards, error or not.
 
+    Layers that no batch reached (not called by the forward, or whose weight the parent reads directly,
+    like ``nn.MultiheadAttention.out_proj``) are listed in ``unreached``; cutting one of them is an error.
+
     Raises:
-        ValueError: no batches, a batch the model cannot take, NaN/Inf in a batch or in a layer's inputs,
-            or a targeted layer that no batch reached.
+        ValueError: no batches, a batch the model cannot take, or NaN/Inf in a batch or in a layer's inputs.
     """
     hooks = {layer_name: _GramHook(module) for layer_name, module in layers.items()}
     handles = [module.register_forward_pre_hook(hooks[n]) for n, module in layers.items()]
@@ -227,24 +237,19 @@ def collect_input_grams(model: nn.Module, layers: Mapping[str, nn.Module], batch
             "calibration_data gave no batches: pass a few hundred training samples (e.g. a DataLoader over a "
             "slice of the training split)"
         )
-    unreached = [n for n, hook in hooks.items() if hook.gram is None or hook.rows == 0]
-    if unreached:
-        raise ValueError(
-            f"no calibration input reached {len(unreached)} targeted layer(s) ({', '.join(unreached[:5])}"
-            f"{', ...' if len(unreached) > 5 else ''}): the model's forward does not use them on these batches. "
-            "Exclude them (exclude_modules) or compress them with method='svd'."
-        )
-    bad = [n for n, hook in hooks.items() if not torch.isfinite(hook.gram).all()]
+    reached = {n: hook for n, hook in hooks.items() if hook.gram is not None and hook.rows > 0}
+    bad = [n for n, hook in reached.items() if not torch.isfinite(hook.gram).all()]
     if bad:
         raise ValueError(
             f"the inputs of layer(s) {', '.join(bad[:5])} became NaN or Inf on the calibration data (overflow in "
             "the model?); nothing was compressed. Check the model on these batches, or use method='svd'."
         )
     return InputGrams(
-        grams={n: hook.gram for n, hook in hooks.items()},
-        rows={n: hook.rows for n, hook in hooks.items()},
+        grams={n: hook.gram for n, hook in reached.items()},
+        rows={n: hook.rows for n, hook in reached.items()},
         samples=samples,
         batches=count,
+        unreached=[n for n in hooks if n not in reached],
     )
 
 
@@ -298,6 +303,13 @@ class Whitening:
 
     def spectrum(self, name: str, matrix: Tensor) -> Tensor:
         """Singular values of ``W S`` (float64, descending, on the CPU): the layer's output error profile."""
+        unreached = self.grams.unreached
+        if name in unreached:
+            raise ValueError(
+                f"no calibration input reached {len(unreached)} targeted layer(s) ({', '.join(unreached[:5])}"
+                f"{', ...' if len(unreached) > 5 else ''}): the model's forward does not use them on these batches. "
+                "Exclude them (exclude_modules) or compress with method='svd'."
+            )
         if name not in self.grams.grams:
             raise ValueError(
                 f"the calibration statistics have no layer {name!r}: they were collected on another model or with "

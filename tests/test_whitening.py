@@ -101,6 +101,15 @@ def test_rank_deficient_gram_gives_finite_factors_that_fit_the_data():
     assert (w - whitened).norm() < 2 * w.norm()
 
 
+def test_eigen_fallback_gives_the_same_cut_as_cholesky(monkeypatch):
+    """Where round-off defeats Cholesky, the eigen-decomposition takes over; any square root gives the same W'."""
+    w, x = torch.randn(6, 10, dtype=torch.float64), anisotropic_inputs(5, 10)  # rank-deficient Gram
+    cholesky = whitened_weight(w, x, 3, damping=1e-3)
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda a: (real(a)[0], torch.tensor(1)))  # "not positive definite"
+    torch.testing.assert_close(whitened_weight(w, x, 3, damping=1e-3), cholesky, rtol=1e-9, atol=1e-9)
+
+
 def test_layer_that_saw_only_zeros_falls_back_to_plain_svd():
     w = torch.randn(5, 7, dtype=torch.float64)
     u, s, rows = whitened_decomposition(w, torch.zeros(7, 7, dtype=torch.float64), 0.01)

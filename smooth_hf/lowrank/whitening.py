@@ -7,7 +7,7 @@ Plain truncated SVD minimises ``||W - W'||_F``; what matters is the error on the
    over a few calibration batches (:func:`collect_input_grams`): the input features of a Linear / HF
    ``Conv1D``, the unfolded ``in*kh*kw`` patches of a Conv2d (``F.unfold`` with the layer's own
    stride, padding and dilation, so that ``W.reshape(out, -1) @ patch`` is exactly the conv output).
-   Accumulated in float64, streaming: one ``d x d`` matrix per layer, never the activations;
+   Summed in float64, streaming: one ``d x d`` matrix per layer, never the activations;
 2. ``G = S S^T``; SVD ``W S = U Σ V^T``; the rank-``r`` factors are ``up = U_r Σ_r^{1/2}`` and
    ``down = Σ_r^{1/2} V_r^T S^{-1}`` (:func:`whitened_decomposition`). Then
    ``||(W - up down) X||_F^2 = tr((W - W') G (W - W')^T) = ||W S - U_r Σ_r V_r^T||_F^2`` is exactly
@@ -61,7 +61,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Rows of unfolded patches turned into float64 at once: bounds the extra memory of a conv hook
+# Input vectors multiplied at once (per chunk): bounds the extra memory of a conv hook
 # (a large batch of large images unfolds into far more values than the activations themselves).
 _CHUNK_VALUES = 1 << 24
 
@@ -171,7 +171,7 @@ def _layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
 
 
 class _GramHook:
-    """A forward pre-hook summing ``x x^T`` of one layer's inputs, in float64."""
+    """A forward pre-hook summing ``x x^T`` of one layer's inputs into a float64 matrix."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -186,8 +186,10 @@ class _GramHook:
             self.gram = torch.zeros(d, d, dtype=torch.float64, device=vectors.device)
         step = max(1, _CHUNK_VALUES // max(1, vectors.shape[1]))
         for chunk in vectors.split(step):
-            chunk = chunk.double()
-            self.gram.addmm_(chunk.t(), chunk)
+            # Each chunk's product in the activations' precision (at least float32: much faster than float64 on
+            # CPUs, and its rounding sits far below the damping), summed over chunks and batches in float64.
+            chunk = chunk if chunk.dtype in (torch.float32, torch.float64) else chunk.float()
+            self.gram.add_((chunk.t() @ chunk).double())
         self.rows += vectors.shape[0]
 
 

@@ -381,9 +381,10 @@ def test_collect_input_grams_handles_large_unfolds_in_chunks(monkeypatch):
     conv = nn.Conv2d(2, 3, 3, padding=1).double()
     x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
     whole = collect_input_grams(conv, {"c": conv}, [x]).grams["c"]
-    monkeypatch.setattr(whitening, "_CHUNK_VALUES", 40)  # a few rows per chunk
-    chunked = collect_input_grams(conv, {"c": conv}, [x]).grams["c"]
-    torch.testing.assert_close(chunked, whole)
+    monkeypatch.setattr(whitening, "_CHUNK_VALUES", 40)  # one image per unfold
+    chunked = collect_input_grams(conv, {"c": conv}, [x])
+    torch.testing.assert_close(chunked.grams["c"], whole)
+    assert chunked.rows["c"] == 2 * 36
     patches = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 18)
     torch.testing.assert_close(whole, patches.t() @ patches)
 

@@ -38,7 +38,7 @@ renders its card like any other; no calibration data is needed to reload it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,20 +154,29 @@ class InputGrams:
     unreached: list[str] = field(default_factory=list)  # layers no batch called (an error only if they are cut)
 
 
-def _layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
-    """The ``(n, d)`` input vectors whose product with ``weight_matrix(module)^T`` is the layer's output."""
+def _input_chunks(module: nn.Module, x: Tensor) -> Iterator[Tensor]:
+    """The ``(n, d)`` input vectors whose product with ``weight_matrix(module)^T`` is the layer's output, in chunks
+    of at most about ``_CHUNK_VALUES`` values (a conv's patches are unfolded a few images at a time)."""
     if layer_kind(module) != "conv2d":
-        return x.reshape(-1, x.shape[-1])
-    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        vectors = x.reshape(-1, x.shape[-1])
+        yield from vectors.split(max(1, _CHUNK_VALUES // vectors.shape[1]))
+        return
+    padding = module.padding
+    if module.padding_mode != "zeros" or isinstance(padding, str):
         # Pad exactly as Conv2d.forward does for non-zero modes and for "same" (possibly asymmetric), then unfold
         # with no padding: the patches are then the ones the convolution multiplies.
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        padding = 0
-    else:
-        padding = module.padding
-    patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N * L, in*kh*kw), channel-major like the weight
+        padding = (0, 0)
+    positions = 1
+    for size, pad, k, stride, dilation in zip(
+        x.shape[-2:], padding, module.kernel_size, module.stride, module.dilation, strict=True
+    ):
+        positions *= (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    per_image = max(1, positions * x.shape[1] * module.kernel_size[0] * module.kernel_size[1])
+    for images in x.split(max(1, _CHUNK_VALUES // per_image)):
+        patches = F.unfold(images, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+        yield patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N * L, in*kh*kw), channel-major like W
 
 
 class _GramHook:
@@ -179,18 +188,14 @@ class _GramHook:
         self.rows = 0
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach()
-        vectors = _layer_inputs(module, x)
-        if self.gram is None:
-            d = vectors.shape[1]
-            self.gram = torch.zeros(d, d, dtype=torch.float64, device=vectors.device)
-        step = max(1, _CHUNK_VALUES // max(1, vectors.shape[1]))
-        for chunk in vectors.split(step):
+        for chunk in _input_chunks(module, args[0].detach()):
+            if self.gram is None:
+                self.gram = torch.zeros(chunk.shape[1], chunk.shape[1], dtype=torch.float64, device=chunk.device)
             # Each chunk's product in the activations' precision (at least float32: much faster than float64 on
             # CPUs, and its rounding sits far below the damping), summed over chunks and batches in float64.
             chunk = chunk if chunk.dtype in (torch.float32, torch.float64) else chunk.float()
             self.gram.add_((chunk.t() @ chunk).double())
-        self.rows += vectors.shape[0]
+            self.rows += chunk.shape[0]
 
 
 def _check_finite_batch(batch: Any, index: int) -> None:

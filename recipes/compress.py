@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     targets = {"target_modules": args.target_modules, "exclude_modules": args.exclude_modules,
                "skip_first_last": args.skip_first_last, "rank_multiple": args.rank_multiple, "method": args.method}
     if calibration is not None:
-        targets["calibration_dataset"] = f"{args.dataset_name} (training split, seeded sample)"
+        targets["calibration_dataset"] = f"{args.dataset_name} (training split, sample of seed {args.seed})"
     if args.budgets:
         budgets = [float(b) for b in args.budgets.split(",")]
         rows = budget_sweep(model, budgets, evaluate, config_kwargs=targets,

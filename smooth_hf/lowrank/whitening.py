@@ -28,7 +28,7 @@ used (``S = L``); where round-off still defeats it (a tiny damping), a symmetric
 ``S = Q Λ^{1/2}``, takes over. Any square root gives the same ``W'``. The damped factorisation is *exactly* the
 minimiser of ``||(W - W') X||_F^2 + λ ||W - W'||_F^2`` over rank-``r`` ``W'`` (``G + λ I`` is the
 Gram matrix of ``[X, sqrt(λ) I]``): the data decide every direction they excite, and in directions
-they never excite the cut falls back to plain SVD's choice instead of an arbitrary one. Larger
+they never excite only the ``λ`` term acts, which keeps ``W'`` close to ``W`` as plain SVD would. Larger
 ``damping`` moves the method towards plain SVD; ``damping -> 0`` towards the pure data optimum.
 
 The factors are plain weights of the usual low-rank layers, so a whitened model saves, reloads and
@@ -37,10 +37,9 @@ renders its card like any other; no calibration data is needed to reload it.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +47,9 @@ from torch import Tensor, nn
 
 from ..batches import batch_size, feed_batch, modes_kept
 from ..targeting import find_layers, layer_kind
+
+if TYPE_CHECKING:
+    from .config import LowRankConfig
 
 __all__ = [
     "InputGrams",
@@ -58,8 +60,6 @@ __all__ = [
     "whitened_decomposition",
     "whitened_factors",
 ]
-
-logger = logging.getLogger(__name__)
 
 # Input vectors multiplied at once (per chunk): bounds the extra memory of a conv hook
 # (a large batch of large images unfolds into far more values than the activations themselves).
@@ -273,7 +273,7 @@ def collect_input_grams(model: nn.Module, layers: Mapping[str, nn.Module], batch
 # ---------------------------------------------------------------------------------------------- for compress
 
 
-def calibrate(model: nn.Module, config: Any, batches: Iterable[Any]) -> InputGrams:
+def calibrate(model: nn.Module, config: LowRankConfig, batches: Iterable[Any]) -> InputGrams:
     """The input Gram matrices of the layers ``config`` targets (a :class:`LowRankConfig`), over ``batches``.
 
     Compute them once and pass the result as ``compress(..., calibration_data=grams)`` to compress several
@@ -300,7 +300,9 @@ class Whitening:
         self._decompositions: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
 
     @classmethod
-    def prepare(cls, model: nn.Module, config: Any, calibration_data: Iterable[Any] | InputGrams | None) -> Whitening | None:
+    def prepare(
+        cls, model: nn.Module, config: LowRankConfig, calibration_data: Iterable[Any] | InputGrams | None
+    ) -> Whitening | None:
         """``None`` for ``method="svd"``; for ``"whitened"``, the statistics (collected here unless given)."""
         if config.method != "whitened":
             if calibration_data is not None:

@@ -8,6 +8,10 @@
     python recipes/compress.py --model_name_or_path runs/smooth --param_reduction 0.7 \\
         --output_dir runs/smooth-lowrank-70 --push_to_hub --hub_model_id you/resnet18-smooth-lowrank-70
 
+    # whitened (activation-aware) truncation: each layer cut where it loses the least on 512 training images
+    python recipes/compress.py --model_name_or_path runs/smooth --param_reduction 0.7 --method whitened \
+        --calibration_samples 512 --output_dir runs/smooth-whitened-70
+
     # a sweep: accuracy vs parameters removed, as a table (Markdown + JSON) and a PNG plot
     python recipes/compress.py --model_name_or_path runs/smooth --budgets 0.5,0.6,0.7,0.8,0.9 \\
         --output_dir runs/smooth-sweep
@@ -24,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -54,6 +58,10 @@ class CompressArguments:
         default=0, metadata={"help": "Re-estimate BatchNorm statistics on this many training images after the cut "
                              "(forward passes only; 0 = off, the plain no-fine-tuning result)."},
     )
+    calibration_samples: int = field(
+        default=512, metadata={"help": "--method whitened: how many training images (a seeded sample of the training "
+                               "split, the same images every time) calibrate the cut."},
+    )
     batchnorm_data_free: bool = field(
         default=False, metadata={"help": "Re-estimate BatchNorm statistics after the cut on inputs synthesised from the "
                                  "dense model's own statistics: no training images needed (forward passes only)."},
@@ -78,6 +86,8 @@ class CompressArguments:
             raise ValueError("give --recalibrate_batchnorm N (training images) or --batchnorm_data_free (no data), "
                              "not both: one compressed model gets one set of statistics (a --budgets sweep may "
                              "report both)")
+        if self.calibration_samples < 1:
+            raise ValueError(f"--calibration_samples is a number of training images >= 1, got {self.calibration_samples}")
         if self.push_to_hub and self.budgets:
             raise ValueError("--push_to_hub uploads one model: use --param_reduction, not --budgets")
 
@@ -101,10 +111,16 @@ def main(argv: list[str] | None = None) -> dict:
     check_num_labels(model, len(label_names(data["train"])))
     test = data["test"]
     print(f"evaluation data: {data_args.dataset_name}, {len(test)} test images (seed {seed})")
-    calib = select_subset(data["train"], args.recalibrate_batchnorm or None, seed)
 
-    def batches():
-        return DataLoader(calib, batch_size=128, collate_fn=default_data_collator)
+    def batches(n: int) -> DataLoader:
+        """``n`` training images (the first of the seeded shuffle every recipe uses), batched as in training."""
+        return DataLoader(select_subset(data["train"], n, seed), batch_size=128, collate_fn=default_data_collator)
+
+    calibration = batches(args.calibration_samples) if rank_args.method == "whitened" else None
+    recorded = {}  # what the card and compression_config.json say the cut was calibrated on
+    if calibration is not None:
+        recorded["calibration_dataset"] = f"{data_args.dataset_name} (training split, seeded sample, seed {seed})"
+    targets = {**rank_args.targets(), **recorded}
 
     # Synthetic inputs take the data's image shape: a CIFAR-stem model may be configured for 32x32 and fed 28x28.
     data_free = None
@@ -116,9 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.budgets:
         budgets = [float(b) for b in args.budgets.split(",")]
-        rows = budget_sweep(model, budgets, evaluate, config_kwargs=rank_args.targets(),
-                            recalibration_batches=batches if args.recalibrate_batchnorm else None,
-                            data_free_batchnorm=data_free or False)
+        rows = budget_sweep(model, budgets, evaluate, config_kwargs=targets,
+                            recalibration_batches=(lambda: batches(args.recalibrate_batchnorm))
+                            if args.recalibrate_batchnorm else None,
+                            data_free_batchnorm=data_free or False, calibration_data=calibration)
         results = {Path(args.model_name_or_path).name: rows}
         out.mkdir(parents=True, exist_ok=True)
         table = sweep_markdown(results)
@@ -129,8 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
         return results
 
     dense_accuracy = evaluate(model)
-    recalibration = batches() if args.recalibrate_batchnorm else data_free
-    compress(model, rank_args.to_config(), recalibrate_batchnorm=recalibration)
+    recalibration = batches(args.recalibrate_batchnorm) if args.recalibrate_batchnorm else data_free
+    config = replace(rank_args.to_config(), **recorded)
+    compress(model, config, calibration_data=calibration, recalibrate_batchnorm=recalibration)
     accuracy = evaluate(model)
     report = model.lowrank_report
     print(report)

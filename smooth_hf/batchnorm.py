@@ -15,16 +15,17 @@ weight changes either.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from .batches import feed_batch, modes_kept
 
 __all__ = [
     "DataFreeRecalibration",
@@ -38,8 +39,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_LABEL_KEYS = ("labels", "label", "targets")
 
 
 @dataclass(frozen=True)
@@ -80,26 +79,11 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
-def _to(value: Any, device: torch.device) -> Any:
-    return value.to(device) if isinstance(value, torch.Tensor) else value
-
-
 def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     parameter = next(model.parameters(), None)
     if parameter is None:
         return torch.device("cpu"), torch.float32
     return parameter.device, parameter.dtype if parameter.is_floating_point() else torch.float32
-
-
-@contextlib.contextmanager
-def _modes_kept(model: nn.Module) -> Iterator[None]:
-    """Every module's train/eval flag is restored on exit, whatever happened inside."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def _copy_buffers(layers: Iterable[nn.Module]) -> list[dict[str, torch.Tensor]]:
@@ -110,24 +94,6 @@ def _restore_buffers(layers: Iterable[nn.Module], saved: list[dict[str, torch.Te
     for m, buffers in zip(layers, saved, strict=True):
         for name, value in buffers.items():
             getattr(m, name).copy_(value)
-
-
-def _forward(model: nn.Module, batch: Any, device: torch.device) -> None:
-    if isinstance(batch, torch.Tensor):
-        model(batch.to(device))
-    elif isinstance(batch, Mapping):
-        if "pixel_values" in batch:
-            # Positional, so timm models (forward(x)) and HF vision models (forward(pixel_values)) both work.
-            model(_to(batch["pixel_values"], device))
-        else:
-            model(**{k: _to(v, device) for k, v in batch.items() if k not in _LABEL_KEYS})
-    elif isinstance(batch, (list, tuple)) and batch:
-        model(_to(batch[0], device))  # torchvision-style (images, labels)
-    else:
-        raise TypeError(
-            f"cannot feed a batch of type {type(batch).__name__}: give tensors, (inputs, labels) pairs or dicts "
-            "with 'pixel_values'"
-        )
 
 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], max_batches: int | None = None) -> nn.Module:
@@ -157,7 +123,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], max_batches:
     momenta, saved = [m.momentum for m in layers], _copy_buffers(layers)
     device, _ = _device_and_dtype(model)
     seen = 0
-    with _modes_kept(model):
+    with modes_kept(model):
         try:
             model.eval()
             for m in layers:
@@ -168,7 +134,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], max_batches:
                 for batch in batches:
                     if max_batches is not None and seen >= max_batches:
                         break
-                    _forward(model, batch, device)
+                    feed_batch(model, batch, device)
                     seen += 1
             if seen == 0:
                 raise ValueError("recalibrate_batchnorm got no batches; give at least one batch of training inputs")
@@ -267,7 +233,7 @@ def synthesize_batchnorm_inputs(
 
     flags = {p: p.requires_grad for p in model.parameters()}
     handles = [m.register_forward_pre_hook(match) for m in layers]
-    with _modes_kept(model):
+    with modes_kept(model):
         try:
             model.eval()
             for p in flags:

@@ -149,7 +149,13 @@ def _fmt_number(value: Any) -> str:
 
 
 def _rank_rule(config: LowRankConfig) -> str:
-    if config.param_reduction is not None:
+    if config.param_reduction is not None and config.method == "whitened":
+        rule = (
+            f"global parameter budget: remove {config.param_reduction:.1%} of the whole model's parameters, "
+            "with ranks allocated across layers so that the least relative output energy on the calibration "
+            "data is lost (a whitened rank-r cut loses exactly the tail of the singular values of `W S`)"
+        )
+    elif config.param_reduction is not None:
         rule = (
             f"global parameter budget: remove {config.param_reduction:.1%} of the whole model's parameters, "
             "with ranks allocated across layers so that the least relative spectral energy is lost "
@@ -170,6 +176,15 @@ def _rank_rule(config: LowRankConfig) -> str:
     if config.exclude_modules is not None:
         details.append(f"exclude_modules={config.exclude_modules!r}")
     return f"{rule} ({', '.join(details)})"
+
+
+def _method(config: LowRankConfig) -> dict[str, Any]:
+    """How each layer was cut, and on what data: the card's "Method" line and its "energy kept" wording."""
+    if config.method != "whitened":
+        return {"whitened": False}
+    samples = f"{config.calibration_samples:,} samples" if config.calibration_samples else "an unrecorded number of samples"
+    name = markdown_cell(config.calibration_dataset) if config.calibration_dataset else "unnamed calibration data"
+    return {"whitened": True, "calibration": f"{name}, {samples}", "damping": f"{config.whitening_damping:g}"}
 
 
 def _metric_rows(info: ModelCardInfo) -> list[dict[str, str]]:
@@ -280,6 +295,7 @@ def render_model_card(model: nn.Module, info: ModelCardInfo | None = None, *, lo
         "n_factorised": len(report.factorised),
         "n_layers": len(report.layers),
         "rank_rule": _rank_rule(config),
+        "method": _method(config),
         "batchnorm_recalibrated": bool(getattr(report, "batchnorm_recalibrated", False)),
         "batchnorm_data_free": bool(getattr(report, "batchnorm_data_free", False)),
         "layer_table": report.layer_table(),

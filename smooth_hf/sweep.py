@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from .batchnorm import DataFreeRecalibration, batchnorm_layers, recalibrate_batchnorm
-from .lowrank import LowRankConfig, compress, count_parameters
+from .lowrank import InputGrams, LowRankConfig, calibrate, compress, count_parameters
 
 __all__ = ["BN_REPAIRS", "budget_sweep", "plot_sweep", "sweep_markdown"]
 
@@ -37,6 +37,7 @@ def budget_sweep(
     config_kwargs: dict[str, Any] | None = None,
     recalibration_batches: Callable[[], Iterable[Any]] | None = None,
     data_free_batchnorm: bool | DataFreeRecalibration = False,
+    calibration_data: Iterable[Any] | InputGrams | None = None,
 ) -> list[dict[str, Any]]:
     """One row per budget (0 = the dense model): parameters, fraction removed, accuracy.
 
@@ -49,10 +50,15 @@ def budget_sweep(
     * ``data_free_batchnorm`` (``True`` or a :class:`~smooth_hf.batchnorm.DataFreeRecalibration`): inputs
       are synthesised once from the dense model's own statistics, and rows get ``accuracy_bn_data_free``.
 
-    ``config_kwargs`` are extra ``LowRankConfig`` fields (targets; ``rank_ratio`` instead of a
-    budget is not allowed here).
+    ``config_kwargs`` are extra ``LowRankConfig`` fields (targets, ``method``; ``rank_ratio`` instead
+    of a budget is not allowed here). With ``method="whitened"``, ``calibration_data`` are the
+    calibration batches (or :class:`~smooth_hf.lowrank.InputGrams`): their statistics are collected
+    once, on the dense model, and serve every budget.
     """
     dense_params = count_parameters(model)
+    if calibration_data is not None and not isinstance(calibration_data, InputGrams):
+        targets = LowRankConfig(rank_ratio=1.0, **(config_kwargs or {}))  # read for its targets only
+        calibration_data = calibrate(model, targets, calibration_data)
     repairs: dict[str, Callable[[nn.Module], Any]] = {}
     if batchnorm_layers(model):
         if recalibration_batches is not None:
@@ -66,7 +72,8 @@ def budget_sweep(
             candidate = model
         else:
             candidate = copy.deepcopy(model)
-            compress(candidate, LowRankConfig(param_reduction=budget, **(config_kwargs or {})))
+            config = LowRankConfig(param_reduction=budget, **(config_kwargs or {}))
+            compress(candidate, config, calibration_data=calibration_data)
         params = count_parameters(candidate)
         row = {"budget": budget, "params": params, "removed": 1 - params / dense_params, "accuracy": evaluate(candidate)}
         if budget > 0:

@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, load_benchmark, save_tiny_fmnist
@@ -230,3 +231,66 @@ def test_transformers_path_smooth_configs_parse_both_syntaxes():
     ]
     with pytest.raises(Exception, match="unknown key 'nuc'"):
         parse("nuc=3")
+
+
+def test_compress_recipe_whitened_calibrates_on_training_images_and_records_them(trained, tiny_fmnist, tmp_path):
+    out = tmp_path / "whitened"
+    result = compress_recipe.main(["--model_name_or_path", str(trained), "--dataset_name", tiny_fmnist,
+                                   "--param_reduction", "0.5", "--method", "whitened", "--calibration_samples", "40",
+                                   "--output_dir", str(out)])
+    assert result["reduction"] == pytest.approx(0.5, abs=0.01)
+    saved = json.loads((out / "compression_config.json").read_text())
+    assert saved["method"] == "whitened" and saved["calibration_samples"] == 40
+    assert tiny_fmnist in saved["calibration_dataset"] and "training split" in saved["calibration_dataset"]
+    assert "whitened truncation" in (out / "README.md").read_text()
+    assert smooth_hf.from_pretrained(out).lowrank_config.method == "whitened"
+
+
+def _tiny_text_model(folder: Path) -> str:
+    """A tiny BERT and its word-level tokenizer, saved like a Hub checkpoint (stands in for all-MiniLM-L6-v2)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = ["good", "bad", "film", "great", "awful", "plot", "the", "a", "is", "was", "fun", "dull"]
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(words) + 5, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    BertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+def test_whitening_benchmark_runs_every_part_tiny(tiny_fmnist, tmp_path):
+    """A smoke run of benchmarks/whitening.py (all four parts) on a tiny BERT, 40 sentences and a tiny CNN."""
+    bench = load_benchmark("whitening")
+    cache = tmp_path / "cache"
+    (cache / "pang_lee").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = [f'"{1 if i % 2 else -1}","{" ".join(rng.choice(["good", "bad", "film", "the", "plot", "fun"], 5))} . \n"'
+            for i in range(40)]
+    (cache / "pang_lee" / "polarity-en-pang&lee2.csv").write_text("\ufeff" + "\r\n".join(rows) + "\r\n", encoding="utf-8")
+    model = smooth_hf.auto.build_model("resnet14_cifar", num_labels=3, num_channels=1,
+                                       config_overrides="channels=[4,8,8],layers=[1,1,1]")
+    smooth_hf.auto.save_dense(model, tmp_path / "cnn" / "plain" / "dense")
+    out = tmp_path / "results"
+    payload = bench.main([
+        "--parts", "embed,polarity,cnn,timing", "--output_dir", str(out), "--cache_dir", str(cache),
+        "--run_dir", str(tmp_path / "runs"), "--text_model", _tiny_text_model(tmp_path / "bert"),
+        "--calibration_sentences", "8", "--calibration_batch_size", "4", "--embed_sentences", "8",
+        "--embed_budgets", "0.05", "--neighbours", "3", "--text_max_steps", "1", "--text_batch_size", "8",
+        "--text_smooth", "1:1", "--polarity_budgets", "0.05", "--timing_repeats", "1", "--timing_budget", "0.05",
+        "--cnn_models", str(tmp_path / "cnn"), "--cnn_dataset", tiny_fmnist, "--cnn_calibration_images", "16",
+        "--cnn_eval_samples", "16", "--cnn_budgets", "0.5",
+    ])
+    embed = payload["parts"]["embed"]["results"]
+    assert [r["budget"] for r in embed["whitened"]] == [0.05] and 0 < embed["whitened"][0]["cosine"] <= 1.0 + 1e-6
+    assert 0 <= embed["svd"][0]["neighbour_agreement"] <= 1
+    polarity = payload["parts"]["polarity"]["results"]
+    assert set(polarity) == {"plain, svd", "plain, whitened", "smooth (fo=1, nn=1), svd", "smooth (fo=1, nn=1), whitened"}
+    (cnn_row,) = [r for r in payload["parts"]["cnn"]["results"]["plain, whitened"] if r["budget"] == 0.5]
+    assert {"accuracy", "accuracy_bn_recalibrated"} <= set(cnn_row)
+    assert payload["parts"]["timing"]["results"]["whitened"]["median"] > 0
+    table = (out / "whitening.md").read_text()
+    assert "cosine, whitened" in table and "Time to compress" in table and "plain, whitened" in table
+    assert (out / "whitening_polarity.png").stat().st_size > 1000 and (out / "whitening_cnn.png").is_file()

@@ -1,4 +1,5 @@
-"""Low-rank compression without fine-tuning: truncated SVD of every targeted layer.
+"""Low-rank compression without fine-tuning: truncated SVD of every targeted layer, or its whitened
+(activation-aware) form that uses a few calibration batches (``LowRankConfig(method="whitened")``).
 
 ``compress(model, LowRankConfig(param_reduction=0.7))`` replaces Linear / Conv2d / HF Conv1D layers
 by two thin factors in place; ``apply_ranks`` rebuilds that structure on a fresh model so a saved
@@ -11,10 +12,12 @@ from .compress import apply_ranks, compress
 from .config import CONFIG_NAME, LowRankConfig
 from .layers import LowRankConv2d, LowRankLinear, factorise, low_rank_layer_like
 from .report import CompressionReport, LayerReport, count_parameters
+from .whitening import InputGrams, calibrate
 
 __all__ = [
     "CONFIG_NAME",
     "CompressionReport",
+    "InputGrams",
     "LayerReport",
     "LowRankConfig",
     "LowRankConv2d",
@@ -22,6 +25,7 @@ __all__ = [
     "LowRankLinear",
     "allocate_ranks",
     "apply_ranks",
+    "calibrate",
     "compress",
     "count_parameters",
     "factorise",

@@ -42,6 +42,7 @@ from .report import (
     LayerReport,
     count_parameters,
 )
+from .whitening import InputGrams, Whitening
 
 __all__ = [
     "CompressionReport",
@@ -178,8 +179,12 @@ def _check_not_compressed(model: nn.Module) -> None:
         )
 
 
-def _plan(model: nn.Module, config: LowRankConfig) -> _Plan:
-    """Classify every supported layer, take the candidates' spectra, choose ranks, build the replacements."""
+def _plan(model: nn.Module, config: LowRankConfig, whitening: Whitening | None = None) -> _Plan:
+    """Classify every supported layer, take the candidates' spectra, choose ranks, build the replacements.
+
+    With ``whitening`` (``method="whitened"``) the spectra are those of ``W S`` (the output error on the
+    calibration inputs) and the factors its truncation; otherwise the weight's own SVD.
+    """
     targets = dict(find_layers(model, config.target_modules, config.exclude_modules, config.skip_first_last))
     tied, read_by_parent = _tied_weight_ids(model), _read_by_parent(model)
     params_before = count_parameters(model)
@@ -212,7 +217,9 @@ def _plan(model: nn.Module, config: LowRankConfig) -> _Plan:
             )
         # Singular values only (svdvals): keeping every layer's U and V until the ranks are known would
         # double peak memory on a large model; the factors are computed once, for factorised layers only.
-        candidates.append(_Candidate(name, module, kind, shape, singular_values(matrix).cpu()))
+        # ---- method hook 1/2: the spectrum the rank rules read
+        spectrum = whitening.spectrum(name, matrix) if whitening is not None else singular_values(matrix).cpu()
+        candidates.append(_Candidate(name, module, kind, shape, spectrum))
 
     replacements: dict[str, LowRankLayer] = {}
     excluded = [r for r in rows.values() if r.status == STATUS_DENSE_EXCLUDED]
@@ -229,7 +236,9 @@ def _plan(model: nn.Module, config: LowRankConfig) -> _Plan:
         if rank is None:
             row.status = STATUS_DENSE_NO_GAIN
             continue
-        replacements[c.name] = factorise(c.module, rank)
+        # ---- method hook 2/2: the factors (None = truncated SVD of the weight)
+        factors = whitening.factors(c.name, rank, c.module.weight.dtype) if whitening is not None else None
+        replacements[c.name] = factorise(c.module, rank, factors=factors)
         row.rank, row.status = rank, STATUS_FACTORISED
         row.params_after = _layer_params(replacements[c.name])
         row.energy_kept = energy_kept(c.spectrum, rank)
@@ -243,6 +252,7 @@ def _plan(model: nn.Module, config: LowRankConfig) -> _Plan:
         )
     saved = copy.deepcopy(config)
     saved.ranks = {name: rows[name].rank for name in replacements}
+    saved.calibration_samples = whitening.grams.samples if whitening is not None else None
     return _Plan(saved, params_before, rows, replacements)
 
 
@@ -302,6 +312,7 @@ def compress(
     model: nn.Module,
     config: LowRankConfig,
     *,
+    calibration_data: Iterable[Any] | InputGrams | None = None,
     recalibrate_batchnorm: BatchNormRepair = None,
 ) -> nn.Module:
     """Factorise the targeted layers of ``model`` in place by truncated SVD; no fine-tuning.
@@ -313,6 +324,14 @@ def compress(
     dense. See :class:`LowRankConfig` for the rank rules.
 
     Args:
+        calibration_data: for ``config.method="whitened"`` (required there, refused otherwise): batches
+            as the trainer uses them -- dicts passed as ``model(**batch)`` for transformers models,
+            ``{"pixel_values": ...}`` dicts or image tensors for timm / plain image models; a few hundred
+            samples are enough. The model runs on them in eval mode, hooks sum each targeted layer's input
+            Gram matrix, and every layer is cut where it loses the least *on those inputs*, with the budget
+            allocated by that loss (:mod:`smooth_hf.lowrank.whitening`). An
+            :class:`~smooth_hf.lowrank.whitening.InputGrams` from :func:`~smooth_hf.lowrank.whitening.calibrate`
+            reuses statistics already collected (compressing copies at several budgets).
         recalibrate_batchnorm: ``None`` (off), an iterable of training batches, or ``"data_free"``
             / a :class:`smooth_hf.batchnorm.DataFreeRecalibration`. After the cut, BatchNorm running
             statistics are re-estimated on the batches (:func:`smooth_hf.batchnorm.recalibrate_batchnorm`),
@@ -329,8 +348,9 @@ def compress(
         (a :class:`CompressionReport`).
 
     Raises:
-        ValueError: the model is already compressed, a targeted weight has NaN/Inf, or the
-            ``param_reduction`` budget cannot be reached. The model is untouched in every case.
+        ValueError: the model is already compressed, a targeted weight has NaN/Inf, the
+            ``param_reduction`` budget cannot be reached, or the calibration data are missing, empty,
+            not what the model takes, or not finite. The model is untouched in every case.
         RuntimeError: the swapped-in layers do not hold the planned parameter count (a sharing
             compress did not detect); the swap is undone, so the model is untouched here too.
             (BatchNorm recalibration runs after the cut: if it fails, the model stays compressed with
@@ -344,8 +364,11 @@ def compress(
     if config.ranks:
         logger.warning("config.ranks is set but compress() chooses ranks from the rule; the given ranks are ignored")
     how = _check_batchnorm_repair(recalibrate_batchnorm)
+    if config.calibration_samples is not None:
+        logger.warning("config.calibration_samples is set but compress() records the number it used; ignored")
 
-    plan = _plan(model, config)  # the model is untouched until _apply
+    whitening = Whitening.prepare(model, config, calibration_data)  # forward passes only: the model is unchanged
+    plan = _plan(model, config, whitening)  # the model is untouched until _apply
     repair = _prepare_batchnorm_repair(model, how)  # before the swap: it may read the dense model
     _apply(model, plan)
     from ..hf_quantizer import attach_quantization_config  # here: it imports this module

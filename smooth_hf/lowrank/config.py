@@ -10,6 +10,7 @@ adapter configs, so two saves of the same compression are byte-identical and dif
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -19,6 +20,7 @@ __all__ = ["CONFIG_NAME", "LowRankConfig"]
 CONFIG_NAME = "compression_config.json"
 _VERSION_KEY = "smooth_hf_version"
 _RULES = ("param_reduction", "rank_ratio", "energy")
+METHODS = ("svd", "whitened")
 
 
 def _library_version() -> str:
@@ -83,6 +85,30 @@ class LowRankConfig:
             "full rank."
         },
     )
+    # ---- how each layer is cut (smooth_hf.lowrank.whitening) ----
+    method: str = field(
+        default="svd",
+        metadata={
+            "help": "'svd': truncated SVD of each weight (no data). 'whitened': the truncation that loses the least "
+            "on the layer's inputs over calibration batches (SVD-LLM's data whitening), and ranks allocated by that "
+            "loss; needs compress(..., calibration_data=...)."
+        },
+    )
+    whitening_damping: float = field(
+        default=0.01,
+        metadata={
+            "help": "method='whitened': the inputs' Gram matrix G is damped to G + damping * mean(diag G) * I, which "
+            "keeps it invertible when the data do not span every input direction. Larger moves towards plain SVD."
+        },
+    )
+    calibration_dataset: str | None = field(
+        default=None,
+        metadata={"help": "method='whitened': name or description of the calibration data, recorded in the card."},
+    )
+    calibration_samples: int | None = field(
+        default=None,
+        metadata={"help": "Filled by compress() for method='whitened': the number of calibration samples it used."},
+    )
     ranks: dict[str, int] = field(
         default_factory=dict,
         metadata={
@@ -127,6 +153,7 @@ class LowRankConfig:
                     f"{name}=['query', 'value'] or {name}=r'.*layer4.*'."
                 )
             setattr(self, name, value)
+        self._check_method()
         if not isinstance(self.ranks, dict):
             raise ValueError(
                 f"ranks must be a dict of module name -> int rank, got {type(self.ranks).__name__}. "
@@ -141,6 +168,26 @@ class LowRankConfig:
             raise ValueError(
                 f"ranks must map module names to integers >= 1; invalid entries: {bad!r}. "
                 "Leave ranks empty: compress() fills it."
+            )
+
+    def _check_method(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(
+                f"method must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}: 'svd' needs no data, "
+                "'whitened' uses calibration batches (compress(..., calibration_data=...))."
+            )
+        damping = self.whitening_damping
+        if not (_is_number(damping) and 0 < damping < math.inf):
+            raise ValueError(f"whitening_damping must be a finite number > 0, got {damping!r}; e.g. 0.01.")
+        if self.calibration_dataset is not None and not isinstance(self.calibration_dataset, str):
+            raise ValueError(
+                f"calibration_dataset is a name or description (a string), got {type(self.calibration_dataset).__name__}"
+            )
+        samples = self.calibration_samples
+        if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
+            raise ValueError(
+                f"calibration_samples must be an integer >= 1 or None, got {samples!r}. Leave it unset: compress() "
+                "fills it."
             )
 
     @property

@@ -269,10 +269,18 @@ def low_rank_layer_like(
     return new if device.type == "meta" else new.to_empty(device=device)
 
 
-def factorise(dense: nn.Module, rank: int, *, expect: type[LowRankLayer] = LowRankLayer) -> LowRankLayer:
+def factorise(
+    dense: nn.Module,
+    rank: int,
+    *,
+    expect: type[LowRankLayer] = LowRankLayer,
+    factors: tuple[Tensor, Tensor] | None = None,
+) -> LowRankLayer:
     """The best rank-``rank`` replacement of ``dense`` (truncated SVD), in ``dense``'s dtype and on its device.
 
     ``expect`` narrows the accepted layers (``LowRankConv2d.from_dense`` passes ``LowRankConv2d``).
+    ``factors`` are ``(up, down)`` computed elsewhere (``(out, rank)`` and ``(rank, in*kh*kw)``, e.g. the
+    whitened truncation of :mod:`smooth_hf.lowrank.whitening`) to use instead of the SVD of the weight.
     """
     new = low_rank_layer_like(dense, rank, device="meta")
     if not isinstance(new, expect):
@@ -280,7 +288,17 @@ def factorise(dense: nn.Module, rank: int, *, expect: type[LowRankLayer] = LowRa
             f"{expect.__name__}.from_dense cannot replace a {type(dense).__name__}; call "
             "smooth_hf.lowrank.layers.factorise(module, rank), which picks the matching low-rank layer."
         )
-    up, down = truncated_svd_factors(weight_matrix(dense), rank)
+    if factors is None:
+        up, down = truncated_svd_factors(weight_matrix(dense), rank)
+    else:
+        up, down = factors
+        out, inp = weight_matrix(dense).shape
+        if tuple(up.shape) != (out, rank) or tuple(down.shape) != (rank, inp):
+            raise ValueError(
+                f"factors of shapes {tuple(up.shape)} and {tuple(down.shape)} do not make a rank-{rank} "
+                f"{out}x{inp} weight: pass up as ({out}, {rank}) and down as ({rank}, {inp})"
+            )
+        up, down = up.to(dense.weight.dtype), down.to(dense.weight.dtype)
     trainable = dense.weight.requires_grad
     new.down.weight = nn.Parameter(down.reshape(new.down.weight.shape), requires_grad=trainable)
     new.up.weight = nn.Parameter(up.reshape(new.up.weight.shape), requires_grad=trainable)

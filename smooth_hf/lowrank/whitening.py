@@ -1,0 +1,350 @@
+"""Whitened (activation-aware) truncation: the best rank-``r`` cut of a layer *for the inputs it sees*.
+
+Plain truncated SVD minimises ``||W - W'||_F``; what matters is the error on the layer's inputs,
+``||(W - W') X||_F``. Following SVD-LLM (truncation-aware data whitening):
+
+1. forward hooks collect, for every targeted layer, the Gram matrix ``G = sum x x^T`` of its inputs
+   over a few calibration batches (:func:`collect_input_grams`): the input features of a Linear / HF
+   ``Conv1D``, the unfolded ``in*kh*kw`` patches of a Conv2d (``F.unfold`` with the layer's own
+   stride, padding and dilation, so that ``W.reshape(out, -1) @ patch`` is exactly the conv output).
+   Summed in float64, streaming: one ``d x d`` matrix per layer, never the activations;
+2. ``G = S S^T``; SVD ``W S = U Σ V^T``; the rank-``r`` factors are ``up = U_r Σ_r^{1/2}`` and
+   ``down = Σ_r^{1/2} V_r^T S^{-1}`` (:func:`whitened_decomposition`). Then
+   ``||(W - up down) X||_F^2 = tr((W - W') G (W - W')^T) = ||W S - U_r Σ_r V_r^T||_F^2`` is exactly
+   the tail ``sum_{i > r} Σ_i^2``: the singular values of ``W S`` are the output error on the
+   calibration data, which is what the global budget then allocates on.
+
+The global budget uses the same allocator as plain SVD, fed these spectra: it drops first the
+components with the least *relative* output energy (``Σ_i^2 / sum_j Σ_j^2``) per parameter saved.
+The absolute error (``Σ_i^2`` per parameter) was measured too, on all-MiniLM-L6-v2's sentence
+embeddings, and kept less of them at the same budget: raw output energies are not comparable across
+layers (a layer feeding a LayerNorm, a softmax or a residual stream matters on a different scale from
+its own output's), while a relative error is at least free of each layer's scale.
+
+Rank-deficient and ill-conditioned Grams (fewer samples than features, dead ReLU channels, constant
+padding features) are the rule, not the exception, so ``G`` is always damped, ``G + λ I`` with
+``λ = damping * mean(diag G)``. That matrix is positive definite, so its Cholesky factor exists and is
+used (``S = L``); where round-off still defeats it (a tiny damping), a symmetric eigen-decomposition,
+``S = Q Λ^{1/2}``, takes over. Any square root gives the same ``W'``. The damped factorisation is *exactly* the
+minimiser of ``||(W - W') X||_F^2 + λ ||W - W'||_F^2`` over rank-``r`` ``W'`` (``G + λ I`` is the
+Gram matrix of ``[X, sqrt(λ) I]``): the data decide every direction they excite, and in directions
+they never excite only the ``λ`` term acts, which keeps ``W'`` close to ``W`` as plain SVD would. Larger
+``damping`` moves the method towards plain SVD; ``damping -> 0`` towards the pure data optimum.
+
+The factors are plain weights of the usual low-rank layers, so a whitened model saves, reloads and
+renders its card like any other; no calibration data is needed to reload it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..batches import batch_size, feed_batch, modes_kept
+from ..targeting import find_layers, layer_kind
+
+if TYPE_CHECKING:
+    from .config import LowRankConfig
+
+__all__ = [
+    "InputGrams",
+    "Whitening",
+    "calibrate",
+    "collect_input_grams",
+    "output_error",
+    "whitened_decomposition",
+    "whitened_factors",
+]
+
+# Input vectors multiplied at once (per chunk): bounds the extra memory of a conv hook
+# (a large batch of large images unfolds into far more values than the activations themselves).
+_CHUNK_VALUES = 1 << 24
+
+
+# ---------------------------------------------------------------------------------------------- the math
+
+
+def damped(gram: Tensor, damping: float) -> tuple[Tensor, float]:
+    """``(G + λ I, λ)`` with ``λ = damping * mean(diag G)`` (symmetrised, float64).
+
+    Relative to the mean diagonal so that the same ``damping`` means the same thing for every layer,
+    whatever the scale of its inputs. A layer whose inputs were all zero gets ``λ = damping``, so
+    that it falls back to plain SVD instead of dividing by zero.
+    """
+    gram = gram.double()
+    gram = (gram + gram.t()) / 2
+    scale = float(gram.diagonal().mean())
+    lam = damping * scale if scale > 0 else damping
+    return gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), lam
+
+
+def _svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD; LAPACK is much slower on wide matrices, so a wide one is decomposed through its transpose."""
+    if matrix.shape[0] >= matrix.shape[1]:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    v, s, uh = torch.linalg.svd(matrix.t(), full_matrices=False)
+    return uh.t(), s, v.t()
+
+
+def whitened_decomposition(matrix: Tensor, gram: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U, Σ, R)`` with ``matrix = U diag(Σ) R`` and ``Σ`` the singular values of ``W S``, ``S S^T = G + λ I``.
+
+    ``R = V^T S^{-1}``, so the best rank-``r`` replacement for the inputs is ``U_r diag(Σ_r) R_r``
+    (``up = U_r Σ_r^{1/2}``, ``down = Σ_r^{1/2} R_r``), and its error on them is ``sum_{i > r} Σ_i^2``
+    (plus ``λ ||W - W'||_F^2``: see the module docstring). Everything in float64.
+
+    Args:
+        matrix: the ``(out, d)`` weight (``weight_matrix(module)``).
+        gram: the ``(d, d)`` Gram matrix of the layer's inputs.
+        damping: ``> 0``, relative to the mean diagonal of ``gram``.
+    """
+    if not damping > 0:
+        raise ValueError(
+            f"damping must be > 0, got {damping!r}: it keeps the whitening invertible when the calibration inputs "
+            "do not span every input direction (e.g. whitening_damping=0.01)"
+        )
+    weight = matrix.detach().double()
+    if gram.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(
+            f"the Gram matrix is {tuple(gram.shape)} but the weight has {weight.shape[1]} input features: collect it "
+            "on the same layer (collect_input_grams)"
+        )
+    g, lam = damped(gram.to(weight.device), damping)
+    chol, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:  # S = L, lower triangular: an order of magnitude faster than an eigen-decomposition
+        u, s, vh = _svd(weight @ chol)
+        rows = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)  # V^T L^{-1}
+        return u, s, rows
+    # Round-off defeated Cholesky (a tiny damping on a singular G): S = Q Λ^{1/2} from a symmetric eigensolver.
+    # G + λI >= λI exactly; round-off can push the smallest eigenvalues of a singular G a little below λ.
+    eigenvalues, q = torch.linalg.eigh(g)
+    root = eigenvalues.clamp_min(lam).sqrt()
+    u, s, vh = _svd(weight @ (q * root))
+    rows = (vh / root) @ q.t()  # V^T S^{-1} = V^T Λ^{-1/2} Q^T
+    return u, s, rows
+
+
+def whitened_factors(u: Tensor, s: Tensor, rows: Tensor, rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(up, down) = (U_r Σ_r^{1/2}, Σ_r^{1/2} R_r)``: singular values split evenly, as for plain SVD."""
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).to(dtype).contiguous(), (root[:, None] * rows[:rank]).to(dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- collecting
+
+
+@dataclass
+class InputGrams:
+    """Per-layer Gram matrices of the inputs seen on a calibration set, and what that set was.
+
+    Computed once (:func:`collect_input_grams`), it can be passed to :func:`smooth_hf.compress` as
+    ``calibration_data`` any number of times, e.g. for several budgets on copies of the same model
+    (layers are matched by module name).
+    """
+
+    grams: dict[str, Tensor]  # module name -> (d, d) float64 sum of x x^T
+    rows: dict[str, int]  # module name -> number of input vectors (tokens, patches) summed
+    samples: int  # calibration samples (first dimension of each batch)
+    batches: int
+    unreached: list[str] = field(default_factory=list)  # layers no batch called (an error only if they are cut)
+
+
+def _input_chunks(module: nn.Module, x: Tensor) -> Iterator[Tensor]:
+    """The ``(n, d)`` input vectors whose product with ``weight_matrix(module)^T`` is the layer's output, in chunks
+    of at most about ``_CHUNK_VALUES`` values (a conv's patches are unfolded a few images at a time)."""
+    if layer_kind(module) != "conv2d":
+        vectors = x.reshape(-1, x.shape[-1])
+        yield from vectors.split(max(1, _CHUNK_VALUES // vectors.shape[1]))
+        return
+    padding = module.padding
+    if module.padding_mode != "zeros" or isinstance(padding, str):
+        # Pad exactly as Conv2d.forward does for non-zero modes and for "same" (possibly asymmetric), then unfold
+        # with no padding: the patches are then the ones the convolution multiplies.
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        padding = (0, 0)
+    positions = 1
+    for size, pad, k, stride, dilation in zip(
+        x.shape[-2:], padding, module.kernel_size, module.stride, module.dilation, strict=True
+    ):
+        positions *= (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    per_image = max(1, positions * x.shape[1] * module.kernel_size[0] * module.kernel_size[1])
+    for images in x.split(max(1, _CHUNK_VALUES // per_image)):
+        patches = F.unfold(images, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+        yield patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N * L, in*kh*kw), channel-major like W
+
+
+class _GramHook:
+    """A forward pre-hook summing ``x x^T`` of one layer's inputs into a float64 matrix."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.gram: Tensor | None = None
+        self.rows = 0
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        for chunk in _input_chunks(module, args[0].detach()):
+            if self.gram is None:
+                self.gram = torch.zeros(chunk.shape[1], chunk.shape[1], dtype=torch.float64, device=chunk.device)
+            # Each chunk's product in the activations' precision (at least float32: much faster than float64 on
+            # CPUs, and its rounding sits far below the damping), summed over chunks and batches in float64.
+            chunk = chunk if chunk.dtype in (torch.float32, torch.float64) else chunk.float()
+            self.gram.add_((chunk.t() @ chunk).double())
+            self.rows += chunk.shape[0]
+
+
+def _check_finite_batch(batch: Any, index: int) -> None:
+    values = batch.items() if isinstance(batch, Mapping) else enumerate(batch if isinstance(batch, list | tuple) else [batch])
+    for key, value in values:
+        if isinstance(value, Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(
+                f"calibration batch {index} has NaN or Inf values in {key!r}; nothing was compressed. Remove or "
+                "fix those samples."
+            )
+
+
+def collect_input_grams(model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable[Any]) -> InputGrams:
+    """Run ``model`` on ``batches`` (eval mode, no gradients) and sum ``x x^T`` of every layer's inputs.
+
+    Args:
+        layers: module name -> Linear / HF Conv1D / Conv2d of ``model``.
+        batches: tensors, ``(inputs, labels)`` pairs, ``{"pixel_values": ...}`` dicts (timm and HF vision
+            models) or dicts of keyword inputs (``model(**batch)``; label keys are dropped), as a DataLoader
+            yields them for training.
+
+    The model's weights, buffers and train/eval flags are the same afterwards, error or not.
+
+    Layers that no batch reached (not called by the forward, or whose weight the parent reads directly,
+    like ``nn.MultiheadAttention.out_proj``) are listed in ``unreached``; cutting one of them is an error.
+
+    Raises:
+        ValueError: no batches, a batch the model cannot take, or NaN/Inf in a batch or in a layer's inputs.
+    """
+    hooks = {layer_name: _GramHook(module) for layer_name, module in layers.items()}
+    handles = [module.register_forward_pre_hook(hooks[n]) for n, module in layers.items()]
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    samples = count = 0
+    try:
+        # Eval mode: no dropout, BatchNorm statistics untouched; every module's flag is restored after.
+        with modes_kept(model), torch.no_grad():
+            model.eval()
+            for count, batch in enumerate(batches, start=1):  # noqa: B007  (count is read after the loop)
+                _check_finite_batch(batch, count - 1)
+                try:
+                    feed_batch(model, batch, device)
+                except Exception as err:
+                    raise ValueError(
+                        f"the model could not run on calibration batch {count - 1} ({type(err).__name__}: {err}). "
+                        "Give batches as the model takes them: dicts of keyword inputs for transformers models "
+                        "(input_ids, attention_mask, ... as model(**batch) takes them), {'pixel_values': images} or "
+                        "image tensors for image models."
+                    ) from err
+                samples += batch_size(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if count == 0:
+        raise ValueError(
+            "calibration_data gave no batches: pass a few hundred training samples (e.g. a DataLoader over a "
+            "slice of the training split)"
+        )
+    reached = {n: hook for n, hook in hooks.items() if hook.gram is not None and hook.rows > 0}
+    bad = [n for n, hook in reached.items() if not torch.isfinite(hook.gram).all()]
+    if bad:
+        raise ValueError(
+            f"the inputs of layer(s) {', '.join(bad[:5])} became NaN or Inf on the calibration data (overflow in "
+            "the model?); nothing was compressed. Check the model on these batches, or use method='svd'."
+        )
+    return InputGrams(
+        grams={n: hook.gram for n, hook in reached.items()},
+        rows={n: hook.rows for n, hook in reached.items()},
+        samples=samples,
+        batches=count,
+        unreached=[n for n in hooks if n not in reached],
+    )
+
+
+# ---------------------------------------------------------------------------------------------- for compress
+
+
+def calibrate(model: nn.Module, config: LowRankConfig, batches: Iterable[Any]) -> InputGrams:
+    """The input Gram matrices of the layers ``config`` targets (a :class:`LowRankConfig`), over ``batches``.
+
+    Compute them once and pass the result as ``compress(..., calibration_data=grams)`` to compress several
+    copies of the model (e.g. at several budgets) without running the calibration forward passes again.
+    """
+    layers = {
+        name: module
+        for name, module in find_layers(model, config.target_modules, config.exclude_modules, config.skip_first_last)
+        if getattr(module, "groups", 1) == 1  # grouped convs stay dense: no statistics needed
+    }
+    return collect_input_grams(model, layers, batches)
+
+
+class Whitening:
+    """What ``compress`` asks of the whitened method: each layer's spectrum, then its factors at a rank.
+
+    A layer's decomposition is computed once and kept until its factors are built, so the spectrum that
+    allocates the ranks and the factors come from the same SVD.
+    """
+
+    def __init__(self, grams: InputGrams, damping: float) -> None:
+        self.grams = grams
+        self.damping = damping
+        self._decompositions: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+
+    @classmethod
+    def prepare(
+        cls, model: nn.Module, config: LowRankConfig, calibration_data: Iterable[Any] | InputGrams | None
+    ) -> Whitening | None:
+        """``None`` for ``method="svd"``; for ``"whitened"``, the statistics (collected here unless given)."""
+        if config.method != "whitened":
+            if calibration_data is not None:
+                raise ValueError(
+                    f"calibration_data is only used by method='whitened', but the config has method={config.method!r}: "
+                    "set LowRankConfig(method='whitened', ...) to use it, or drop calibration_data."
+                )
+            return None
+        if calibration_data is None:
+            raise ValueError(
+                "method='whitened' needs calibration data: pass compress(model, config, calibration_data=batches) with "
+                "a few hundred training samples in the batches the trainer uses (dicts for model(**batch), "
+                "{'pixel_values': ...} or image tensors), or use method='svd' (no data)."
+            )
+        grams = calibration_data if isinstance(calibration_data, InputGrams) else calibrate(model, config, calibration_data)
+        return cls(grams, config.whitening_damping)
+
+    def spectrum(self, name: str, matrix: Tensor) -> Tensor:
+        """Singular values of ``W S`` (float64, descending, on the CPU): the layer's output error profile."""
+        unreached = self.grams.unreached
+        if name in unreached:
+            raise ValueError(
+                f"no calibration input reached {len(unreached)} targeted layer(s) ({', '.join(unreached[:5])}"
+                f"{', ...' if len(unreached) > 5 else ''}): the model's forward does not use them on these batches. "
+                "Exclude them (exclude_modules) or compress with method='svd'."
+            )
+        if name not in self.grams.grams:
+            raise ValueError(
+                f"the calibration statistics have no layer {name!r}: they were collected on another model or with "
+                "other targets. Collect them on this model with these targets (or pass the batches themselves)."
+            )
+        decomposition = whitened_decomposition(matrix, self.grams.grams[name], self.damping)
+        self._decompositions[name] = decomposition
+        return decomposition[1].cpu()
+
+    def factors(self, name: str, rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(up, down)`` of the rank-``rank`` whitened truncation of layer ``name`` (after :meth:`spectrum`)."""
+        u, s, rows = self._decompositions.pop(name)
+        return whitened_factors(u, s, rows, rank, dtype)
+
+
+def output_error(matrix: Tensor, approximation: Tensor, gram: Tensor) -> float:
+    """``||(W - W') X||_F^2`` computed from the Gram matrix ``X X^T`` alone (for reports and tests)."""
+    diff = (matrix - approximation).detach().double()
+    return float(torch.einsum("ij,jk,ik->", diff, gram.double(), diff))

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 from . import modeling_resnet_cifar  # noqa: F401  (registers resnet18_cifar / resnet14_cifar with timm)
 from .batchnorm import DataFreeRecalibration, recalibrate_batchnorm, synthesize_batchnorm_inputs
 from .hub import from_pretrained, push_to_hub, save_pretrained
-from .lowrank import CompressionReport, LowRankConfig, apply_ranks, compress, count_parameters
+from .lowrank import CompressionReport, LowRankConfig, apply_ranks, compress, count_macs, count_parameters
 from .model_card import ModelCardInfo
 from .penalties import first_order, nuclear_norm, second_order
 from .smoothness import SmoothnessPenalty
@@ -28,6 +28,7 @@ __all__ = [
     "__version__",
     "apply_ranks",
     "compress",
+    "count_macs",
     "count_parameters",
     "find_layers",
     "first_order",

@@ -32,13 +32,13 @@ def args(tmp, **kw):
     return SmoothTrainingArguments(output_dir=str(tmp / "out"), report_to=[], use_cpu=True, **kw)
 
 
-def compress_resnet(tmp, config, prepare=None):
+def compress_resnet(tmp, config, prepare=None, **compress_kwargs):
     model = resnet()
     if prepare:
         prepare(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        compress(model, config)
+        compress(model, config, **compress_kwargs)
     finally:  # on any error the model is untouched
         after = model.state_dict()
         assert before.keys() == after.keys()
@@ -88,6 +88,24 @@ CASES = [
     ("NaN weight before SVD", lambda t: compress_resnet(t, LowRankConfig(rank_ratio=0.5), nan_weight),
      ValueError, "stages.1.0.conv1"),
     ("budget out of reach", lambda t: compress_resnet(t, LowRankConfig(param_reduction=0.99)), ValueError, "at most"),
+    ("compute budget out of reach",
+     lambda t: compress_resnet(t, LowRankConfig(macs_reduction=0.99), example_inputs=torch.randn(1, 1, 8, 8)),
+     ValueError, "Lower macs_reduction to at most"),
+    ("macs_reduction out of range", lambda t: LowRankConfig(macs_reduction=1.0), ValueError, r"\[0, 1\)"),
+    ("compute budget without example inputs", lambda t: compress_resnet(t, LowRankConfig(macs_reduction=0.5)),
+     ValueError, r"example_inputs=\.\.\."),
+    ("keep_slower_dense without example inputs",
+     lambda t: compress_resnet(t, LowRankConfig(param_reduction=0.5, keep_slower_dense=True)), ValueError,
+     r"keep_slower_dense need example inputs"),
+    ("layer_timer without keep_slower_dense",
+     lambda t: compress_resnet(t, LowRankConfig(param_reduction=0.5), layer_timer=lambda m, x: 1.0), ValueError,
+     "keep_slower_dense=True"),
+    ("example inputs of the wrong type",
+     lambda t: compress_resnet(t, LowRankConfig(macs_reduction=0.5), example_inputs=np.zeros((1, 1, 8, 8))),
+     TypeError, "a tuple of positional arguments or a dict of keyword arguments"),
+    ("example inputs the model cannot run",
+     lambda t: compress_resnet(t, LowRankConfig(macs_reduction=0.5), example_inputs=torch.randn(1, 3, 8, 8)),
+     RuntimeError, "forward pass failed on example_inputs"),
     ("already compressed", compress_twice, ValueError, "already compressed"),
     ("dataset without image column", lambda t: saved_dataset(t, ["label", "other"]), ValueError, "no image column"),
     ("dataset without label column", lambda t: saved_dataset(t, ["image", "other"]), ValueError, "no label column"),

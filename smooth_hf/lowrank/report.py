@@ -219,6 +219,7 @@ class CompressionReport:
             f"{self.reduction:.1%} fewer; "
             f"{'' if self.macs_reduction is None else f'{self.macs_reduction:.1%} fewer multiply-adds; '}"
             f"{len(self.factorised)}/{len(self.layers)} layers factorised"
+            f"{f', {len(self.kept_dense_for_speed)} kept dense for speed' if self.kept_dense_for_speed else ''}"
             f"{'; BatchNorm recalibrated (' + self.batchnorm_recalibration + ')' if self.batchnorm_recalibrated else ''})"
         )
 

@@ -19,7 +19,13 @@ from smooth_hf.lowrank import CompressionReport, LowRankConfig, LowRankLayer, co
 from smooth_hf.lowrank.cost import LayerCall, trace_layers
 from smooth_hf.lowrank.decomposition import decompose, factors_from
 from smooth_hf.lowrank.report import STATUS_DENSE_NOT_RUN, STATUS_DENSE_SLOWER, STATUS_FACTORISED
-from smooth_hf.lowrank.timing import default_rank_multiple, drop_slower_layers, median_latency, random_input
+from smooth_hf.lowrank.timing import (
+    default_rank_multiple,
+    drop_slower_layers,
+    median_latency,
+    onnxruntime_latency,
+    random_input,
+)
 from smooth_hf.model_card import render_model_card
 
 compress_module = importlib.import_module("smooth_hf.lowrank.compress")  # the function shadows the module name
@@ -317,6 +323,15 @@ def test_median_latency_times_a_real_layer_and_random_inputs_leave_the_global_rn
     assert torch.equal(torch.get_rng_state(), state) and torch.equal(x, random_input((4, 8), torch.float32, "cpu"))
     seconds = median_latency(nn.Linear(8, 8), x, repeats=3, warmup=1)
     assert math.isfinite(seconds) and seconds > 0
+
+
+def test_onnxruntime_latency_times_layers_as_onnx_runtime_runs_them():
+    seconds = onnxruntime_latency(nn.Linear(8, 8), torch.randn(4, 8), repeats=3, warmup=1)
+    assert math.isfinite(seconds) and seconds > 0
+    model = compress(ConvThenLinear(), LowRankConfig(rank_ratio=0.5, keep_slower_dense=True),
+                     example_inputs=torch.randn(2, 3, 16, 16), layer_timer=onnxruntime_latency)
+    rows = {r.name: r for r in model.lowrank_report.layers}
+    assert rows["conv"].status in (STATUS_FACTORISED, STATUS_DENSE_SLOWER)  # timed, whichever way it went
 
 
 # ---------------------------------------------------------------- rank granularity

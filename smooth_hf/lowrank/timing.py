@@ -10,14 +10,17 @@ factorised layer is faster than its dense form (:func:`drop_slower_layers`).
 
 Timings are noisy, so each is the median of repeated samples after warm-up, each sample long enough
 for the clock's resolution (a small layer on a GPU runs in microseconds); time with the thread
-settings and the batch size you deploy with. ``compress(..., layer_timer=...)`` replaces the timer,
-e.g. with one that runs the layer through the runtime you deploy on.
+settings and the batch size you deploy with. ``compress(..., layer_timer=...)`` replaces the timer
+(:func:`median_latency`, eager PyTorch) with one for the runtime you deploy on, e.g.
+:func:`onnxruntime_latency`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 
@@ -26,14 +29,23 @@ from torch import Tensor, nn
 
 from .cost import LayerCall
 
-__all__ = ["LayerTimer", "default_rank_multiple", "drop_slower_layers", "median_latency", "random_input"]
+__all__ = [
+    "LayerTimer",
+    "default_rank_multiple",
+    "drop_slower_layers",
+    "median_latency",
+    "onnxruntime_latency",
+    "random_input",
+]
 
 # (module, input) -> seconds per forward pass. compress() calls it on the dense layer and on its replacement.
 LayerTimer = Callable[[nn.Module, Tensor], float]
 
 _WARMUP = 3
 _REPEATS = 15
+_MIN_REPEATS = 5
 _MIN_SAMPLE_SECONDS = 2e-3  # a sample shorter than this is mostly clock and Python overhead
+_MAX_SECONDS = 0.5  # per measurement, once _MIN_REPEATS samples are in: large layers at large batches add up
 
 
 def default_rank_multiple(device: torch.device | str) -> int:
@@ -58,28 +70,57 @@ def _synchronize(device: torch.device) -> None:
         torch.accelerator.synchronize(device)
 
 
+def _median_seconds(call: Callable[[], object], synchronize: Callable[[], None], repeats: int, warmup: int) -> float:
+    """Median seconds per ``call()`` over up to ``repeats`` samples after ``warmup`` calls (see ``median_latency``)."""
+    for _ in range(warmup):
+        call()
+    synchronize()
+    start = time.perf_counter()
+    call()
+    synchronize()
+    calls = max(1, math.ceil(_MIN_SAMPLE_SECONDS / max(time.perf_counter() - start, 1e-9)))
+    samples: list[float] = []
+    began = time.perf_counter()
+    while len(samples) < repeats:
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        synchronize()
+        samples.append((time.perf_counter() - start) / calls)
+        if len(samples) >= min(_MIN_REPEATS, repeats) and time.perf_counter() - began > _MAX_SECONDS:
+            break
+    return statistics.median(samples)
+
+
 def median_latency(module: nn.Module, x: Tensor, repeats: int = _REPEATS, warmup: int = _WARMUP) -> float:
-    """Median seconds per ``module(x)`` over ``repeats`` samples, after ``warmup`` calls, under inference mode.
+    """Median seconds per ``module(x)`` in eager PyTorch, under inference mode: the default ``layer_timer``.
 
     Each sample runs enough calls to last a few milliseconds, and the device is synchronised around
-    it, so GPU kernels are timed to completion rather than to their launch.
+    it, so GPU kernels are timed to completion rather than to their launch. A slow layer stops early,
+    after a few samples, once its measurement has lasted a fraction of a second.
     """
     with torch.inference_mode():
-        for _ in range(warmup):
-            module(x)
-        _synchronize(x.device)
-        start = time.perf_counter()
-        module(x)
-        _synchronize(x.device)
-        calls = max(1, math.ceil(_MIN_SAMPLE_SECONDS / max(time.perf_counter() - start, 1e-9)))
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(calls):
-                module(x)
-            _synchronize(x.device)
-            samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
+        return _median_seconds(lambda: module(x), lambda: _synchronize(x.device), repeats, warmup)
+
+
+def onnxruntime_latency(module: nn.Module, x: Tensor, repeats: int = _REPEATS, warmup: int = _WARMUP) -> float:
+    """Median seconds per call of ``module`` exported alone to ONNX and run by ONNX Runtime on the CPU.
+
+    A ``layer_timer`` for models deployed through ONNX Runtime, whose kernels rank layers differently
+    from eager PyTorch: ``compress(..., layer_timer=onnxruntime_latency)``. Uses as many intra-op
+    threads as torch does (``torch.get_num_threads()``). The layer is timed alone, without the fusions
+    (conv + BatchNorm + activation) the whole graph gets. Needs ``pip install onnx onnxruntime``.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "layer.onnx")
+        torch.onnx.export(module, (x,), path, input_names=["x"], output_names=["y"], dynamo=False)
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {"x": x.detach().cpu().numpy()}
+    return _median_seconds(lambda: session.run(None, feed), lambda: None, repeats, warmup)
 
 
 def drop_slower_layers(

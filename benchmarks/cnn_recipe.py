@@ -18,6 +18,7 @@ run cut short by ``--deadline`` keeps what finished. ``benchmarks/cnn_recipe_rep
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import json
 import multiprocessing as mp
@@ -59,7 +60,7 @@ class RunSpec:
     first_order_coef: float = 0.0
     second_order_coef: float = 0.0
     penalty_normalization: str = "scale_free"
-    nuclear_norm_mode: str = "gradient"
+    nuclear_norm_param_reduction: float | None = None
     nuclear_norm_every: int = 25
     penalty_warmup_ratio: float = 0.0
     seed: int = 0
@@ -171,7 +172,7 @@ def layer_spectra(model: torch.nn.Module) -> dict[str, list[float]]:
 def run_one(spec: RunSpec, data: dict, work_dir: Path, out_dir: Path) -> dict[str, Any]:
     from transformers import set_seed
 
-    from smooth_hf import SmoothTrainer, SmoothTrainingArguments
+    from smooth_hf import LowRankConfig, SmoothTrainer, SmoothTrainingArguments, compress
     from smooth_hf.sweep import budget_sweep
 
     set_seed(spec.seed)
@@ -189,7 +190,7 @@ def run_one(spec: RunSpec, data: dict, work_dir: Path, out_dir: Path) -> dict[st
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
         nuclear_norm_coef=spec.nuclear_norm_coef, first_order_coef=spec.first_order_coef,
         second_order_coef=spec.second_order_coef, penalty_normalization=spec.penalty_normalization,
-        nuclear_norm_mode=spec.nuclear_norm_mode, nuclear_norm_every=spec.nuclear_norm_every,
+        nuclear_norm_param_reduction=spec.nuclear_norm_param_reduction, nuclear_norm_every=spec.nuclear_norm_every,
         penalty_warmup_ratio=spec.penalty_warmup_ratio,
     )
     start = time.time()
@@ -198,6 +199,13 @@ def run_one(spec: RunSpec, data: dict, work_dir: Path, out_dir: Path) -> dict[st
     train_seconds = time.time() - start
     model = trainer.model.eval()
     test_images, test_labels = data["test"]
+    planned = None
+    if spec.nuclear_norm_param_reduction:  # what the tail penalty aimed at, vs what compress then chooses
+        kept = trainer.smoothness._kept_ranks()
+        cut = compress(copy.deepcopy(model), LowRankConfig(param_reduction=spec.nuclear_norm_param_reduction))
+        planned = {"training_plan": dict(zip(trainer.smoothness.layer_names, kept, strict=True)),
+                   "compress": {r.name: r.rank for r in cut.lowrank_report.layers},
+                   "energy_kept": {r.name: r.energy_kept for r in cut.lowrank_report.layers}}
     start = time.time()
     rows = budget_sweep(model, spec.budgets, lambda m: accuracy(m, test_images, test_labels))
     if spec.save_weights:
@@ -208,7 +216,7 @@ def run_one(spec: RunSpec, data: dict, work_dir: Path, out_dir: Path) -> dict[st
     return {
         "spec": asdict(spec), "train_seconds": round(train_seconds, 1), "sweep_seconds": round(time.time() - start, 1),
         "steps": trainer.state.global_step, "normalized_nuclear": normalized_nuclear(model), "rows": rows, "log": log,
-        "spectra": layer_spectra(model) if spec.save_weights else None,
+        "spectra": layer_spectra(model) if spec.save_weights else None, "tail_plan": planned,
     }
 
 
@@ -303,70 +311,30 @@ def _smoke() -> list[dict[str, Any]]:
     tiny = {"channels": [8, 16, 32], "epochs": 1, "max_train_samples": 512, "budgets": [0.5, 0.8]}
     return [
         {"name": "smoke_plain", **tiny},
-        {"name": "smoke_nuclear_prox", **tiny, "nuclear_norm_coef": 10, "nuclear_norm_mode": "proximal",
-         "nuclear_norm_every": 2},
+        {"name": "smoke_tail", **tiny, "nuclear_norm_coef": 0.5, "penalty_normalization": "relative",
+         "nuclear_norm_param_reduction": 0.5, "nuclear_norm_every": 2},
         {"name": "smoke_relative", **tiny, "nuclear_norm_coef": 1, "penalty_normalization": "relative",
          "init": "torch", "init_scale": 3.0},
     ]
 
 
-def _gpu1() -> list[dict[str, Any]]:
-    """The first GPU lease: mechanisms x coefficients x seeds for resnet14_cifar 32-64-128, in priority order."""
-    sf = {"penalty_normalization": "scale_free"}
+def _gpu2() -> list[dict[str, Any]]:
+    """The second GPU lease (one wave): the tail-only nuclear norm and gradient clipping, resnet14_cifar 32-64-128."""
     rel = {"penalty_normalization": "relative"}
-    prox = {"nuclear_norm_mode": "proximal", "nuclear_norm_every": 10}
-    candidates = {  # name -> penalty settings
-        "plain": {},
-        "sf10": {**sf, "nuclear_norm_coef": 10},
-        "sf30": {**sf, "nuclear_norm_coef": 30},
-        "rel0.05": {**rel, "nuclear_norm_coef": 0.05},
-        "rel0.15": {**rel, "nuclear_norm_coef": 0.15},
-        "relprox0.05": {**rel, **prox, "nuclear_norm_coef": 0.05},
-        "relprox0.15": {**rel, **prox, "nuclear_norm_coef": 0.15},
-        "relprox0.4": {**rel, **prox, "nuclear_norm_coef": 0.4},
-        "relprox1": {**rel, **prox, "nuclear_norm_coef": 1.0},
-        "rel0.4": {**rel, "nuclear_norm_coef": 0.4},
-    }
-    main_keys = ("plain", "sf10", "sf30", "rel0.05", "rel0.15", "relprox0.05", "relprox0.15", "relprox0.4")
-    runs: list[dict[str, Any]] = []
-    r18 = {"model": "resnet18_cifar", "budgets": [0.5, 0.7, 0.8, 0.9]}
-    for key in ("plain", "relprox0.15", "rel0.15", "sf30"):
-        runs.append({"name": f"r18_{key}_s0", **r18, **candidates[key], "save_weights": key in ("plain", "relprox0.15")})
-    for seed in (0, 1, 2):
-        for key in main_keys:
-            runs.append({"name": f"r14_{key}_e4_s{seed}", **candidates[key], "seed": seed})
-        if seed == 0:
-            small = {"channels": [16, 32, 64]}
-            for label, data in (("20k2", {"max_train_samples": 20000, "epochs": 2}),
-                                ("45k1", {"max_train_samples": 45000, "epochs": 1})):
-                for key in ("plain", "relprox0.4", "relprox1", "rel0.4"):
-                    runs.append({"name": f"main16_{label}_{key}", **small, **data, **candidates[key]})
-            for key in ("plain", "relprox0.4", "relprox1"):
-                runs.append({"name": f"main32_10k2_{key}", "max_train_samples": 10000, "epochs": 2, **candidates[key]})
-    for key in ("plain", "sf30", "rel0.15", "relprox0.15"):
-        runs.append({"name": f"r14_{key}_e4_init3x", **candidates[key], "init_scale": 3.0})
-    for key in ("plain", "relprox0.15"):
-        runs.append({"name": f"r14_{key}_e4_torchinit", **candidates[key], "init": "torch"})
-        runs.append({"name": f"r14_{key}_e4_noflip", **candidates[key], "flip": False})
-    for seed in (0, 1, 2):
-        for key in ("plain", "relprox0.15", "rel0.15"):
-            runs.append({"name": f"r14_{key}_e3_s{seed}", **candidates[key], "epochs": 3, "seed": seed})
-    reference = {"epochs": 2, "init": "torch", "nuclear_norm_every": 1, "max_grad_norm": 0.0}
-    runs += [
-        {"name": "ref_plain", **reference},
-        {"name": "ref_sf3", **reference, **sf, "nuclear_norm_coef": 3},
-        {"name": "ref_sf10", **reference, **sf, "nuclear_norm_coef": 10},
-        {"name": "ref_sf10_kaiming", **reference, **sf, "nuclear_norm_coef": 10, "init": "model"},
-        {"name": "ref_sf10_clip_every25", **reference, **sf, "nuclear_norm_coef": 10, "max_grad_norm": 1.0,
-         "nuclear_norm_every": 25},
-        {"name": "r14_sfprox30_e4_s0", **sf, **prox, "nuclear_norm_coef": 30},
-        {"name": "r14_torch_sf3_e4_s0", **sf, "nuclear_norm_coef": 3, "init": "torch"},
-        {"name": "r14_torch_sf10_e4_s0", **sf, "nuclear_norm_coef": 10, "init": "torch"},
+    tail = {**rel, "nuclear_norm_param_reduction": 0.8}
+    return [
+        {"name": "r14_tail0.8_rel0.15_e4_s0", **tail, "nuclear_norm_coef": 0.15},
+        {"name": "r14_tail0.8_rel0.15_noclip_e4_s0", **tail, "nuclear_norm_coef": 0.15, "max_grad_norm": 0.0},
+        {"name": "r14_tail0.8_rel0.4_e4_s0", **tail, "nuclear_norm_coef": 0.4},
+        {"name": "r14_plain_noclip_e4_s0", "max_grad_norm": 0.0},
+        {"name": "r14_rel0.1_e4_s0", **rel, "nuclear_norm_coef": 0.1},
+        {"name": "r14_rel0.05_noclip_e4_s0", **rel, "nuclear_norm_coef": 0.05, "max_grad_norm": 0.0},
+        {"name": "r14_tail0.8_rel0.15_init3x_e4_s0", **tail, "nuclear_norm_coef": 0.15, "init_scale": 3.0},
+        {"name": "r14_tail0.7_rel0.15_e4_s0", **rel, "nuclear_norm_param_reduction": 0.7, "nuclear_norm_coef": 0.15},
     ]
-    return runs
 
 
-GRIDS = {"smoke": _smoke, "gpu1": _gpu1}
+GRIDS = {"smoke": _smoke, "gpu2": _gpu2}
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ batch only. Each model's latency is the median over ``--rounds`` rounds in which
 slow spell of the machine hits all of them), each round ``--min_round_ms`` of calls at least; ratios are to the
 dense model of the same runtime and batch, in the same process. Accuracy (eager, float32) is on the
 ``--eval_dataset`` test split, images prepared as the training recipes prepare them
-(``smooth_hf.data.ImageTransform`` with the model's input config). For every runtime the largest difference of
+(``smooth_hf.data.prepare_image_splits`` with the model's input config). For every runtime the largest difference of
 its logits from eager PyTorch's is recorded too.
 
-Writes ``benchmarks/results/speed_size_<device><tag>.json`` (every number, the arguments, versions, machine)
-and ``.md`` (one table per model).
+Writes ``speed_size_cpu<tag>.json`` (every number, the command, the arguments, the machine) and ``.md`` (one table
+per model) to ``--output_dir`` (``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import glob
-import json
-import platform
 import statistics
 import tempfile
 import time
@@ -44,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import add_common_arguments, apply_threads, run_metadata, write_json
 from torch import nn
 
 import smooth_hf
@@ -52,7 +51,6 @@ from smooth_hf.compat import is_transformers_model
 from smooth_hf.evaluation import classification_accuracy, logits_of
 from smooth_hf.lowrank import LowRankConfig, compress, count_macs, count_parameters
 
-RESULTS = Path(__file__).parent / "results"
 RUNTIMES = ("eager", "compile", "onnx")
 
 
@@ -155,24 +153,21 @@ def interleaved_medians(runners: dict[str, Callable[[], Any]], rounds: int, min_
 
 # ---------------------------------------------------------------------------------------------- one model
 def evaluation_split(args: argparse.Namespace):
+    """The raw test split (seeded subset) the image models are scored on, or None."""
     if not args.eval_dataset:
         return None
-    from smooth_hf.data import load_image_classification
+    from smooth_hf.data import prepare_image_splits
 
-    test = load_image_classification(args.eval_dataset, seed=args.seed)["test"]
-    if args.max_eval_samples:
-        test = test.shuffle(seed=args.seed).select(range(min(args.max_eval_samples, len(test))))
-    return test
+    return prepare_image_splits(args.eval_dataset, max_eval_samples=args.max_eval_samples or None, seed=args.seed)
 
 
-def accuracy(model: nn.Module, test, is_text: bool) -> float | None:
-    if test is None or is_text:
+def accuracy(model: nn.Module, raw_splits, is_text: bool) -> float | None:
+    """Top-1 accuracy with the images prepared as the training recipes prepare them for this model."""
+    if raw_splits is None or is_text:
         return None
-    from smooth_hf.data import ImageTransform
+    from smooth_hf.data import prepare_image_splits
 
-    spec = image_input_config(model)
-    transform = ImageTransform(channels=spec["channels"], mean=spec["mean"], std=spec["std"], image_size=spec["image_size"])
-    return classification_accuracy(model, test.with_transform(transform))
+    return classification_accuracy(model, prepare_image_splits(raw_splits, image_input_config(model))["test"])
 
 
 def variants(dense: nn.Module, is_text: bool, args: argparse.Namespace,
@@ -305,14 +300,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_eval_samples", type=int, default=2000, help="0 = the whole test split.")
     p.add_argument("--image_size", type=int, default=28, help="Input size of image models without a fixed one.")
     p.add_argument("--seq_len", type=int, default=64, help="Tokens per sequence for text models.")
-    p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads.")
     p.add_argument("--rounds", type=int, default=7, help="Timed rounds; the latency is the median.")
     p.add_argument("--min_round_ms", type=float, default=200.0, help="Each variant's calls per round last this long.")
     p.add_argument("--warmup", type=int, default=3, help="Untimed calls before timing.")
     p.add_argument("--compress_repeats", type=int, default=3, help="Compressions timed per variant (median).")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results_dir", default=str(RESULTS))
-    p.add_argument("--tag", default="")
+    add_common_arguments(p, threads=2)  # --threads (torch and ONNX Runtime intra-op), --seed, --output_dir, --tag
     args = p.parse_args(argv)
     unknown = set(args.runtimes) - set(RUNTIMES)
     if unknown:
@@ -322,7 +314,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    apply_threads(args)
     torch.manual_seed(args.seed)
     test = evaluation_split(args)
     results = []
@@ -331,15 +323,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results.append(benchmark_model(spec, args, test, Path(workdir)))
     import onnxruntime
 
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": "cpu", "threads": args.threads,
-            "machine": f"{platform.machine()} {platform.processor()}".strip(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "args": vars(args)}
-    out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    meta = {**run_metadata(__file__, argv, args), "device": "cpu", "onnxruntime": onnxruntime.__version__}
     stem = f"speed_size_cpu{args.tag}"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "models": results}, indent=2))
+    write_json(args.output_dir / f"{stem}.json", {"meta": meta, "models": results})
     text = "\n\n".join(markdown(r, args) for r in results) + "\n"
-    (out / f"{stem}.md").write_text(text)
+    (args.output_dir / f"{stem}.md").write_text(text)
     print("\n" + text)
     return {"meta": meta, "models": results}
 

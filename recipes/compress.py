@@ -1,8 +1,8 @@
 """Compress a trained checkpoint without fine-tuning, evaluate it, save it (and push it to the Hub).
 
     # one budget: 70% fewer parameters over the whole model, evaluated, saved with a model card
-    python recipes/compress.py --model_name_or_path runs/smooth --dataset_name fashion_mnist \\
-        --param_reduction 0.7 --output_dir runs/smooth-lowrank-70
+    python recipes/compress.py --model_name_or_path runs/smooth --param_reduction 0.7 \\
+        --output_dir runs/smooth-lowrank-70
 
     # ... and shared on the Hub (needs `hf auth login` or HF_TOKEN)
     python recipes/compress.py --model_name_or_path runs/smooth --param_reduction 0.7 \\
@@ -13,7 +13,10 @@
         --output_dir runs/smooth-sweep
 
 `--model_name_or_path` is a folder written by recipes/train.py (safetensors + config.json, timm or
-transformers). Reload the result with `smooth_hf.from_pretrained(output_dir)`.
+transformers). The model is evaluated on the data it was trained on (recorded in the folder's
+`data_args.json`: dataset, split, seed) unless `--dataset_name` names other data; the same
+`--max_eval_samples` scores the same images as in training. Reload the result with
+`smooth_hf.from_pretrained(output_dir)`.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from transformers import HfArgumentParser, default_data_collator
 
 from smooth_hf.auto import check_num_labels, image_input_config, load_dense
 from smooth_hf.batchnorm import DataFreeRecalibration
-from smooth_hf.data import ImageTransform, label_names, load_image_classification
+from smooth_hf.data import dataset_card_fields, label_names, prepare_image_splits, select_subset
 from smooth_hf.evaluation import classification_accuracy
 from smooth_hf.hub import push_to_hub, save_pretrained
-from smooth_hf.lowrank import LowRankConfig, compress
+from smooth_hf.lowrank import compress
 from smooth_hf.model_card import ModelCardInfo
+from smooth_hf.script_args import DataArguments, LowRankArguments, resolve_data_arguments
 from smooth_hf.sweep import budget_sweep, plot_sweep, sweep_markdown
 
 logger = logging.getLogger("compress")
@@ -43,17 +47,9 @@ logger = logging.getLogger("compress")
 class CompressArguments:
     model_name_or_path: str = field(metadata={"help": "A trained dense checkpoint folder (recipes/train.py output)."})
     output_dir: str = field(metadata={"help": "Where the compressed model (or the sweep's table and plot) goes."})
-    dataset_name: str = field(default="fashion_mnist", metadata={"help": "Evaluation data (see recipes/train.py)."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's config name."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the test split."})
-    param_reduction: float | None = field(default=None, metadata={"help": "Fraction of ALL parameters to remove (global allocation)."})
-    rank_ratio: float | None = field(default=None, metadata={"help": "Keep this fraction of each layer's rank instead."})
-    energy: float | None = field(default=None, metadata={"help": "Keep this fraction of each layer's spectral energy instead."})
-    budgets: str | None = field(default=None, metadata={"help": "Sweep: comma-separated param_reduction values."})
-    target_modules: list[str] | None = field(default=None, metadata={"help": "Layers to factorise (default: all)."})
-    exclude_modules: list[str] | None = field(default=None, metadata={"help": "Layers to keep dense."})
-    skip_first_last: bool = field(default=False, metadata={"help": "Keep the first and last layer dense."})
-    rank_multiple: int = field(default=1, metadata={"help": "Round ranks up to a multiple of this (speed)."})
+    budgets: str | None = field(
+        default=None, metadata={"help": "Sweep instead of one model: comma-separated param_reduction values."}
+    )
     recalibrate_batchnorm: int = field(
         default=0, metadata={"help": "Re-estimate BatchNorm statistics on this many training images after the cut "
                              "(forward passes only; 0 = off, the plain no-fine-tuning result)."},
@@ -67,12 +63,13 @@ class CompressArguments:
     hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the Hub repo as private."})
     hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
     base_model: str | None = field(default=None, metadata={"help": "Hub id of the dense model, for the card."})
-    seed: int = field(default=42, metadata={"help": "Seed for the eval subset and BN batches."})
+    seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the test split (datasets without one), the evaluation subset and the BN batches "
+                  "(default: the training run's)."},
+    )
 
     def __post_init__(self) -> None:
-        rules = [self.param_reduction, self.rank_ratio, self.energy, self.budgets]
-        if sum(r is not None for r in rules) != 1:
-            raise ValueError("give exactly one of --param_reduction, --rank_ratio, --energy or --budgets")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. you/model-lowrank-70)")
         if self.recalibrate_batchnorm < 0:
@@ -85,22 +82,26 @@ class CompressArguments:
             raise ValueError("--push_to_hub uploads one model: use --param_reduction, not --budgets")
 
 
+def parse_args(argv: list[str] | None = None) -> tuple[CompressArguments, DataArguments, LowRankArguments]:
+    parser = HfArgumentParser((CompressArguments, DataArguments, LowRankArguments))
+    args, data_args, rank_args = parser.parse_args_into_dataclasses(args=argv)
+    if len(rank_args.rules_given()) + (args.budgets is not None) != 1:
+        raise ValueError("give exactly one of --param_reduction, --rank_ratio, --energy or --budgets")
+    return args, data_args, rank_args
+
+
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(CompressArguments).parse_args_into_dataclasses(args=argv)
+    args, data_args, rank_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
     out = Path(args.output_dir)
 
     model = load_dense(args.model_name_or_path)
-    spec = image_input_config(model)
-    transform = {k: spec[k] for k in ("channels", "mean", "std", "image_size")}
-    data = load_image_classification(args.dataset_name, args.dataset_config_name, seed=args.seed)
+    data_args, seed, _ = resolve_data_arguments(data_args, args.model_name_or_path, args.seed)
+    data = prepare_image_splits(**data_args.split_kwargs(), seed=seed, input_spec=image_input_config(model))
     check_num_labels(model, len(label_names(data["train"])))
     test = data["test"]
-    if args.max_eval_samples:
-        test = test.shuffle(seed=args.seed).select(range(min(args.max_eval_samples, len(test))))
-    test = test.with_transform(ImageTransform(**transform))
-    calib = data["train"].shuffle(seed=args.seed).select(range(min(args.recalibrate_batchnorm, len(data["train"]))))
-    calib = calib.with_transform(ImageTransform(**transform))
+    print(f"evaluation data: {data_args.dataset_name}, {len(test)} test images (seed {seed})")
+    calib = select_subset(data["train"], args.recalibrate_batchnorm or None, seed)
 
     def batches():
         return DataLoader(calib, batch_size=128, collate_fn=default_data_collator)
@@ -108,16 +109,14 @@ def main(argv: list[str] | None = None) -> dict:
     # Synthetic inputs take the data's image shape: a CIFAR-stem model may be configured for 32x32 and fed 28x28.
     data_free = None
     if args.batchnorm_data_free:
-        data_free = DataFreeRecalibration(input_shape=tuple(test[0]["pixel_values"].shape), seed=args.seed)
+        data_free = DataFreeRecalibration(input_shape=tuple(test[0]["pixel_values"].shape), seed=seed)
 
     def evaluate(m):
         return classification_accuracy(m, test)
 
-    targets = {"target_modules": args.target_modules, "exclude_modules": args.exclude_modules,
-               "skip_first_last": args.skip_first_last, "rank_multiple": args.rank_multiple}
     if args.budgets:
         budgets = [float(b) for b in args.budgets.split(",")]
-        rows = budget_sweep(model, budgets, evaluate, config_kwargs=targets,
+        rows = budget_sweep(model, budgets, evaluate, config_kwargs=rank_args.targets(),
                             recalibration_batches=batches if args.recalibrate_batchnorm else None,
                             data_free_batchnorm=data_free or False)
         results = {Path(args.model_name_or_path).name: rows}
@@ -130,23 +129,23 @@ def main(argv: list[str] | None = None) -> dict:
         return results
 
     dense_accuracy = evaluate(model)
-    config = LowRankConfig(param_reduction=args.param_reduction, rank_ratio=args.rank_ratio, energy=args.energy, **targets)
     recalibration = batches() if args.recalibrate_batchnorm else data_free
-    compress(model, config, recalibrate_batchnorm=recalibration)
+    compress(model, rank_args.to_config(), recalibrate_batchnorm=recalibration)
     accuracy = evaluate(model)
     report = model.lowrank_report
     print(report)
     print(f"accuracy: dense {100 * dense_accuracy:.2f}% -> compressed {100 * accuracy:.2f}% "
           f"({'BN recalibrated, ' + report.batchnorm_recalibration if report.batchnorm_recalibrated else 'no fine-tuning, nothing else'})")
-    card = ModelCardInfo(base_model=args.base_model, datasets=[args.dataset_name], dataset_split="test",
+    card = ModelCardInfo(base_model=args.base_model, **dataset_card_fields(data_args.dataset_name), dataset_split="test",
                          metrics={"accuracy": accuracy}, dense_metrics={"accuracy": dense_accuracy},
-                         training=_training_setup(args.model_name_or_path))
+                         training={**_training_setup(args.model_name_or_path), "test images scored": len(test)})
     save_pretrained(model, out, model_card=card)
     print(f"saved: {out}  (reload: smooth_hf.from_pretrained({str(out)!r}))")
     if args.push_to_hub:
         url = push_to_hub(model, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token, model_card=card)
         print(f"pushed: {url}")
-    return {"dense_accuracy": dense_accuracy, "accuracy": accuracy, "reduction": model.lowrank_report.reduction}
+    return {"dense_accuracy": dense_accuracy, "accuracy": accuracy, "reduction": report.reduction,
+            "num_test": len(test), "model": model}
 
 
 def _training_setup(checkpoint: str) -> dict:

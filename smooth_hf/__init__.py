@@ -2,12 +2,16 @@
 
     from smooth_hf import SmoothTrainer, SmoothTrainingArguments, LowRankConfig, compress
     import smooth_hf; smooth_hf.save_pretrained(model, dir); smooth_hf.from_pretrained(dir)
+
+Importing smooth_hf also registers the quantization method "smooth_hf" with transformers, so a compressed
+transformers model saves with model.save_pretrained and loads with AutoModelFor*.from_pretrained / pipeline.
 """
 
 __version__ = "0.1.0"
 
 from . import modeling_resnet_cifar  # noqa: F401  (registers resnet18_cifar / resnet14_cifar with timm)
 from .batchnorm import DataFreeRecalibration, recalibrate_batchnorm, synthesize_batchnorm_inputs
+from .hf_quantizer import SmoothHfConfig  # registers the "smooth_hf" quantization method with transformers
 from .hub import from_pretrained, push_to_hub, save_pretrained
 from .lowrank import CompressionReport, LowRankConfig, apply_ranks, compress, count_macs, count_parameters
 from .model_card import ModelCardInfo
@@ -22,6 +26,7 @@ __all__ = [
     "DataFreeRecalibration",
     "LowRankConfig",
     "ModelCardInfo",
+    "SmoothHfConfig",
     "SmoothTrainer",
     "SmoothTrainingArguments",
     "SmoothnessPenalty",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "batch_statistics",
     "batchnorm_layers",
     "default_input_shape",
+    "default_num_samples",
     "recalibrate_batchnorm",
     "shift_batchnorm_statistics",
     "synthesize_batchnorm_inputs",
@@ -51,7 +53,13 @@ class DataFreeRecalibration:
     input_shape: tuple[int, ...] | None = field(
         default=None, metadata={"help": "One input without the batch axis, e.g. (3, 32, 32); None = from the model's config."}
     )
-    num_samples: int = field(default=256, metadata={"help": "Synthetic inputs (one batch)."})
+    num_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Synthetic inputs (one batch). None = sized to the input: as many as fit the pixel budget of "
+            "256 images of 32x32 (all 256 for small images, fewer for large ones, at least 16)."
+        },
+    )
     steps: int = field(default=200, metadata={"help": "Adam steps on the inputs."})
     lr: float = field(default=0.1, metadata={"help": "Adam learning rate."})
     seed: int = field(default=0, metadata={"help": "Seed of the starting noise."})
@@ -192,11 +200,23 @@ def default_input_shape(model: nn.Module) -> tuple[int, ...]:
     )
 
 
+# The default synthetic batch holds the pixels of 256 CIFAR-size images: every Adam step costs a forward and
+# a backward over the whole batch, so larger images get fewer samples (at least _MIN_SAMPLES, so that batch
+# statistics stay meaningful). At 224x224 the full 256 images ran for minutes per repair and several GB on CPU.
+_BUDGET_SAMPLES, _BUDGET_PIXELS, _MIN_SAMPLES = 256, 32 * 32, 16
+
+
+def default_num_samples(input_shape: tuple[int, ...]) -> int:
+    """Synthetic inputs for one image of ``input_shape`` ``(channels, height, width)`` (see the budget above)."""
+    pixels = math.prod(input_shape[1:]) if len(input_shape) > 1 else 1
+    return max(_MIN_SAMPLES, min(_BUDGET_SAMPLES, _BUDGET_SAMPLES * _BUDGET_PIXELS // max(pixels, 1)))
+
+
 def synthesize_batchnorm_inputs(
     model: nn.Module,
     input_shape: tuple[int, ...] | None = None,
     *,
-    num_samples: int = 256,
+    num_samples: int | None = None,
     steps: int = 200,
     lr: float = 0.1,
     seed: int = 0,
@@ -216,7 +236,8 @@ def synthesize_batchnorm_inputs(
     Args:
         input_shape: one input without the batch axis, e.g. ``(3, 32, 32)``; default from the model's
             config (:func:`default_input_shape`).
-        num_samples: how many inputs to synthesise (one batch).
+        num_samples: how many inputs to synthesise (one batch); ``None`` sizes it to the input
+            (:func:`default_num_samples`).
         steps: Adam steps. lr: Adam learning rate. seed: seed of the starting noise.
 
     Returns:
@@ -225,9 +246,10 @@ def synthesize_batchnorm_inputs(
     layers = batchnorm_layers(model)
     if not layers:
         raise ValueError("the model has no BatchNorm layer tracking running statistics: there is nothing to match")
+    shape = tuple(input_shape) if input_shape is not None else default_input_shape(model)
+    num_samples = default_num_samples(shape) if num_samples is None else num_samples
     if num_samples < 2 or steps < 1:
         raise ValueError(f"need num_samples >= 2 (a batch variance) and steps >= 1, got {num_samples} and {steps}")
-    shape = tuple(input_shape) if input_shape is not None else default_input_shape(model)
     device, dtype = _device_and_dtype(model)
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn((num_samples, *shape), generator=generator).to(device, dtype).requires_grad_(True)

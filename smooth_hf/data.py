@@ -2,29 +2,36 @@
 Fashion-MNIST from the Debian package's idx files when they are installed (no Hub needed).
 
 Every source ends as a ``DatasetDict`` with ``train`` and ``test`` splits and the columns ``image``
-and ``label``; :class:`ImageTransform` turns a batch into ``pixel_values`` and ``labels``, the names
-both timm models (through ``SmoothTrainer``) and transformers image models take.
+and ``label``; :func:`prepare_image_splits` picks the subsets (one rule, :func:`select_subset`) and
+attaches :class:`~smooth_hf.transforms.ImageTransform`, which turns a batch into ``pixel_values`` and
+``labels``, the names both timm models (through ``SmoothTrainer``) and transformers image models take.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from datasets import Array2D, ClassLabel, Dataset, DatasetDict, Features, load_dataset, load_from_disk
+
+from .transforms import ImageTransform
 
 __all__ = [
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_LABELS",
     "ImageTransform",
+    "dataset_card_fields",
+    "image_channels",
+    "label_names",
     "load_fashion_mnist_local",
     "load_image_classification",
+    "prepare_image_splits",
     "read_idx",
+    "select_subset",
 ]
 
 FASHION_MNIST_DIR = Path(os.environ.get("SMOOTH_HF_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -38,6 +45,14 @@ HUB_ALIASES = {
     "cifar100": "uoft-cs/cifar100",
     "mnist": "ylecun/mnist",
 }
+# Names for model cards (the Hub's model-index shows them).
+PRETTY_NAMES = {
+    "zalando-datasets/fashion_mnist": "Fashion-MNIST",
+    "uoft-cs/cifar10": "CIFAR-10",
+    "uoft-cs/cifar100": "CIFAR-100",
+    "ylecun/mnist": "MNIST",
+}
+DEFAULT_EVAL_SPLIT_RATIO = 0.1
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class")
 
@@ -48,23 +63,42 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte idx file")
+        raise ValueError(f"{path} is not an unsigned-byte idx file (the MNIST / Fashion-MNIST format, e.g. "
+                         "train-images-idx3-ubyte.gz): point at the original files, or re-download them")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(dims)):
-        raise ValueError(f"{path} is truncated: header says {dims}, found {array.size} values")
+        raise ValueError(f"{path} is truncated: its header says {dims}, it holds {array.size} values. Re-download "
+                         "or reinstall it (Debian: apt-get install --reinstall dataset-fashion-mnist)")
     return array.reshape(dims)
 
 
+def _idx_file(directory: Path, stem: str) -> Path:
+    """``stem`` gzipped (as distributed) or already unpacked."""
+    for path in (directory / f"{stem}.gz", directory / stem):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{directory} has no {stem}.gz (nor {stem}): install the Debian package dataset-fashion-mnist, or set "
+        "SMOOTH_HF_FASHION_MNIST_DIR to a folder holding the four Fashion-MNIST idx files"
+    )
+
+
 def load_fashion_mnist_local(directory: str | os.PathLike = FASHION_MNIST_DIR) -> DatasetDict:
-    """All 70,000 Fashion-MNIST images from the idx files (Debian package ``dataset-fashion-mnist``)."""
+    """All 70,000 Fashion-MNIST images from the idx files (Debian package ``dataset-fashion-mnist``).
+
+    Reads ``{train,t10k}-{images-idx3,labels-idx1}-ubyte``, gzipped or not, from ``directory``.
+    """
     directory = Path(directory)
     features = Features({"image": Array2D((28, 28), "uint8"), "label": ClassLabel(names=FASHION_MNIST_LABELS)})
     splits = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        images = read_idx(directory / f"{prefix}-images-idx3-ubyte.gz")
-        labels = read_idx(directory / f"{prefix}-labels-idx1-ubyte.gz")
+        images = read_idx(_idx_file(directory, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_idx_file(directory, f"{prefix}-labels-idx1-ubyte"))
+        if images.ndim != 3 or tuple(images.shape[1:]) != (28, 28) or labels.shape != images.shape[:1]:
+            raise ValueError(f"{directory}: {prefix} images {images.shape} and labels {labels.shape} are not "
+                             "Fashion-MNIST's N x 28 x 28 images with N labels; check the files")
         splits[split] = Dataset.from_dict({"image": images, "label": labels.astype(np.int64)}, features=features)
     return DatasetDict(splits)
 
@@ -86,7 +120,7 @@ def load_image_classification(
     dataset_config_name: str | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
-    eval_split_ratio: float = 0.1,
+    eval_split_ratio: float | None = None,
     seed: int = 42,
     cache_dir: str | None = None,
 ) -> DatasetDict:
@@ -95,8 +129,10 @@ def load_image_classification(
     ``dataset_name`` is one of: ``fashion_mnist`` (local Debian files when present, else the Hub); a
     Hub id or alias (``cifar10``); a folder written by ``save_to_disk``; a folder of images
     (``imagefolder``: one sub-folder per class). A dataset without a test or validation split gets a
-    seeded ``eval_split_ratio`` split of its train split.
+    seeded ``eval_split_ratio`` split of its train split (default ``DEFAULT_EVAL_SPLIT_RATIO``).
     """
+    if eval_split_ratio is None:
+        eval_split_ratio = DEFAULT_EVAL_SPLIT_RATIO
     path = Path(dataset_name)
     if dataset_name in ("fashion_mnist", HUB_ALIASES["fashion_mnist"]) and FASHION_MNIST_DIR.is_dir():
         data = load_fashion_mnist_local(FASHION_MNIST_DIR)
@@ -109,13 +145,13 @@ def load_image_classification(
     if isinstance(data, Dataset):
         data = DatasetDict({"train": data})
     if "train" not in data:
-        raise ValueError(f"dataset {dataset_name!r} has no 'train' split (splits: {list(data)})")
+        raise ValueError(f"dataset {dataset_name!r} has no 'train' split (it has {list(data)}): save it as "
+                         "DatasetDict({'train': ..., 'test': ...}), or rename its training split to 'train'")
     if "test" not in data:
         if "validation" in data:
             data["test"] = data.pop("validation")
         else:
-            split = data["train"].train_test_split(test_size=eval_split_ratio, seed=seed)
-            data = DatasetDict({"train": split["train"], "test": split["test"]})
+            data = DatasetDict(_held_out_split(data["train"], eval_split_ratio, seed))
 
     columns = data["train"].column_names
     image = _find_column(columns, image_column, IMAGE_COLUMNS, "image", "--image_column_name")
@@ -128,61 +164,106 @@ def load_image_classification(
     return data
 
 
+def select_subset(dataset: Dataset, max_samples: int | None, seed: int) -> Dataset:
+    """The first ``max_samples`` examples of a shuffle seeded by ``seed`` (all of them when ``None``).
+
+    The one rule for every subset in the project: the same ``max_eval_samples`` and seed give the same
+    evaluation images in ``recipes/train.py``, ``recipes/compress.py`` and the benchmarks.
+    """
+    if max_samples is None or max_samples >= len(dataset):
+        return dataset
+    if max_samples < 1:
+        raise ValueError(f"a subset of {max_samples} examples is empty: give a number >= 1, or leave the limit out")
+    return dataset.select(_permutation(len(dataset), seed)[:max_samples], keep_in_memory=True)
+
+
+# ``Dataset.shuffle`` / ``train_test_split`` write index files next to a dataset loaded from disk -- into the
+# user's own folder -- and ignore ``keep_in_memory`` there (datasets 5.2). The same permutations, drawn here
+# and selected in memory, give the same examples and write nothing.
+def _permutation(n: int, seed: int) -> np.ndarray:
+    """``Dataset.shuffle(seed=seed)``'s order."""
+    return np.random.default_rng(seed).permutation(n)
+
+
+def _held_out_split(dataset: Dataset, test_size: float, seed: int) -> dict[str, Dataset]:
+    """``Dataset.train_test_split(test_size=test_size, seed=seed)``'s two splits."""
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"--train_val_split must be a fraction in (0, 1), got {test_size!r}")
+    n_test = math.ceil(test_size * len(dataset))
+    if not 0 < n_test < len(dataset):
+        raise ValueError(f"a {test_size} test split of {len(dataset)} examples leaves one side empty: use a larger "
+                         "dataset or another --train_val_split")
+    permutation = _permutation(len(dataset), seed)
+    return {"train": dataset.select(permutation[n_test:], keep_in_memory=True),
+            "test": dataset.select(permutation[:n_test], keep_in_memory=True)}
+
+
+def prepare_image_splits(
+    data: str | DatasetDict,
+    input_spec: dict[str, Any] | None = None,
+    *,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    seed: int = 42,
+    augment: bool = False,
+    dataset_config_name: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    eval_split_ratio: float | None = None,
+    cache_dir: str | None = None,
+) -> DatasetDict:
+    """Load -> seeded subsets -> transforms: the ``train`` and ``test`` splits a recipe trains and scores on.
+
+    ``data`` is a dataset name (loaded with :func:`load_image_classification` and the loading arguments)
+    or splits already loaded. Subsets follow :func:`select_subset`. With ``input_spec`` (channels, mean,
+    std, image_size: :func:`smooth_hf.auto.image_input_config` of the model) the splits yield
+    ``pixel_values``/``labels`` through :class:`ImageTransform`, the training split augmented when
+    ``augment``; without it they keep the raw ``image``/``label`` columns, e.g. to read the label names
+    and channels a model is built for, then to be passed back in with that model's spec::
+
+        raw = prepare_image_splits("cifar10", max_eval_samples=1000)
+        model = build_model("resnet18_cifar", num_labels=len(label_names(raw["train"])))
+        splits = prepare_image_splits(raw, image_input_config(model), augment=True)
+    """
+    if isinstance(data, str):
+        data = load_image_classification(data, dataset_config_name, image_column, label_column, eval_split_ratio,
+                                         seed=seed, cache_dir=cache_dir)
+    splits = DatasetDict({
+        "train": select_subset(data["train"], max_train_samples, seed),
+        "test": select_subset(data["test"], max_eval_samples, seed),
+    })
+    if input_spec is None:
+        return splits
+    spec = {k: input_spec[k] for k in ("channels", "mean", "std", "image_size")}
+    splits["train"] = splits["train"].with_transform(ImageTransform(**spec, train=augment))
+    splits["test"] = splits["test"].with_transform(ImageTransform(**spec))
+    return splits
+
+
+def image_channels(dataset: Dataset) -> int:
+    """Channels :class:`ImageTransform` reads from the first image of ``dataset`` (1 for grey images)."""
+    image = dataset[0]["image"]
+    if hasattr(image, "mode"):  # PIL: ImageTransform reads "L" as grey and converts every other mode to RGB
+        return 1 if image.mode == "L" else 3
+    array = np.asarray(image)
+    if array.ndim == 2:
+        return 1
+    return 3 if array.shape[-1] == 4 else int(array.shape[-1])  # ImageTransform drops a fourth channel
+
+
+def dataset_card_fields(dataset_name: str) -> dict[str, Any]:
+    """``ModelCardInfo`` fields that name a dataset: the Hub id (short names resolved, e.g. ``fashion_mnist``
+    to ``zalando-datasets/fashion_mnist``) and a readable name. A local folder has no Hub id: the card
+    names the folder."""
+    if Path(dataset_name).exists():
+        return {"datasets": [], "dataset_pretty_name": Path(dataset_name).name}
+    hub_id = HUB_ALIASES.get(dataset_name, dataset_name)
+    return {"datasets": [hub_id], "dataset_pretty_name": PRETTY_NAMES.get(hub_id)}
+
+
 def label_names(dataset: Dataset) -> list[str]:
     """Class names from a ``ClassLabel`` feature, else the sorted distinct label values."""
     feature = dataset.features["label"]
     if isinstance(feature, ClassLabel):
         return list(feature.names)
     return [str(v) for v in sorted(set(dataset["label"]))]
-
-
-@dataclass
-class ImageTransform:
-    """Batch transform for ``Dataset.with_transform``: images -> normalised ``pixel_values``.
-
-    Accepts PIL images or arrays (HWC, HW), any channel count: grey images are repeated to 3
-    channels when the model takes 3, colour images are averaged when it takes 1. ``train=True``
-    adds the standard CIFAR augmentation (random crop with 4-pixel padding, horizontal flip).
-    """
-
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    image_size: int | None = None
-    train: bool = False
-
-    def __post_init__(self) -> None:
-        mean = torch.tensor(self.mean, dtype=torch.float32)
-        std = torch.tensor(self.std, dtype=torch.float32)
-        if mean.numel() == 1:
-            mean, std = mean.expand(self.channels), std.expand(self.channels)
-        if mean.numel() != self.channels:
-            raise ValueError(f"mean/std have {mean.numel()} values for {self.channels} channels")
-        self._mean, self._std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
-
-    def _to_tensor(self, image) -> torch.Tensor:
-        array = np.asarray(image.convert("RGB") if hasattr(image, "mode") and image.mode not in ("L", "RGB") else image)
-        x = torch.from_numpy(np.array(array, dtype=np.float32, copy=True)) / 255.0
-        x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
-        if x.shape[0] != self.channels:
-            x = x.mean(0, keepdim=True) if self.channels == 1 else x[:1].expand(self.channels, -1, -1)
-        if self.image_size is not None and tuple(x.shape[1:]) != (self.image_size, self.image_size):
-            x = F.interpolate(x.unsqueeze(0), size=(self.image_size, self.image_size), mode="bilinear",
-                              align_corners=False).squeeze(0)
-        return x
-
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[1:]
-        padded = F.pad(x, (4, 4, 4, 4))
-        top, left = np.random.randint(0, 9, size=2)
-        x = padded[:, top : top + h, left : left + w]
-        return x.flip(2) if np.random.rand() < 0.5 else x
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        pixels = []
-        for image in batch["image"]:
-            x = self._to_tensor(image)
-            if self.train:
-                x = self._augment(x)
-            pixels.append((x - self._mean) / self._std)
-        return {"pixel_values": pixels, "labels": list(batch["label"])}

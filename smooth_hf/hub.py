@@ -3,21 +3,24 @@
 A compressed checkpoint is a folder of plain files::
 
     model.safetensors        weights (safetensors only); factorised layers as <name>.down/up.*
-    config.json              the base model's own config, as timm / transformers write it
+    config.json              the base model's own config, as timm / transformers write it; for transformers
+                             models with a ``quantization_config`` section holding the ranks (hf_quantizer.py)
     generation_config.json   transformers generative models only, as transformers writes it
     compression_config.json  LowRankConfig, with the rank of every factorised layer
     compression_report.json  parameter counts and per-layer table (informational, for the card)
     README.md                the model card
 
-Reloading follows timm's ``adapt_model_from_file`` and peft's AdaLoRA ``rank_pattern``: build the base
-architecture from its JSON config, replay the recorded ranks (:func:`smooth_hf.lowrank.apply_ranks`),
-then load the weights with ``strict=True`` so that any mismatch is an error, never a silently
-half-initialised model.
+transformers models are written and read through transformers itself (``model.save_pretrained``, and
+their class's ``from_pretrained`` with the smooth_hf quantizer: :mod:`smooth_hf.hub_transformers`), so
+these folders are also what ``AutoModelFor*.from_pretrained`` loads after ``import smooth_hf``, and a
+folder written by ``model.save_pretrained`` loads here too. timm has no such hook: following timm's
+``adapt_model_from_file`` and peft's AdaLoRA ``rank_pattern``, the base architecture is built from its
+JSON config, the recorded ranks replayed (:func:`smooth_hf.lowrank.apply_ranks`), then the weights
+loaded. Both loads are strict: any mismatch is an error, never a silently half-initialised model.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -36,6 +39,8 @@ from torch import nn
 from . import modeling_resnet_cifar  # noqa: F401  (registers the CIFAR ResNets so their configs rebuild)
 from .auto import build_from_config_dir
 from .compat import base_library
+from .dtypes import set_tensor_dtypes
+from .hub_transformers import load_checkpoint, quantization_section, write_checkpoint
 from .lowrank import CONFIG_NAME, CompressionReport, LowRankConfig, LowRankLayer, apply_ranks
 from .model_card import ModelCardInfo, render_model_card
 
@@ -46,6 +51,7 @@ __all__ = [
     "REPORT_NAME",
     "WEIGHTS_NAME",
     "PushToHubError",
+    "check_compressed",
     "from_pretrained",
     "push_to_hub",
     "save_pretrained",
@@ -91,7 +97,11 @@ def _base_library(model: nn.Module) -> str:
     )
 
 
-def _check_compressed(model: nn.Module) -> LowRankConfig:
+def check_compressed(model: nn.Module, allow_meta: bool = False) -> LowRankConfig:
+    """``model.lowrank_config``, after checking that it describes the model's low-rank layers (else ValueError).
+
+    ``allow_meta``: tensors on the meta device are accepted (transformers' own save reads offloaded weights back).
+    """
     config = getattr(model, "lowrank_config", None)
     if not isinstance(config, LowRankConfig):
         raise ValueError(
@@ -117,7 +127,7 @@ def _check_compressed(model: nn.Module) -> LowRankConfig:
             f"not reload: {', '.join(wrong[:5])}{', ...' if len(wrong) > 5 else ''}. Do not edit the layers after "
             "compress()."
         )
-    meta = [name for name, t in model.state_dict().items() if t.device.type == "meta"]
+    meta = [] if allow_meta else [name for name, t in model.state_dict().items() if t.device.type == "meta"]
     if meta:
         raise ValueError(
             f"cannot save tensors on the meta device (e.g. {meta[0]}): load or materialise the weights first"
@@ -129,23 +139,23 @@ def _pickle_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
 
 
-def _write_checkpoint(model: nn.Module, folder: Path, library: str, config: LowRankConfig, card_text: str) -> None:
+def _write_checkpoint(
+    model: nn.Module,
+    folder: Path,
+    library: str,
+    config: LowRankConfig,
+    card_text: str,
+    model_args: dict[str, Any] | None = None,
+) -> None:
     """Write every file of the checkpoint into ``folder`` (a fresh temporary folder)."""
-    # save_model (not save_file) drops the duplicate names of tied tensors (GPT-2's lm_head/wte) and records
-    # which name each dropped one pointed to; from_pretrained re-ties by building the model first.
-    save_model(model, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     if library == "transformers":
-        # As transformers' own save_pretrained records them (on a copy: saving must not edit the model).
-        hf_config = copy.deepcopy(model.config)
-        hf_config.architectures = [type(model).__name__]
-        hf_config.dtype = str(model.dtype).removeprefix("torch.")
-        hf_config.save_pretrained(folder)
-        if model.can_generate() and getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(folder)
+        # Exactly what model.save_pretrained writes, so that AutoModelFor*.from_pretrained reads it too.
+        write_checkpoint(model, folder)
     else:
-        from timm.models._hub import save_config_for_hf
-
-        save_config_for_hf(model, str(folder / HF_CONFIG_NAME))
+        # save_model (not save_file) drops the duplicate names of tied tensors and records which name each
+        # dropped one pointed to; from_pretrained re-ties by building the model first.
+        save_model(model, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        _save_timm_config(model, folder / HF_CONFIG_NAME, model_args)
     config.save_pretrained(folder)
     report = getattr(model, "lowrank_report", None)
     if isinstance(report, CompressionReport):
@@ -156,6 +166,23 @@ def _write_checkpoint(model: nn.Module, folder: Path, library: str, config: LowR
     for path in folder.iterdir():  # durable before the rename makes them visible
         with open(path, "rb") as f:
             os.fsync(f.fileno())
+
+
+def _save_timm_config(model: nn.Module, path: Path, model_args: dict[str, Any] | None) -> None:
+    """timm's own config.json (``architecture`` + ``model_args``), with a way out for non-JSON arguments."""
+    from timm.models._hub import save_config_for_hf
+
+    try:
+        save_config_for_hf(model, str(path), model_args=model_args)
+    except (TypeError, ValueError) as err:
+        if "serializ" not in str(err):
+            raise
+        raise ValueError(
+            f"timm cannot write {type(model).__name__}'s constructor arguments as JSON ({err}). Pass JSON "
+            "replacements that timm.create_model accepts, e.g. smooth_hf.save_pretrained(model, path, "
+            "model_args={'act_layer': 'silu'}) for create_model(..., act_layer=nn.SiLU); they are stored in "
+            "config.json and used to rebuild the model."
+        ) from err
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:
@@ -199,9 +226,17 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save(model: nn.Module, save_directory: str | os.PathLike, info: ModelCardInfo | None, location: str) -> Path:
-    config = _check_compressed(model)
+def _save(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    info: ModelCardInfo | None,
+    location: str,
+    model_args: dict[str, Any] | None = None,
+) -> Path:
+    config = check_compressed(model)
     library = _base_library(model)
+    if model_args is not None and library != "timm":
+        raise TypeError("model_args is for timm models; a transformers model's config.json comes from model.config")
     target = Path(save_directory).expanduser().absolute()
     if target.is_dir():
         pickles = _pickle_files(target)
@@ -218,7 +253,7 @@ def _save(model: nn.Module, save_directory: str | os.PathLike, info: ModelCardIn
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
     tmp.mkdir()
     try:
-        _write_checkpoint(model, tmp, library, config, card_text)
+        _write_checkpoint(model, tmp, library, config, card_text, model_args)
         _move_into_place(tmp, target)
     finally:
         if tmp.exists():
@@ -227,23 +262,38 @@ def _save(model: nn.Module, save_directory: str | os.PathLike, info: ModelCardIn
 
 
 def save_pretrained(
-    model: nn.Module, save_directory: str | os.PathLike, *, model_card: ModelCardInfo | None = None
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    model_card: ModelCardInfo | None = None,
+    model_args: dict[str, Any] | None = None,
 ) -> Path:
     """Save a compressed timm / transformers model as safetensors + JSON configs + model card.
+
+    A transformers model is written exactly as ``model.save_pretrained`` writes it (``config.json`` with a
+    ``quantization_config`` holding the ranks), so ``AutoModelFor*.from_pretrained`` loads the folder after
+    ``import smooth_hf``; the smooth_hf files (``compression_config.json``, report, card) come on top.
 
     The files are written into a temporary sibling folder and moved into place only when all of them
     were written, so a save that fails half way (disk full, interrupted) leaves any previous checkpoint
     at ``save_directory`` as it was. Other files already in ``save_directory`` are kept.
 
+    Args:
+        model_card: what the card should say beyond what the model knows (datasets, metrics, ...).
+        model_args: timm models only: JSON replacements for constructor arguments timm cannot write as
+            JSON, as in timm's own ``save_for_hf`` (e.g. ``{"act_layer": "silu"}`` for a model created
+            with ``act_layer=nn.SiLU``). They go into ``config.json`` and rebuild the model on reload.
+
     Returns:
         The absolute path of the checkpoint folder.
 
     Raises:
-        ValueError: the model was not compressed (call :func:`smooth_hf.compress` first), or the folder holds
-            pickle files that :func:`from_pretrained` would refuse.
+        ValueError: the model was not compressed (call :func:`smooth_hf.compress` first), the folder holds
+            pickle files that :func:`from_pretrained` would refuse, or a timm constructor argument is not
+            JSON (the message says to pass ``model_args``).
         TypeError: the model is neither timm nor transformers, so its architecture cannot be saved as JSON.
     """
-    return _save(model, save_directory, model_card, location=str(save_directory))
+    return _save(model, save_directory, model_card, location=str(save_directory), model_args=model_args)
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -304,7 +354,7 @@ def _check_folder(folder: Path, check_pickles: bool = True) -> None:
             "checkpoints, because unpickling can execute arbitrary code. Remove them (the weights smooth_hf reads are "
             f"in {WEIGHTS_NAME}), or re-save the model with smooth_hf.save_pretrained."
         )
-    if CONFIG_NAME not in present:
+    if CONFIG_NAME not in present and not _written_by_transformers(folder):
         if WEIGHTS_NAME in present or HF_CONFIG_NAME in present:
             raise ValueError(
                 f"{folder} has no {CONFIG_NAME}: this is not a smooth_hf compressed checkpoint. A dense checkpoint "
@@ -326,6 +376,14 @@ def _check_folder(folder: Path, check_pickles: bool = True) -> None:
             f"{folder} has no {WEIGHTS_NAME}: the weights are missing (smooth_hf reads safetensors only). Re-save the "
             "model with smooth_hf.save_pretrained, or re-download it (snapshot_download(..., force_download=True))."
         )
+
+
+def _written_by_transformers(folder: Path) -> bool:
+    """A compressed transformers model saved with ``model.save_pretrained``: the ranks are in config.json."""
+    try:
+        return quantization_section(json.loads((folder / HF_CONFIG_NAME).read_text(encoding="utf-8"))) is not None
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -413,14 +471,31 @@ def _load_report(folder: Path) -> CompressionReport | None:
 
 def _load_folder(folder: Path, device: str | torch.device, check_pickles: bool = True) -> nn.Module:
     _check_folder(folder, check_pickles)
-    try:
-        config = LowRankConfig.from_dict(_read_json(folder / CONFIG_NAME))
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{folder / CONFIG_NAME} is invalid: {err}") from err
+    config = None
+    if (folder / CONFIG_NAME).is_file():
+        try:
+            config = LowRankConfig.from_dict(_read_json(folder / CONFIG_NAME))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{folder / CONFIG_NAME} is invalid: {err}") from err
     hf_config = _read_json(folder / HF_CONFIG_NAME)
     weights = folder / WEIGHTS_NAME
-    shapes = _weight_shapes(weights)
+    shapes = _weight_shapes(weights)  # also refuses a truncated file before anything is built
+    if config is None and "model_type" not in hf_config:
+        raise ValueError(f"{folder} has no {CONFIG_NAME}; re-save the model with smooth_hf.save_pretrained")
+    if "model_type" in hf_config:
+        # transformers models load through transformers itself, as AutoModelFor*.from_pretrained would.
+        model = load_checkpoint(folder, hf_config, config).to(device)
+    else:
+        model = _load_timm(folder, hf_config, config, shapes).to(device)
+    report = _load_report(folder)
+    if report is not None:
+        model.lowrank_report = report
+    return model.eval()
 
+
+def _load_timm(
+    folder: Path, hf_config: dict[str, Any], config: LowRankConfig, shapes: dict[str, tuple[int, ...]]
+) -> nn.Module:
     def structure(build_device: str) -> nn.Module:
         model = _build_base(folder, hf_config, build_device)
         try:
@@ -432,36 +507,29 @@ def _load_folder(folder: Path, device: str | torch.device, check_pickles: bool =
         _check_keys(model, shapes, folder)
         return model
 
-    state_dict = load_file(str(weights), device="cpu")
-    # timm models are built on the meta device (no random init, no double memory) and the weights assigned;
-    # transformers models are built on CPU: their non-persistent buffers (position ids, rotary tables) are
-    # computed in __init__ and not in the file, and tied weights must stay tied.
+    state_dict = load_file(str(folder / WEIGHTS_NAME), device="cpu")
+    # Built on the meta device (no random init, no double memory) and the weights assigned, which keeps
+    # every tensor's saved dtype.
     model = None
-    if "architecture" in hf_config:
-        try:
-            model = structure("meta")
-        except (NotImplementedError, RuntimeError) as err:  # an __init__ that computes on its tensors
-            logger.debug("meta-device build failed (%s); building on CPU", err)
-        else:
-            model.load_state_dict(state_dict, strict=False, assign=True)
-            if _meta_tensors(model):  # a buffer that is not in the file, or a tie: build for real instead
-                model = None
+    try:
+        model = structure("meta")
+    except (NotImplementedError, RuntimeError) as err:  # an __init__ that computes on its tensors
+        logger.debug("meta-device build failed (%s); building on CPU", err)
+    else:
+        model.load_state_dict(state_dict, strict=False, assign=True)
+        if _meta_tensors(model):  # a buffer that is not in the file, or a tie: build for real instead
+            model = None
     if model is None:
         model = structure("cpu")
-        dtypes = {t.dtype for t in state_dict.values() if t.is_floating_point()}
-        if len(dtypes) == 1:  # e.g. a bf16 checkpoint: keep its dtype instead of upcasting to the default
-            model.to(dtypes.pop())
+        # Each tensor takes its saved dtype (a float32 island in a half-precision model stays float32).
+        set_tensor_dtypes(model, {name: t.dtype for name, t in state_dict.items() if t.is_floating_point()})
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         tied = _tied_groups(model)
         missing = [n for n in missing if not any(n in g and g & set(state_dict) for g in tied)]
         if missing or unexpected:  # _check_keys already guarantees this; kept as a surgery check
             raise RuntimeError(f"strict load failed: missing {missing}, unexpected {unexpected}")
-    model.to(device)
     model.lowrank_config = config
-    report = _load_report(folder)
-    if report is not None:
-        model.lowrank_report = report
-    return model.eval()
+    return model
 
 
 def from_pretrained(
@@ -478,6 +546,9 @@ def from_pretrained(
     ``snapshot_download``, JSON / safetensors / Markdown files only). The base architecture is rebuilt
     from ``config.json`` (timm or a transformers class; never remote code), the recorded ranks are
     replayed, and ``model.safetensors`` is loaded strictly. The returned model carries ``lowrank_config``.
+    transformers models load through their class's own ``from_pretrained`` (``dtype="auto"``), so this
+    equals ``AutoModelFor*.from_pretrained`` after ``import smooth_hf``, and also reads folders written
+    by ``model.save_pretrained``.
 
     Raises:
         FileNotFoundError: empty folder, missing weights or config, unknown path / repo.
@@ -502,12 +573,13 @@ def push_to_hub(
     revision: str | None = None,
     commit_message: str = "Upload compressed model (smooth_hf)",
     model_card: ModelCardInfo | None = None,
+    model_args: dict[str, Any] | None = None,
 ) -> str:
     """Save the compressed model into a temporary folder and upload it to the Hub repo ``repo_id``.
 
     The repo is created if needed (``exist_ok``). Nothing of the caller's is written: the checkpoint
     exists only in a temporary folder, removed afterwards whatever happens. The card's reload snippet
-    names ``repo_id``.
+    names ``repo_id``. ``model_args``: as in :func:`save_pretrained` (timm models only).
 
     Returns:
         The URL of the commit.
@@ -523,7 +595,7 @@ def push_to_hub(
     import smooth_hf
 
     with tempfile.TemporaryDirectory(prefix="smooth_hf-push-") as tmp:
-        folder = _save(model, Path(tmp) / "checkpoint", model_card, location=repo_id)
+        folder = _save(model, Path(tmp) / "checkpoint", model_card, location=repo_id, model_args=model_args)
         api = HfApi(token=token, library_name="smooth_hf", library_version=getattr(smooth_hf, "__version__", None))
         try:
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True)

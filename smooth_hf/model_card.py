@@ -226,9 +226,10 @@ def _card_data(model: nn.Module, info: ModelCardInfo, title: str, task: str | No
         ]
     return ModelCardData(
         # library_name is what the Hub keys its "Use this model" snippet and library filter on. "timm" or
-        # "transformers" would show `timm.create_model("hf-hub:...")` / `AutoModel.from_pretrained(...)`, which
-        # fail on a factorised state dict (down/up weights instead of one dense weight). "smooth_hf" is the
-        # loader that works; the base library is still listed as a tag and in base_model for discovery.
+        # "transformers" would show `timm.create_model("hf-hub:...")` / `AutoModel.from_pretrained(...)` without
+        # the `import smooth_hf` that the factorised state dict needs (transformers learns the "smooth_hf"
+        # quantization method from it). "smooth_hf" names what to install; the base library is still listed as
+        # a tag and in base_model for discovery.
         library_name="smooth_hf",
         base_model=info.base_model,
         datasets=list(info.datasets) or None,
@@ -275,6 +276,7 @@ def render_model_card(model: nn.Module, info: ModelCardInfo | None = None, *, lo
         "title": title,
         "architecture": architecture,
         "library": base_library(model) or "unknown",
+        "model_class": type(model).__name__,
         "base_model": info.base_model,
         "datasets": info.datasets,
         "task": task,

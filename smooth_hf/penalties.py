@@ -28,7 +28,6 @@ __all__ = [
     "nuclear_norm_surrogate",
     "out_in_weight",
     "second_order",
-    "shrink_singular_values",
     "spectral_direction",
 ]
 
@@ -52,12 +51,14 @@ def nuclear_norm(weight: Tensor) -> Tensor:
     return torch.linalg.svdvals(_as_matrix(weight)).sum()
 
 
-def spectral_direction(weight: Tensor, rtol: float = 1e-6) -> Tensor:
+def spectral_direction(weight: Tensor, rtol: float = 1e-6, skip: int = 0) -> Tensor:
     """``U V^T`` of the thin SVD of ``W.reshape(out, -1)``, detached, in ``weight``'s shape.
 
     It is the gradient of the nuclear norm at ``W`` and ``<W, U V^T> == ||W||_*``. Where ``W`` is
     (numerically) rank-deficient the gradient is not unique; singular directions below ``rtol`` times
-    the largest are dropped, which is still a subgradient.
+    the largest are dropped, which is still a subgradient. ``skip`` leaves out the ``skip`` largest
+    singular directions: the result is then the gradient of the *tail* ``sum_{i > skip} s_i``, the part of
+    the spectrum a rank-``skip`` truncation removes.
 
     Computed from the eigen-decomposition of the small Gram matrix ``M M^T`` (or ``M^T M``) in float64:
     ``U V^T = U S^{-1} U^T M``. On ResNet-18's convolutions that is faster than a float64 SVD, and less
@@ -71,8 +72,9 @@ def spectral_direction(weight: Tensor, rtol: float = 1e-6) -> Tensor:
         if tall:  # work on the wide orientation: the Gram matrix is then the small one
             matrix = matrix.t()
         eigenvalues, eigenvectors = torch.linalg.eigh(matrix @ matrix.t())
-        singular = eigenvalues.clamp_min(0).sqrt()
+        singular = eigenvalues.clamp_min(0).sqrt()  # ascending
         keep = singular > rtol * singular.max().clamp_min(torch.finfo(torch.float64).tiny)
+        keep[max(len(singular) - skip, 0) :] = False  # the largest ``skip`` come last
         u = eigenvectors[:, keep]
         direction = u @ ((u.t() @ matrix) / singular[keep, None])
         if tall:
@@ -111,33 +113,3 @@ def second_order(weight: Tensor) -> Tensor:
     _as_matrix(weight)
     return _sum_sq_diff(weight, 0, 2) + _sum_sq_diff(weight, 1, 2)
 
-
-def shrink_singular_values(weight: Tensor, threshold: float, keep_norm: bool = False) -> tuple[Tensor, Tensor]:
-    """Soft-threshold the singular values of ``W.reshape(out, -1)``: the proximal step of the nuclear norm.
-
-    Returns ``(U max(S - threshold, 0) V^T, S)`` in ``weight``'s shape and dtype, and the singular values
-    before shrinking (float64, descending). Unlike a gradient step on ``||W||_*``, which makes small singular
-    values oscillate around zero, the proximal step sets them to exactly zero, so a later truncation at that
-    rank changes nothing. ``keep_norm`` rescales the result to ``||W||_F``: for a penalty that is invariant to
-    the weight's scale (``scale_free``), only the shape of the spectrum should change, not its size.
-
-    Computed like :func:`spectral_direction`, from the eigen-decomposition of the small Gram matrix in float64:
-    ``U diag(max(s - t, 0) / s) U^T M`` needs no SVD of the (possibly long) matrix itself.
-    """
-    with torch.no_grad():
-        matrix = _as_matrix(weight).double()
-        tall = matrix.shape[0] > matrix.shape[1]
-        if tall:  # work on the wide orientation: the Gram matrix is then the small one
-            matrix = matrix.t()
-        eigenvalues, eigenvectors = torch.linalg.eigh(matrix @ matrix.t())
-        singular = eigenvalues.clamp_min(0).sqrt().flip(0)  # descending
-        eigenvectors = eigenvectors.flip(1)
-        floor = 1e-12 * singular[0].clamp_min(torch.finfo(torch.float64).tiny)
-        factor = torch.where(singular > floor, (singular - threshold).clamp_min(0) / singular.clamp_min(floor), 0.0)
-        result = eigenvectors @ (factor[:, None] * (eigenvectors.t() @ matrix))
-        if keep_norm:
-            norm = result.norm()
-            result = result * (matrix.norm() / norm) if norm > 0 else result
-        if tall:
-            result = result.t()
-        return result.to(weight.dtype).reshape(weight.shape), singular

@@ -8,13 +8,22 @@ Weighting (``normalization``):
 * ``"scale_free"`` (default): each layer's term is divided by a scale of its own weight -- first and
   second order by ``||W||_F^2``, the nuclear norm by ``||M||_F * sqrt(min(M.shape))`` (1 for a flat
   spectrum, ``1/sqrt(n)`` for rank one) -- and the terms are averaged over the targeted layers. The
-  value no longer depends on the layer sizes, the number of layers or the scale of the weights, so
-  one set of coefficients (about 1 for first order, 10 for nuclear) works across models.
+  value does not depend on the layer sizes, the number of layers or the scale of the weights.
+* ``"relative"``: the scale-free terms, each multiplied by its layer's ``||W||_F^2`` held constant. Same
+  value at unit norm and the same gradient direction, but the gradient grows with the weight instead of
+  shrinking as ``1/||W||``: one SGD step then moves every weight by the same *fraction of its own size*,
+  whatever the initial scale of the weights. Under BatchNorm the scale of a conv weight is free, and with
+  ``scale_free`` a model initialised 3x larger feels the penalty 9x more weakly (README "Penalty strength").
 * ``"sum"``: the plain sums of README "The method", added over layers.
 
 The nuclear norm needs an SVD of every targeted weight; the penalty uses the exact gradient ``U V^T``
 refreshed every ``nuclear_norm_every`` steps and the surrogate ``<W, U V^T>`` in between (see
 :func:`smooth_hf.penalties.nuclear_norm_surrogate`). ``nuclear_norm_every=1`` is the exact norm.
+
+With ``nuclear_norm_param_reduction=p`` only the *tail* of each spectrum is penalised: at every refresh the
+ranks that ``compress(model, LowRankConfig(param_reduction=p))``'s global allocation would keep are computed
+from the current spectra (over the penalised layers), and the nuclear norm acts on the singular values beyond
+them -- what the planned cut will remove -- leaving the kept ones, which carry the function, untouched.
 """
 
 from __future__ import annotations
@@ -25,20 +34,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .penalties import (
-    first_order,
-    nuclear_norm_surrogate,
-    out_in_weight,
-    second_order,
-    shrink_singular_values,
-    spectral_direction,
-)
+from .penalties import first_order, nuclear_norm_surrogate, out_in_weight, second_order, spectral_direction
 from .targeting import PatternSpec, find_layers
 
-__all__ = ["NORMALIZATIONS", "NUCLEAR_NORM_MODES", "SmoothnessPenalty"]
+__all__ = ["NORMALIZATIONS", "SmoothnessPenalty"]
 
 NORMALIZATIONS = ("scale_free", "relative", "sum")
-NUCLEAR_NORM_MODES = ("gradient", "proximal")
 
 
 @dataclass
@@ -51,7 +52,8 @@ class SmoothnessPenalty:
     second_order_coef: float = 0.0
     normalization: str = "scale_free"
     nuclear_norm_every: int = 25
-    nuclear_norm_mode: str = "gradient"
+    nuclear_norm_param_reduction: float | None = None
+    model_parameters: int | None = None  # the whole model's, for nuclear_norm_param_reduction (for_model sets it)
     _directions: dict[str, Tensor] = field(default_factory=dict, repr=False)
     _refreshed_at: int | None = field(default=None, repr=False)
 
@@ -62,8 +64,8 @@ class SmoothnessPenalty:
                 raise ValueError(f"{name} must be a finite number >= 0 (0 turns the penalty off), got {value}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
-        if self.nuclear_norm_mode not in NUCLEAR_NORM_MODES:
-            raise ValueError(f"nuclear_norm_mode must be one of {NUCLEAR_NORM_MODES}, got {self.nuclear_norm_mode!r}")
+        if self.nuclear_norm_param_reduction is not None:
+            self._check_tail_budget()
         if self.nuclear_norm_every < 1:
             raise ValueError(f"nuclear_norm_every must be >= 1 (1 = exact SVD every step), got {self.nuclear_norm_every}")
         if self.active and not self.layers:
@@ -78,7 +80,10 @@ class SmoothnessPenalty:
         skip_first_last: bool = True,
         **coefs,
     ) -> SmoothnessPenalty:
-        return cls(find_layers(model, target_modules, exclude_modules, skip_first_last), **coefs)
+        from .lowrank import count_parameters
+
+        layers = find_layers(model, target_modules, exclude_modules, skip_first_last)
+        return cls(layers, model_parameters=count_parameters(model), **coefs)
 
     @property
     def active(self) -> bool:
@@ -88,96 +93,96 @@ class SmoothnessPenalty:
     def layer_names(self) -> list[str]:
         return [name for name, _ in self.layers]
 
+    def _layer_shapes(self) -> tuple[list[int], list[int], list[int]]:
+        """Full rank, parameters per kept rank once factorised, and dense parameters, of each layer."""
+        shapes = [out_in_weight(m).shape for _, m in self.layers]
+        pairs = [(s[0], math.prod(s[1:])) for s in shapes]  # (out, in * kh * kw)
+        return [min(o, f) for o, f in pairs], [o + f for o, f in pairs], [o * f for o, f in pairs]
+
+    def _check_tail_budget(self) -> None:
+        from .lowrank.allocation import max_removable
+
+        p = self.nuclear_norm_param_reduction
+        if not (isinstance(p, int | float) and 0 < p < 1):
+            raise ValueError(f"nuclear_norm_param_reduction must be a fraction in (0, 1) (e.g. 0.7), got {p!r}")
+        if not self.model_parameters:
+            raise ValueError("nuclear_norm_param_reduction needs model_parameters (use SmoothnessPenalty.for_model)")
+        most = max_removable(*self._layer_shapes())
+        if most < p * self.model_parameters:
+            raise ValueError(
+                f"nuclear_norm_param_reduction={p} asks the penalised layers to lose {p * self.model_parameters:,.0f} "
+                f"of the model's {self.model_parameters:,} parameters, but at most {most:,} can be removed from them. "
+                "Lower it, or penalise more layers (penalty_target_modules / penalty_skip_first_last=False)."
+            )
+
+    def _kept_ranks(self) -> list[int | None]:
+        """The ranks the global allocation keeps at the current spectra (None: the layer stays dense)."""
+        from .lowrank.allocation import allocate_ranks
+        from .lowrank.layers import singular_values
+
+        _, costs, dense = self._layer_shapes()
+        spectra = [singular_values(out_in_weight(m).detach().reshape(out_in_weight(m).shape[0], -1))
+                   for _, m in self.layers]
+        return allocate_ranks(spectra, costs, dense, self.nuclear_norm_param_reduction * self.model_parameters)
+
     def _refresh_directions(self, step: int) -> None:
         # A step counter that went backwards (a second train() call) also makes the cache stale.
         due = self._refreshed_at is None or not 0 <= step - self._refreshed_at < self.nuclear_norm_every
         if due or len(self._directions) != len(self.layers):
-            self._directions = {name: spectral_direction(out_in_weight(m)) for name, m in self.layers}
+            if self.nuclear_norm_param_reduction is None:
+                self._directions = {name: spectral_direction(out_in_weight(m)) for name, m in self.layers}
+            else:  # the tail only; a layer the cut keeps dense is not penalised
+                self._directions = {
+                    name: spectral_direction(out_in_weight(m), skip=rank) if rank is not None
+                    else torch.zeros_like(out_in_weight(m).detach())
+                    for (name, m), rank in zip(self.layers, self._kept_ranks(), strict=True)
+                }
             self._refreshed_at = step
-
-    def _layer_scale(self, weight: Tensor) -> Tensor | None:
-        """What each layer's term is divided by (``None``: plain sums), and multiplied by for ``relative``."""
-        return None if self.normalization == "sum" else weight.pow(2).sum()
 
     def __call__(self, step: int = 0) -> tuple[Tensor, dict[str, float]]:
         """The weighted total (differentiable) and each unweighted term (floats, for logging).
 
-        In ``proximal`` mode the nuclear norm is not part of the total: :meth:`proximal_step` applies it.
+        Logged terms are the ``scale_free`` (or ``sum``) values, also under ``relative``, so that they read
+        the same whatever the weighting: 1 is a flat spectrum for the nuclear term.
         """
-        by_gradient = self.nuclear_norm_coef > 0 and self.nuclear_norm_mode == "gradient"
-        if by_gradient:
+        if self.nuclear_norm_coef > 0:
             self._refresh_directions(step)
         normalized = self.normalization != "sum"
         sums = {"nuclear_norm": 0.0, "first_order": 0.0, "second_order": 0.0}
+        logged = dict(sums)
         for name, module in self.layers:
             weight = out_in_weight(module)
-            sq_norm = self._layer_scale(weight)
-            # "relative": the scale-free term times ||W||^2 (a constant): the same direction, but an SGD step
-            # then moves the weight by a fixed fraction of its own size, whatever that size is.
-            gain = sq_norm.detach() if self.normalization == "relative" else 1.0
-            if by_gradient:
+            sq_norm = weight.pow(2).sum() if normalized else None
+            # "relative": the scale-free term times ||W||^2 held constant (see the module doc).
+            gain = sq_norm.detach() if self.normalization == "relative" else None
+            terms = {}
+            if self.nuclear_norm_coef > 0:
                 direction = self._directions[name].to(weight.device, weight.dtype)
                 term = nuclear_norm_surrogate(weight, direction)
-                if normalized:
-                    term = term / (sq_norm.sqrt() * math.sqrt(min(weight.shape[0], weight[0].numel())))
-                sums["nuclear_norm"] = sums["nuclear_norm"] + term * gain
+                terms["nuclear_norm"] = term / (sq_norm.sqrt() * math.sqrt(min(weight.shape[0], weight[0].numel()))) \
+                    if normalized else term
             if self.first_order_coef > 0:
-                term = first_order(weight)
-                sums["first_order"] = sums["first_order"] + (term / sq_norm * gain if normalized else term)
+                terms["first_order"] = first_order(weight) / sq_norm if normalized else first_order(weight)
             if self.second_order_coef > 0:
-                term = second_order(weight)
-                sums["second_order"] = sums["second_order"] + (term / sq_norm * gain if normalized else term)
+                terms["second_order"] = second_order(weight) / sq_norm if normalized else second_order(weight)
+            for key, term in terms.items():
+                logged[key] = logged[key] + term.detach()
+                sums[key] = sums[key] + (term * gain if gain is not None else term)
         denominator = len(self.layers) if normalized else 1
         coefs = {
-            "nuclear_norm": self.nuclear_norm_coef if by_gradient else 0.0,
+            "nuclear_norm": self.nuclear_norm_coef,
             "first_order": self.first_order_coef,
             "second_order": self.second_order_coef,
         }
-        total, terms = None, {}
+        total, out = None, {}
         for key, coef in coefs.items():
             if coef > 0:
-                value = sums[key] / denominator
-                total = coef * value if total is None else total + coef * value
-                terms[key] = float(value.detach())
+                value = coef * sums[key] / denominator
+                total = value if total is None else total + value
+                out[key] = float(logged[key]) / denominator
         if total is None:
             total = torch.zeros(())
-        return total, terms
-
-    @torch.no_grad()
-    def proximal_step(self, step_size: float) -> dict[str, float]:
-        """Apply the nuclear norm as a proximal step: soft-threshold every layer's singular values.
-
-        ``step_size`` is the sum of the learning rates since the last call (times any warm-up ramp), so a
-        call every ``nuclear_norm_every`` steps shrinks as much as that many steps would. The threshold of a
-        layer is ``step_size * nuclear_norm_coef`` times the derivative of its weighted term with respect
-        to a singular value: ``1`` for ``sum``; ``1 / (||M||_F sqrt(min(M.shape)) L)`` for ``scale_free``
-        (``L`` layers), and ``||M||_F / (sqrt(min(M.shape)) L)`` for ``relative``. For the two normalised
-        modes the weight keeps its Frobenius norm (the penalty does not depend on it). Returns the
-        normalised nuclear term before the step (for logging).
-        """
-        if self.nuclear_norm_coef <= 0 or self.nuclear_norm_mode != "proximal":
-            return {}
-        count = len(self.layers)
-        total = 0.0
-        for _, module in self.layers:
-            weight = out_in_weight(module)
-            norm = float(weight.detach().double().norm())
-            width = min(weight.shape[0], weight[0].numel())
-            if self.normalization == "sum":
-                per_value = 1.0
-            elif self.normalization == "scale_free":
-                per_value = 1.0 / (max(norm, 1e-12) * math.sqrt(width) * count)
-            else:
-                per_value = norm / (math.sqrt(width) * count)
-            shrunk, singular = shrink_singular_values(
-                weight, step_size * self.nuclear_norm_coef * per_value, keep_norm=self.normalization != "sum"
-            )
-            weight.copy_(shrunk)  # a view for HF Conv1D (transposed): copy_ writes through to the parameter
-            if self.normalization == "sum":
-                total += float(singular.sum())
-            else:
-                total += float(singular.sum()) / (max(norm, 1e-12) * math.sqrt(width) * count)
-        return {"nuclear_norm": total}
+        return total, out
 
     # Checkpointing: the cached directions are training state, so a resumed run steers exactly as an
     # uninterrupted one would (see SmoothTrainer._save_checkpoint).

@@ -8,16 +8,20 @@ Patterns follow peft's ``target_modules`` convention so they read the same to HF
 * a single **string**: a regular expression that must match the whole qualified name
   (``r".*layer[34]\\..*conv.*"``).
 
-Only weights that can be both penalised and factorised are ever selected: ``nn.Linear``,
-``nn.Conv2d`` and transformers' ``Conv1D`` (GPT-2). A pattern that matches nothing, or that names
-only layers of another type, is an error that says what to do -- never silently ignored.
+Only weights that can be both penalised and factorised are ever selected: ``nn.Linear`` (and its
+subclasses whose forward still computes ``x @ W.T + b``, such as Falcon's ``FalconLinear``: see
+``_computes_linear_map``), ``nn.Conv2d`` and transformers' ``Conv1D`` (GPT-2). A pattern that matches
+nothing, or that names only layers of another type, is an error that says what to do -- never
+silently ignored.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from .compat import is_hf_conv1d
@@ -35,13 +39,70 @@ def layer_kind(module: nn.Module) -> str | None:
     # Subclasses that change the computation (timm's StdConv2d standardises its weight) are not plain
     # x @ W layers: a factorisation of W would change what they compute.
     cls = type(module)
-    if isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward:
+    if isinstance(module, nn.Linear) and (cls.forward is nn.Linear.forward or _computes_linear_map(module)):
         return "linear"
     if isinstance(module, nn.Conv2d) and cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward:
         return "conv2d"
     if is_hf_conv1d(module):
         return "conv1d"
     return None
+
+
+# nn.Linear subclasses that were probed, by (class, has bias): True when the forward computes x @ W.T + b.
+_LINEAR_MAP_CLASSES: dict[tuple[type, bool], bool] = {}
+_PROBE_IN, _PROBE_OUT = 7, 5
+
+
+def _computes_linear_map(module: nn.Linear) -> bool:
+    """Whether an ``nn.Linear`` subclass with its own ``forward`` still computes ``x @ W.T + b``.
+
+    Falcon's ``FalconLinear`` writes the same product by hand; timm-style subclasses may standardise or
+    scale the weight, and quantised layers store something else. The rule, so that a factorisation
+    never changes what a layer computes:
+
+    * the module holds only ``weight`` (floating point) and ``bias``: no other parameter, buffer or
+      sub-module that its forward could use;
+    * its class's forward, run on a shallow copy given small random float64 ``weight``/``bias`` (and
+      matching ``in_features``/``out_features``) and a random input, returns ``x @ W.T + b`` to float64
+      precision. The probe calls ``forward`` directly (no hooks fire), never touches the module's
+      tensors, and runs once per class (with and without bias).
+    """
+    weight = module._parameters.get("weight")
+    if (
+        set(module._parameters) - {"weight", "bias"}
+        or module._buffers
+        or module._modules
+        or not isinstance(weight, torch.Tensor)
+        or not weight.is_floating_point()
+    ):
+        return False
+    key = (type(module), module.bias is not None)
+    if key not in _LINEAR_MAP_CLASSES:
+        _LINEAR_MAP_CLASSES[key] = _probe_linear_map(module)
+    return _LINEAR_MAP_CLASSES[key]
+
+
+def _probe_linear_map(module: nn.Linear) -> bool:
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(_PROBE_OUT, _PROBE_IN, generator=g, dtype=torch.float64)
+    bias = torch.randn(_PROBE_OUT, generator=g, dtype=torch.float64) if module.bias is not None else None
+    x = torch.randn(2, 3, _PROBE_IN, generator=g, dtype=torch.float64)
+    probe = copy.copy(module)  # a new __dict__: the assignments below leave the module itself untouched
+    object.__setattr__(probe, "_parameters", {"weight": nn.Parameter(weight, False), "bias": bias})
+    object.__setattr__(probe, "in_features", _PROBE_IN)
+    object.__setattr__(probe, "out_features", _PROBE_OUT)
+    expected = x @ weight.T + (bias if bias is not None else 0)
+    try:
+        with torch.no_grad():
+            out = type(module).forward(probe, x)
+    except Exception:  # noqa: BLE001 - a forward that cannot run on the probe is not a plain linear map
+        return False
+    return (
+        isinstance(out, torch.Tensor)
+        and out.shape == expected.shape
+        and out.dtype == torch.float64
+        and torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+    )
 
 
 def is_supported_layer(module: nn.Module) -> bool:

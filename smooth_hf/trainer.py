@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.utils import logging
 
 from .compat import is_transformers_model
@@ -80,13 +80,11 @@ class SmoothTrainer(Trainer):
             second_order_coef=args.second_order_coef,
             normalization=args.penalty_normalization,
             nuclear_norm_every=args.nuclear_norm_every,
-            nuclear_norm_mode=args.nuclear_norm_mode,
+            nuclear_norm_param_reduction=args.nuclear_norm_param_reduction,
         )
+        self._check_unsharded_weights(args)  # before the Trainer builds anything: arguments, launcher environment
         super().__init__(model=model, args=args, **kwargs)
-        self._proximal_lr_sum = 0.0
-        if self.smoothness.nuclear_norm_coef > 0 and self.smoothness.nuclear_norm_mode == "proximal":
-            self.add_callback(_ProximalNuclearNorm(self))
-        self._check_unsharded_weights()
+        self._check_unsharded_weights(args)  # and the accelerator the Trainer set up
         if _mean_loss_classifier(model):
             # These heads return a per-batch *mean* loss yet accept **kwargs, so the Trainer would assume
             # it is already scaled for gradient accumulation and skip dividing it: GA=2 would double the
@@ -98,13 +96,22 @@ class SmoothTrainer(Trainer):
             names = self.smoothness.layer_names
             logger.info(f"Smoothness penalties on {len(names)} layers: {names[:3]} ... {names[-2:]}")
 
-    def _check_unsharded_weights(self) -> None:
+    def _check_unsharded_weights(self, args: SmoothTrainingArguments) -> None:
         """Penalties need each weight matrix whole: refuse sharded-parameter setups at start-up."""
         if not self.smoothness.active:
             return
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+        env = os.environ
+        fsdp = (
+            bool(args.fsdp)
+            or getattr(self, "is_fsdp_enabled", False)  # set by Trainer.__init__ from its accelerator
+            or env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # accelerate launch with an FSDP config
+        )
+        zero3 = is_deepspeed_zero3_enabled() or (
+            env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+        )
+        if fsdp or zero3:
             raise ValueError(
                 "smoothness penalties are not supported with FSDP or DeepSpeed ZeRO-3: parameters are sharded "
                 "across processes, so no process sees a whole weight matrix to difference or decompose. Use DDP "
@@ -123,6 +130,14 @@ class SmoothTrainer(Trainer):
         if is_transformers_model(self.accelerator.unwrap_model(model)):
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         else:
+            missing = [key for key in ("pixel_values", "labels") if key not in inputs]
+            if missing:
+                raise ValueError(
+                    f"SmoothTrainer calls a non-transformers model as model(pixel_values) and trains it with cross-"
+                    f"entropy on labels, but the batch has no {missing} (it has {sorted(inputs)}). Make the dataset or "
+                    "the data collator return 'pixel_values' and 'labels' (smooth_hf.data.ImageTransform does), and "
+                    "keep remove_unused_columns=False."
+                )
             logits = model(inputs["pixel_values"])
             loss = F.cross_entropy(logits, inputs["labels"])
             outputs = {"loss": loss, "logits": logits}
@@ -141,15 +156,6 @@ class SmoothTrainer(Trainer):
         self._penalty_sums["penalty"] += float(total.detach()) * ramp
         self._penalty_steps += 1
         return total * ramp * self._ga_compensation(num_items_in_batch)
-
-    def _proximal_update(self) -> None:
-        """After an optimizer step: accumulate its learning rate; every ``nuclear_norm_every`` steps, shrink."""
-        step = self.state.global_step  # not yet incremented: this is the step just taken
-        self._proximal_lr_sum += self.optimizer.param_groups[0]["lr"] * self._warmup_factor(step)
-        if (step + 1) % self.smoothness.nuclear_norm_every == 0:
-            terms = self.smoothness.proximal_step(self._proximal_lr_sum)
-            self._proximal_lr_sum = 0.0
-            self._proximal_terms = terms
 
     def _warmup_factor(self, step: int) -> float:
         if self.args.penalty_warmup_ratio <= 0 or not self.state.max_steps:
@@ -175,9 +181,6 @@ class SmoothTrainer(Trainer):
                 logs[f"smooth/{key}"] = round(value / self._penalty_steps, 6)
             self._penalty_sums.clear()
             self._penalty_steps = 0
-        if "loss" in logs and getattr(self, "_proximal_terms", None):
-            for key, value in self._proximal_terms.items():  # as of the last proximal step
-                logs[f"smooth/{key}"] = round(value, 6)
         super().log(logs, start_time)
 
     # ---- checkpoints: the cached nuclear-norm directions are training state --------------------
@@ -195,12 +198,3 @@ class SmoothTrainer(Trainer):
         if self.smoothness.active and os.path.isfile(path):
             self.smoothness.load_state_dict(load_file(path))
 
-
-class _ProximalNuclearNorm(TrainerCallback):
-    """Runs :meth:`SmoothTrainer._proximal_update` right after each optimizer step (before the LR moves on)."""
-
-    def __init__(self, trainer: SmoothTrainer):
-        self.trainer = trainer
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._proximal_update()

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
+from transformers.utils import logging
 
-from .smoothness import NORMALIZATIONS, NUCLEAR_NORM_MODES
+from .smoothness import NORMALIZATIONS
 
 __all__ = ["SmoothTrainingArguments"]
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -61,13 +66,13 @@ class SmoothTrainingArguments(TrainingArguments):
         default=25,
         metadata={"help": "Recompute the nuclear norm's gradient direction U V^T every N optimizer steps and use "
                   "the surrogate <W, U V^T> in between (1 = exact every step; cost and accuracy of the "
-                  "default: BENCHMARKS.md). In proximal mode: apply the proximal step every N steps."},
+                  "default: BENCHMARKS.md)."},
     )
-    nuclear_norm_mode: str = field(
-        default="gradient",
-        metadata={"help": "How the nuclear norm acts: 'gradient' adds it to the loss; 'proximal' soft-thresholds "
-                  "each layer's singular values every nuclear_norm_every steps instead (exact zeros, so truncating "
-                  "at the rank it reaches changes nothing).", "choices": list(NUCLEAR_NORM_MODES)},
+    nuclear_norm_param_reduction: float | None = field(
+        default=None,
+        metadata={"help": "Penalise only the tail of each spectrum: the singular values that a later "
+                  "LowRankConfig(param_reduction=p) cut would remove, re-planned from the current weights at every "
+                  "nuclear_norm_every refresh. None = the whole nuclear norm (the paper's penalty)."},
     )
     penalty_warmup_ratio: float = field(
         default=0.0,
@@ -88,14 +93,24 @@ class SmoothTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"--nuclear_norm_every must be an integer >= 1 (1 = exact SVD every step), got {self.nuclear_norm_every!r}"
             )
-        if self.nuclear_norm_mode not in NUCLEAR_NORM_MODES:
-            raise ValueError(
-                f"--nuclear_norm_mode must be one of {', '.join(NUCLEAR_NORM_MODES)}, got {self.nuclear_norm_mode!r}"
-            )
+        p = self.nuclear_norm_param_reduction
+        if p is not None and not (isinstance(p, int | float) and 0 < p < 1):
+            raise ValueError(f"--nuclear_norm_param_reduction must be a fraction in (0, 1), e.g. 0.8; got {p!r}")
         if not 0.0 <= self.penalty_warmup_ratio < 1.0:
             raise ValueError(f"--penalty_warmup_ratio must be in [0, 1), got {self.penalty_warmup_ratio!r}")
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            # `accelerate launch` / torchrun with several processes on a machine without GPUs: without use_cpu the
+            # Trainer sets up a process group yet trains every process alone on all the data; with it, gloo DDP.
+            logger.info("%s processes launched and no accelerator: setting use_cpu=True (DDP over gloo)",
+                        os.environ["WORLD_SIZE"])
+            self.use_cpu = True
         super().__post_init__()
 
     @property
     def has_penalty(self) -> bool:
         return self.nuclear_norm_coef + self.first_order_coef + self.second_order_coef > 0
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()

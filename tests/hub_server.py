@@ -1,8 +1,8 @@
 """A small Hugging Face Hub look-alike on 127.0.0.1, for testing push/download code without the Hub.
 
 It implements exactly the part of the Hub HTTP API that ``huggingface_hub`` (2.x) uses for
-``create_repo``, ``upload_folder``/``create_commit``, ``model_info``/``repo_info``, ``list_repo_tree``,
-``snapshot_download`` and ``hf_hub_download``; nothing else answers (404 with a message naming the
+``create_repo``, ``create_branch``, ``upload_folder``/``create_commit``, ``model_info``/``repo_info``,
+``list_repo_tree``, ``snapshot_download`` and ``hf_hub_download``; nothing else answers (404 with a message naming the
 route, so a client change shows up as a clear failure, not a hang).
 
 Design choices, each mirroring what the real Hub does for small files:
@@ -17,8 +17,8 @@ Design choices, each mirroring what the real Hub does for small files:
   test sessions can run side by side.
 * ``hub.fail[<endpoint>] = <status>`` makes an endpoint fail, to test error paths, and
   ``hub.fail["<endpoint>:<repo id>"]`` only for one repo (so one client process can meet several
-  failures); endpoints are ``create``, ``validate-yaml``, ``preupload``, ``commit``, ``info``, ``tree``,
-  ``resolve``, ``whoami``.
+  failures); endpoints are ``create``, ``branch``, ``validate-yaml``, ``preupload``, ``commit``, ``info``,
+  ``tree``, ``resolve``, ``whoami``.
   ``hub.requests`` records ``(method, endpoint, path)`` for every request.
 
 Usage::
@@ -54,7 +54,7 @@ _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _REPO = rf"(?:{_NAME}/)?{_NAME}"
 _API_REPO = re.compile(
     rf"^/api/(?P<type>models|datasets|spaces)/(?P<repo>{_REPO})"
-    r"(?:/(?P<op>preupload|commit|tree|revision)(?:/(?P<rest>.*))?)?$"
+    r"(?:/(?P<op>preupload|commit|tree|revision|branch)(?:/(?P<rest>.*))?)?$"
 )
 _RESOLVE = re.compile(rf"^/(?P<repo>{_REPO})/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 
@@ -261,6 +261,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self._preupload,
                     {"repo_type": repo_type, "repo_id": repo_id, "revision": unquote(rest)},
                 )
+            if op == "branch" and method == "POST" and rest:
+                return "branch", self._create_branch, {"repo_type": repo_type, "repo_id": repo_id, "branch": unquote(rest)}
             if op == "commit" and method == "POST" and rest:
                 return "commit", self._commit, {"repo_type": repo_type, "repo_id": repo_id, "revision": unquote(rest)}
             if op == "tree" and method == "GET" and rest:
@@ -455,6 +457,15 @@ class _Handler(BaseHTTPRequestHandler):
             }
         )
 
+    def _create_branch(self, repo_type: str, repo_id: str, branch: str, body: bytes, **_: Any) -> None:
+        self._require_write()
+        repo = self._repo(repo_type, repo_id)
+        if branch in repo.branches:
+            raise _HubError(409, f"Reference already exists: refs/heads/{branch}")
+        start = json.loads(body or b"{}").get("startingPoint") or "main"
+        repo.branches[branch] = self._commit_of(repo, start).oid
+        self._send_json({})
+
     def _commit(self, repo_type: str, repo_id: str, revision: str, body: bytes, query: dict, **_: Any) -> None:
         self._require_write()
         repo = self._repo(repo_type, repo_id)
@@ -467,6 +478,8 @@ class _Handler(BaseHTTPRequestHandler):
         parent = repo.resolve(revision)
         if parent is None and revision in repo.commits:
             raise _HubError(400, "cannot commit on top of a commit id; use a branch")
+        if revision not in repo.branches:  # as the Hub: a branch must exist (create_branch) before a commit to it
+            raise _HubError(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
         if header.get("parentCommit") and parent is not None and header["parentCommit"] != parent.oid:
             raise _HubError(412, "parentCommit is not the head of the branch")
         files = dict(parent.files) if parent else {}

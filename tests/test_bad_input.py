@@ -1,4 +1,5 @@
-"""Every kind of bad input, in one table: the error type, a phrase that says what to do, nothing written.
+"""Every kind of bad input, in one table: the error type, a phrase that says what to do, and nothing changed:
+no file under the test's folder written, changed or removed, and the model's tensors as they were.
 
 Reload errors (corrupt, dense, pickled, mismatched folders) come from test_hub.ERROR_CASES, so the
 two tables cannot drift apart.
@@ -6,6 +7,7 @@ two tables cannot drift apart.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 from pathlib import Path
@@ -14,13 +16,15 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import TinyConvNet
 from datasets import Dataset, DatasetDict
 from test_hub import ERROR_CASES as RELOAD_CASES
 
 import smooth_hf
-from smooth_hf import LowRankConfig, SmoothTrainingArguments, compress
+from smooth_hf import LowRankConfig, SmoothTrainer, SmoothTrainingArguments, compress
 from smooth_hf.auto import check_num_labels
 from smooth_hf.data import load_image_classification
+from smooth_hf.script_args import DataArguments, resolve_data_arguments
 
 
 def resnet():
@@ -32,93 +36,116 @@ def args(tmp, **kw):
     return SmoothTrainingArguments(output_dir=str(tmp / "out"), report_to=[], use_cpu=True, **kw)
 
 
-def compress_resnet(tmp, config, prepare=None, **compress_kwargs):
+def nan_weight(tmp):
     model = resnet()
-    if prepare:
-        prepare(model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        compress(model, config, **compress_kwargs)
-    finally:  # on any error the model is untouched
-        after = model.state_dict()
-        assert before.keys() == after.keys()
-        assert all(torch.allclose(before[k], after[k], equal_nan=True, rtol=0, atol=0) for k in before)
-
-
-def nan_weight(model):
     with torch.no_grad():
         model.stages[1][0].conv1.weight[0, 0, 0, 0] = math.nan
+    return model
 
 
-def compress_twice(tmp):
+def compressed(tmp):
     model = resnet()
     compress(model, LowRankConfig(rank_ratio=0.5))
-    compress(model, LowRankConfig(rank_ratio=0.5))
+    return model
 
 
-def saved_dataset(tmp, columns):
-    path = tmp / "data"
-    data = {"image": np.zeros((4, 8, 8), np.uint8).tolist(), "label": [0, 1, 0, 1], "other": [1, 2, 3, 4]}
-    DatasetDict({"train": Dataset.from_dict({k: data[k] for k in columns})}).save_to_disk(path)
-    return load_image_classification(str(path))
+def saved_dataset(columns):
+    def setup(tmp):
+        path = tmp / "data"
+        data = {"image": np.zeros((4, 8, 8), np.uint8).tolist(), "label": [0, 1, 0, 1], "other": [1, 2, 3, 4]}
+        DatasetDict({"train": Dataset.from_dict({k: data[k] for k in columns})}).save_to_disk(path)
+        return path
+
+    return setup
 
 
-def save_uncompressed(tmp):
-    smooth_hf.save_pretrained(resnet(), tmp / "ckpt")
+def trainer(tmp):
+    return SmoothTrainer(model=TinyConvNet(), args=args(tmp, first_order_coef=1.0))
+
+
+def with_model(config, **compress_kwargs):
+    return lambda model, tmp: compress(model, config, **compress_kwargs)
 
 
 CASES = [
-    # (id, action(tmp_path), exception, phrase that says what is wrong / what to do)
-    ("negative coefficient", lambda t: args(t, first_order_coef=-1.0), ValueError, "finite number >= 0"),
-    ("NaN coefficient", lambda t: args(t, nuclear_norm_coef=math.nan), ValueError, "finite number >= 0"),
-    ("infinite coefficient", lambda t: args(t, second_order_coef=math.inf), ValueError, "finite number >= 0"),
-    ("SVD refresh period 0", lambda t: args(t, nuclear_norm_every=0), ValueError, "integer >= 1"),
-    ("no rank rule", lambda t: LowRankConfig(), ValueError, "exactly one"),
-    ("two rank rules", lambda t: LowRankConfig(param_reduction=0.5, energy=0.9), ValueError, "exactly one"),
-    ("param_reduction out of range", lambda t: LowRankConfig(param_reduction=1.0), ValueError, r"\[0, 1\)"),
-    ("rank_ratio out of range", lambda t: LowRankConfig(rank_ratio=0.0), ValueError, r"\(0, 1\]"),
-    ("energy out of range", lambda t: LowRankConfig(energy=1.5), ValueError, r"\(0, 1\]"),
-    ("min_rank < 1", lambda t: LowRankConfig(rank_ratio=0.5, min_rank=0), ValueError, "min_rank"),
-    ("target matches nothing", lambda t: compress_resnet(t, LowRankConfig(rank_ratio=0.5, target_modules=["nope"])),
+    # (id, setup(tmp) -> object or None, action(object, tmp), exception, phrase that says what is wrong / what to do)
+    ("negative coefficient", None, lambda _, t: args(t, first_order_coef=-1.0), ValueError, "finite number >= 0"),
+    ("NaN coefficient", None, lambda _, t: args(t, nuclear_norm_coef=math.nan), ValueError, "finite number >= 0"),
+    ("infinite coefficient", None, lambda _, t: args(t, second_order_coef=math.inf), ValueError, "finite number >= 0"),
+    ("SVD refresh period 0", None, lambda _, t: args(t, nuclear_norm_every=0), ValueError, "integer >= 1"),
+    ("no rank rule", None, lambda _, t: LowRankConfig(), ValueError, "exactly one"),
+    ("two rank rules", None, lambda _, t: LowRankConfig(param_reduction=0.5, energy=0.9), ValueError, "exactly one"),
+    ("param_reduction out of range", None, lambda _, t: LowRankConfig(param_reduction=1.0), ValueError, r"\[0, 1\)"),
+    ("rank_ratio out of range", None, lambda _, t: LowRankConfig(rank_ratio=0.0), ValueError, r"\(0, 1\]"),
+    ("energy out of range", None, lambda _, t: LowRankConfig(energy=1.5), ValueError, r"\(0, 1\]"),
+    ("min_rank < 1", None, lambda _, t: LowRankConfig(rank_ratio=0.5, min_rank=0), ValueError, "min_rank"),
+    ("target matches nothing", lambda t: resnet(), with_model(LowRankConfig(rank_ratio=0.5, target_modules=["nope"])),
      ValueError, "'nope' matches no module"),
-    ("exclude matches nothing", lambda t: compress_resnet(t, LowRankConfig(rank_ratio=0.5, exclude_modules=["nope"])),
+    ("exclude matches nothing", lambda t: resnet(), with_model(LowRankConfig(rank_ratio=0.5, exclude_modules=["nope"])),
      ValueError, "'nope' matches no module"),
-    ("unfactorisable layer named", lambda t: compress_resnet(t, LowRankConfig(rank_ratio=0.5, target_modules=["bn1"])),
+    ("unfactorisable layer named", lambda t: resnet(), with_model(LowRankConfig(rank_ratio=0.5, target_modules=["bn1"])),
      ValueError, r"bn1 \(BatchNorm2d\)"),
-    ("NaN weight before SVD", lambda t: compress_resnet(t, LowRankConfig(rank_ratio=0.5), nan_weight),
-     ValueError, "stages.1.0.conv1"),
-    ("budget out of reach", lambda t: compress_resnet(t, LowRankConfig(param_reduction=0.99)), ValueError, "at most"),
-    ("compute budget out of reach",
-     lambda t: compress_resnet(t, LowRankConfig(macs_reduction=0.99), example_inputs=torch.randn(1, 1, 8, 8)),
-     ValueError, "Lower macs_reduction to at most"),
-    ("macs_reduction out of range", lambda t: LowRankConfig(macs_reduction=1.0), ValueError, r"\[0, 1\)"),
-    ("compute budget without example inputs", lambda t: compress_resnet(t, LowRankConfig(macs_reduction=0.5)),
+    ("NaN weight before SVD", nan_weight, with_model(LowRankConfig(rank_ratio=0.5)), ValueError, "stages.1.0.conv1"),
+    ("budget out of reach", lambda t: resnet(), with_model(LowRankConfig(param_reduction=0.99)), ValueError, "at most"),
+    ("compute budget out of reach", lambda t: resnet(),
+     with_model(LowRankConfig(macs_reduction=0.99), example_inputs=torch.randn(1, 1, 8, 8)), ValueError,
+     "Lower macs_reduction to at most"),
+    ("macs_reduction out of range", None, lambda _, t: LowRankConfig(macs_reduction=1.0), ValueError, r"\[0, 1\)"),
+    ("compute budget without example inputs", lambda t: resnet(), with_model(LowRankConfig(macs_reduction=0.5)),
      ValueError, r"example_inputs=\.\.\."),
-    ("keep_slower_dense without example inputs",
-     lambda t: compress_resnet(t, LowRankConfig(param_reduction=0.5, keep_slower_dense=True)), ValueError,
-     r"keep_slower_dense need example inputs"),
-    ("layer_timer without keep_slower_dense",
-     lambda t: compress_resnet(t, LowRankConfig(param_reduction=0.5), layer_timer=lambda m, x: 1.0), ValueError,
-     "keep_slower_dense=True"),
-    ("example inputs of the wrong type",
-     lambda t: compress_resnet(t, LowRankConfig(macs_reduction=0.5), example_inputs=np.zeros((1, 1, 8, 8))),
-     TypeError, "a tuple of positional arguments or a dict of keyword arguments"),
-    ("example inputs the model cannot run",
-     lambda t: compress_resnet(t, LowRankConfig(macs_reduction=0.5), example_inputs=torch.randn(1, 3, 8, 8)),
-     RuntimeError, "forward pass failed on example_inputs"),
-    ("already compressed", compress_twice, ValueError, "already compressed"),
-    ("dataset without image column", lambda t: saved_dataset(t, ["label", "other"]), ValueError, "no image column"),
-    ("dataset without label column", lambda t: saved_dataset(t, ["image", "other"]), ValueError, "no label column"),
-    ("label count mismatch", lambda t: check_num_labels(resnet(), 10), ValueError, "3 outputs but the dataset has 10"),
-    ("save an uncompressed model", save_uncompressed, ValueError, r"smooth_hf\.compress"),
+    ("keep_slower_dense without example inputs", lambda t: resnet(),
+     with_model(LowRankConfig(param_reduction=0.5, keep_slower_dense=True)), ValueError,
+     "keep_slower_dense need example inputs"),
+    ("layer_timer without keep_slower_dense", lambda t: resnet(),
+     with_model(LowRankConfig(param_reduction=0.5), layer_timer=lambda m, x: 1.0), ValueError, "keep_slower_dense=True"),
+    ("example inputs of the wrong type", lambda t: resnet(),
+     with_model(LowRankConfig(macs_reduction=0.5), example_inputs=np.zeros((1, 1, 8, 8))), TypeError,
+     "a tuple of positional arguments or a dict of keyword arguments"),
+    ("example inputs the model cannot run", lambda t: resnet(),
+     with_model(LowRankConfig(macs_reduction=0.5), example_inputs=torch.randn(1, 3, 8, 8)), RuntimeError,
+     "forward pass failed on example_inputs"),
+    ("already compressed", compressed, with_model(LowRankConfig(rank_ratio=0.5)), ValueError, "already compressed"),
+    ("dataset without image column", saved_dataset(["label", "other"]), lambda path, t: load_image_classification(str(path)),
+     ValueError, "no image column"),
+    ("dataset without label column", saved_dataset(["image", "other"]), lambda path, t: load_image_classification(str(path)),
+     ValueError, "no label column"),
+    ("dataset without a train split", lambda t: DatasetDict({"test": Dataset.from_dict({"x": [1]})}).save_to_disk(t / "d"),
+     lambda _, t: load_image_classification(str(t / "d")), ValueError, "rename its training split to 'train'"),
+    ("label count mismatch", lambda t: resnet(), lambda model, t: check_num_labels(model, 10), ValueError,
+     "3 outputs but the dataset has 10"),
+    ("save an uncompressed model", lambda t: resnet(), lambda model, t: smooth_hf.save_pretrained(model, t / "ckpt"),
+     ValueError, r"smooth_hf\.compress"),
+    ("compress a checkpoint that recorded no data", None,
+     lambda _, t: resolve_data_arguments(DataArguments(), t / "ckpt", None), ValueError,
+     "name the evaluation data with --dataset_name"),
+    ("batch without the model's inputs", trainer,
+     lambda tr, t: tr.compute_loss(tr.model, {"img": torch.zeros(1, 1, 8, 8), "labels": torch.zeros(1, dtype=torch.long)}),
+     ValueError, "'pixel_values' and 'labels'"),
 ]
 
 
-@pytest.mark.parametrize(("case", "action", "error", "phrase"), CASES, ids=[c[0] for c in CASES])
-def test_bad_input(tmp_path, case, action, error, phrase):
+def tree(folder: Path) -> dict[str, str]:
+    """Every file and folder under ``folder`` with a hash of its content."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def state(obj) -> dict[str, str] | None:
+    """A hash of every tensor of a model (or of a trainer's model): what a failed call must leave as it was."""
+    model = getattr(obj, "model", obj)
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return {k: hashlib.sha256(v.detach().contiguous().numpy().tobytes()).hexdigest() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(("case", "setup", "action", "error", "phrase"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input(tmp_path, case, setup, action, error, phrase):
+    obj = setup(tmp_path) if setup else None
+    files_before, state_before = tree(tmp_path), state(obj)
     with pytest.raises(error, match=phrase):
-        action(tmp_path)
-    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "out").exists(), "a failed call wrote files"
+        action(obj, tmp_path)
+    assert tree(tmp_path) == files_before, "a failed call wrote, changed or removed files"
+    assert state(obj) == state_before, "a failed call changed the model"
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import timm
 import torch
-from conftest import compressed_model, logits
+from conftest import ROOT, compressed_model, logits, save_tiny_fmnist, subprocess_env
 from hub_server import FakeHub
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
+from smooth_hf.auto import save_dense
 from smooth_hf.hub import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
 
 TOKEN = "hf_fake_token_for_tests"
@@ -83,16 +84,35 @@ FAILING_PUSHES = textwrap.dedent(
 )
 
 
+PUSH_TO_A_BRANCH = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from safetensors.torch import load_file, save_file
+    import smooth_hf
+
+    args = json.loads(sys.argv[1])
+    model = smooth_hf.from_pretrained(args["local"])
+    # The branch does not exist yet, then it does: both pushes must work, the second changing nothing.
+    urls = [smooth_hf.push_to_hub(model, args["repo_id"], revision="dev") for _ in range(2)]
+    loaded = smooth_hf.from_pretrained(args["repo_id"], revision="dev")
+    with torch.no_grad():
+        save_file({"logits": loaded(load_file(args["io"])["x"])}, args["result"])
+    print("RESULT " + json.dumps({"urls": urls}))
+    """
+)
+
+
 @pytest.fixture(scope="module")
 def fake_hub(tmp_path_factory):
     with FakeHub(tmp_path_factory.mktemp("hub"), token=TOKEN, user=USER) as hub:
         yield hub
 
 
-def run_client(script: str, args: object, hub_url: str, workdir: Path) -> dict:
-    """Run ``script`` in a fresh interpreter that talks to ``hub_url`` as if it were the Hub."""
+def client_env(hub_url: str, workdir: Path) -> dict[str, str]:
+    """The environment of a fresh interpreter that talks to ``hub_url`` as if it were the Hub."""
     (workdir / "tmp").mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(
         HF_ENDPOINT=hub_url,
         HF_HUB_OFFLINE="0",
@@ -101,11 +121,18 @@ def run_client(script: str, args: object, hub_url: str, workdir: Path) -> dict:
         HF_HUB_DISABLE_PROGRESS_BARS="1",
         HF_HUB_DISABLE_TELEMETRY="1",
         TMPDIR=str(workdir / "tmp"),  # lets the test check that push_to_hub cleans up after itself
+        # Logits are compared bit for bit with this process's: the same thread count gives the same sums.
+        OMP_NUM_THREADS=str(torch.get_num_threads()),
     )
+    return env
+
+
+def run_client(script: str, args: object, hub_url: str, workdir: Path) -> dict:
+    """Run ``script`` in a fresh interpreter that talks to ``hub_url`` as if it were the Hub."""
     proc = subprocess.run(
         [sys.executable, "-c", script, json.dumps(args)],
         cwd=workdir,
-        env=env,
+        env=client_env(hub_url, workdir),
         capture_output=True,
         text=True,
         timeout=CLIENT_TIMEOUT_S,
@@ -237,3 +264,45 @@ def test_failed_push_is_clear_and_touches_nothing(fake_hub, tmp_path):
     assert list((tmp_path / "tmp").iterdir()) == [], "a failed push left temporary files behind"
     assert (("model", f"{USER}/fails-at-create")) not in fake_hub.repos
     assert fake_hub.files(f"{USER}/fails-at-upload").keys() == {".gitattributes"}, "nothing may be committed"
+
+
+def test_push_to_a_branch_leaves_main_alone(fake_hub, tmp_path):
+    model, inputs = compressed_model("timm-resnet14_cifar")
+    local = save_pretrained(model, tmp_path / "local")
+    save_file({"x": inputs["x"]}, tmp_path / "io.safetensors")
+    repo_id = f"{USER}/on-a-branch"
+    out = run_client(PUSH_TO_A_BRANCH, {"local": str(local), "repo_id": repo_id, "io": str(tmp_path / "io.safetensors"),
+                                        "result": str(tmp_path / "out.safetensors")}, fake_hub.url, tmp_path)
+
+    repo = fake_hub.repos[("model", repo_id)]
+    first, second = out["urls"]
+    assert first == second == f"{fake_hub.url}/{repo_id}/commit/{repo.branches['dev']}"
+    assert set(fake_hub.files(repo_id)) == {".gitattributes"}, "the push went to main"
+    on_dev = fake_hub.files(repo_id, revision="dev")
+    for file in (WEIGHTS_NAME, "config.json", CONFIG_NAME):
+        assert on_dev[file] == (local / file).read_bytes()
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["logits"], logits(model, inputs))
+    assert "branch" in fake_hub.endpoints_called()
+
+
+def test_compress_recipe_pushes_what_it_saved(fake_hub, tmp_path):
+    """`python recipes/compress.py ... --push_to_hub --hub_model_id ...`, as the recipe's docstring shows."""
+    torch.manual_seed(0)
+    dense = timm.create_model("resnet14_cifar", in_chans=1, num_classes=3, channels=(4, 8, 8), layers=(1, 1, 1))
+    save_dense(dense, tmp_path / "dense")
+    repo_id = f"{USER}/recipe-push"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "compress.py"), "--model_name_or_path", str(tmp_path / "dense"),
+         "--dataset_name", save_tiny_fmnist(tmp_path / "tiny"), "--rank_ratio", "0.5", "--output_dir",
+         str(tmp_path / "out"), "--push_to_hub", "--hub_model_id", repo_id],
+        cwd=tmp_path, env=client_env(fake_hub.url, tmp_path), capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    repo = fake_hub.repos[("model", repo_id)]
+    assert f"pushed: {fake_hub.url}/{repo_id}/commit/{repo.branches['main']}" in proc.stdout
+    files = fake_hub.files(repo_id)
+    for file in (WEIGHTS_NAME, "config.json", CONFIG_NAME):  # what the recipe saved locally is what it pushed
+        assert files[file] == (tmp_path / "out" / file).read_bytes()
+    local_card, pushed_card = ModelCard((tmp_path / "out" / "README.md").read_text()), ModelCard(files["README.md"].decode())
+    assert pushed_card.data.eval_results[0].metric_value == local_card.data.eval_results[0].metric_value
+    assert f'smooth_hf.from_pretrained("{repo_id}")' in pushed_card.text

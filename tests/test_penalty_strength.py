@@ -1,15 +1,15 @@
-"""How strongly the nuclear norm acts: the ``relative`` weighting and the proximal mode."""
+"""How strongly the nuclear norm acts, and on what: the ``relative`` weighting and the tail-only nuclear norm."""
 
 from __future__ import annotations
 
-import math
+import copy
 
 import pytest
 import torch
 from torch import nn
 
-from smooth_hf import SmoothnessPenalty, SmoothTrainer, SmoothTrainingArguments
-from smooth_hf.penalties import shrink_singular_values
+from smooth_hf import LowRankConfig, SmoothnessPenalty, SmoothTrainer, SmoothTrainingArguments, compress
+from smooth_hf.penalties import spectral_direction
 
 
 def _two_layers(seed: int = 0, scale: float = 1.0) -> nn.Sequential:
@@ -22,31 +22,16 @@ def _two_layers(seed: int = 0, scale: float = 1.0) -> nn.Sequential:
 
 
 @pytest.mark.parametrize("shape", [(5, 8), (8, 5), (4, 3, 3, 3)])
-def test_shrink_singular_values_is_the_nuclear_prox(shape):
+def test_spectral_direction_skip_is_the_gradient_of_the_tail(shape):
     torch.manual_seed(0)
     weight = torch.randn(shape, dtype=torch.float64)
     matrix = weight.reshape(shape[0], -1)
-    s = torch.linalg.svdvals(matrix)
-    threshold = float(s[1] + s[2]) / 2  # keeps exactly the two largest
-    shrunk, before = shrink_singular_values(weight, threshold)
-    assert shrunk.shape == weight.shape
-    torch.testing.assert_close(before, s)
-    after = torch.linalg.svdvals(shrunk.reshape(shape[0], -1))
-    torch.testing.assert_close(after[:2], s[:2] - threshold)
-    assert after[2:].abs().max() < 1e-10  # exact zeros, not small values
-    # argmin_X ||X - W||^2 / 2 + t ||X||_*: the prox objective is lower than at W or at a slightly moved point
-    def objective(x):
-        return 0.5 * (x - weight).pow(2).sum() + threshold * torch.linalg.svdvals(x.reshape(shape[0], -1)).sum()
-    assert objective(shrunk) < objective(weight)
-    assert objective(shrunk) < objective(shrunk + 1e-3 * torch.randn_like(weight))
-
-
-def test_shrink_keep_norm_only_reshapes_the_spectrum():
-    torch.manual_seed(1)
-    weight = torch.randn(6, 10)
-    shrunk, _ = shrink_singular_values(weight, 0.5, keep_norm=True)
-    assert math.isclose(float(shrunk.norm()), float(weight.norm()), rel_tol=1e-5)
-    assert shrink_singular_values(weight, 0.0)[0].sub(weight).abs().max() < 1e-5
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    direction = spectral_direction(weight, skip=2).reshape(matrix.shape)
+    assert float((matrix * direction).sum()) == pytest.approx(float(s[2:].sum()), rel=1e-9)
+    assert (u[:, :2].t() @ direction @ vh[:2].t()).abs().max() < 1e-9  # the kept directions feel nothing
+    torch.testing.assert_close(direction, u[:, 2:] @ vh[2:])
+    assert spectral_direction(weight, skip=min(matrix.shape)).abs().max() == 0
 
 
 def _grads(model: nn.Module, normalization: str) -> list[torch.Tensor]:
@@ -82,26 +67,47 @@ def test_relative_and_scale_free_have_the_same_value_at_unit_norm_and_direction_
         assert cosine == pytest.approx(1.0, abs=1e-5)
 
 
-def test_proximal_step_gives_exact_zeros_and_keeps_norms():
-    model = _two_layers()
-    penalty = SmoothnessPenalty.for_model(model, skip_first_last=False, nuclear_norm_coef=1.0,
-                                          nuclear_norm_mode="proximal")
-    matrices = [m.weight.detach().reshape(m.weight.shape[0], -1).clone() for _, m in penalty.layers]
+def _cnn(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 3))
+
+
+def test_tail_ranks_are_the_ranks_compress_would_keep():
+    model = _cnn()
+    penalty = SmoothnessPenalty.for_model(model, nuclear_norm_coef=1.0, nuclear_norm_param_reduction=0.3)
+    planned = dict(zip(penalty.layer_names, penalty._kept_ranks(), strict=True))
+    cut = compress(copy.deepcopy(model), LowRankConfig(param_reduction=0.3, skip_first_last=True))
+    assert {k: v for k, v in planned.items() if v is not None} == cut.lowrank_config.ranks
+    assert set(planned) == {"2", "4"}  # the stem and the head are not penalised, as by default
+
+
+def test_tail_penalty_leaves_the_kept_directions_alone():
+    model = _cnn()
+    # "sum" weighting: the gradient is exactly the tail direction (no normalising factor to differentiate)
+    penalty = SmoothnessPenalty.for_model(model, nuclear_norm_coef=1.0, nuclear_norm_param_reduction=0.3,
+                                          nuclear_norm_every=1, normalization="sum")
+    ranks = dict(zip(penalty.layer_names, penalty._kept_ranks(), strict=True))
     total, terms = penalty(0)
-    assert "nuclear_norm" not in terms and float(total) == 0.0  # the proximal mode adds nothing to the loss
-    step = 4.0
-    logged = penalty.proximal_step(step_size=step)
-    assert 0 < logged["nuclear_norm"] <= 1.0
-    for (_, m), before in zip(penalty.layers, matrices, strict=True):
-        s0 = torch.linalg.svdvals(before)
-        # scale_free: each singular value moves by step * coef / (||M||_F sqrt(min dim) * layers)
-        threshold = step / (float(before.norm()) * math.sqrt(min(before.shape)) * len(matrices))
-        s = torch.linalg.svdvals(m.weight.detach().reshape(before.shape))
-        zeroed = int((s0 <= threshold).sum())
-        assert 1 <= zeroed < len(s0)  # the test's step cuts some, not all
-        assert s[len(s0) - zeroed :].abs().max() < 1e-5 * s[0]  # exact zeros, not small values
-        kept = (s0[: len(s0) - zeroed] - threshold)
-        torch.testing.assert_close(s[: len(kept)], kept * before.norm() / kept.norm(), rtol=1e-4, atol=1e-6)
+    total.backward()
+    full = SmoothnessPenalty.for_model(_cnn(), nuclear_norm_coef=1.0, nuclear_norm_every=1, normalization="sum")(0)[1]
+    assert 0 < terms["nuclear_norm"] < full["nuclear_norm"]  # the tail is part of the whole
+    for name, module in penalty.layers:
+        matrix = module.weight.detach().reshape(module.weight.shape[0], -1)
+        grad = module.weight.grad.reshape(matrix.shape)
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        k = ranks[name]
+        assert k is not None and k < min(matrix.shape)
+        kept = u[:, :k].t() @ grad @ vh[:k].t()
+        assert kept.abs().max() < 1e-5 * grad.abs().max()
+        torch.testing.assert_close(grad, u[:, k:] @ vh[k:], atol=1e-5, rtol=1e-4)
+
+
+def test_tail_budget_out_of_reach_is_a_clear_error():
+    with pytest.raises(ValueError, match="at most .* can be removed .* penalise more layers"):
+        SmoothnessPenalty.for_model(_cnn(), nuclear_norm_coef=1.0, nuclear_norm_param_reduction=0.95)
+    with pytest.raises(ValueError, match="fraction in"):
+        SmoothTrainingArguments(output_dir="unused", nuclear_norm_coef=1.0, nuclear_norm_param_reduction=1.5)
 
 
 class _Regression(torch.utils.data.Dataset):
@@ -117,20 +123,25 @@ class _Regression(torch.utils.data.Dataset):
         return {"pixel_values": self.x[i], "labels": self.y[i]}
 
 
-def test_trainer_proximal_mode_cuts_rank_during_training(tmp_path):
+def test_trainer_tail_penalty_empties_the_planned_tail(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
     hidden = model[2]
-    before = torch.linalg.matrix_rank(hidden.weight.detach()).item()
+
+    def tail_share(k: int) -> float:
+        s = torch.linalg.svdvals(hidden.weight.detach())
+        return float(s[k:].pow(2).sum() / s.pow(2).sum())
+
     args = SmoothTrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=2, learning_rate=0.1, optim="sgd",
-        nuclear_norm_coef=20.0, nuclear_norm_mode="proximal", nuclear_norm_every=2, logging_steps=2,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=4, learning_rate=0.1, optim="sgd",
+        nuclear_norm_coef=5.0, nuclear_norm_param_reduction=0.2, penalty_normalization="relative",
+        nuclear_norm_every=2, logging_steps=2, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
     )
     trainer = SmoothTrainer(model=model, args=args, train_dataset=_Regression())
+    k = dict(zip(trainer.smoothness.layer_names, trainer.smoothness._kept_ranks(), strict=True))["2"]
+    assert k is not None and 1 < k < 16
+    before = tail_share(k)
     trainer.train()
-    s = torch.linalg.svdvals(hidden.weight.detach())
-    assert before == 16
-    assert (s < 1e-5 * s[0]).sum() >= 4, s  # several exact zeros: truncating there changes nothing
+    assert tail_share(k) < 0.25 * before
     logged = [e["smooth/nuclear_norm"] for e in trainer.state.log_history if "smooth/nuclear_norm" in e]
     assert logged and logged[-1] < logged[0]

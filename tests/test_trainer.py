@@ -8,8 +8,9 @@ import os
 import pytest
 import timm
 import torch
-from conftest import TinyConvNet, image_dataset, text_dataset, tiny_bert, tiny_vit
+from conftest import TinyConvNet, easy_image_dataset, image_dataset, text_dataset, tiny_bert, tiny_vit
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from smooth_hf import SmoothTrainer, SmoothTrainingArguments
 from smooth_hf.metrics import accuracy_metrics
@@ -140,15 +141,25 @@ def test_penalties_fall_during_training(tmp_path):
     assert smooth["nuclear_norm"] < plain["nuclear_norm"]
 
 
-def test_timm_model_trains_and_evaluates_with_accuracy(tmp_path):
+def test_timm_model_learns_and_evaluates_with_accuracy(tmp_path):
+    torch.manual_seed(0)
     model = timm.create_model("resnet14_cifar", in_chans=1, num_classes=3, channels=(4, 8, 8), layers=(1, 1, 1))
-    args = make_args(tmp_path, first_order_coef=1.0, nuclear_norm_coef=1.0, eval_strategy="no",
-                     penalty_skip_first_last=True, per_device_eval_batch_size=8)
-    trainer = SmoothTrainer(model=model, args=args, train_dataset=image_dataset(), eval_dataset=image_dataset(seed=2),
+    # Coefficients small enough that the task drives these few steps (the penalties' own tests are elsewhere).
+    args = make_args(tmp_path, first_order_coef=0.05, nuclear_norm_coef=0.05, eval_strategy="no", max_steps=12,
+                     optim="adamw_torch", learning_rate=0.01, penalty_skip_first_last=True, per_device_eval_batch_size=8)
+    test = easy_image_dataset(n=48, seed=2)
+    trainer = SmoothTrainer(model=model, args=args, train_dataset=easy_image_dataset(), eval_dataset=test,
                             compute_metrics=accuracy_metrics)
+    before = trainer.evaluate()["eval_accuracy"]
     trainer.train()
     metrics = trainer.evaluate()
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and math.isfinite(metrics["eval_loss"])
+    everything = test[:]
+    model.eval()
+    with torch.no_grad():
+        direct = (model(everything["pixel_values"]).argmax(-1) == everything["labels"]).float().mean().item()
+    assert metrics["eval_accuracy"] == pytest.approx(direct)
+    assert metrics["eval_accuracy"] >= 0.9 > before + 0.2, (before, metrics["eval_accuracy"])  # chance: 1/3
+    assert math.isfinite(metrics["eval_loss"])
     assert trainer.smoothness.layer_names[0] == "stages.0.0.conv1"  # stem conv left out
 
 
@@ -190,11 +201,63 @@ def test_penalty_state_only_written_when_nuclear_norm_is_on(tmp_path, tiny_conv)
     assert not os.path.exists(tmp_path / "out" / "checkpoint-2" / PENALTY_STATE_NAME)
 
 
-def test_sharded_weights_are_refused_at_start_up(tmp_path, tiny_conv, monkeypatch):
+@pytest.mark.parametrize(
+    "setup",
+    ["--fsdp", "accelerate launch with an FSDP config", "accelerate launch with a DeepSpeed ZeRO-3 config"],
+)
+def test_sharded_weights_are_refused_at_start_up(tmp_path, tiny_conv, monkeypatch, setup):
+    """Constructing the trainer is enough: nothing trains, nothing is built. (On CPU accelerate never enables
+    FSDP itself, so the arguments and the variables `accelerate launch` sets are what is checked here.)"""
+    args = make_args(tmp_path, first_order_coef=1.0, fsdp=setup == "--fsdp")
+    plain = make_args(tmp_path)
+    if setup == "accelerate launch with an FSDP config":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    elif setup != "--fsdp":
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ValueError, match="not supported with FSDP or DeepSpeed ZeRO-3.*Use DDP"):
+        SmoothTrainer(model=tiny_conv, args=args)
+    if setup == "accelerate launch with an FSDP config":  # without penalties it is a plain Trainer's business
+        SmoothTrainer(model=tiny_conv, args=plain)
+
+
+def test_a_batch_without_the_model_inputs_says_what_to_pass(tmp_path, tiny_conv):
     trainer = SmoothTrainer(model=tiny_conv, args=make_args(tmp_path, first_order_coef=1.0))
-    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
-    with pytest.raises(ValueError, match="not supported with FSDP or DeepSpeed ZeRO-3"):
-        trainer._check_unsharded_weights()
+    with pytest.raises(ValueError, match=r"no \['pixel_values'\] \(it has \['image', 'labels'\]\).*'pixel_values' and 'labels'"):
+        trainer.compute_loss(tiny_conv, {"image": torch.zeros(2, 1, 8, 8), "labels": torch.zeros(2, dtype=torch.long)})
+
+
+class FirstStepWeights(TrainerCallback):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1:
+            self.weights = weights(model)
+
+
+def test_penalty_warmup_ramps_the_coefficients_linearly(tmp_path):
+    """Warm-up over half of 8 steps: the penalty counts 1/4, 2/4, 3/4, then fully; the first update is a quarter."""
+
+    class ZeroTask(TinyConvNet):  # no task gradient: each update is the penalty's alone
+        def forward(self, x):
+            return super().forward(x) * 0.0
+
+    def run(ratio):
+        torch.manual_seed(0)
+        model, snapshot = ZeroTask(), FirstStepWeights()
+        args = make_args(tmp_path, max_steps=8, max_grad_norm=0.0, penalty_warmup_ratio=ratio, **PENALTIES)
+        trainer = SmoothTrainer(model=model, args=args, train_dataset=image_dataset(n=64), callbacks=[snapshot])
+        trainer.train()
+        return snapshot.weights, [e for e in trainer.state.log_history if "loss" in e]
+
+    torch.manual_seed(0)
+    start = weights(ZeroTask())
+    ramped, logs = run(0.5)
+    full, _ = run(0.0)
+    for key in start:
+        torch.testing.assert_close(ramped[key] - start[key], 0.25 * (full[key] - start[key]), rtol=1e-4, atol=1e-7)
+    assert max_diff(full, start) > 1e-3
+    factors = [e["smooth/penalty"] / sum(e[f"smooth/{k.removesuffix('_coef')}"] * c for k, c in PENALTIES.items())
+               for e in logs]
+    assert factors == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1, 1, 1], rel=1e-3)
 
 
 def test_cached_direction_is_refreshed_when_the_step_counter_restarts(tiny_conv):

@@ -3,12 +3,15 @@
 Like peft's ``BaseTunerLayer``: code that must treat a factorised layer differently (targeting skips
 it and its factors, ``compress`` refuses to cut it twice, saving checks the recorded ranks, reports
 read its geometry) asks ``isinstance(module, LowRankLayer)``. This module imports nothing else of the
-package, so any module can import it without an import cycle.
+package but :mod:`smooth_hf.lowrank.guard` (which imports nothing), so any module can import it without an
+import cycle.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
+
+from .guard import GUARD_SUFFIX, is_guard
 
 __all__ = ["LowRankLayer"]
 
@@ -27,6 +30,13 @@ class LowRankLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.up(self.down(x))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        # transformers checkpoints carry a guard at the dense weight's name (smooth_hf.lowrank.guard); it has
+        # no place in this layer, so a strict load_state_dict skips it instead of calling it unexpected.
+        if is_guard(state_dict.get(prefix + GUARD_SUFFIX)):
+            del state_dict[prefix + GUARD_SUFFIX]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def dense_shape(self) -> tuple[int, int, int, int]:

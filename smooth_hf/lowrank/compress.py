@@ -31,6 +31,7 @@ from .base import LowRankLayer
 from .config import LowRankConfig
 from .cost import ExampleInputs, describe_inputs, macs_per_rank, trace_layers
 from .decomposition import Decomposition, decompose
+from .diagnosis import budget_advice, describe, unfactorisable_weights
 from .layers import factorise, low_rank_layer_like, weight_matrix
 from .report import (
     STATUS_DENSE_EXCLUDED,
@@ -137,8 +138,13 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     model.set_submodule(name, new)
 
 
-def _choose_ranks(candidates: list[_Candidate], config: LowRankConfig, total: int) -> list[int | None]:
-    """One rank (or ``None``: dense) per candidate; ``total`` is the whole model's parameters or multiply-adds."""
+def _choose_ranks(
+    candidates: list[_Candidate], config: LowRankConfig, total: int, advice: Callable[[], str] = str
+) -> list[int | None]:
+    """One rank (or ``None``: dense) per candidate; ``total`` is the whole model's parameters or multiply-adds.
+
+    ``advice()`` says what can raise the reachable parameter reduction (appended to that error).
+    """
     if config.param_reduction is not None or config.macs_reduction is not None:
         by_macs = config.macs_reduction is not None
         rule, reduction = ("macs_reduction", config.macs_reduction) if by_macs else ("param_reduction", config.param_reduction)
@@ -154,8 +160,12 @@ def _choose_ranks(candidates: list[_Candidate], config: LowRankConfig, total: in
             raise ValueError(
                 f"{rule}={reduction} asks to remove {target:,.0f} of {total:,} {unit}, but with these targets at most "
                 f"{most:,} ({most / total:.1%} of the model) can be removed, even with every factorisable layer at "
-                f"min_rank={config.min_rank}. Lower {rule} to at most {largest:.3f}, or widen target_modules / "
-                "exclude fewer modules / lower min_rank or rank_multiple."
+                f"min_rank={config.min_rank}. Lower {rule} to at most {largest:.3f}."
+                + (
+                    " Or widen target_modules / exclude fewer modules / lower min_rank or rank_multiple."
+                    if by_macs
+                    else (f" {hint}" if (hint := advice()) else "")
+                )
             )
         return allocate_ranks(
             [c.spectrum for c in candidates],
@@ -261,9 +271,16 @@ def _plan(
             built[c.name, rank] = factorise(c.module, rank, decomposition=c.decomposition)
         return built[c.name, rank]
 
+    excluded = [r for r in rows.values() if r.status == STATUS_DENSE_EXCLUDED]
+
+    def advice() -> str:
+        return budget_advice(
+            model, sum(r.params_before for r in excluded), len(excluded), config.min_rank, config.rank_multiple
+        )
+
     def choose(dense: frozenset[str]) -> dict[str, int | None]:
         active = [c for c in candidates if c.name not in dense]
-        ranks = dict(zip([c.name for c in active], _choose_ranks(active, config, total), strict=True))
+        ranks = dict(zip([c.name for c in active], _choose_ranks(active, config, total, advice), strict=True))
         return {c.name: ranks.get(c.name) for c in candidates}
 
     if config.keep_slower_dense:
@@ -283,6 +300,14 @@ def _plan(
         row.rank, row.status = rank, STATUS_FACTORISED
         row.params_after = _layer_params(replacements[c.name])
         row.energy_kept = energy_kept(c.spectrum, rank)
+    if not replacements:
+        blocked = unfactorisable_weights(model)
+        logger.warning(
+            "compress: no layer was factorised (%d candidate layers, none where the rule keeps a rank that removes "
+            "parameters)%s",
+            len(candidates),
+            f"; weights smooth_hf cannot factorise: {describe(blocked)}" if blocked else "",
+        )
     saved = copy.deepcopy(config)
     saved.ranks = {name: rows[name].rank for name in replacements}
     plan = _Plan(saved, params_before, rows, replacements)
@@ -428,6 +453,9 @@ def compress(
     plan = _plan(model, config, example_inputs, layer_timer)  # the model is untouched until _apply
     repair = _prepare_batchnorm_repair(model, how)  # before the swap: it may read the dense model
     _apply(model, plan)
+    from ..hf_quantizer import attach_quantization_config  # here: it imports this module
+
+    attach_quantization_config(model)  # transformers models: model.save_pretrained now records the ranks
     if repair is not None:
         # After the cut; the report is already recorded, so a failing batch leaves a consistent compressed model.
         repair(model)

@@ -48,7 +48,7 @@ class LowRankConfig:
         default=None,
         metadata={
             "help": "Fraction in [0, 1) of the whole model's parameters to remove, allocated globally across "
-            "the targeted layers so that the least relative spectral energy is lost (e.g. 0.7 = 70% fewer)."
+            "the targeted layers so that the least relative spectral energy is lost (e.g. 0.7 removes seven tenths)."
         },
     )
     macs_reduction: float | None = field(

@@ -17,6 +17,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from .base import LowRankLayer
 
@@ -49,7 +50,18 @@ _DERIVED_KEYS = ("reduction", "macs_reduction")  # written by to_dict for reader
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Unique parameters of ``model``: a tied or shared parameter counts once; buffers do not count."""
+    """Unique parameters of ``model``: a tied or shared parameter counts once; buffers do not count.
+
+    Raises:
+        ValueError: the model has uninitialised lazy layers (``nn.LazyLinear``...), whose sizes are unknown.
+    """
+    lazy = [name for name, p in model.named_parameters() if is_lazy(p)]
+    if lazy:
+        raise ValueError(
+            f"{type(model).__name__} has uninitialised lazy parameters ({', '.join(lazy[:3])}"
+            f"{', ...' if len(lazy) > 3 else ''}), e.g. from nn.LazyLinear: their shapes are only known after the "
+            "first forward pass. Run one forward pass (model(example_input)) first, then count or compress."
+        )
     return sum(p.numel() for p in model.parameters())
 
 

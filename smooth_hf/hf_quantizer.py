@@ -1,0 +1,306 @@
+"""Compressed transformers models that save and load the Hugging Face way.
+
+transformers rebuilds a checkpoint whose modules differ from the base architecture through a
+registered *quantization method*: ``config.json`` keeps the base ``model_type`` and gains a
+``quantization_config`` section, and the method's quantizer replaces modules on the still-empty
+(meta-device) model before the weights load -- what bitsandbytes, GPTQ or HQQ do. A low-rank
+model is such a checkpoint: its structure is the base architecture with some layers replaced by
+two thin factors. So ``import smooth_hf`` registers the method ``"smooth_hf"``:
+
+* :class:`SmoothHfConfig` -- the ``quantization_config`` section: the rank rule, the rank of every
+  factorised layer (:class:`~smooth_hf.lowrank.LowRankConfig`), and the tensors kept in another dtype
+  than the model's (:mod:`smooth_hf.dtypes`);
+* :class:`SmoothHfQuantizer` -- before the weights load, :func:`~smooth_hf.lowrank.apply_ranks` gives
+  the empty model the low-rank structure; after, it checks that every factor came from the file.
+
+:func:`smooth_hf.compress` attaches both to a transformers model, so the first things an HF user tries
+work: ``model.save_pretrained(d)``, ``AutoModelFor*.from_pretrained(d)`` (a local folder or a Hub
+repo), ``pipeline(task, model=d)``, ``model.push_to_hub(repo)``. No remote code is involved.
+
+Without ``import smooth_hf``, transformers only warns that it does not know the method
+``smooth_hf`` and builds the dense architecture. To make that fail instead of silently loading
+random weights into every factorised layer, each checkpoint also stores a **guard**: a one-byte tensor
+at the name of the dense layer's weight (``<layer>.weight``). The dense model expects a full matrix
+there, so transformers stops with a size-mismatch error; with ``import smooth_hf`` the guard is
+recognised and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .dtypes import dtype_from_name, dtype_islands, main_dtype, set_tensor_dtypes
+from .lowrank import LowRankConfig, apply_ranks
+from .lowrank.guard import GUARD_SUFFIX, guard_keys, guard_tensor
+
+__all__ = ["LOAD_NOTE", "QUANT_METHOD", "SmoothHfConfig", "SmoothHfQuantizer", "attach_quantization_config"]
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "smooth_hf"
+# What someone reading config.json (or transformers' warning about an unknown method) needs to know.
+LOAD_NOTE = (
+    "Compressed with smooth_hf (low-rank factorised layers). Run `import smooth_hf` (the smooth_hf package) before "
+    "from_pretrained/pipeline: without it transformers builds the dense architecture and refuses the weights."
+)
+
+
+def _library_version() -> str:
+    import smooth_hf
+
+    return getattr(smooth_hf, "__version__", "unknown")
+
+
+class SmoothHfConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` section of a compressed transformers model's ``config.json``.
+
+    It holds every field of :class:`~smooth_hf.lowrank.LowRankConfig` at the top level (``ranks``
+    included), plus:
+
+    * ``dtype``: the model's main dtype when it was saved;
+    * ``dtypes``: ``{tensor name: dtype}`` for the tensors saved in another dtype (e.g. a float32
+      ``lm_head`` in a bfloat16 model). They are restored when the model is loaded in its saved dtype
+      (``dtype="auto"``, the default); with another ``dtype=`` the whole model takes that dtype, except
+      what transformers itself keeps in float32 (``_keep_in_fp32_modules``).
+    """
+
+    def __init__(
+        self,
+        lowrank: LowRankConfig | None = None,
+        dtype: str | None = None,
+        dtypes: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = QUANT_METHOD
+        for key in ("quant_method", "smooth_hf_version", "load_note"):
+            kwargs.pop(key, None)
+        if lowrank is None:
+            try:
+                lowrank = LowRankConfig.from_dict(kwargs)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"invalid smooth_hf quantization_config in config.json: {err}") from err
+        elif kwargs:
+            raise ValueError(f"give either lowrank= or its fields, not both (got {sorted(kwargs)})")
+        if dtype is not None:
+            dtype_from_name(dtype)  # a typo must fail here, not as a half-restored model later
+        for name in (dtypes or {}).values():
+            dtype_from_name(name)
+        self.lowrank = lowrank
+        self.dtype = dtype
+        self.dtypes = dict(dtypes or {})
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> SmoothHfConfig:
+        """The section for ``model`` as it is now: its ``lowrank_config`` and its tensors' dtypes."""
+        from .hub import check_compressed  # here: hub imports this module
+
+        lowrank = check_compressed(model, allow_meta=True)
+        return cls(lowrank=lowrank, dtype=str(main_dtype(model)).removeprefix("torch."), dtypes=dtype_islands(model))
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return self.lowrank.ranks
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            **self.lowrank.to_dict(),
+            "dtype": self.dtype,
+            "dtypes": dict(sorted(self.dtypes.items())),
+            "smooth_hf_version": _library_version(),
+            "load_note": LOAD_NOTE,
+        }
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SmoothHfConfig) and (self.lowrank, self.dtype, self.dtypes) == (
+            other.lowrank,
+            other.dtype,
+            other.dtypes,
+        )
+
+
+def _module_names(model: nn.Module) -> set[str]:
+    return {name for name, _ in model.named_modules()}
+
+
+def _renamer(model: PreTrainedModel):
+    """Maps a name of the checkpoint's model to ``model``: a checkpoint of a model with a head loads into its
+    base model (``transformer.h.0...`` -> ``h.0...``) and the other way round, as transformers allows for
+    weights. Returns ``rename(name, exists) -> new name | None`` (``None``: a head layer the base model lacks)."""
+    prefix = model.base_model_prefix
+    is_base = not prefix or not hasattr(model, prefix)
+
+    def rename(name: str, exists) -> str | None:
+        if exists(name):
+            return name
+        if prefix and name.startswith(prefix + ".") and exists(name[len(prefix) + 1 :]):
+            return name[len(prefix) + 1 :]
+        if prefix and exists(f"{prefix}.{name}"):
+            return f"{prefix}.{name}"
+        if is_base and prefix and not name.startswith(prefix + "."):
+            return None  # a head layer of the checkpoint (classifier, lm_head): the base model has none
+        raise KeyError(name)
+
+    return rename
+
+
+def _resolve_names(model: PreTrainedModel, ranks: dict[str, int]) -> dict[str, int]:
+    """The ranks, renamed for ``model`` (see :func:`_renamer`)."""
+    names, rename = {name for name, _ in model.named_modules()}, _renamer(model)
+    resolved, unknown = {}, []
+    for name, rank in ranks.items():
+        try:
+            new = rename(name, names.__contains__)
+        except KeyError:
+            unknown.append(name)
+            continue
+        if new is not None:
+            resolved[new] = rank
+    if unknown:
+        raise ValueError(
+            f"the smooth_hf quantization_config names layers that {type(model).__name__} does not have: "
+            f"{', '.join(unknown[:4])}{', ...' if len(unknown) > 4 else ''}. Load the checkpoint with the model "
+            "class it was saved from (config.json 'architectures')."
+        )
+    return resolved
+
+
+def _resolve_tensors(model: PreTrainedModel, dtypes: dict[str, str]) -> dict[str, str]:
+    """The recorded dtypes, renamed for ``model``; tensors it does not have are left out."""
+    tensors = set(dict(model.named_parameters(remove_duplicate=False))) | set(dict(model.named_buffers()))
+    rename, resolved = _renamer(model), {}
+    for name, dtype in dtypes.items():
+        try:
+            new = rename(name, tensors.__contains__)
+        except KeyError:
+            continue
+        if new is not None:
+            resolved[new] = dtype
+    return resolved
+
+
+class SmoothHfQuantizer(HfQuantizer):
+    """Rebuilds the low-rank structure before transformers loads the weights (see the module doc)."""
+
+    requires_calibration = False
+    quantization_config: SmoothHfConfig
+
+    def __init__(self, quantization_config: SmoothHfConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        if not self.pre_quantized:
+            raise ValueError(
+                "SmoothHfConfig cannot compress a model while it loads: load the dense model, then call "
+                "smooth_hf.compress(model, LowRankConfig(...)). from_pretrained reads SmoothHfConfig only from "
+                "the config.json of a checkpoint saved after compress()."
+            )
+        self._load_dtype: torch.dtype | None = None
+        self._ranks: dict[str, int] = {}
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        self._load_dtype = dtype  # the dtype the model is being loaded in: decides whether islands come back
+        return dtype
+
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
+        config = self.quantization_config
+        self._ranks = _resolve_names(model, config.ranks)
+        apply_ranks(model, self._ranks)
+        if config.dtypes and config.dtype is not None and self._load_dtype == dtype_from_name(config.dtype):
+            # transformers casts each loaded tensor to the dtype of the empty tensor it goes into when that
+            # differs from the load dtype: giving the empty islands their saved dtype restores them exactly.
+            set_tensor_dtypes(model, _resolve_tensors(model, config.dtypes))
+        guards = {r"(^|\.)" + re.escape(f"{name}.{GUARD_SUFFIX}") + "$" for name in self._ranks}
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | guards
+        model.lowrank_config = LowRankConfig.from_dict({**config.lowrank.to_dict(), "ranks": dict(self._ranks)})
+
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+        # Every factor must come from the file: transformers would otherwise initialise it at random and
+        # only list it in its loading report. Loaded tensors carry transformers' _is_hf_initialized flag.
+        missing = [
+            f"{name}.{pname}"
+            for name in self._ranks
+            for pname, p in model.get_submodule(name).named_parameters()
+            if p.device.type != "meta" and not getattr(p, "_is_hf_initialized", False)
+        ]
+        if missing:
+            raise ValueError(
+                f"the checkpoint's weights lack the low-rank factors its config.json describes (e.g. "
+                f"{', '.join(missing[:3])}): the weights and config.json come from different saves. Re-save the "
+                "compressed model with model.save_pretrained or smooth_hf.save_pretrained."
+            )
+        # A low-rank model is an ordinary float model: .half(), .float() and training work as before saving,
+        # so it is not flagged as quantized (transformers refuses those on quantized models).
+        model.is_quantized = False
+        return model
+
+    def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """What ``model.save_pretrained`` writes: the state dict plus the guards, with the section refreshed."""
+        fresh = SmoothHfConfig.from_model(model)
+        self.quantization_config = fresh
+        model.config.quantization_config = fresh
+        state_dict = model.state_dict()
+        for key in guard_keys(fresh.ranks):
+            state_dict[key] = guard_tensor()
+        return state_dict, {}
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        # transformers' Trainer refuses "purely quantized" models unless this is set; the factors are
+        # ordinary parameters that train (or fine-tune) like any other.
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def attach_quantization_config(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` write a checkpoint that ``from_pretrained`` rebuilds (transformers models).
+
+    Sets ``model.config.quantization_config`` and ``model.hf_quantizer``, as ``from_pretrained`` does for a
+    loaded quantized model. Other models are left alone. A model that already carries another
+    quantization method keeps it, with a warning: neither save can then record the low-rank structure.
+    """
+    if not isinstance(model, PreTrainedModel):
+        return
+    existing = getattr(model.config, "quantization_config", None)
+    method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
+    if existing is not None and method != QUANT_METHOD:
+        logger.warning(
+            "the model already carries the quantization method %r: model.save_pretrained and "
+            "smooth_hf.save_pretrained cannot record its low-rank structure",
+            method,
+        )
+        return
+    quantizer = SmoothHfQuantizer(SmoothHfConfig.from_model(model))
+    model.config.quantization_config = quantizer.quantization_config
+    model.hf_quantizer = quantizer
+
+
+def _register() -> None:
+    """Register the method with transformers (once per process: transformers refuses a second registration)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(SmoothHfConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(SmoothHfQuantizer)
+
+
+_register()

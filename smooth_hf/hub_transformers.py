@@ -1,0 +1,107 @@
+"""Checkpoints of compressed transformers models: written and read through transformers itself.
+
+:func:`smooth_hf.save_pretrained` and :func:`smooth_hf.from_pretrained` use these for transformers
+models, so a folder they write is byte for byte what ``model.save_pretrained`` writes (plus the
+smooth_hf files: ``compression_config.json``, ``compression_report.json``, the card), and a folder
+written by ``model.save_pretrained`` loads with either. The low-rank structure travels in
+``config.json``'s ``quantization_config`` (:mod:`smooth_hf.hf_quantizer`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedModel
+
+from .auto import _transformers_class
+from .hf_quantizer import QUANT_METHOD, SmoothHfConfig, SmoothHfQuantizer, attach_quantization_config
+from .lowrank import LowRankConfig
+
+__all__ = ["load_checkpoint", "quantization_section", "write_checkpoint"]
+
+# One weights file whatever the size: smooth_hf's folder checks (and its atomic save) know that one name.
+_ONE_FILE = 2**60
+_CONFIG_KEPT = ("architectures", "dtype")
+
+
+def quantization_section(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The smooth_hf ``quantization_config`` of a parsed ``config.json``, or ``None``."""
+    section = config.get("quantization_config")
+    if isinstance(section, dict) and section.get("quant_method") == QUANT_METHOD:
+        return section
+    return None
+
+
+def write_checkpoint(model: PreTrainedModel, folder: Path) -> None:
+    """``model.save_pretrained(folder)`` in one weights file; ``model.config`` is left as it was.
+
+    transformers' save records the architecture and dtype on the model's own config; those are put back,
+    so that saving does not edit the model. Only ``quantization_config`` is refreshed to the model's
+    current ranks and dtypes (:meth:`SmoothHfQuantizer.get_state_dict_and_metadata`).
+    """
+    if not isinstance(getattr(model, "hf_quantizer", None), SmoothHfQuantizer):
+        attach_quantization_config(model)  # e.g. a model compressed before compress() attached it
+    if not isinstance(getattr(model, "hf_quantizer", None), SmoothHfQuantizer):
+        raise ValueError(
+            f"{type(model).__name__} carries another quantization method "
+            f"({getattr(model.config, 'quantization_config', None)!r}); smooth_hf cannot save it with its "
+            "low-rank structure. Compress a model that is not quantized."
+        )
+    kept = {name: getattr(model.config, name, None) for name in _CONFIG_KEPT}
+    try:
+        model.save_pretrained(folder, max_shard_size=_ONE_FILE)
+    finally:
+        for name, value in kept.items():
+            setattr(model.config, name, value)
+
+
+def load_checkpoint(folder: Path, config: dict[str, Any], lowrank: LowRankConfig | None) -> PreTrainedModel:
+    """The compressed model in ``folder``, loaded by its transformers class with the smooth_hf quantizer.
+
+    ``config`` is the parsed ``config.json``; ``lowrank`` the ``compression_config.json`` if there is one.
+    Folders saved before ``config.json`` carried the ranks (``lowrank`` only) load too. The load is strict:
+    any missing, unexpected or mismatched tensor is an error, not a warning.
+
+    Raises:
+        ValueError: unknown architecture, ranks that do not fit the architecture or the weights, or the two
+            configs disagreeing.
+    """
+    cls = _transformers_class(folder, config)
+    try:
+        hf_config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as err:
+        raise ValueError(f"unknown base architecture: transformers cannot read {folder / 'config.json'}: {err}") from err
+    section = quantization_section(config)
+    if section is None:
+        if lowrank is None:
+            raise ValueError(f"{folder / 'config.json'} has no smooth_hf quantization_config: not a compressed model")
+        hf_config.quantization_config = SmoothHfConfig(lowrank=lowrank).to_dict()
+    elif lowrank is not None and SmoothHfConfig.from_dict(section).ranks != lowrank.ranks:
+        raise ValueError(
+            f"The ranks in {folder / 'compression_config.json'} differ from the quantization_config in "
+            f"{folder / 'config.json'}: the files come from different saves. Re-save the model with "
+            "smooth_hf.save_pretrained."
+        )
+    try:
+        model, info = cls.from_pretrained(
+            folder, config=hf_config, dtype="auto", use_safetensors=True, output_loading_info=True
+        )
+    except ValueError as err:
+        raise ValueError(f"cannot load {folder}: {err}") from err
+    problems = []
+    for key, what in (
+        ("missing_keys", "missing from the file"),
+        ("unexpected_keys", "not expected by the model"),
+        ("mismatched_keys", "shape mismatch"),
+    ):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+        if names:
+            problems.append(f"{what}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
+    if problems:
+        raise ValueError(
+            f"The ranks in {folder / 'config.json'} (quantization_config) do not match the weights in {folder}: "
+            f"{'; '.join(problems)}. The files come from different saves or were edited; re-save the model."
+        )
+    return model
+

@@ -1,0 +1,203 @@
+"""Arguments the recipes share, declared once (as trl's ``ScriptArguments``), and the record of the data a
+checkpoint was trained on.
+
+``HfArgumentParser((ModelArguments, TrainingDataArguments, SmoothTrainingArguments))`` is
+``recipes/train.py``'s command line; ``recipes/compress.py`` takes ``DataArguments`` and
+``LowRankArguments``. ``recipes/train.py`` writes :data:`DATA_RECORD_NAME` next to the weights, and
+``recipes/compress.py`` reads it, so a checkpoint is evaluated on the data it was trained on unless
+the user names other data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from datasets import DatasetDict
+
+from .data import label_names
+from .lowrank import LowRankConfig
+
+__all__ = [
+    "DATA_RECORD_NAME",
+    "DEFAULT_DATASET",
+    "DataArguments",
+    "LowRankArguments",
+    "ModelArguments",
+    "TrainingDataArguments",
+    "load_data_record",
+    "resolve_data_arguments",
+    "save_data_record",
+]
+
+DATA_RECORD_NAME = "data_args.json"
+DEFAULT_DATASET = "fashion_mnist"
+DEFAULT_SEED = 42  # TrainingArguments' default seed, so both recipes pick the same subsets by default
+
+_DATASET_HELP = (
+    "fashion_mnist (local Debian files when installed, else the Hub), cifar10, any Hub image-classification "
+    "dataset, a save_to_disk folder, or a folder of class sub-folders."
+)
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: a timm name, a transformers checkpoint, or a transformers type from scratch."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A timm model name (e.g. resnet18_cifar, resnet14_cifar, timm/resnet18.a1_in1k) or a "
+                  "transformers checkpoint (Hub id or local folder)."},
+    )
+    model_type: str | None = field(
+        default=None,
+        metadata={"help": "Train a transformers architecture of this type from scratch (e.g. vit) instead."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated key=value overrides of the model config / timm kwargs, e.g. "
+                  "'hidden_size=128,num_hidden_layers=4'."},
+    )
+    from_scratch: bool = field(default=False, metadata={"help": "Do not load pretrained weights."})
+
+
+@dataclass
+class DataArguments:
+    """Which images, in which columns, and how many test images to score.
+
+    ``None`` fields of ``recipes/compress.py`` are filled from the checkpoint's data record
+    (:func:`resolve_data_arguments`).
+    """
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": f"Evaluation data: {_DATASET_HELP} Default: the dataset the checkpoint was trained on "
+                  f"(recorded by recipes/train.py in {DATA_RECORD_NAME})."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's config name."})
+    image_column_name: str | None = field(default=None, metadata={"help": "Image column (default: detected)."})
+    label_column_name: str | None = field(default=None, metadata={"help": "Label column (default: detected)."})
+    train_val_split: float | None = field(
+        default=None,
+        metadata={"help": "Test fraction split off the train split when the dataset has no test split (default: "
+                  "a tenth; compress.py: the training run's), seeded by --seed."},
+    )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Score this many test images: the first of a shuffle seeded by --seed, the same images "
+                  "in every recipe (default: the whole test split)."},
+    )
+
+    def split_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`smooth_hf.data.prepare_image_splits` (load and subsets)."""
+        return {
+            "data": self.dataset_name, "dataset_config_name": self.dataset_config_name,
+            "image_column": self.image_column_name, "label_column": self.label_column_name,
+            "eval_split_ratio": self.train_val_split, "max_eval_samples": self.max_eval_samples,
+        }
+
+
+@dataclass
+class TrainingDataArguments(DataArguments):
+    """:class:`DataArguments` plus what only training uses."""
+
+    dataset_name: str = field(default=DEFAULT_DATASET, metadata={"help": _DATASET_HELP})
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Train on this many images: the first of a shuffle seeded by --seed (quick runs)."},
+    )
+    augment: bool = field(
+        default=False,
+        metadata={"help": "Random crop (zero padding) and horizontal flip of the training images."},
+    )
+
+    def split_kwargs(self) -> dict[str, Any]:
+        return {**super().split_kwargs(), "max_train_samples": self.max_train_samples}
+
+
+def _low_rank_field(name: str, **overrides: Any) -> Any:
+    """A command-line field with ``LowRankConfig``'s own default and help, so the two cannot drift apart."""
+    source = next(f for f in fields(LowRankConfig) if f.name == name)
+    default = source.default if source.default is not MISSING else None
+    return field(default=overrides.get("default", default), metadata={"help": source.metadata["help"]})
+
+
+@dataclass
+class LowRankArguments:
+    """The :class:`~smooth_hf.lowrank.LowRankConfig` fields a command line sets (one rank rule, the targets)."""
+
+    param_reduction: float | None = _low_rank_field("param_reduction")
+    rank_ratio: float | None = _low_rank_field("rank_ratio")
+    energy: float | None = _low_rank_field("energy")
+    target_modules: list[str] | None = _low_rank_field("target_modules")
+    exclude_modules: list[str] | None = _low_rank_field("exclude_modules")
+    skip_first_last: bool = _low_rank_field("skip_first_last")
+    rank_multiple: int = _low_rank_field("rank_multiple")
+
+    RULES = ("param_reduction", "rank_ratio", "energy")
+
+    def rules_given(self) -> list[str]:
+        return [name for name in self.RULES if getattr(self, name) is not None]
+
+    def targets(self) -> dict[str, Any]:
+        """The fields that are not a rank rule (what a budget sweep adds to each budget's config)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.RULES}
+
+    def to_config(self) -> LowRankConfig:
+        return LowRankConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+
+# ---- the record of a training run's data ---------------------------------------------------------
+_RECORDED = ("dataset_name", "dataset_config_name", "image_column_name", "label_column_name", "train_val_split")
+
+
+def save_data_record(folder: str | os.PathLike, data_args: DataArguments, seed: int, splits: DatasetDict) -> Path:
+    """Write what a checkpoint was trained and evaluated on: the dataset's identity, the seed that picked
+    the split and subsets, and their sizes."""
+    record = {
+        **{name: getattr(data_args, name) for name in _RECORDED},
+        "seed": seed,
+        "max_train_samples": getattr(data_args, "max_train_samples", None),
+        "max_eval_samples": data_args.max_eval_samples,
+        "num_train": len(splits["train"]),
+        "num_test": len(splits["test"]),
+        "labels": label_names(splits["train"]),
+    }
+    path = Path(folder) / DATA_RECORD_NAME
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def load_data_record(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The record :func:`save_data_record` wrote in ``folder``, or ``None`` when there is none."""
+    path = Path(folder) / DATA_RECORD_NAME
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def resolve_data_arguments(
+    data_args: DataArguments, checkpoint: str | os.PathLike, seed: int | None
+) -> tuple[DataArguments, int, dict[str, Any] | None]:
+    """Fill what the user left out from the checkpoint's data record: ``(data arguments, seed, record)``.
+
+    Without ``--dataset_name`` (or naming the recorded one) the recorded dataset is used with its recorded
+    config, columns and split ratio where the command line leaves them out; another dataset is used
+    with the command line's settings only. The seed
+    (which picks the test split of a dataset without one, and every subset) defaults to the recorded one.
+    """
+    record = load_data_record(checkpoint)
+    values = asdict(data_args)
+    if data_args.dataset_name is None and record is None:
+        raise ValueError(
+            f"{checkpoint} has no {DATA_RECORD_NAME} (recipes/train.py writes it) to say which data the model was "
+            "trained on: name the evaluation data with --dataset_name"
+        )
+    if record is not None and data_args.dataset_name in (None, record.get("dataset_name")):
+        values.update({name: record.get(name) for name in _RECORDED if values[name] is None})
+    if seed is None:
+        seed = record["seed"] if record is not None and "seed" in record else DEFAULT_SEED
+    return type(data_args)(**values), seed, record

@@ -1,0 +1,59 @@
+"""Every command in the recipes' docstrings works as written: the ones that need only local data run (on
+tiny data, with flags appended that shrink them), the ones that need the Hub parse and validate."""
+
+from __future__ import annotations
+
+import ast
+import shlex
+import sys
+
+from conftest import ROOT, save_tiny_fmnist
+
+import smooth_hf
+
+sys.path.insert(0, str(ROOT / "recipes"))
+import compress as compress_recipe  # noqa: E402
+import train as train_recipe  # noqa: E402
+
+TINY_RESNET = ["--model_name_or_path", "resnet14_cifar", "--config_overrides", "channels=[4,8,8],layers=[1,1,1]"]
+
+
+def docstring_commands(name: str) -> list[list[str]]:
+    """The commands of a recipe's docstring (continuation lines joined), as argument lists after the script."""
+    text = ast.get_docstring(ast.parse((ROOT / "recipes" / name).read_text()))
+    commands = []
+    for line in text.replace("\\\n", " ").splitlines():
+        words = shlex.split(line.strip()) if line.strip().startswith(("python ", "accelerate launch ")) else []
+        if f"recipes/{name}" in words:
+            commands.append(words[words.index(f"recipes/{name}") + 1 :])
+    return commands
+
+
+def test_docstring_commands_run_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the commands write runs/... relative to where they are typed
+    data = save_tiny_fmnist(tmp_path / "tiny")
+    train_cmds, compress_cmds = docstring_commands("train.py"), docstring_commands("compress.py")
+    assert len(train_cmds) == 5 and len(compress_cmds) == 3, "a command was added or removed: update this test"
+    resnet, two_processes, gpus, vit, hub_vit = train_cmds
+    assert two_processes == gpus == ["...same", "flags..."]  # abbreviations of the first command
+
+    # The paper's model, then the ViT: only the data and the sizes are swapped for tiny ones.
+    train_recipe.main([*resnet, *TINY_RESNET, "--dataset_name", data, "--max_train_samples", "32",
+                       "--max_eval_samples", "16", "--per_device_train_batch_size", "16"])
+    assert (tmp_path / "runs" / "smooth" / "model.safetensors").is_file()
+    metrics = train_recipe.main([*vit, "--dataset_name", data, "--max_train_samples", "16", "--max_eval_samples", "8",
+                                 "--max_steps", "2"])
+    assert "eval_accuracy" in metrics and (tmp_path / "runs" / "vit" / "config.json").is_file()
+    # A Hub checkpoint on Hub data: the arguments parse and validate (no Hub here).
+    _, data_args, training_args = train_recipe.parse_args(hub_vit)
+    assert data_args.dataset_name == "cifar10" and data_args.augment and training_args.learning_rate == 2e-5
+
+    one_budget, pushed, sweep = compress_cmds
+    result = compress_recipe.main(one_budget)  # on the data recorded by the training run above
+    assert result["reduction"] >= 0.7
+    assert smooth_hf.from_pretrained(tmp_path / "runs" / "smooth-lowrank-70").lowrank_report.reduction >= 0.7
+    args, _, rank_args = compress_recipe.parse_args(pushed)  # tests/test_hub_e2e.py pushes to a local Hub
+    assert args.push_to_hub and args.hub_model_id == "you/resnet18-smooth-lowrank-70" and rank_args.param_reduction == 0.7
+    (rows,) = compress_recipe.main([*sweep, "--budgets", "0.5,0.7"]).values()  # a tiny model cannot lose 90%
+    assert [row["budget"] for row in rows] == [0.0, 0.5, 0.7]
+    assert (tmp_path / "runs" / "smooth-sweep" / "results.md").is_file()

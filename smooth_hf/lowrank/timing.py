@@ -52,9 +52,9 @@ def default_rank_multiple(device: torch.device | str) -> int:
     """The rank granularity that suits ``device``: 8 on CUDA, 1 elsewhere.
 
     GPU matrix units (tensor cores) run half-precision products at full speed only when the inner
-    dimension is a multiple of 8, and cuBLAS / cuDNN pad or fall back to slower kernels otherwise;
-    CPU kernels (oneDNN, MKL) vectorise over the batch and output channels and gain nothing from
-    rounded ranks, so there rounding would only spend parameters.
+    dimension is a multiple of 8, and cuBLAS / cuDNN pad or fall back to slower kernels otherwise.
+    CPU kernels have no such requirement, so there rounding would spend parameters for a gain that is
+    not established (``benchmarks/speed_size.py --rank_multiple`` measures it).
     """
     return 8 if torch.device(device).type == "cuda" else 1
 

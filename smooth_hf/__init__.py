@@ -13,7 +13,7 @@ from . import modeling_resnet_cifar  # noqa: F401  (registers resnet18_cifar / r
 from .batchnorm import DataFreeRecalibration, recalibrate_batchnorm, synthesize_batchnorm_inputs
 from .hf_quantizer import SmoothHfConfig  # registers the "smooth_hf" quantization method with transformers
 from .hub import from_pretrained, push_to_hub, save_pretrained
-from .lowrank import CompressionReport, LowRankConfig, apply_ranks, compress, count_parameters
+from .lowrank import CompressionReport, LowRankConfig, apply_ranks, compress, count_macs, count_parameters
 from .model_card import ModelCardInfo
 from .penalties import first_order, nuclear_norm, second_order
 from .smoothness import SmoothnessPenalty
@@ -33,6 +33,7 @@ __all__ = [
     "__version__",
     "apply_ranks",
     "compress",
+    "count_macs",
     "count_parameters",
     "find_layers",
     "first_order",

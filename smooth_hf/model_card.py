@@ -161,6 +161,12 @@ def _rank_rule(config: LowRankConfig) -> str:
             "with ranks allocated across layers so that the least relative spectral energy is lost "
             "(Eckart-Young: a rank-r truncation loses exactly the tail of the singular values)"
         )
+    elif config.macs_reduction is not None:
+        rule = (
+            f"global compute budget: remove {config.macs_reduction:.1%} of the multiply-adds of the Linear/Conv layers "
+            "for the example inputs given at compression, with ranks allocated across layers so that the least "
+            "relative spectral energy is lost"
+        )
     elif config.rank_ratio is not None:
         rule = f"fixed rank ratio: every factorised layer keeps ceil({config.rank_ratio:g} x full rank) singular values"
     else:
@@ -169,6 +175,8 @@ def _rank_rule(config: LowRankConfig) -> str:
             f"reach {config.energy:g} of the total"
         )
     details = [f"min_rank={config.min_rank}", f"rank_multiple={config.rank_multiple}"]
+    if config.keep_slower_dense:
+        details.append("layers whose factorised form was not faster on the compression device kept dense")
     if config.skip_first_last:
         details.append("first and last layers kept dense")
     if config.target_modules is not None:

@@ -63,8 +63,8 @@ def trainer(tmp):
     return SmoothTrainer(model=TinyConvNet(), args=args(tmp, first_order_coef=1.0))
 
 
-def with_model(config):
-    return lambda model, tmp: compress(model, config)
+def with_model(config, **compress_kwargs):
+    return lambda model, tmp: compress(model, config, **compress_kwargs)
 
 
 CASES = [
@@ -87,6 +87,23 @@ CASES = [
      ValueError, r"bn1 \(BatchNorm2d\)"),
     ("NaN weight before SVD", nan_weight, with_model(LowRankConfig(rank_ratio=0.5)), ValueError, "stages.1.0.conv1"),
     ("budget out of reach", lambda t: resnet(), with_model(LowRankConfig(param_reduction=0.99)), ValueError, "at most"),
+    ("compute budget out of reach", lambda t: resnet(),
+     with_model(LowRankConfig(macs_reduction=0.99), example_inputs=torch.randn(1, 1, 8, 8)), ValueError,
+     "Lower macs_reduction to at most"),
+    ("macs_reduction out of range", None, lambda _, t: LowRankConfig(macs_reduction=1.0), ValueError, r"\[0, 1\)"),
+    ("compute budget without example inputs", lambda t: resnet(), with_model(LowRankConfig(macs_reduction=0.5)),
+     ValueError, r"example_inputs=\.\.\."),
+    ("keep_slower_dense without example inputs", lambda t: resnet(),
+     with_model(LowRankConfig(param_reduction=0.5, keep_slower_dense=True)), ValueError,
+     "keep_slower_dense need example inputs"),
+    ("layer_timer without keep_slower_dense", lambda t: resnet(),
+     with_model(LowRankConfig(param_reduction=0.5), layer_timer=lambda m, x: 1.0), ValueError, "keep_slower_dense=True"),
+    ("example inputs of the wrong type", lambda t: resnet(),
+     with_model(LowRankConfig(macs_reduction=0.5), example_inputs=np.zeros((1, 1, 8, 8))), TypeError,
+     "a tuple of positional arguments or a dict of keyword arguments"),
+    ("example inputs the model cannot run", lambda t: resnet(),
+     with_model(LowRankConfig(macs_reduction=0.5), example_inputs=torch.randn(1, 3, 8, 8)), RuntimeError,
+     "forward pass failed on example_inputs"),
     ("already compressed", compressed, with_model(LowRankConfig(rank_ratio=0.5)), ValueError, "already compressed"),
     ("dataset without image column", saved_dataset(["label", "other"]), lambda path, t: load_image_classification(str(path)),
      ValueError, "no image column"),

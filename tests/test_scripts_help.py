@@ -15,7 +15,7 @@ EXPECTED_OPTION = {
     "compress.py": "--param_reduction",
     "smooth_vs_plain.py": "--save_budget",
     "cpu_protocol.py": "--variants",
-    "speed_size.py": "--budgets",
+    "speed_size.py": "--macs_budgets",
     "step_overhead.py": "--batch-sizes",
     "transformers_path.py": "--vit_budgets",
 }

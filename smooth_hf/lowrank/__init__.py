@@ -2,7 +2,9 @@
 (activation-aware) form that uses a few calibration batches (``LowRankConfig(method="whitened")``).
 
 ``compress(model, LowRankConfig(param_reduction=0.7))`` replaces Linear / Conv2d / HF Conv1D layers
-by two thin factors in place; ``apply_ranks`` rebuilds that structure on a fresh model so a saved
+by two thin factors in place (``LowRankConfig(macs_reduction=0.6)`` with ``compress(...,
+example_inputs=x)`` budgets multiply-adds instead, and ``keep_slower_dense=True`` keeps the layers
+that would not run faster factorised); ``apply_ranks`` rebuilds that structure on a fresh model so a saved
 compressed state dict loads strictly. Every low-rank layer is a :class:`LowRankLayer`.
 """
 
@@ -10,6 +12,7 @@ from .allocation import allocate_ranks
 from .base import LowRankLayer
 from .compress import apply_ranks, compress
 from .config import CONFIG_NAME, LowRankConfig
+from .cost import count_macs
 from .layers import LowRankConv2d, LowRankLinear, factorise, low_rank_layer_like
 from .report import CompressionReport, LayerReport, count_parameters
 from .whitening import InputGrams, calibrate
@@ -27,6 +30,7 @@ __all__ = [
     "apply_ranks",
     "calibrate",
     "compress",
+    "count_macs",
     "count_parameters",
     "factorise",
     "low_rank_layer_like",

@@ -17,7 +17,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -29,19 +29,24 @@ from ..targeting import find_layers, layer_kind
 from .allocation import allocate_ranks, energy_kept, finalize_rank, max_removable, rank_for_energy, rank_for_ratio
 from .base import LowRankLayer
 from .config import LowRankConfig
+from .cost import ExampleInputs, describe_inputs, macs_per_rank, trace_layers
+from .decomposition import Decomposition, decompose
 from .diagnosis import budget_advice, describe, unfactorisable_weights
-from .layers import factorise, low_rank_layer_like, singular_values, weight_matrix
+from .layers import factorise, low_rank_layer_like, weight_matrix
 from .report import (
     STATUS_DENSE_EXCLUDED,
     STATUS_DENSE_GROUPED,
     STATUS_DENSE_NO_GAIN,
+    STATUS_DENSE_NOT_RUN,
     STATUS_DENSE_READ_BY_PARENT,
+    STATUS_DENSE_SLOWER,
     STATUS_DENSE_TIED,
     STATUS_FACTORISED,
     CompressionReport,
     LayerReport,
     count_parameters,
 )
+from .timing import LayerTimer, default_rank_multiple, drop_slower_layers, median_latency
 from .whitening import InputGrams, Whitening
 
 __all__ = [
@@ -50,7 +55,9 @@ __all__ = [
     "STATUS_DENSE_EXCLUDED",
     "STATUS_DENSE_GROUPED",
     "STATUS_DENSE_NO_GAIN",
+    "STATUS_DENSE_NOT_RUN",
     "STATUS_DENSE_READ_BY_PARENT",
+    "STATUS_DENSE_SLOWER",
     "STATUS_DENSE_TIED",
     "STATUS_FACTORISED",
     "apply_ranks",
@@ -62,6 +69,10 @@ logger = logging.getLogger(__name__)
 
 DATA_FREE = "data_free"
 
+# The candidates' singular vectors are kept from the decomposition that gave their spectra, so the
+# factorised layers need no second one; beyond this many bytes they are dropped and recomputed.
+_BASIS_CACHE_BYTES = 1 << 30
+
 
 @dataclass
 class _Candidate:
@@ -71,7 +82,15 @@ class _Candidate:
     module: nn.Module
     kind: str
     shape: tuple[int, int, int, int]
-    spectrum: torch.Tensor  # float64 singular values, descending
+    decomposition: Decomposition | None  # of the weight; None when the spectrum is a whitened one
+    positions: int | None = None  # output positions on example_inputs (None: no example inputs)
+    whitened_spectrum: torch.Tensor | None = None  # method="whitened": singular values of W S
+
+    @property
+    def spectrum(self) -> torch.Tensor:  # float64 singular values, descending
+        if self.whitened_spectrum is not None:
+            return self.whitened_spectrum
+        return self.decomposition.singular_values
 
     @property
     def full_rank(self) -> int:
@@ -124,20 +143,33 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _choose_ranks(
-    candidates: list[_Candidate], config: LowRankConfig, params_before: int, advice: Callable[[], str] = str
+    candidates: list[_Candidate], config: LowRankConfig, total: int, advice: Callable[[], str] = str
 ) -> list[int | None]:
-    costs = [c.cost_per_rank for c in candidates]
-    dense = [c.dense_params for c in candidates]
-    if config.param_reduction is not None:
-        target = config.param_reduction * params_before
+    """One rank (or ``None``: dense) per candidate; ``total`` is the whole model's parameters or multiply-adds.
+
+    ``advice()`` says what can raise the reachable parameter reduction (appended to that error).
+    """
+    if config.param_reduction is not None or config.macs_reduction is not None:
+        by_macs = config.macs_reduction is not None
+        rule, reduction = ("macs_reduction", config.macs_reduction) if by_macs else ("param_reduction", config.param_reduction)
+        unit = "multiply-adds" if by_macs else "parameters"
+        # Parameters and multiply-adds differ only by each layer's output positions (1 for parameters).
+        scale = [c.positions if by_macs else 1 for c in candidates]
+        costs = [c.cost_per_rank * n for c, n in zip(candidates, scale, strict=True)]
+        dense = [c.dense_params * n for c, n in zip(candidates, scale, strict=True)]
+        target = reduction * total
         most = max_removable([c.full_rank for c in candidates], costs, dense, config.min_rank, config.rank_multiple)
         if most < target:
-            largest = math.floor(most / params_before * 1000) / 1000  # rounded down: a value the user can pass
+            largest = math.floor(most / total * 1000) / 1000  # rounded down: a value the user can pass
             raise ValueError(
-                f"param_reduction={config.param_reduction} asks to remove {target:,.0f} of {params_before:,} "
-                f"parameters, but with these targets at most {most:,} ({most / params_before:.1%} of the model) "
-                f"can be removed, even with every factorisable layer at min_rank={config.min_rank}. Lower "
-                f"param_reduction to at most {largest:.3f}." + (f" {hint}" if (hint := advice()) else "")
+                f"{rule}={reduction} asks to remove {target:,.0f} of {total:,} {unit}, but with these targets at most "
+                f"{most:,} ({most / total:.1%} of the model) can be removed, even with every factorisable layer at "
+                f"min_rank={config.min_rank}. Lower {rule} to at most {largest:.3f}."
+                + (
+                    " Or widen target_modules / exclude fewer modules / lower min_rank or rank_multiple."
+                    if by_macs
+                    else (f" {hint}" if (hint := advice()) else "")
+                )
             )
         return allocate_ranks(
             [c.spectrum for c in candidates],
@@ -167,6 +199,9 @@ class _Plan:
     params_before: int
     rows: dict[str, LayerReport]  # one per supported layer, in registration order
     replacements: dict[str, LowRankLayer]  # the factorised layers, ready to swap in
+    macs_before: int | None = None  # on example_inputs (None: none given)
+    macs_after: int | None = None
+    macs_inputs: str | None = None  # the example inputs' shapes
 
 
 def _check_not_compressed(model: nn.Module) -> None:
@@ -179,17 +214,25 @@ def _check_not_compressed(model: nn.Module) -> None:
         )
 
 
-def _plan(model: nn.Module, config: LowRankConfig, whitening: Whitening | None = None) -> _Plan:
+def _plan(
+    model: nn.Module,
+    config: LowRankConfig,
+    example_inputs: ExampleInputs | None = None,
+    layer_timer: LayerTimer | None = None,
+    whitening: Whitening | None = None,
+) -> _Plan:
     """Classify every supported layer, take the candidates' spectra, choose ranks, build the replacements.
 
     With ``whitening`` (``method="whitened"``) the spectra are those of ``W S`` (the output error on the
-    calibration inputs) and the factors its truncation; otherwise the weight's own SVD.
+    calibration inputs) and the factors its truncation; otherwise the weight's own decomposition.
     """
+    calls = trace_layers(model, example_inputs) if example_inputs is not None else None
     targets = dict(find_layers(model, config.target_modules, config.exclude_modules, config.skip_first_last))
     tied, read_by_parent = _tied_weight_ids(model), _read_by_parent(model)
     params_before = count_parameters(model)
     rows: dict[str, LayerReport] = {}
     candidates: list[_Candidate] = []
+    cached = 0  # bytes of singular vectors kept
     for name, module in find_layers(model):
         kind = layer_kind(module)
         shape = _shape(module, kind)
@@ -215,30 +258,59 @@ def _plan(model: nn.Module, config: LowRankConfig, whitening: Whitening | None =
                 f"layer {name!r} has NaN or Inf weights; nothing was compressed. Fix or exclude the layer "
                 "(exclude_modules) before compressing."
             )
-        # Singular values only (svdvals): keeping every layer's U and V until the ranks are known would
-        # double peak memory on a large model; the factors are computed once, for factorised layers only.
+        positions = None if calls is None else calls[name].positions
         # ---- method hook 1/2: the spectrum the rank rules read
-        spectrum = whitening.spectrum(name, matrix) if whitening is not None else singular_values(matrix).cpu()
-        candidates.append(_Candidate(name, module, kind, shape, spectrum))
+        if whitening is not None:
+            candidates.append(_Candidate(name, module, kind, shape, None, positions, whitening.spectrum(name, matrix)))
+            continue
+        keep_basis = cached + min(shape[0], shape[1] * shape[2] * shape[3]) ** 2 * 8 <= _BASIS_CACHE_BYTES
+        decomposition = decompose(matrix, keep_basis=keep_basis)
+        cached += decomposition.basis_bytes
+        candidates.append(_Candidate(name, module, kind, shape, decomposition, positions))
+
+    if config.rank_multiple is None:  # resolved now, and recorded in the saved config
+        config = replace(config, rank_multiple=default_rank_multiple(_device_of(model)))
+    if config.macs_reduction is not None:  # a layer that did not run costs no compute: nothing to allocate
+        for c in candidates:
+            if not c.positions:
+                rows[c.name].status = STATUS_DENSE_NOT_RUN
+        candidates = [c for c in candidates if c.positions]
+    total = sum(call.macs for call in calls.values()) if config.macs_reduction is not None else params_before
+    built: dict[tuple[str, int], LowRankLayer] = {}
+    by_name = {c.name: c for c in candidates}
+
+    def build(c: _Candidate, rank: int) -> LowRankLayer:
+        if (c.name, rank) not in built:  # ---- method hook 2/2: the factors
+            factors = whitening.factors(c.name, rank, c.module.weight.dtype) if whitening is not None else None
+            built[c.name, rank] = factorise(c.module, rank, factors=factors, decomposition=c.decomposition)
+        return built[c.name, rank]
+
+    excluded = [r for r in rows.values() if r.status == STATUS_DENSE_EXCLUDED]
+
+    def advice() -> str:
+        return budget_advice(
+            model, sum(r.params_before for r in excluded), len(excluded), config.min_rank, config.rank_multiple
+        )
+
+    def choose(dense: frozenset[str]) -> dict[str, int | None]:
+        active = [c for c in candidates if c.name not in dense]
+        ranks = dict(zip([c.name for c in active], _choose_ranks(active, config, total, advice), strict=True))
+        return {c.name: ranks.get(c.name) for c in candidates}
+
+    if config.keep_slower_dense:
+        layers = {c.name: c.module for c in candidates}
+        ranks, slower = drop_slower_layers(choose, layers, lambda name, rank: build(by_name[name], rank), calls,
+                                           layer_timer or median_latency)
+    else:
+        ranks, slower = choose(frozenset()), {}
 
     replacements: dict[str, LowRankLayer] = {}
-    excluded = [r for r in rows.values() if r.status == STATUS_DENSE_EXCLUDED]
-    ranks = _choose_ranks(
-        candidates,
-        config,
-        params_before,
-        advice=lambda: budget_advice(
-            model, sum(r.params_before for r in excluded), len(excluded), config.min_rank, config.rank_multiple
-        ),
-    )
-    for c, rank in zip(candidates, ranks, strict=True):
-        row = rows[c.name]
+    for c in candidates:
+        rank, row = ranks[c.name], rows[c.name]
         if rank is None:
-            row.status = STATUS_DENSE_NO_GAIN
+            row.status = STATUS_DENSE_SLOWER if c.name in slower else STATUS_DENSE_NO_GAIN
             continue
-        # ---- method hook 2/2: the factors (None = truncated SVD of the weight)
-        factors = whitening.factors(c.name, rank, c.module.weight.dtype) if whitening is not None else None
-        replacements[c.name] = factorise(c.module, rank, factors=factors)
+        replacements[c.name] = build(c, rank)
         row.rank, row.status = rank, STATUS_FACTORISED
         row.params_after = _layer_params(replacements[c.name])
         row.energy_kept = energy_kept(c.spectrum, rank)
@@ -253,7 +325,20 @@ def _plan(model: nn.Module, config: LowRankConfig, whitening: Whitening | None =
     saved = copy.deepcopy(config)
     saved.ranks = {name: rows[name].rank for name in replacements}
     saved.calibration_samples = whitening.grams.samples if whitening is not None else None
-    return _Plan(saved, params_before, rows, replacements)
+    plan = _Plan(saved, params_before, rows, replacements)
+    if calls is not None:
+        plan.macs_before = sum(call.macs for call in calls.values())
+        plan.macs_after = plan.macs_before - sum(
+            calls[name].macs - rows[name].rank * macs_per_rank(rows[name].shape, calls[name].positions)
+            for name in replacements
+        )
+        plan.macs_inputs = describe_inputs(example_inputs)
+    return plan
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
 
 
 def _apply(model: nn.Module, plan: _Plan) -> None:
@@ -276,7 +361,10 @@ def _apply(model: nn.Module, plan: _Plan) -> None:
             model.set_submodule(name, old)
         raise
     model.lowrank_config = plan.config
-    model.lowrank_report = CompressionReport(plan.params_before, params_after, list(plan.rows.values()))
+    model.lowrank_report = CompressionReport(
+        plan.params_before, params_after, list(plan.rows.values()), macs_before=plan.macs_before,
+        macs_after=plan.macs_after, macs_inputs=plan.macs_inputs,
+    )
 
 
 BatchNormRepair = Iterable[Any] | str | _batchnorm.DataFreeRecalibration | None
@@ -313,6 +401,8 @@ def compress(
     config: LowRankConfig,
     *,
     calibration_data: Iterable[Any] | InputGrams | None = None,
+    example_inputs: ExampleInputs | None = None,
+    layer_timer: LayerTimer | None = None,
     recalibrate_batchnorm: BatchNormRepair = None,
 ) -> nn.Module:
     """Factorise the targeted layers of ``model`` in place by truncated SVD; no fine-tuning.
@@ -332,6 +422,15 @@ def compress(
             allocated by that loss (:mod:`smooth_hf.lowrank.whitening`). An
             :class:`~smooth_hf.lowrank.whitening.InputGrams` from :func:`~smooth_hf.lowrank.whitening.calibrate`
             reuses statistics already collected (compressing copies at several budgets).
+        example_inputs: inputs for one forward pass, as the model is called in deployment (shape and
+            batch size matter, values do not): a tensor, a tuple of positional arguments, or a dict of
+            keyword arguments (a tokenizer's output). Needed by ``macs_reduction`` (each rank is priced
+            in multiply-adds at its layer's output resolution) and ``keep_slower_dense`` (each layer is
+            timed on its own input shape); with any rule, the report then records the multiply-adds
+            before and after (:mod:`smooth_hf.lowrank.cost` says what is counted). The pass runs in
+            eval mode without gradients and changes nothing in the model.
+        layer_timer: ``(module, input) -> seconds`` used by ``keep_slower_dense`` instead of
+            :func:`smooth_hf.lowrank.timing.median_latency`, e.g. to time the runtime you deploy on.
         recalibrate_batchnorm: ``None`` (off), an iterable of training batches, or ``"data_free"``
             / a :class:`smooth_hf.batchnorm.DataFreeRecalibration`. After the cut, BatchNorm running
             statistics are re-estimated on the batches (:func:`smooth_hf.batchnorm.recalibrate_batchnorm`),
@@ -349,8 +448,10 @@ def compress(
 
     Raises:
         ValueError: the model is already compressed, a targeted weight has NaN/Inf, the
-            ``param_reduction`` budget cannot be reached, or the calibration data are missing, empty,
-            not what the model takes, or not finite. The model is untouched in every case.
+            ``param_reduction`` / ``macs_reduction`` budget cannot be reached (with ``keep_slower_dense``:
+            without the layers kept dense for speed), ``example_inputs`` is missing for a rule that
+            needs it, or the calibration data are missing, empty, not what the model takes, or not finite.
+            The model is untouched in every case.
         RuntimeError: the swapped-in layers do not hold the planned parameter count (a sharing
             compress did not detect); the swap is undone, so the model is untouched here too.
             (BatchNorm recalibration runs after the cut: if it fails, the model stays compressed with
@@ -361,14 +462,23 @@ def compress(
             f"config must be a LowRankConfig, got {type(config).__name__}: pass e.g. LowRankConfig(param_reduction=0.7)"
         )
     _check_not_compressed(model)
+    needs_inputs = [name for name in ("macs_reduction", "keep_slower_dense") if getattr(config, name) not in (None, False)]
+    if needs_inputs and example_inputs is None:
+        raise ValueError(
+            f"{' and '.join(needs_inputs)} need example inputs: call compress(model, config, example_inputs=...) with "
+            "a batch shaped like the ones the model will serve, e.g. torch.randn(1, 3, 32, 32) or "
+            "tokenizer(texts, return_tensors='pt')."
+        )
+    if layer_timer is not None and not config.keep_slower_dense:
+        raise ValueError("layer_timer is only used with LowRankConfig(keep_slower_dense=True); set it, or drop layer_timer")
     if config.ranks:
         logger.warning("config.ranks is set but compress() chooses ranks from the rule; the given ranks are ignored")
-    how = _check_batchnorm_repair(recalibrate_batchnorm)
     if config.calibration_samples is not None:
         logger.warning("config.calibration_samples is set but compress() records the number it used; ignored")
+    how = _check_batchnorm_repair(recalibrate_batchnorm)
 
     whitening = Whitening.prepare(model, config, calibration_data)  # forward passes only: the model is unchanged
-    plan = _plan(model, config, whitening)  # the model is untouched until _apply
+    plan = _plan(model, config, example_inputs, layer_timer, whitening)  # the model is untouched until _apply
     repair = _prepare_batchnorm_repair(model, how)  # before the swap: it may read the dense model
     _apply(model, plan)
     from ..hf_quantizer import attach_quantization_config  # here: it imports this module

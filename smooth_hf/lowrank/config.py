@@ -19,7 +19,7 @@ __all__ = ["CONFIG_NAME", "LowRankConfig"]
 
 CONFIG_NAME = "compression_config.json"
 _VERSION_KEY = "smooth_hf_version"
-_RULES = ("param_reduction", "rank_ratio", "energy")
+_RULES = ("param_reduction", "macs_reduction", "rank_ratio", "energy")
 METHODS = ("svd", "whitened")
 
 
@@ -37,10 +37,13 @@ def _is_number(value: Any) -> bool:
 class LowRankConfig:
     """Which layers to factorise and the rule that picks each layer's rank.
 
-    Exactly one of ``param_reduction``, ``rank_ratio`` and ``energy`` must be set. ``param_reduction``
-    is what a user usually means by "70% fewer parameters": it counts the whole model (every unique
-    parameter: weights, biases, norms, embeddings, tied weights once), not only the factorised
-    layers, and spreads the cut over layers so that the least spectral energy is lost.
+    Exactly one of ``param_reduction``, ``macs_reduction``, ``rank_ratio`` and ``energy`` must be set.
+    ``param_reduction`` is what a user usually means by "70% fewer parameters": it counts the whole
+    model (every unique parameter: weights, biases, norms, embeddings, tied weights once), not only the
+    factorised layers, and spreads the cut over layers so that the least spectral energy is lost.
+    ``macs_reduction`` is the same global allocation against multiply-adds for the inputs passed as
+    ``compress(..., example_inputs=...)``: a conv at a high resolution then costs more per rank than
+    one at a low resolution (:mod:`smooth_hf.lowrank.cost` says what is counted).
     """
 
     param_reduction: float | None = field(
@@ -48,6 +51,14 @@ class LowRankConfig:
         metadata={
             "help": "Fraction in [0, 1) of the whole model's parameters to remove, allocated globally across "
             "the targeted layers so that the least relative spectral energy is lost (e.g. 0.7 removes seven tenths)."
+        },
+    )
+    macs_reduction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction in [0, 1) of the multiply-adds of all Linear/Conv2d/Conv1D layers to remove, for the "
+            "inputs given as compress(..., example_inputs=...), allocated globally like param_reduction (each "
+            "rank costs its multiply-adds at the layer's output resolution)."
         },
     )
     rank_ratio: float | None = field(
@@ -78,11 +89,19 @@ class LowRankConfig:
         metadata={"help": "Keep the first and the last targeted layer dense (stem and classifier: small, sensitive)."},
     )
     min_rank: int = field(default=1, metadata={"help": "No factorised layer keeps fewer singular values than this."})
-    rank_multiple: int = field(
-        default=1,
+    rank_multiple: int | None = field(
+        default=None,
         metadata={
-            "help": "Round every rank up to a multiple of this (8 or 16 give faster matmuls on GPUs), capped at the "
-            "full rank."
+            "help": "Round every rank up to a multiple of this, capped at the full rank. None = what suits the "
+            "device of the model's weights: 8 on CUDA (tensor cores), 1 elsewhere; compress() records the value used."
+        },
+    )
+    keep_slower_dense: bool = field(
+        default=False,
+        metadata={
+            "help": "Time every layer to be factorised, dense and factorised, on the model's device with the input "
+            "shape it gets from compress(..., example_inputs=...); keep those that are not faster dense and "
+            "allocate the budget again over the others."
         },
     )
     # ---- how each layer is cut (smooth_hf.lowrank.whitening) ----
@@ -122,10 +141,12 @@ class LowRankConfig:
         if len(chosen) != 1:
             raise ValueError(
                 f"LowRankConfig needs exactly one rank rule, got {len(chosen)} ({', '.join(chosen) or 'none'}). "
-                "Set one of param_reduction (e.g. 0.7 = 70% fewer parameters), rank_ratio or energy."
+                "Set one of param_reduction (e.g. 0.7 = 70% fewer parameters), macs_reduction (e.g. 0.6 = 60% fewer "
+                "multiply-adds), rank_ratio or energy."
             )
         for name, low, low_closed, high, high_closed, example in (
             ("param_reduction", 0.0, True, 1.0, False, "0.7"),
+            ("macs_reduction", 0.0, True, 1.0, False, "0.6"),
             ("rank_ratio", 0.0, False, 1.0, True, "0.25"),
             ("energy", 0.0, False, 1.0, True, "0.99"),
         ):
@@ -139,8 +160,12 @@ class LowRankConfig:
                 raise ValueError(f"{name} must be a number in {interval}, got {value!r}; e.g. {name}={example}.")
         for name in ("min_rank", "rank_multiple"):
             value = getattr(self, name)
+            if name == "rank_multiple" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}; 1 means no constraint.")
+        if not isinstance(self.keep_slower_dense, bool):
+            raise ValueError(f"keep_slower_dense must be True or False, got {self.keep_slower_dense!r}.")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None or isinstance(value, str):

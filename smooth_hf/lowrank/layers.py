@@ -23,6 +23,7 @@ from torch.nn.modules.utils import _pair
 from ..penalties import out_in_weight
 from ..targeting import layer_kind
 from .base import LowRankLayer
+from .decomposition import Decomposition, factors_from
 
 __all__ = [
     "LowRankConv2d",
@@ -42,20 +43,12 @@ def weight_matrix(module: nn.Module) -> Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def _svd_float64(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD in float64, always of the tall orientation (``M^T = V S U^T``).
-
-    LAPACK is several times slower on wide matrices, and conv weights (``out x in*kh*kw``) are wide.
-    """
-    matrix = matrix.detach().double()
-    if matrix.shape[0] >= matrix.shape[1]:
-        return torch.linalg.svd(matrix, full_matrices=False)
-    v, s, uh = torch.linalg.svd(matrix.t(), full_matrices=False)
-    return uh.t(), s, v.t()
-
-
 def singular_values(matrix: Tensor) -> Tensor:
-    """Singular values of a 2-D ``matrix``, descending, in float64 (tall orientation: see ``_svd_float64``)."""
+    """Singular values of a 2-D ``matrix``, descending, in float64 (LAPACK's ``svdvals``, exact to the smallest).
+
+    Taken of the tall orientation: LAPACK is several times slower on wide matrices, and conv weights
+    (``out x in*kh*kw``) are wide.
+    """
     matrix = matrix.detach().double()
     return torch.linalg.svdvals(matrix if matrix.shape[0] >= matrix.shape[1] else matrix.t())
 
@@ -63,27 +56,17 @@ def singular_values(matrix: Tensor) -> Tensor:
 def truncated_svd_factors(matrix: Tensor, rank: int, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """``(up, down)`` with ``up @ down`` the best rank-``rank`` approximation of ``matrix``.
 
-    The SVD runs in float64 whatever the weight dtype: float32 SVDs of ill-conditioned smooth weights
-    lose the small singular directions we are about to keep, and a half-precision SVD is not even
-    available on every device. The factors are returned in ``dtype`` (default: the matrix's dtype).
+    Computed in float64 whatever the weight dtype (:mod:`~smooth_hf.lowrank.decomposition`): float32
+    decompositions of ill-conditioned smooth weights lose the small singular directions we are about
+    to keep, and half precision is not even available on every device. The factors are returned in
+    ``dtype`` (default: the matrix's dtype).
     """
     if matrix.dim() != 2:
         raise ValueError(
             f"expected a 2-D matrix, got shape {tuple(matrix.shape)}: reshape the weight to (out, in*kh*kw) first "
             "(weight_matrix(module) does)"
         )
-    full_rank = min(matrix.shape)
-    if not 1 <= rank <= full_rank:
-        raise ValueError(
-            f"rank must be in [1, {full_rank}] for a {tuple(matrix.shape)} matrix, got {rank}: pass a rank in that range"
-        )
-    with torch.no_grad():
-        u, s, vh = _svd_float64(matrix)
-        root = s[:rank].sqrt()
-        up = u[:, :rank] * root
-        down = root[:, None] * vh[:rank]
-    dtype = dtype or matrix.dtype
-    return up.to(dtype).contiguous(), down.to(dtype).contiguous()
+    return factors_from(matrix, None, rank, dtype)
 
 
 def _check_rank(rank: int, full_rank: int, what: str) -> None:
@@ -275,12 +258,15 @@ def factorise(
     *,
     expect: type[LowRankLayer] = LowRankLayer,
     factors: tuple[Tensor, Tensor] | None = None,
+    decomposition: Decomposition | None = None,
 ) -> LowRankLayer:
     """The best rank-``rank`` replacement of ``dense`` (truncated SVD), in ``dense``'s dtype and on its device.
 
     ``expect`` narrows the accepted layers (``LowRankConv2d.from_dense`` passes ``LowRankConv2d``).
     ``factors`` are ``(up, down)`` computed elsewhere (``(out, rank)`` and ``(rank, in*kh*kw)``, e.g. the
     whitened truncation of :mod:`smooth_hf.lowrank.whitening`) to use instead of the SVD of the weight.
+    ``decomposition`` is ``decompose(weight_matrix(dense))`` when the caller already has it (``compress``
+    does: it reuses the decomposition that gave the spectrum instead of running a second one).
     """
     new = low_rank_layer_like(dense, rank, device="meta")
     if not isinstance(new, expect):
@@ -289,7 +275,7 @@ def factorise(
             "smooth_hf.lowrank.layers.factorise(module, rank), which picks the matching low-rank layer."
         )
     if factors is None:
-        up, down = truncated_svd_factors(weight_matrix(dense), rank)
+        up, down = factors_from(weight_matrix(dense), decomposition, rank)
     else:
         up, down = factors
         out, inp = weight_matrix(dense).shape

@@ -25,7 +25,9 @@ __all__ = [
     "STATUS_DENSE_EXCLUDED",
     "STATUS_DENSE_GROUPED",
     "STATUS_DENSE_NO_GAIN",
+    "STATUS_DENSE_NOT_RUN",
     "STATUS_DENSE_READ_BY_PARENT",
+    "STATUS_DENSE_SLOWER",
     "STATUS_DENSE_TIED",
     "STATUS_FACTORISED",
     "CompressionReport",
@@ -39,10 +41,12 @@ STATUS_DENSE_NO_GAIN = "dense: factorising would not remove parameters"
 STATUS_DENSE_GROUPED = "dense: grouped conv"
 STATUS_DENSE_TIED = "dense: tied weight"
 STATUS_DENSE_EXCLUDED = "dense: excluded"
+STATUS_DENSE_SLOWER = "dense: factorised was not faster on this device (keep_slower_dense)"
+STATUS_DENSE_NOT_RUN = "dense: not run on example_inputs (no multiply-adds to save)"
 # nn.MultiheadAttention reads out_proj.weight directly instead of calling out_proj: replacing it would crash.
 STATUS_DENSE_READ_BY_PARENT = "dense: weight read directly by nn.MultiheadAttention"
 
-_DERIVED_KEYS = ("reduction",)  # written by to_dict for readers of the JSON, recomputed on reading
+_DERIVED_KEYS = ("reduction", "macs_reduction")  # written by to_dict for readers of the JSON, recomputed on reading
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -93,11 +97,27 @@ class CompressionReport:
     layers: list[LayerReport] = field(default_factory=list)
     batchnorm_recalibrated: bool = False
     batchnorm_data_free: bool = False  # recalibrated on synthetic inputs, not on training batches
+    # Multiply-adds of all Linear/Conv2d/Conv1D layers in one forward pass on the example inputs given to
+    # compress (their shapes in macs_inputs); None when none were given. See smooth_hf.lowrank.cost.
+    macs_before: int | None = None
+    macs_after: int | None = None
+    macs_inputs: str | None = None
 
     @property
     def reduction(self) -> float:
         """Fraction of the model's parameters removed (0.7 = 70% fewer)."""
         return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    @property
+    def macs_reduction(self) -> float | None:
+        """Fraction of the layers' multiply-adds removed on the example inputs, or None when not measured."""
+        if self.macs_before is None or self.macs_after is None or not self.macs_before:
+            return None
+        return 1.0 - self.macs_after / self.macs_before
+
+    @property
+    def kept_dense_for_speed(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.status == STATUS_DENSE_SLOWER]
 
     @property
     def factorised(self) -> list[LayerReport]:
@@ -114,6 +134,7 @@ class CompressionReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["reduction"] = self.reduction
+        data["macs_reduction"] = self.macs_reduction
         return data
 
     @classmethod
@@ -186,17 +207,31 @@ class CompressionReport:
             )
         return "\n".join(lines)
 
+    def _macs_line(self) -> str:
+        if self.macs_reduction is None:
+            return ""
+        return (
+            f" Multiply-adds: {self.macs_before:,} -> {self.macs_after:,} ({self.macs_reduction:.1%} fewer, Linear/Conv "
+            f"layers, one forward pass on inputs {self.macs_inputs})."
+        )
+
     def to_markdown(self) -> str:
         """A summary line and the per-layer table."""
+        slower = len(self.kept_dense_for_speed)
         return (
             f"Parameters: {self.params_before:,} -> {self.params_after:,} ({self.reduction:.1%} fewer, whole model, "
-            f"unique parameters). BatchNorm recalibrated: {self.batchnorm_recalibration}.\n\n{self.layer_table()}\n"
+            f"unique parameters).{self._macs_line()}"
+            f"{f' Kept dense because factorising was not faster: {slower} layer(s).' if slower else ''} "
+            f"BatchNorm recalibrated: {self.batchnorm_recalibration}.\n\n{self.layer_table()}\n"
         )
 
     def __str__(self) -> str:
         return (
             f"CompressionReport({self.params_before:,} -> {self.params_after:,} parameters, "
-            f"{self.reduction:.1%} fewer; {len(self.factorised)}/{len(self.layers)} layers factorised"
+            f"{self.reduction:.1%} fewer; "
+            f"{'' if self.macs_reduction is None else f'{self.macs_reduction:.1%} fewer multiply-adds; '}"
+            f"{len(self.factorised)}/{len(self.layers)} layers factorised"
+            f"{f', {len(self.kept_dense_for_speed)} kept dense for speed' if self.kept_dense_for_speed else ''}"
             f"{'; BatchNorm recalibrated (' + self.batchnorm_recalibration + ')' if self.batchnorm_recalibrated else ''})"
         )
 

@@ -1,20 +1,20 @@
-"""The paper's protocol at CPU scale: smooth training, then compression and pruning without fine-tuning.
+"""The paper's protocol at CPU scale: the CNN recipe, then compression and pruning without fine-tuning.
 
-On real Fashion-MNIST (the local Debian idx files through ``smooth_hf.data``; the full 60,000 training
-images and a fixed 5,000 of the 10,000 test images unless flags change them), with a small CIFAR-style ResNet
-(``resnet14_cifar`` with widths 16-32-64: 175k parameters):
+On real Fashion-MNIST (the local Debian idx files through ``smooth_hf.data``; all 60,000 training images and
+a fixed 5,000 of the 10,000 test images unless flags change them), with a CIFAR-style ResNet
+(``resnet14_cifar``, widths 32-64-128: 696k parameters):
 
-1. **train** five variants with ``SmoothTrainer`` -- the same seed, data order and hyper-parameters
-   (AdamW, cosine schedule; no augmentation unless ``--augment``) for all, only the penalty
-   coefficients differ (scale-free normalisation, the default):
+1. **train** each variant through ``recipes/train.py`` (``train.run``, what a user runs) with the recommended
+   CNN recipe of :mod:`smooth_hf.recommended` -- the same seed, data order and hyper-parameters for all; only
+   the penalty differs:
 
-   ==============  ==============================================
-   plain           no penalty
-   nuclear         ``nuclear_norm_coef=10``
-   first_order     ``first_order_coef=1``
-   second_order    ``second_order_coef=1``
-   recommended     ``nuclear_norm_coef=5, first_order_coef=1`` (``--recommended``)
-   ==============  ==============================================
+   ==================  ===========================================================================
+   plain               no penalty
+   recommended         the recipe's penalty (``CNN_TRAINING``: relative weighting, nuclear norm)
+   nuclear_scale_free  ``nuclear_norm_coef=10`` with ``penalty_normalization="scale_free"`` (optional)
+   first_order         ``first_order_coef=1`` (optional)
+   second_order        ``second_order_coef=1`` (optional)
+   ==================  ===========================================================================
 
 2. **compress / prune every trained model without fine-tuning** to 50/60/70/80/90% fewer
    parameters, always counted over the *whole* model (``smooth_hf.lowrank.count_parameters``):
@@ -36,15 +36,10 @@ images and a fixed 5,000 of the 10,000 test images unless flags change them), wi
 3. **writes** ``<results_dir>/cpu_protocol<tag>.json`` (every number, the exact arguments, the date,
    the machine), ``.md`` (one table per method: rows = budgets, dense first; columns = variants) and
    two PNGs: ``_lowrank_global.png`` (all variants) and ``_methods.png`` (every method, plain vs
-   recommended). Trained dense models go to ``--work_dir/<variant>/dense`` (safetensors + timm
-   config), so ``--skip_training`` recomputes every table from them.
+   recommended). Trained models go to ``--work_dir/<variant>`` (safetensors + timm config, as
+   ``recipes/train.py`` writes them), so ``--skip_training`` recomputes every table from them.
 
-Cost: 5 training runs (469 steps each by default) and 155 evaluations of 5,000 test images (5 variants
-x (dense + 5 budgets x 6 columns)). Measured at the defaults on the idle 2-core CPU: 1,436 s (training
-690 s; compression, pruning and evaluation 741 s, the data-free synthesis included).
-``--max_train_samples 30000`` halves the training and ``--bn_data_free_samples 0`` skips the
-synthesis. On a busy machine ``--threads 1`` avoids OpenMP oversubscription (a training step was 3x
-slower with 2 threads at load 4).
+The wall time of each part is in the JSON and in BENCHMARKS.md.
 
     .venv/bin/python benchmarks/cpu_protocol.py
     .venv/bin/python benchmarks/cpu_protocol.py --skip_training          # tables again from runs/cpu_protocol
@@ -58,59 +53,59 @@ import copy
 import datetime
 import json
 import logging
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import machine_info, machine_summary
 from torch import nn
-from transformers import set_seed
 
-from smooth_hf import SmoothTrainer, SmoothTrainingArguments
-from smooth_hf.auto import build_model, image_input_config, load_dense, save_dense
-from smooth_hf.batchnorm import DataFreeRecalibration
-from smooth_hf.data import ImageTransform, label_names, load_image_classification
-from smooth_hf.evaluation import classification_accuracy
-from smooth_hf.lowrank import LowRankConfig, compress, count_parameters
-from smooth_hf.pruning import FILTER_SCOPES, filter_prune, magnitude_prune
-from smooth_hf.smoothness import SmoothnessPenalty
-from smooth_hf.sweep import BN_REPAIRS, budget_sweep, plot_sweep, sweep_markdown
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+import train as train_recipe  # noqa: E402  (recipes/train.py: the models are trained as users train them)
 
-VARIANTS = ("plain", "nuclear", "first_order", "second_order", "recommended")
+from smooth_hf import SmoothTrainingArguments  # noqa: E402
+from smooth_hf.auto import build_model, image_input_config, load_dense  # noqa: E402
+from smooth_hf.batchnorm import DataFreeRecalibration  # noqa: E402
+from smooth_hf.data import prepare_image_splits, select_subset  # noqa: E402
+from smooth_hf.evaluation import classification_accuracy  # noqa: E402
+from smooth_hf.lowrank import LowRankConfig, compress, count_parameters  # noqa: E402
+from smooth_hf.pruning import FILTER_SCOPES, filter_prune, magnitude_prune  # noqa: E402
+from smooth_hf.recommended import CNN_DATA, CNN_TRAINING  # noqa: E402
+from smooth_hf.script_args import ModelArguments, TrainingDataArguments  # noqa: E402
+from smooth_hf.smoothness import SmoothnessPenalty  # noqa: E402
+from smooth_hf.sweep import BN_REPAIRS, budget_sweep, plot_sweep, sweep_markdown  # noqa: E402
+
+PENALTY_KEYS = ("nuclear_norm_coef", "first_order_coef", "second_order_coef", "penalty_normalization")
+RECIPE = {k: v for k, v in CNN_TRAINING.items() if k not in PENALTY_KEYS}  # what every variant shares
+VARIANTS = {
+    "plain": {},
+    "recommended": {k: v for k, v in CNN_TRAINING.items() if k in PENALTY_KEYS},
+    "nuclear_scale_free": {"nuclear_norm_coef": 10.0, "penalty_normalization": "scale_free"},
+    "first_order": {"first_order_coef": 1.0},
+    "second_order": {"second_order_coef": 1.0},
+}
 METHODS = {
     "lowrank_global": "Low-rank, global allocation (LowRankConfig(param_reduction=p))",
     "lowrank_uniform": "Low-rank, uniform rank ratio (LowRankConfig(rank_ratio=r), r searched per budget)",
     "magnitude": "Global magnitude pruning (unstructured, weights set to zero)",
     "filter_l1": "L1-norm filter pruning (whole output filters set to zero)",
 }
-COEF_KEYS = ("nuclear_norm_coef", "first_order_coef", "second_order_coef")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_name_or_path", default="resnet14_cifar", help="timm name (see smooth_hf.modeling_resnet_cifar).")
-    p.add_argument("--channels", default="16,32,64", help="Stage widths of the CIFAR ResNet ('' = the model's own).")
+    p.add_argument("--channels", default="32,64,128", help="Stage widths of the CIFAR ResNet ('' = the model's own).")
     p.add_argument("--dataset_name", default="fashion_mnist", help="Any dataset smooth_hf.data loads.")
     p.add_argument("--max_train_samples", type=int, default=None, help="Training images (default: all 60,000).")
     p.add_argument("--max_eval_samples", type=int, default=5000,
-                   help="Test images for every accuracy: a fixed subset drawn with --seed (0 = all 10,000).")
-    p.add_argument("--num_train_epochs", type=float, default=1.0)
-    p.add_argument("--per_device_train_batch_size", type=int, default=128)
-    p.add_argument("--learning_rate", type=float, default=2e-3, help="AdamW peak learning rate (cosine schedule).")
-    p.add_argument("--weight_decay", type=float, default=5e-4)
-    p.add_argument("--augment", action="store_true",
-                   help="Random crop (4-pixel padding) + horizontal flip on the training images. Off by default: "
-                        "in one epoch it costs more accuracy than it buys.")
-    p.add_argument("--warmup_ratio", type=float, default=0.05, help="Learning-rate warm-up, fraction of the steps.")
-    p.add_argument("--nuclear_norm_every", type=int, default=10, help="SVD refresh period of the nuclear norm.")
-    p.add_argument("--recommended", default="nuclear_norm_coef=5,first_order_coef=1",
-                   help="Coefficients of the 'recommended' variant, key=value pairs.")
-    p.add_argument("--penalty_warmup_ratio", type=float, default=0.0,
-                   help="Penalty ramp for every penalised variant (0 = full strength from step 0).")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"Subset of {','.join(VARIANTS)}.")
+                   help="Test images for every accuracy: the first of a shuffle seeded by --seed (0 = all 10,000).")
+    p.add_argument("--num_train_epochs", type=float, default=CNN_TRAINING["num_train_epochs"],
+                   help="Epochs (the recipe's by default).")
+    p.add_argument("--per_device_train_batch_size", type=int, default=CNN_TRAINING["per_device_train_batch_size"])
+    p.add_argument("--variants", default="plain,recommended", help=f"Subset of {','.join(VARIANTS)}.")
     p.add_argument("--budgets", default="0.5,0.6,0.7,0.8,0.9", help="Fractions of all parameters to remove.")
     p.add_argument("--methods", default=",".join(METHODS), help=f"Subset of {','.join(METHODS)}.")
     p.add_argument("--filter_scope", default="global", choices=FILTER_SCOPES,
@@ -131,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report_only", action="store_true",
                    help="Only rewrite the Markdown and PNGs from an existing <results_dir>/cpu_protocol<tag>.json.")
     args = p.parse_args(argv)
-    for name, allowed in (("variants", VARIANTS), ("methods", tuple(METHODS))):
+    for name, allowed in (("variants", tuple(VARIANTS)), ("methods", tuple(METHODS))):
         values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
         bad = [v for v in values if v not in allowed]
         if bad or not values:
@@ -140,52 +135,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.budgets = sorted(float(b) for b in args.budgets.split(","))
     if not all(0 < b < 1 for b in args.budgets):
         p.error("--budgets must be fractions in (0, 1)")
+    args.max_eval_samples = args.max_eval_samples or None
     return args
-
-
-def variant_coefs(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    recommended = {}
-    for item in args.recommended.split(","):
-        key, _, value = item.partition("=")
-        if key.strip() not in COEF_KEYS:
-            raise SystemExit(f"--recommended: {key.strip()!r} is not one of {COEF_KEYS}")
-        recommended[key.strip()] = float(value)
-    table = {
-        "plain": {},
-        "nuclear": {"nuclear_norm_coef": 10.0},
-        "first_order": {"first_order_coef": 1.0},
-        "second_order": {"second_order_coef": 1.0},
-        "recommended": recommended,
-    }
-    return {name: table[name] for name in args.variants}
-
-
-def machine_description(args: argparse.Namespace) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
 
 
 # ---- data ---------------------------------------------------------------------------------------
 class TensorExamples(torch.utils.data.Dataset):
-    """Pre-transformed images as the ``{"pixel_values", "labels"}`` items the evaluation reads (no per-epoch decode)."""
+    """A transformed split held as tensors: every evaluation reads them, so they are decoded once."""
 
-    def __init__(self, dataset, transform: ImageTransform, batch: int = 2000):
-        pixels, labels = [], []
-        for start in range(0, len(dataset), batch):
-            out = transform(dataset[start : start + batch])
-            pixels.append(torch.stack(out["pixel_values"]))
-            labels.append(torch.tensor(out["labels"]))
-        self.pixel_values, self.labels = torch.cat(pixels), torch.cat(labels)
+    def __init__(self, dataset):
+        items = dataset[:]
+        self.pixel_values, self.labels = torch.stack(items["pixel_values"]), torch.tensor(items["labels"])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -198,36 +158,32 @@ class TensorExamples(torch.utils.data.Dataset):
 
 
 # ---- training -----------------------------------------------------------------------------------
-def new_model(args: argparse.Namespace, num_labels: int) -> nn.Module:
+def script_arguments(args: argparse.Namespace) -> tuple[ModelArguments, TrainingDataArguments]:
+    """The ``recipes/train.py`` model and data arguments of every variant."""
     overrides = f"channels=[{args.channels}]" if args.channels else None
-    return build_model(args.model_name_or_path, num_labels=num_labels, num_channels=1, config_overrides=overrides)
+    model_args = ModelArguments(model_name_or_path=args.model_name_or_path, config_overrides=overrides)
+    data_args = TrainingDataArguments(dataset_name=args.dataset_name, max_train_samples=args.max_train_samples,
+                                      max_eval_samples=args.max_eval_samples, **CNN_DATA)
+    return model_args, data_args
 
 
-def train_variant(name: str, coefs: dict[str, float], args: argparse.Namespace, data, folder: Path) -> dict[str, Any]:
-    set_seed(args.seed)  # same initialisation and data order for every variant
-    model = new_model(args, len(label_names(data["train"])))
+def train_variant(name: str, coefs: dict[str, Any], args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    model_args, data_args = script_arguments(args)
     training_args = SmoothTrainingArguments(
-        output_dir=str(folder / "trainer"), num_train_epochs=args.num_train_epochs,
-        per_device_train_batch_size=args.per_device_train_batch_size, learning_rate=args.learning_rate,
-        optim="adamw_torch", lr_scheduler_type="cosine", warmup_steps=args.warmup_ratio,
-        weight_decay=args.weight_decay, logging_steps=50, save_strategy="no", report_to=[], seed=args.seed,
-        data_seed=args.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-        nuclear_norm_every=args.nuclear_norm_every,
-        penalty_warmup_ratio=args.penalty_warmup_ratio if coefs else 0.0, **coefs,
+        output_dir=str(folder), **{**RECIPE, "num_train_epochs": args.num_train_epochs,
+                                   "per_device_train_batch_size": args.per_device_train_batch_size},
+        **coefs, do_train=True, logging_steps=50, save_strategy="no", report_to="none", seed=args.seed,
+        dataloader_num_workers=0, disable_tqdm=True,
     )
-    spec = image_input_config(model)
-    transform = ImageTransform(spec["channels"], spec["mean"], spec["std"], spec["image_size"], train=args.augment)
-    print(f"\n== training {name} ({count_parameters(model):,} parameters; penalties: {coefs or 'none'}) ==", flush=True)
+    print(f"\n== training {name} (penalties: {coefs or 'none'}) ==", flush=True)
     start = time.time()
-    trainer = SmoothTrainer(model=model, args=training_args, train_dataset=data["train"].with_transform(transform))
-    output = trainer.train()
+    trainer, metrics, _ = train_recipe.run(model_args, data_args, training_args)
     seconds = time.time() - start
-    save_dense(model, folder / "dense")
     logs = [e for e in trainer.state.log_history if "loss" in e]
     info = {
-        "coefs": coefs, "penalty_warmup_ratio": training_args.penalty_warmup_ratio, "train_seconds": round(seconds, 1),
-        "steps": trainer.state.global_step, "train_loss": output.training_loss,
-        "last_logged": logs[-1] if logs else None, "log_history": trainer.state.log_history,
+        "coefs": coefs, "train_seconds": round(seconds, 1), "steps": trainer.state.global_step,
+        "train_loss": metrics.get("train_loss"), "last_logged": logs[-1] if logs else None,
+        "log_history": trainer.state.log_history,
     }
     (folder / "train_info.json").write_text(json.dumps(info, indent=2))
     return info
@@ -338,10 +294,10 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = [
         f"# CPU protocol: {a['model_name_or_path']} (channels {a['channels'] or 'default'}) on {a['dataset_name']}",
         "",
-        f"{payload['date']}; {payload['machine']['cpu']}, {payload['machine']['torch_threads']} torch threads, "
-        f"torch {payload['machine']['torch']}. Training: {payload['data']['train']:,} images, "
-        f"{a['num_train_epochs']:g} epoch(s), batch {a['per_device_train_batch_size']}, AdamW lr "
-        f"{a['learning_rate']:g} cosine, augmentation {'on' if a.get('augment', True) else 'off'}, seed {a['seed']} "
+        f"{payload['date']}; {machine_summary(payload['machine'])}. Training through recipes/train.py: "
+        f"{payload['data']['train']:,} images, {a['num_train_epochs']:g} epoch(s), batch "
+        f"{a['per_device_train_batch_size']}, the CNN recipe of smooth_hf.recommended "
+        f"(`{' '.join(f'{k}={v}' for k, v in payload['recipe'].items())}`), seed {a['seed']} "
         "(same for every variant). Accuracy (%) on "
         f"{payload['data']['test']:,} Fashion-MNIST test images. No fine-tuning after compression or pruning. "
         "Parameters removed = fraction of ALL the model's parameters (`count_parameters`).",
@@ -456,26 +412,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     start = time.time()
     started_at = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    machine = machine_description(args)
+    machine = machine_info()
     work, results_dir = Path(args.work_dir), Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    coefs = variant_coefs(args)
+    coefs = {name: VARIANTS[name] for name in args.variants}
 
-    data = load_image_classification(args.dataset_name, seed=args.seed)
-    if args.max_train_samples:
-        n = min(args.max_train_samples, len(data["train"]))
-        data["train"] = data["train"].shuffle(seed=args.seed).select(range(n))
-    if args.max_eval_samples:
-        n = min(args.max_eval_samples, len(data["test"]))
-        data["test"] = data["test"].shuffle(seed=args.seed).select(range(n))
-    num_labels = len(label_names(data["train"]))
-    spec = image_input_config(new_model(args, num_labels))
-    plain_transform = ImageTransform(spec["channels"], spec["mean"], spec["std"], spec["image_size"])
-    test = TensorExamples(data["test"], plain_transform)
+    # The evaluation images and the BN-repair images, transformed as for evaluation (no augmentation).
+    model_args, data_args = script_arguments(args)
+    probe = build_model(model_args.model_name_or_path, num_labels=10, num_channels=1,
+                        config_overrides=model_args.config_overrides)
+    spec = image_input_config(probe)
+    data = prepare_image_splits(**data_args.split_kwargs(), seed=args.seed, input_spec=spec)
+    test = TensorExamples(data["test"])
     calib = None
     if args.bn_recalibration_samples:
-        n = min(args.bn_recalibration_samples, len(data["train"]))
-        calib = TensorExamples(data["train"].shuffle(seed=args.seed + 1).select(range(n)), plain_transform)
+        calib = TensorExamples(select_subset(data["train"], args.bn_recalibration_samples, args.seed + 1))
     print(f"data: {args.dataset_name}, {len(data['train']):,} training / {len(test):,} test images; "
           f"variants {list(coefs)}; methods {args.methods}; budgets {args.budgets}; "
           f"{torch.get_num_threads()} threads", flush=True)
@@ -485,21 +436,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, c in coefs.items():
         folder = work / name
         if args.skip_training:
-            if not (folder / "dense" / "model.safetensors").is_file():
-                raise SystemExit(f"--skip_training: {folder / 'dense'} has no trained model; run without --skip_training first")
+            if not (folder / "model.safetensors").is_file():
+                raise SystemExit(f"--skip_training: {folder} has no trained model; run without --skip_training first")
             info = json.loads((folder / "train_info.json").read_text()) if (folder / "train_info.json").is_file() else {}
             if info and info.get("coefs") != c:
                 print(f"warning: {folder} was trained with {info.get('coefs')}, not {c}", flush=True)
         else:
-            info = train_variant(name, c, args, data, folder)
+            info = train_variant(name, c, args, folder)
             t_train += info["train_seconds"]
         variants[name] = {"coefs": info.get("coefs", c), **{k: v for k, v in info.items() if k in (
-            "train_seconds", "steps", "train_loss", "last_logged", "penalty_warmup_ratio")}}
+            "train_seconds", "steps", "train_loss", "last_logged")}}
 
     results: dict[str, dict[str, list]] = {}
     t_eval = time.time()
     for name in coefs:
-        model = load_dense(work / name / "dense").eval()  # the saved model, so --skip_training measures the same thing
+        model = load_dense(work / name).eval()  # the saved model, so --skip_training measures the same thing
         variants[name]["smoothness"] = smoothness_terms(model)
         print(f"\n== {name}: compression and pruning without fine-tuning ==", flush=True)
         run_methods(name, model, args, test, calib, results)
@@ -512,6 +463,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": " ".join([sys.executable, *sys.argv]) if argv is None else argv,
         "arguments": vars(args),
         "machine": machine,
+        "recipe": {**RECIPE, **CNN_DATA},
         "data": {"dataset": args.dataset_name, "train": len(data["train"]), "test": len(test),
                  "bn_recalibration": len(calib) if calib is not None else 0},
         "timing": {"total_seconds": time.time() - start, "training_seconds": t_train, "evaluation_seconds": t_eval},

@@ -10,6 +10,7 @@ import sys
 from conftest import ROOT, save_tiny_fmnist
 
 import smooth_hf
+from smooth_hf.recommended import CNN_DATA, CNN_TRAINING
 
 sys.path.insert(0, str(ROOT / "recipes"))
 import compress as compress_recipe  # noqa: E402
@@ -33,13 +34,18 @@ def test_docstring_commands_run_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the commands write runs/... relative to where they are typed
     data = save_tiny_fmnist(tmp_path / "tiny")
     train_cmds, compress_cmds = docstring_commands("train.py"), docstring_commands("compress.py")
-    assert len(train_cmds) == 5 and len(compress_cmds) == 3, "a command was added or removed: update this test"
+    assert len(train_cmds) == 5 and len(compress_cmds) == 4, "a command was added or removed: update this test"
     resnet, two_processes, gpus, vit, hub_vit = train_cmds
     assert two_processes == gpus == ["...same", "flags..."]  # abbreviations of the first command
+    # The CNN command is the recommended recipe, setting for setting (smooth_hf.recommended is its one source).
+    _, data_args, training_args = train_recipe.parse_args(resnet)
+    for key, value in {**CNN_TRAINING, **CNN_DATA}.items():
+        parsed = getattr(training_args, key, getattr(data_args, key, None))
+        assert str(parsed) == str(value) or parsed == value, f"--{key}: docstring {parsed!r}, recipe {value!r}"
 
-    # The paper's model, then the ViT: only the data and the sizes are swapped for tiny ones.
+    # The CNN recipe, then the ViT: only the data and the sizes are swapped for tiny ones.
     train_recipe.main([*resnet, *TINY_RESNET, "--dataset_name", data, "--max_train_samples", "32",
-                       "--max_eval_samples", "16", "--per_device_train_batch_size", "16"])
+                       "--max_eval_samples", "16", "--per_device_train_batch_size", "16", "--num_train_epochs", "1"])
     assert (tmp_path / "runs" / "smooth" / "model.safetensors").is_file()
     metrics = train_recipe.main([*vit, "--dataset_name", data, "--max_train_samples", "16", "--max_eval_samples", "8",
                                  "--max_steps", "2"])
@@ -48,12 +54,15 @@ def test_docstring_commands_run_as_written(tmp_path, monkeypatch):
     _, data_args, training_args = train_recipe.parse_args(hub_vit)
     assert data_args.dataset_name == "cifar10" and data_args.augment and training_args.learning_rate == 2e-5
 
-    one_budget, pushed, sweep = compress_cmds
+    one_budget, pushed, whitened, sweep = compress_cmds
     result = compress_recipe.main(one_budget)  # on the data recorded by the training run above
     assert result["reduction"] >= 0.7
     assert smooth_hf.from_pretrained(tmp_path / "runs" / "smooth-lowrank-70").lowrank_report.reduction >= 0.7
     args, _, rank_args = compress_recipe.parse_args(pushed)  # tests/test_hub_e2e.py pushes to a local Hub
     assert args.push_to_hub and args.hub_model_id == "you/resnet18-smooth-lowrank-70" and rank_args.param_reduction == 0.7
+    result = compress_recipe.main([*whitened, "--calibration_samples", "16"])  # the tiny data has 32 images
+    assert result["reduction"] >= 0.7
+    assert smooth_hf.from_pretrained(tmp_path / "runs" / "smooth-whitened-70").lowrank_config.method == "whitened"
     (rows,) = compress_recipe.main([*sweep, "--budgets", "0.5,0.7"]).values()  # a tiny model cannot lose 90%
     assert [row["budget"] for row in rows] == [0.0, 0.5, 0.7]
     assert (tmp_path / "runs" / "smooth-sweep" / "results.md").is_file()

@@ -215,7 +215,7 @@ def test_cpu_protocol_benchmark_runs_end_to_end_and_reports_every_column(tiny_fm
     assert {"accuracy", "accuracy_bn_recalibrated", "accuracy_bn_data_free"} <= set(row)
     assert 0.5 <= row["removed"] < 0.52  # at least the budget; a 5k-parameter model: one rank is ~1.5%
     table = (results / "cpu_protocol.md").read_text()
-    assert "recommended + BN data-free" in table and "augmentation off" in table
+    assert "recommended + BN data-free" in table and "the CNN recipe of smooth_hf.recommended" in table
     assert (results / "cpu_protocol_lowrank_global.png").stat().st_size > 1000
 
 

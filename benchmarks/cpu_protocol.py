@@ -309,7 +309,8 @@ def markdown(payload: dict[str, Any]) -> str:
     ]
     for name, v in variants.items():
         s = v["smoothness"]
-        coefs = ", ".join(f"{k.removesuffix('_coef')}={c:g}" for k, c in v["coefs"].items()) or "none"
+        coefs = ", ".join(f"{k.removesuffix('_coef')}={c:g}" if isinstance(c, int | float) else f"{k}={c}"
+                          for k, c in v["coefs"].items()) or "none"
         lines.append(f"| {name} | {coefs} | {100 * v['dense_accuracy']:.2f} | {v.get('train_seconds', '-')} | "
                      f"{s['nuclear_norm']:.4f} | {s['first_order']:.4f} | {s['second_order']:.4f} |")
     lines += ["", "Smoothness columns: the scale-free penalty terms of the trained weights (exact SVD, layers the "

@@ -294,20 +294,20 @@ def run_cnn(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
     from cpu_protocol import TensorExamples
 
     from smooth_hf.auto import image_input_config, load_dense
-    from smooth_hf.data import ImageTransform, load_image_classification
+    from smooth_hf.data import ImageTransform, load_image_classification, select_subset
     from smooth_hf.evaluation import classification_accuracy
 
     data = load_image_classification(args.cnn_dataset, seed=args.seed)
-    test_split = data["test"].shuffle(seed=args.seed).select(range(min(args.cnn_eval_samples, len(data["test"]))))
+    test_split = select_subset(data["test"], args.cnn_eval_samples, args.seed)  # cpu_protocol.py's test images
     # The images cpu_protocol.py recalibrates BatchNorm on (seed + 1), so the two benchmarks' columns line up.
-    n = min(args.cnn_calibration_images, len(data["train"]))
-    calibration_split = data["train"].shuffle(seed=args.seed + 1).select(range(n))
+    calibration_split = select_subset(data["train"], args.cnn_calibration_images, args.seed + 1)
     results, models = {}, {}
     for name, folder in cnn_checkpoints(Path(args.cnn_models)).items():
         model = load_dense(folder)
         spec = image_input_config(model)
         transform = ImageTransform(spec["channels"], spec["mean"], spec["std"], spec["image_size"])
-        test, calibration = TensorExamples(test_split, transform), TensorExamples(calibration_split, transform)
+        test = TensorExamples(test_split.with_transform(transform))
+        calibration = TensorExamples(calibration_split.with_transform(transform))
         models[name] = {"folder": str(folder), "parameters": count_parameters(model)}
 
         def accuracy(m: nn.Module, test=test) -> float:
@@ -322,7 +322,7 @@ def run_cnn(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
     lines = [
         "## CPU-protocol CNN: svd vs whitened, plain and smooth models",
         "",
-        f"{args.cnn_dataset}, {len(test_split):,} test images (seeded subset); the same {n} training images "
+        f"{args.cnn_dataset}, {len(test_split):,} test images (seeded subset); the same {len(calibration_split)} training images "
         "calibrate the whitening and, in the `+ BN recal.` columns, re-estimate BatchNorm statistics after the cut. "
         "Models: " + ", ".join(f"{k} ({v['parameters']:,} parameters)" for k, v in models.items()) + ".",
         "",

@@ -52,14 +52,26 @@ def cell(values: list[float]) -> str:
     return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ±{(max(values) - min(values)) / 2:.2f}"
 
 
-def table(groups: dict[str, dict[str, Any]]) -> str:
-    budgets = sorted({b for g in groups.values() for b in g["acc"]})
-    head = "| run | seeds | nuc | " + " | ".join(f"{100 * b:.0f}%" for b in budgets) + " | train s |"
-    lines = [head, "|" + "---|" * (len(budgets) + 4)]
-    for name, g in groups.items():
-        lines.append(f"| {name} | {len(g['seeds'])} | {statistics.fmean(g['nuc']):.3f} | "
-                     + " | ".join(cell(g["acc"].get(b, [])) for b in budgets)
-                     + f" | {statistics.fmean(g['train_seconds']):.0f} |")
+def table(groups: dict[str, dict[str, Any]], only: list[str] | None = None, reference: str | None = None) -> str:
+    """One row per group (in ``only``'s order when given); with ``reference`` (a plain group), two more columns:
+    the mean accuracy at 70% and 80% minus the reference's mean dense accuracy."""
+    names = only or list(groups)
+    missing = [n for n in names if n not in groups]
+    if missing:
+        raise SystemExit(f"no finished run in group(s) {missing}; groups: {sorted(groups)}")
+    budgets = sorted({b for n in names for b in groups[n]["acc"]})
+    head = "| run | seeds | nuc | " + " | ".join(f"{100 * b:.0f}%" for b in budgets)
+    gaps = reference is not None and {0.7, 0.8} <= set(budgets)
+    head += " | 70% vs dense plain | 80% vs dense plain |" if gaps else " |"
+    lines = [head, "|" + "---|" * (len(budgets) + 3 + 2 * gaps)]
+    dense_plain = statistics.fmean(groups[reference]["acc"][0.0]) if gaps else None
+    for name in names:
+        g = groups[name]
+        line = (f"| {name} | {len(g['seeds'])} | {statistics.fmean(g['nuc']):.3f} | "
+                + " | ".join(cell(g["acc"].get(b, [])) for b in budgets) + " |")
+        if gaps:
+            line += "".join(f" {statistics.fmean(g['acc'][b]) - dense_plain:+.2f} |" for b in (0.7, 0.8))
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -70,9 +82,11 @@ def errors(runs: list[dict[str, Any]]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", help="JSON-lines files written by cnn_recipe.py.")
+    p.add_argument("--only", default="", help="Comma-separated groups to show, in this order (default: all).")
+    p.add_argument("--reference", default=None, help="The plain group the 70%%/80%% gap columns compare with.")
     args = p.parse_args(argv)
     runs = load(args.paths)
-    print(table(summarize(runs)))
+    print(table(summarize(runs), [n for n in args.only.split(",") if n] or None, args.reference))
     for line in errors(runs):
         print("ERROR", line)
 

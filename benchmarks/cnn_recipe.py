@@ -335,7 +335,20 @@ def _gpu2() -> list[dict[str, Any]]:
     ]
 
 
-GRIDS = {"smoke": _smoke, "gpu2": _gpu2}
+def _init_scale() -> list[dict[str, Any]]:
+    """Does the penalty's pull depend on the initial weight scale? The same training with every conv weight x1 and
+    x3 at init (a no-op for the function under BatchNorm), scale-free vs relative weighting; CPU-sized
+    (resnet14_cifar 16-32-64, 20,000 images, 2 epochs)."""
+    small = {"channels": [16, 32, 64], "epochs": 2, "max_train_samples": 20000, "budgets": [0.5, 0.7, 0.8]}
+    runs = []
+    for normalization, coef in (("scale_free", 10.0), ("relative", 0.4)):
+        for scale in (1.0, 3.0):
+            runs.append({"name": f"init{scale:.0f}x_{normalization}{coef:g}", **small, "init_scale": scale,
+                         "penalty_normalization": normalization, "nuclear_norm_coef": coef})
+    return runs
+
+
+GRIDS = {"smoke": _smoke, "gpu2": _gpu2, "init_scale": _init_scale}
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""The main job: the paper's claim on its own model family, on real data, end to end, in minutes on a CPU.
+"""The main job: smooth vs plain training, then compression without fine-tuning, on real data, end to end.
 
-    make main        # = python recipes/smooth_vs_plain.py
+    make main        # = python recipes/smooth_vs_plain.py            (the "vit" recipe, minutes on 2 CPU cores)
+    python recipes/smooth_vs_plain.py --recipe cnn --output_dir runs/main-cnn   # the paper's CNN setting
 
-1. trains the same CIFAR-style ResNet (``resnet14_cifar``) twice from scratch on real Fashion-MNIST (local
-   Debian files, no Hub), with the recommended CNN recipe (``smooth_hf.recommended``): once plain, once with
-   the nuclear-norm penalty -- through ``recipes/train.py``, as a user would;
+1. trains the same model twice from scratch on real Fashion-MNIST (local Debian files, no Hub), through
+   ``recipes/train.py`` as a user would: once plain, once with the smoothness penalties;
 2. compresses copies of both at several budgets (fraction of ALL parameters removed) by truncated SVD with
    the global rank allocation -- no fine-tuning, no BatchNorm repair, nothing else -- through
    ``recipes/compress.py --budgets``;
@@ -12,15 +12,23 @@
    PNG plot, and saves the smooth model compressed at ``--save_budget`` with its model card
    (``recipes/compress.py --param_reduction``).
 
-The defaults fit a 2-core CPU in minutes (the model is a narrow ResNet-14 and training is short); every
-argument of ``recipes/train.py`` is accepted too, e.g. the full recipe on ResNet-18 with a GPU::
+``--recipe`` picks the model and training settings, all from ``smooth_hf.recommended``:
 
-    python recipes/smooth_vs_plain.py --model_name_or_path resnet18_cifar --config_overrides "" \\
-        --max_train_samples 0 --max_eval_samples 0 --num_train_epochs 4 --output_dir runs/main-r18
+* ``vit`` (default): a small vision transformer (4 layers, hidden 64) on 20,000 images for 5 epochs with
+  AdamW and nuclear norm + first-order differences (``VIT_TRAINING``). It fits a 2-core CPU in minutes.
+* ``cnn``: the CNN recipe (``CNN_TRAINING``, ``CNN_DATA``) on the CIFAR-style ``resnet14_cifar`` (widths
+  32-64-128), the full 60,000 training images for 4 epochs, scored on all 10,000 test images. It is the
+  setting of the paper's claim; it needs a GPU to run in minutes (about half an hour per model on 2 CPU
+  cores, BENCHMARKS.md gives the measured times).
+
+Every argument of ``recipes/train.py`` is accepted too and overrides the recipe, e.g. ResNet-18 with a GPU::
+
+    python recipes/smooth_vs_plain.py --recipe cnn --model_name_or_path resnet18_cifar --output_dir runs/main-r18
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -34,41 +42,67 @@ import transformers
 from transformers import HfArgumentParser
 
 from smooth_hf import SmoothTrainingArguments
-from smooth_hf.recommended import CNN_DATA, CNN_TRAINING
+from smooth_hf.recommended import CNN_DATA, CNN_TRAINING, VIT_TRAINING
 from smooth_hf.script_args import ModelArguments, TrainingDataArguments
 from smooth_hf.sweep import plot_sweep, sweep_markdown
 
 PENALTIES = ("nuclear_norm_coef", "first_order_coef", "second_order_coef")
 
-# What `make main` runs: the CNN recipe on a model and data sized for minutes on 2 CPU cores.
-MAIN_JOB_DEFAULTS = {
-    **CNN_TRAINING,
-    **CNN_DATA,
-    "model_name_or_path": "resnet14_cifar",
-    "config_overrides": "channels=[16,32,64]",
+# Settings every recipe shares; each recipe adds its model and training settings (a command line overrides both).
+COMMON_DEFAULTS = {
     "dataset_name": "fashion_mnist",
-    "max_train_samples": 30000,
-    "num_train_epochs": 2,
-    "max_eval_samples": 5000,
     "output_dir": "runs/main",
     "logging_steps": 50,
     "save_strategy": "no",
     "report_to": "none",
-    "nuclear_norm_coef": 0.3,
 }
+RECIPES: dict[str, dict] = {
+    "vit": {
+        **VIT_TRAINING,
+        "model_type": "vit",
+        "config_overrides": "image_size=28,patch_size=4,hidden_size=64,num_hidden_layers=4,num_attention_heads=4,"
+                            "intermediate_size=128",
+        "max_train_samples": 20000,
+        "max_eval_samples": 5000,
+    },
+    "cnn": {
+        **CNN_TRAINING,
+        **CNN_DATA,
+        "model_name_or_path": "resnet14_cifar",
+        "max_train_samples": 0,  # all 60,000
+        "max_eval_samples": 0,  # all 10,000
+    },
+}
+_MODEL_KEYS = ("model_name_or_path", "model_type", "config_overrides")
 
 
 @dataclass
 class MainJobArguments:
+    recipe: str = field(
+        default="vit", metadata={"help": "Model and training settings (smooth_hf.recommended).", "choices": sorted(RECIPES)}
+    )
     budgets: str = field(default="0.5,0.6,0.7,0.8,0.9", metadata={"help": "Fractions of all parameters to remove."})
     save_budget: float = field(default=0.7, metadata={"help": "Budget at which the smooth model is saved with a card."})
 
 
+def defaults_for(recipe: str, argv: list[str]) -> dict:
+    """The recipe's settings; a model named on the command line replaces the recipe's model entirely."""
+    settings = {**COMMON_DEFAULTS, **RECIPES[recipe]}
+    if any(arg.split("=")[0] in ("--model_name_or_path", "--model_type") for arg in argv):
+        for key in _MODEL_KEYS:
+            settings.pop(key, None)
+    return settings
+
+
 def parse_args(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default="vit", choices=sorted(RECIPES))
+    recipe = pre.parse_known_args(argv)[0].recipe
     parser = HfArgumentParser((MainJobArguments, ModelArguments, TrainingDataArguments, SmoothTrainingArguments))
-    parser.set_defaults(**MAIN_JOB_DEFAULTS)
+    parser.set_defaults(**defaults_for(recipe, argv))
     job, model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    for name in ("max_train_samples", "max_eval_samples"):  # 0 = all, so the defaults can be switched off
+    for name in ("max_train_samples", "max_eval_samples"):  # 0 = all, so a recipe (or a user) can switch them off
         if getattr(data_args, name) == 0:
             setattr(data_args, name, None)
     return job, model_args, data_args, training_args
@@ -83,12 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not any(getattr(training_args, k) for k in PENALTIES):
         raise ValueError("the smooth model needs a penalty: give --nuclear_norm_coef (or another *_coef) > 0")
 
+    model_name = model_args.model_name_or_path or f"{model_args.model_type} from scratch"
     runs = {"plain": replace(training_args, output_dir=str(out / "plain"), **dict.fromkeys(PENALTIES, 0.0)),
             "smooth": replace(training_args, output_dir=str(out / "smooth"))}
     results, timings = {}, {}
     for name, args in runs.items():
         penalties = {k: getattr(args, k) for k in PENALTIES if getattr(args, k)}
-        print(f"\n== training the {name} model ({model_args.model_name_or_path}, penalties: {penalties or 'none'}) ==",
+        print(f"\n== training the {name} model ({model_name}, penalties: {penalties or 'none'}) ==",
               flush=True)
         began = time.time()
         train_recipe.run(model_args, replace(data_args), replace(args, do_train=True, do_eval=False))
@@ -106,10 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "results.md").write_text(table + "\n")
     timings["total_seconds"] = round(time.time() - start, 1)
     arguments = {"job": asdict(job), "model": asdict(model_args), "data": asdict(data_args),
-                 "training": {k: v for k, v in training_args.to_dict().items() if k in {*MAIN_JOB_DEFAULTS, "seed"}}}
+                 "training": training_args.to_dict()}
     (out / "results.json").write_text(json.dumps({"arguments": arguments, "timings": timings, "results": results},
                                                  indent=2, default=str))
-    title = f"{model_args.model_name_or_path} on {data_args.dataset_name}, no fine-tuning"
+    title = f"{model_name} on {data_args.dataset_name}, no fine-tuning"
     plot = plot_sweep(results, out / "accuracy_vs_params_removed.png", title)
     num_test = data_args.max_eval_samples or "all"
     print(f"\n== accuracy (%) on {num_test} {data_args.dataset_name} test images vs parameters removed, "

@@ -8,13 +8,16 @@ cut without fine-tuning (the measurements behind each value: BENCHMARKS.md, sect
     python recipes/train.py --model_name_or_path resnet14_cifar ... $(cnn_flags)   # see cnn_flags()
 
 ``CNN_DATA`` holds the data arguments of the same recipe (``TrainingDataArguments``: augmentation).
+
+``VIT_TRAINING`` trains a small vision transformer (no BatchNorm) from scratch with AdamW, with the coefficients
+chosen by the ViT coefficient sweep (BENCHMARKS.md, section 3): the main job's default model.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CNN_DATA", "CNN_TRAINING", "as_flags", "cnn_flags"]
+__all__ = ["CNN_DATA", "CNN_TRAINING", "VIT_TRAINING", "as_flags", "cnn_flags"]
 
 CNN_TRAINING: dict[str, Any] = {
     # SGD with Nesterov momentum and a one-cycle schedule: the classic CIFAR ResNet recipe.
@@ -33,6 +36,18 @@ CNN_TRAINING: dict[str, Any] = {
 }
 
 CNN_DATA: dict[str, Any] = {"augment": True, "random_crop_padding": 0}  # horizontal flips only
+
+VIT_TRAINING: dict[str, Any] = {
+    "learning_rate": 2e-3,  # AdamW (the Trainer's default optimizer)
+    "weight_decay": 0.05,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "per_device_train_batch_size": 128,
+    "num_train_epochs": 5,
+    # Without BatchNorm the first-order term buys back dense accuracy that the nuclear norm alone costs.
+    "nuclear_norm_coef": 5.0,
+    "first_order_coef": 1.0,
+}
 
 
 def as_flags(settings: dict[str, Any]) -> list[str]:

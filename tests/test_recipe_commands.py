@@ -24,7 +24,7 @@ def docstring_commands(name: str) -> list[list[str]]:
     text = ast.get_docstring(ast.parse((ROOT / "recipes" / name).read_text()))
     commands = []
     for line in text.replace("\\\n", " ").splitlines():
-        words = shlex.split(line.strip()) if line.strip().startswith(("python ", "accelerate launch ")) else []
+        words = shlex.split(line.strip(), comments=True) if line.strip().startswith(("python ", "accelerate launch ")) else []
         if f"recipes/{name}" in words:
             commands.append(words[words.index(f"recipes/{name}") + 1 :])
     return commands
@@ -66,3 +66,15 @@ def test_docstring_commands_run_as_written(tmp_path, monkeypatch):
     (rows,) = compress_recipe.main([*sweep, "--budgets", "0.5,0.7"]).values()  # a tiny model cannot lose 90%
     assert [row["budget"] for row in rows] == [0.0, 0.5, 0.7]
     assert (tmp_path / "runs" / "smooth-sweep" / "results.md").is_file()
+
+
+def test_main_job_docstring_commands_parse():
+    import smooth_vs_plain
+
+    cnn, resnet18 = docstring_commands("smooth_vs_plain.py")
+    job, model_args, data_args, training_args = smooth_vs_plain.parse_args(cnn)
+    assert job.recipe == "cnn" and model_args.model_name_or_path == "resnet14_cifar"
+    assert training_args.output_dir == "runs/main-cnn" and training_args.optim == "sgd"
+    job, model_args, _, training_args = smooth_vs_plain.parse_args(resnet18)
+    assert model_args.model_name_or_path == "resnet18_cifar" and model_args.config_overrides is None
+    assert training_args.nuclear_norm_coef == CNN_TRAINING["nuclear_norm_coef"]

@@ -18,6 +18,7 @@ import smooth_hf
 from smooth_hf.auto import image_input_config
 from smooth_hf.data import prepare_image_splits
 from smooth_hf.evaluation import logits_of
+from smooth_hf.recommended import CNN_TRAINING, VIT_TRAINING
 from smooth_hf.script_args import DATA_RECORD_NAME
 
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -159,7 +160,7 @@ def test_compress_recipe_data_free_batchnorm_card(trained, tiny_fmnist, tmp_path
 def test_main_job_end_to_end(tiny_fmnist, tmp_path, capsys):
     out = tmp_path / "main"
     results = smooth_vs_plain.main([
-        "--output_dir", str(out), "--dataset_name", tiny_fmnist, "--config_overrides", "channels=[4,8,8]",
+        "--recipe", "cnn", "--output_dir", str(out), "--dataset_name", tiny_fmnist, "--config_overrides", "channels=[4,8,8]",
         "--max_train_samples", "48", "--max_eval_samples", "32", "--num_train_epochs", "1",
         "--per_device_train_batch_size", "16", "--budgets", "0.3,0.5", "--save_budget", "0.5",
     ])
@@ -180,6 +181,37 @@ def test_main_job_end_to_end(tiny_fmnist, tmp_path, capsys):
     (row,) = [r for r in results["smooth"] if r["budget"] == 0.5]
     card = ModelCard.load(out / "smooth-lowrank-50" / "README.md")
     assert card.data.eval_results[0].metric_value == pytest.approx(row["accuracy"])
+
+
+def test_main_job_recipes_come_from_smooth_hf_recommended():
+    job, model, data, training = smooth_vs_plain.parse_args([])  # what `make main` runs
+    assert job.recipe == "vit" and model.model_type == "vit" and model.model_name_or_path is None
+    assert {k: getattr(training, k) for k in VIT_TRAINING} == VIT_TRAINING
+    assert training.optim.value.startswith("adamw") and not data.augment and data.max_train_samples == 20000
+    job, model, data, training = smooth_vs_plain.parse_args(["--recipe", "cnn", "--nuclear_norm_coef", "0.2"])
+    assert model.model_name_or_path == "resnet14_cifar" and model.model_type is None
+    assert training.optim == "sgd" and training.learning_rate == CNN_TRAINING["learning_rate"]
+    assert training.nuclear_norm_coef == 0.2 and training.penalty_normalization == "relative"
+    assert data.augment and data.max_train_samples is None and data.max_eval_samples is None  # all images
+    # naming a model replaces the recipe's model (not the ViT's config overrides on a CNN)
+    _, model, _, training = smooth_vs_plain.parse_args(["--model_name_or_path", "resnet14_cifar"])
+    assert model.model_type is None and model.config_overrides is None and training.learning_rate == 2e-3
+
+
+def test_main_job_default_recipe_trains_a_vit(tiny_fmnist, tmp_path, capsys):
+    out = tmp_path / "main-vit"
+    results = smooth_vs_plain.main([
+        "--output_dir", str(out), "--dataset_name", tiny_fmnist, "--config_overrides",
+        "image_size=12,patch_size=4,hidden_size=16,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32",
+        "--max_train_samples", "48", "--max_eval_samples", "32", "--num_train_epochs", "1",
+        "--per_device_train_batch_size", "16", "--budgets", "0.5", "--save_budget", "0.5",
+    ])
+    assert [r["budget"] for r in results["smooth"]] == [0.0, 0.5]
+    smooth = json.loads((out / "smooth" / "training_args.json").read_text())
+    assert smooth["nuclear_norm_coef"] == VIT_TRAINING["nuclear_norm_coef"] and smooth["first_order_coef"] > 0
+    reloaded = smooth_hf.from_pretrained(out / "smooth-lowrank-50")
+    assert type(reloaded).__name__ == "ViTForImageClassification" and reloaded.lowrank_report.reduction >= 0.5
+    assert "vit from scratch" in capsys.readouterr().out
 
 
 def test_train_recipe_trains_a_transformers_vit_from_scratch(tiny_fmnist, tmp_path):

@@ -73,8 +73,8 @@ def test_main_job_docstring_commands_parse():
 
     cnn, resnet18 = docstring_commands("smooth_vs_plain.py")
     job, model_args, data_args, training_args = smooth_vs_plain.parse_args(cnn)
-    assert job.recipe == "cnn" and model_args.model_name_or_path == "resnet14_cifar"
-    assert training_args.output_dir == "runs/main-cnn" and training_args.optim == "sgd"
+    assert job.recipe == "cnn-full" and model_args.model_name_or_path == "resnet14_cifar"
+    assert training_args.output_dir == "runs/main-cnn-full" and training_args.optim == "sgd"
     job, model_args, _, training_args = smooth_vs_plain.parse_args(resnet18)
     assert model_args.model_name_or_path == "resnet18_cifar" and model_args.config_overrides is None
     assert training_args.nuclear_norm_coef == CNN_TRAINING["nuclear_norm_coef"]

@@ -185,23 +185,28 @@ def test_main_job_end_to_end(tiny_fmnist, tmp_path, capsys):
 
 def test_main_job_recipes_come_from_smooth_hf_recommended():
     job, model, data, training = smooth_vs_plain.parse_args([])  # what `make main` runs
-    assert job.recipe == "vit" and model.model_type == "vit" and model.model_name_or_path is None
-    assert {k: getattr(training, k) for k in VIT_TRAINING} == VIT_TRAINING
-    assert training.optim.value.startswith("adamw") and not data.augment and data.max_train_samples == 20000
-    job, model, data, training = smooth_vs_plain.parse_args(["--recipe", "cnn", "--nuclear_norm_coef", "0.2"])
-    assert model.model_name_or_path == "resnet14_cifar" and model.model_type is None
+    assert job.recipe == "cnn" and model.model_name_or_path == "resnet14_cifar" and model.model_type is None
+    assert model.config_overrides == "channels=[16,32,64]" and data.max_train_samples == 20000
     assert training.optim == "sgd" and training.learning_rate == CNN_TRAINING["learning_rate"]
-    assert training.nuclear_norm_coef == 0.2 and training.penalty_normalization == "relative"
-    assert data.augment and data.max_train_samples is None and data.max_eval_samples is None  # all images
+    assert training.penalty_normalization == "relative" and training.nuclear_norm_coef > 0
+    assert data.augment and data.max_eval_samples is None  # every test image
+    job, model, data, training = smooth_vs_plain.parse_args(["--recipe", "cnn-full", "--nuclear_norm_coef", "0.2"])
+    assert model.model_name_or_path == "resnet14_cifar" and model.config_overrides is None  # its own widths
+    assert training.num_train_epochs == CNN_TRAINING["num_train_epochs"] and data.max_train_samples is None
+    assert training.nuclear_norm_coef == 0.2
+    job, model, data, training = smooth_vs_plain.parse_args(["--recipe", "vit"])
+    assert model.model_type == "vit" and model.model_name_or_path is None and not data.augment
+    assert {k: getattr(training, k) for k in VIT_TRAINING} == VIT_TRAINING
+    assert training.optim.value.startswith("adamw")
     # naming a model replaces the recipe's model (not the ViT's config overrides on a CNN)
-    _, model, _, training = smooth_vs_plain.parse_args(["--model_name_or_path", "resnet14_cifar"])
+    _, model, _, training = smooth_vs_plain.parse_args(["--recipe", "vit", "--model_name_or_path", "resnet14_cifar"])
     assert model.model_type is None and model.config_overrides is None and training.learning_rate == 2e-3
 
 
-def test_main_job_default_recipe_trains_a_vit(tiny_fmnist, tmp_path, capsys):
+def test_main_job_vit_recipe(tiny_fmnist, tmp_path, capsys):
     out = tmp_path / "main-vit"
     results = smooth_vs_plain.main([
-        "--output_dir", str(out), "--dataset_name", tiny_fmnist, "--config_overrides",
+        "--recipe", "vit", "--output_dir", str(out), "--dataset_name", tiny_fmnist, "--config_overrides",
         "image_size=12,patch_size=4,hidden_size=16,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32",
         "--max_train_samples", "48", "--max_eval_samples", "32", "--num_train_epochs", "1",
         "--per_device_train_batch_size", "16", "--budgets", "0.5", "--save_budget", "0.5",

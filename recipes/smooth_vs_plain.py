@@ -86,13 +86,14 @@ RECIPES: dict[str, dict] = {
         "max_train_samples": 20000,
     },
 }
+DEFAULT_RECIPE = "cnn"  # what `make main` runs
 _MODEL_KEYS = ("model_name_or_path", "model_type", "config_overrides")
 
 
 @dataclass
 class MainJobArguments:
     recipe: str = field(
-        default="cnn", metadata={"help": "Model and training settings (smooth_hf.recommended).", "choices": sorted(RECIPES)}
+        default=DEFAULT_RECIPE, metadata={"help": "Model and training settings (smooth_hf.recommended).", "choices": sorted(RECIPES)}
     )
     budgets: str = field(default="0.5,0.6,0.7,0.8,0.9", metadata={"help": "Fractions of all parameters to remove."})
     save_budget: float = field(default=0.7, metadata={"help": "Budget at which the smooth model is saved with a card."})
@@ -110,7 +111,7 @@ def defaults_for(recipe: str, argv: list[str]) -> dict:
 def parse_args(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe", default="cnn", choices=sorted(RECIPES))
+    pre.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES))
     recipe = pre.parse_known_args(argv)[0].recipe
     parser = HfArgumentParser((MainJobArguments, ModelArguments, TrainingDataArguments, SmoothTrainingArguments))
     parser.set_defaults(**defaults_for(recipe, argv))

@@ -189,9 +189,8 @@ def test_main_job_recipes_come_from_smooth_hf_recommended():
     assert model.config_overrides == "channels=[16,32,64]" and data.max_train_samples == 20000
     assert training.optim == "sgd" and training.learning_rate == CNN_TRAINING["learning_rate"]
     assert training.penalty_normalization == "relative" and training.nuclear_norm_coef > 0
-    assert data.augment and data.max_eval_samples == 5000
+    assert data.augment and data.max_eval_samples is None  # every test image
     job, model, data, training = smooth_vs_plain.parse_args(["--recipe", "cnn-full", "--nuclear_norm_coef", "0.2"])
-    assert data.max_eval_samples is None  # every test image
     assert model.model_name_or_path == "resnet14_cifar" and model.config_overrides is None  # its own widths
     assert training.num_train_epochs == CNN_TRAINING["num_train_epochs"] and data.max_train_samples is None
     assert training.nuclear_norm_coef == 0.2

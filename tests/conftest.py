@@ -16,6 +16,22 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a busy 2-core machine OpenMP spinning makes SVDs 20x slower.
+    Modules of small linear algebra use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def seeded():
+    """torch's global RNG seeded to 0 before each test of a module that uses it."""
+    torch.manual_seed(0)
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for a child interpreter that must import *this* checkout's ``smooth_hf``.
 

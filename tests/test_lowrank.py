@@ -35,19 +35,7 @@ from smooth_hf.lowrank import (
 )
 from smooth_hf.lowrank.compress import _replace_module
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices gain nothing from threads, and on a busy 2-core machine OpenMP spinning makes SVDs 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
 
 def resnet14() -> nn.Module:

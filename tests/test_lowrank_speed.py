@@ -28,15 +28,9 @@ from smooth_hf.lowrank.timing import (
 )
 from smooth_hf.model_card import render_model_card
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 compress_module = importlib.import_module("smooth_hf.lowrank.compress")  # the function shadows the module name
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def resnet14() -> nn.Module:

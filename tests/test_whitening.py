@@ -22,19 +22,7 @@ from smooth_hf.lowrank.whitening import (
     whitened_factors,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices gain nothing from threads, and on a busy machine OpenMP spinning slows them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
 
 def anisotropic_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:

@@ -74,10 +74,10 @@ from smooth_hf.lowrank import LowRankConfig, compress, count_parameters  # noqa:
 from smooth_hf.pruning import FILTER_SCOPES, filter_prune, magnitude_prune  # noqa: E402
 from smooth_hf.recommended import CNN_DATA, CNN_TRAINING  # noqa: E402
 from smooth_hf.script_args import ModelArguments, TrainingDataArguments  # noqa: E402
-from smooth_hf.smoothness import SmoothnessPenalty  # noqa: E402
+from smooth_hf.smoothness import COEFFICIENTS, SmoothnessPenalty  # noqa: E402
 from smooth_hf.sweep import BN_REPAIRS, budget_sweep, plot_sweep, sweep_markdown  # noqa: E402
 
-PENALTY_KEYS = ("nuclear_norm_coef", "first_order_coef", "second_order_coef", "penalty_normalization")
+PENALTY_KEYS = (*COEFFICIENTS, "penalty_normalization")
 RECIPE = {k: v for k, v in CNN_TRAINING.items() if k not in PENALTY_KEYS}  # what every variant shares
 VARIANTS = {
     "plain": {},

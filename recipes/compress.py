@@ -42,6 +42,7 @@ from smooth_hf.hub import push_to_hub, save_pretrained
 from smooth_hf.lowrank import compress
 from smooth_hf.model_card import ModelCardInfo
 from smooth_hf.script_args import DataArguments, LowRankArguments, resolve_data_arguments
+from smooth_hf.smoothness import COEFFICIENTS
 from smooth_hf.sweep import budget_sweep, plot_sweep, sweep_markdown
 
 logger = logging.getLogger("compress")
@@ -172,8 +173,7 @@ def _training_setup(checkpoint: str) -> dict:
     if not path.is_file():
         return {}
     saved = json.loads(path.read_text())
-    keys = ("nuclear_norm_coef", "first_order_coef", "second_order_coef", "penalty_normalization",
-            "num_train_epochs", "learning_rate")
+    keys = (*COEFFICIENTS, "penalty_normalization", "num_train_epochs", "learning_rate")
     return {k: saved[k] for k in keys if k in saved}
 
 

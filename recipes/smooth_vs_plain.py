@@ -47,9 +47,8 @@ from transformers import HfArgumentParser
 from smooth_hf import SmoothTrainingArguments
 from smooth_hf.recommended import CNN_DATA, CNN_TRAINING, VIT_TRAINING
 from smooth_hf.script_args import ModelArguments, TrainingDataArguments
+from smooth_hf.smoothness import COEFFICIENTS as PENALTIES
 from smooth_hf.sweep import plot_sweep, sweep_markdown
-
-PENALTIES = ("nuclear_norm_coef", "first_order_coef", "second_order_coef")
 
 # Settings every recipe shares; each recipe adds its model and training settings (a command line overrides both).
 COMMON_DEFAULTS = {

@@ -29,6 +29,7 @@ them -- what the planned cut will remove -- leaving the kept ones, which carry t
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -37,9 +38,18 @@ from torch import Tensor, nn
 from .penalties import first_order, nuclear_norm_surrogate, out_in_weight, second_order, spectral_direction
 from .targeting import PatternSpec, find_layers
 
-__all__ = ["NORMALIZATIONS", "SmoothnessPenalty"]
+__all__ = ["COEFFICIENTS", "NORMALIZATIONS", "SmoothnessPenalty", "check_coefficients"]
 
 NORMALIZATIONS = ("scale_free", "relative", "sum")
+COEFFICIENTS = ("nuclear_norm_coef", "first_order_coef", "second_order_coef")  # the penalties' weights, by field name
+
+
+def check_coefficients(owner: object, flag: str = "") -> None:
+    """Each of ``owner``'s :data:`COEFFICIENTS` is a finite number >= 0 (``flag`` prefixes the name, e.g. ``--``)."""
+    for name in COEFFICIENTS:
+        value = getattr(owner, name)
+        if not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{flag}{name} must be a finite number >= 0 (0 turns that penalty off), got {value!r}")
 
 
 @dataclass
@@ -58,10 +68,7 @@ class SmoothnessPenalty:
     _refreshed_at: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("nuclear_norm_coef", "first_order_coef", "second_order_coef"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0 (0 turns the penalty off), got {value}")
+        check_coefficients(self)
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.nuclear_norm_param_reduction is not None:

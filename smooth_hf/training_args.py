@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -10,7 +9,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging
 
-from .smoothness import NORMALIZATIONS
+from .smoothness import NORMALIZATIONS, check_coefficients
 
 __all__ = ["SmoothTrainingArguments"]
 
@@ -27,8 +26,8 @@ class SmoothTrainingArguments(TrainingArguments):
     nuclear_norm_coef: float = field(
         default=0.0,
         metadata={"help": "Weight of the nuclear-norm penalty (drives weights towards low rank). 0 = off. "
-                  "5 with first_order_coef=1 and penalty_normalization=scale_free is the measured recommendation "
-                  "(BENCHMARKS.md); higher compresses further and costs dense accuracy."},
+                  "Measured settings per model family: smooth_hf.recommended; higher compresses further and costs "
+                  "dense accuracy."},
     )
     first_order_coef: float = field(
         default=0.0,
@@ -81,10 +80,7 @@ class SmoothTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        for name in ("nuclear_norm_coef", "first_order_coef", "second_order_coef"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"--{name} must be a finite number >= 0 (0 turns that penalty off), got {value!r}")
+        check_coefficients(self, flag="--")
         if self.penalty_normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"--penalty_normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.penalty_normalization!r}"

@@ -64,6 +64,10 @@ class RunSpec:
     nuclear_norm_every: int = 25
     penalty_exclude_modules: list[str] | None = None
     penalty_warmup_ratio: float = 0.0
+    rank_projection_param_reduction: float | None = None
+    rank_projection_every: int = 10
+    rank_projection_start: float = 0.1
+    rank_projection_end: float = 0.6
     seed: int = 0
     budgets: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
     save_weights: bool = False  # write the trained dense weights (fp16 safetensors shards) next to --out
@@ -193,6 +197,9 @@ def run_one(spec: RunSpec, data: dict, work_dir: Path, out_dir: Path) -> dict[st
         second_order_coef=spec.second_order_coef, penalty_normalization=spec.penalty_normalization,
         nuclear_norm_param_reduction=spec.nuclear_norm_param_reduction, nuclear_norm_every=spec.nuclear_norm_every,
         penalty_warmup_ratio=spec.penalty_warmup_ratio, penalty_exclude_modules=spec.penalty_exclude_modules,
+        rank_projection_param_reduction=spec.rank_projection_param_reduction,
+        rank_projection_every=spec.rank_projection_every, rank_projection_start=spec.rank_projection_start,
+        rank_projection_end=spec.rank_projection_end,
     )
     start = time.time()
     trainer = SmoothTrainer(model=model, args=args, train_dataset=FlipDataset(images, labels, spec.flip))
@@ -316,6 +323,7 @@ def _smoke() -> list[dict[str, Any]]:
          "nuclear_norm_param_reduction": 0.5, "nuclear_norm_every": 2},
         {"name": "smoke_relative", **tiny, "nuclear_norm_coef": 1, "penalty_normalization": "relative",
          "init": "torch", "init_scale": 3.0},
+        {"name": "smoke_projection", **tiny, "rank_projection_param_reduction": 0.5, "rank_projection_every": 2},
     ]
 
 
@@ -348,7 +356,34 @@ def _init_scale() -> list[dict[str, Any]]:
     return runs
 
 
-GRIDS = {"smoke": _smoke, "gpu2": _gpu2, "init_scale": _init_scale}
+def _projection() -> list[dict[str, Any]]:
+    """Rank projection (``rank_projection_param_reduction``) on this CPU: the full recipe's model and data
+    (resnet14_cifar 32-64-128, 60,000 images, 4 epochs), and the main job's size (16-32-64, 20,000 images,
+    2 epochs) with and without the nuclear norm, planned for 70% and 80% fewer parameters, and the whole cut at
+    once in mid-training instead of the gradual schedule."""
+    small = {"channels": [16, 32, 64], "epochs": 2, "max_train_samples": 20000}
+    return [
+        {"name": "r14_proj0.8_e4_s0", "rank_projection_param_reduction": 0.8, "save_weights": True},
+        {"name": "m16_plain", **small},
+        {"name": "m16_proj0.8", **small, "rank_projection_param_reduction": 0.8},
+        {"name": "m16_proj0.7", **small, "rank_projection_param_reduction": 0.7},
+        {"name": "m16_proj0.8_rel0.4", **small, "rank_projection_param_reduction": 0.8,
+         "penalty_normalization": "relative", "nuclear_norm_coef": 0.4},
+        {"name": "m16_proj0.8_sudden", **small, "rank_projection_param_reduction": 0.8, "rank_projection_start": 0.5,
+         "rank_projection_end": 0.5},
+    ]
+
+
+def _gpu3() -> list[dict[str, Any]]:
+    """Prepared for the next GPU lease: the recipe (rank projection, 80%) over three seeds on resnet14_cifar 32-64-128,
+    and on ResNet-18 (CIFAR stem) with its plain baseline, full Fashion-MNIST, 4 epochs."""
+    proj = {"rank_projection_param_reduction": 0.8}
+    runs = [{"name": f"r14_proj0.8_e4_s{seed}", **proj, "seed": seed} for seed in (0, 1, 2)]
+    return [*runs, {"name": "r18_proj0.8_s0", "model": "resnet18_cifar", **proj},
+            {"name": "r18_plain_s0", "model": "resnet18_cifar"}]
+
+
+GRIDS = {"smoke": _smoke, "gpu2": _gpu2, "init_scale": _init_scale, "projection": _projection, "gpu3": _gpu3}
 
 
 if __name__ == "__main__":

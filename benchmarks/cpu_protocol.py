@@ -68,20 +68,19 @@ import train as train_recipe  # noqa: E402  (recipes/train.py: the models are tr
 from smooth_hf import SmoothTrainingArguments  # noqa: E402
 from smooth_hf.auto import build_model, image_input_config, load_dense  # noqa: E402
 from smooth_hf.batchnorm import DataFreeRecalibration  # noqa: E402
-from smooth_hf.data import prepare_image_splits, select_subset  # noqa: E402
+from smooth_hf.data import TensorExamples, prepare_image_splits, select_subset  # noqa: E402
 from smooth_hf.evaluation import classification_accuracy  # noqa: E402
 from smooth_hf.lowrank import LowRankConfig, compress, count_parameters  # noqa: E402
 from smooth_hf.pruning import FILTER_SCOPES, filter_prune, magnitude_prune  # noqa: E402
-from smooth_hf.recommended import CNN_DATA, CNN_TRAINING  # noqa: E402
+from smooth_hf.recommended import CNN_DATA, CNN_TRAINING, without_steering  # noqa: E402
 from smooth_hf.script_args import ModelArguments, TrainingDataArguments  # noqa: E402
-from smooth_hf.smoothness import COEFFICIENTS, SmoothnessPenalty  # noqa: E402
+from smooth_hf.smoothness import SmoothnessPenalty  # noqa: E402
 from smooth_hf.sweep import BN_REPAIRS, budget_sweep, plot_sweep, sweep_markdown  # noqa: E402
 
-PENALTY_KEYS = (*COEFFICIENTS, "penalty_normalization")
-RECIPE = {k: v for k, v in CNN_TRAINING.items() if k not in PENALTY_KEYS}  # what every variant shares
+RECIPE = without_steering(CNN_TRAINING)  # what every variant shares
 VARIANTS = {
     "plain": {},
-    "recommended": {k: v for k, v in CNN_TRAINING.items() if k in PENALTY_KEYS},
+    "recommended": {k: v for k, v in CNN_TRAINING.items() if k not in RECIPE},
     "nuclear_scale_free": {"nuclear_norm_coef": 10.0, "penalty_normalization": "scale_free"},
     "first_order": {"first_order_coef": 1.0},
     "second_order": {"second_order_coef": 1.0},
@@ -140,23 +139,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---- data ---------------------------------------------------------------------------------------
-class TensorExamples(torch.utils.data.Dataset):
-    """A transformed split held as tensors: every evaluation reads them, so they are decoded once."""
-
-    def __init__(self, dataset):
-        items = dataset[:]
-        self.pixel_values, self.labels = torch.stack(items["pixel_values"]), torch.tensor(items["labels"])
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}
-
-    def batches(self, size: int) -> list[torch.Tensor]:
-        return list(self.pixel_values.split(size))
-
-
 # ---- training -----------------------------------------------------------------------------------
 def script_arguments(args: argparse.Namespace) -> tuple[ModelArguments, TrainingDataArguments]:
     """The ``recipes/train.py`` model and data arguments of every variant."""

@@ -291,10 +291,8 @@ def cnn_checkpoints(folder: Path) -> dict[str, Path]:
 
 
 def run_cnn(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
-    from cpu_protocol import TensorExamples
-
     from smooth_hf.auto import image_input_config, load_dense
-    from smooth_hf.data import ImageTransform, load_image_classification, select_subset
+    from smooth_hf.data import ImageTransform, TensorExamples, load_image_classification, select_subset
     from smooth_hf.evaluation import classification_accuracy
 
     data = load_image_classification(args.cnn_dataset, seed=args.seed)

@@ -36,7 +36,7 @@ from transformers import HfArgumentParser, default_data_collator
 
 from smooth_hf.auto import check_num_labels, image_input_config, load_dense
 from smooth_hf.batchnorm import DataFreeRecalibration
-from smooth_hf.data import dataset_card_fields, label_names, prepare_image_splits, select_subset
+from smooth_hf.data import dataset_card_fields, held_as_tensors, label_names, prepare_image_splits, select_subset
 from smooth_hf.evaluation import classification_accuracy
 from smooth_hf.hub import push_to_hub, save_pretrained
 from smooth_hf.lowrank import compress
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     data_args, seed, _ = resolve_data_arguments(data_args, args.model_name_or_path, args.seed)
     data = prepare_image_splits(**data_args.split_kwargs(), seed=seed, input_spec=image_input_config(model))
     check_num_labels(model, len(label_names(data["train"])))
-    test = data["test"]
+    test = held_as_tensors(data["test"])  # decoded once, scored at every budget
     print(f"evaluation data: {data_args.dataset_name}, {len(test)} test images (seed {seed})")
 
     def batches(n: int) -> DataLoader:
@@ -168,13 +168,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _training_setup(checkpoint: str) -> dict:
-    """Penalty coefficients from the training run's saved arguments, when recipes/train.py wrote them."""
+    """Penalties and rank projection from the training run's saved arguments, when recipes/train.py wrote them."""
     path = Path(checkpoint) / "training_args.json"
     if not path.is_file():
         return {}
     saved = json.loads(path.read_text())
-    keys = (*COEFFICIENTS, "penalty_normalization", "num_train_epochs", "learning_rate")
-    return {k: saved[k] for k in keys if k in saved}
+    keys = (*COEFFICIENTS, "penalty_normalization", "nuclear_norm_param_reduction", "rank_projection_param_reduction",
+            "num_train_epochs", "learning_rate")
+    return {k: saved[k] for k in keys if saved.get(k) is not None}
 
 
 if __name__ == "__main__":

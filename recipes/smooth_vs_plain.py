@@ -4,7 +4,7 @@
     python recipes/smooth_vs_plain.py --recipe cnn-full --output_dir runs/main-cnn-full   # the paper's setting
 
 1. trains the same model twice from scratch on real Fashion-MNIST (local Debian files, no Hub), through
-   ``recipes/train.py`` as a user would: once plain, once with the smoothness penalties;
+   ``recipes/train.py`` as a user would: once plain, once smooth (the recipe's rank projection and/or penalties);
 2. compresses copies of both at several budgets (fraction of ALL parameters removed) by truncated SVD with
    the global rank allocation -- no fine-tuning, no BatchNorm repair, nothing else -- through
    ``recipes/compress.py --budgets``, scored on all 10,000 test images;
@@ -14,13 +14,12 @@
 
 ``--recipe`` picks the model and training settings, built from ``smooth_hf.recommended``:
 
-* ``cnn`` (default): the CNN recipe (``CNN_TRAINING``, ``CNN_DATA``) shrunk to fit a 2-core CPU in minutes: the
-  CIFAR-style ``resnet14_cifar`` at widths 16-32-64 on 20,000 images for 2 epochs, with a stronger nuclear
-  norm to make up for the shorter training. Too short for the paper's claim at 70-80% fewer parameters
-  (BENCHMARKS.md, section 1 says what it shows).
+* ``cnn`` (default): the CNN recipe (``CNN_TRAINING``, ``CNN_DATA``: SGD, one-cycle, rank projection planned for
+  80% fewer parameters) shrunk to fit a 2-core CPU in minutes: the CIFAR-style ``resnet14_cifar`` at widths
+  16-32-64 on 20,000 images for 2 epochs (BENCHMARKS.md, section 1 says what it shows).
 * ``cnn-full``: the CNN recipe as recommended, on ``resnet14_cifar`` at widths 32-64-128, all 60,000 training
-  images for 4 epochs: the setting of the paper's claim. Minutes on a GPU, about half an hour per model on 2
-  CPU cores.
+  images for 4 epochs: the setting of the paper's claim. Minutes on a GPU, much longer on 2 CPU cores (timings:
+  BENCHMARKS.md, section 2).
 * ``vit``: a small vision transformer (4 layers, hidden 64, no BatchNorm) on 20,000 images for 5 epochs with
   AdamW and nuclear norm + first-order differences (``VIT_TRAINING``).
 
@@ -47,8 +46,8 @@ from transformers import HfArgumentParser
 from smooth_hf import SmoothTrainingArguments
 from smooth_hf.recommended import CNN_DATA, CNN_TRAINING, VIT_TRAINING
 from smooth_hf.script_args import ModelArguments, TrainingDataArguments
-from smooth_hf.smoothness import COEFFICIENTS as PENALTIES
 from smooth_hf.sweep import plot_sweep, sweep_markdown
+from smooth_hf.training_args import PLAIN
 
 # Settings every recipe shares; each recipe adds its model and training settings (a command line overrides both).
 COMMON_DEFAULTS = {
@@ -67,9 +66,6 @@ RECIPES: dict[str, dict] = {
         "config_overrides": "channels=[16,32,64]",
         "max_train_samples": 20000,
         "num_train_epochs": 2,
-        # 314 steps instead of 1,876: the relative weighting's pull per step is ~ lr * coef, so a short run
-        # needs a larger coefficient for the spectra to decay at all (BENCHMARKS.md, section 1).
-        "nuclear_norm_coef": 0.4,
     },
     "cnn-full": {
         **CNN_TRAINING,
@@ -94,7 +90,7 @@ class MainJobArguments:
     recipe: str = field(
         default=DEFAULT_RECIPE, metadata={"help": "Model and training settings (smooth_hf.recommended).", "choices": sorted(RECIPES)}
     )
-    budgets: str = field(default="0.5,0.6,0.7,0.8,0.9", metadata={"help": "Fractions of all parameters to remove."})
+    budgets: str = field(default="0.5,0.7,0.8,0.9", metadata={"help": "Fractions of all parameters to remove."})
     save_budget: float = field(default=0.7, metadata={"help": "Budget at which the smooth model is saved with a card."})
 
 
@@ -127,18 +123,19 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.set_verbosity_warning()
     start = time.time()
     out = Path(training_args.output_dir)
-    if not any(getattr(training_args, k) for k in PENALTIES):
-        raise ValueError("the smooth model needs a penalty: give --nuclear_norm_coef (or another *_coef) > 0")
+    if not training_args.steers_to_low_rank:
+        raise ValueError("the smooth model needs rank projection or a penalty: give --rank_projection_param_reduction "
+                         "(e.g. 0.8) or --nuclear_norm_coef (or another *_coef) > 0")
 
     # the sweeps score the test images the job names (compress.py's own default is every test image)
     eval_flags = ["--max_eval_samples", str(data_args.max_eval_samples)] if data_args.max_eval_samples else []
     model_name = model_args.model_name_or_path or f"{model_args.model_type} from scratch"
-    runs = {"plain": replace(training_args, output_dir=str(out / "plain"), **dict.fromkeys(PENALTIES, 0.0)),
+    runs = {"plain": replace(training_args, output_dir=str(out / "plain"), **PLAIN),
             "smooth": replace(training_args, output_dir=str(out / "smooth"))}
     results, timings = {}, {}
     for name, args in runs.items():
-        penalties = {k: getattr(args, k) for k in PENALTIES if getattr(args, k)}
-        print(f"\n== training the {name} model ({model_name}, penalties: {penalties or 'none'}) ==",
+        steering = {k: getattr(args, k) for k in PLAIN if getattr(args, k)}
+        print(f"\n== training the {name} model ({model_name}, {steering or 'no penalty, no projection'}) ==",
               flush=True)
         began = time.time()
         train_recipe.run(model_args, replace(data_args), replace(args, do_train=True, do_eval=False))

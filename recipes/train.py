@@ -1,14 +1,14 @@
-"""Train an image classifier with smoothness penalties (smooth_hf), on 1 CPU, N CPU processes or N GPUs.
+"""Train an image classifier for low-rank compression (smooth_hf), on 1 CPU, N CPU processes or N GPUs.
 
 Copy-paste commands (from the repository root, after `make install`):
 
     # the recommended CNN recipe (smooth_hf.recommended) on real Fashion-MNIST (local Debian files, no Hub);
-    # drop the last two flags for the plain baseline; resnet18_cifar is the paper's model (a GPU job)
+    # drop the last flag for the plain baseline; resnet18_cifar is the paper's model (a GPU job)
     accelerate launch recipes/train.py --model_name_or_path resnet14_cifar --dataset_name fashion_mnist \
         --do_train --do_eval --output_dir runs/smooth --optim sgd --optim_args momentum=0.9,nesterov=True \
         --learning_rate 0.1 --weight_decay 5e-4 --lr_scheduler_type cosine --warmup_steps 0.25 \
         --per_device_train_batch_size 128 --num_train_epochs 4 --augment --random_crop_padding 0 \
-        --penalty_normalization relative --nuclear_norm_coef 0.1
+        --rank_projection_param_reduction 0.8
 
     # two real CPU processes (gloo DDP)
     accelerate launch --config_file recipes/accelerate_configs/cpu_2proc.yaml recipes/train.py ...same flags...
@@ -23,7 +23,7 @@ Copy-paste commands (from the repository root, after `make install`):
     accelerate launch recipes/train.py --model_name_or_path google/vit-base-patch16-224-in21k --dataset_name cifar10 \
         --do_train --do_eval --output_dir runs/vit-cifar10 --learning_rate 2e-5 --augment
 
-Without penalty flags this is plain training (the baseline). Models trained from scratch need a
+Without penalty or rank-projection flags this is plain training (the baseline). Models trained from scratch need a
 `--learning_rate` (the Trainer's default suits fine-tuning); `--augment` adds random flips (and crops of the
 image padded by `--random_crop_padding` pixels). The output folder holds the weights (safetensors), the config
 that rebuilds the model and a record of the data (`data_args.json`): `recipes/compress.py` takes it from there.

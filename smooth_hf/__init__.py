@@ -16,6 +16,7 @@ from .hub import from_pretrained, push_to_hub, save_pretrained
 from .lowrank import CompressionReport, LowRankConfig, apply_ranks, compress, count_macs, count_parameters
 from .model_card import ModelCardInfo
 from .penalties import first_order, nuclear_norm, second_order
+from .projection import RankProjection
 from .smoothness import SmoothnessPenalty
 from .targeting import find_layers
 from .trainer import SmoothTrainer
@@ -29,6 +30,7 @@ __all__ = [
     "SmoothHfConfig",
     "SmoothTrainer",
     "SmoothTrainingArguments",
+    "RankProjection",
     "SmoothnessPenalty",
     "__version__",
     "apply_ranks",

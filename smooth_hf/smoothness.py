@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .penalties import first_order, nuclear_norm_surrogate, out_in_weight, second_order, spectral_direction
+from .rank_plan import check_plan_budget, plan_ranks
 from .targeting import PatternSpec, find_layers
 
 __all__ = ["COEFFICIENTS", "NORMALIZATIONS", "SmoothnessPenalty", "check_coefficients"]
@@ -72,7 +73,8 @@ class SmoothnessPenalty:
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.nuclear_norm_param_reduction is not None:
-            self._check_tail_budget()
+            check_plan_budget(self.layers, self.nuclear_norm_param_reduction, self.model_parameters,
+                              "nuclear_norm_param_reduction")
         if self.nuclear_norm_every < 1:
             raise ValueError(f"nuclear_norm_every must be >= 1 (1 = exact SVD every step), got {self.nuclear_norm_every}")
         if self.active and not self.layers:
@@ -100,37 +102,14 @@ class SmoothnessPenalty:
     def layer_names(self) -> list[str]:
         return [name for name, _ in self.layers]
 
-    def _layer_shapes(self) -> tuple[list[int], list[int], list[int]]:
-        """Full rank, parameters per kept rank once factorised, and dense parameters, of each layer."""
-        shapes = [out_in_weight(m).shape for _, m in self.layers]
-        pairs = [(s[0], math.prod(s[1:])) for s in shapes]  # (out, in * kh * kw)
-        return [min(o, f) for o, f in pairs], [o + f for o, f in pairs], [o * f for o, f in pairs]
-
-    def _check_tail_budget(self) -> None:
-        from .lowrank.allocation import max_removable
-
-        p = self.nuclear_norm_param_reduction
-        if not (isinstance(p, int | float) and 0 < p < 1):
-            raise ValueError(f"nuclear_norm_param_reduction must be a fraction in (0, 1) (e.g. 0.7), got {p!r}")
-        if not self.model_parameters:
-            raise ValueError("nuclear_norm_param_reduction needs model_parameters (use SmoothnessPenalty.for_model)")
-        most = max_removable(*self._layer_shapes())
-        if most < p * self.model_parameters:
-            raise ValueError(
-                f"nuclear_norm_param_reduction={p} asks the penalised layers to lose {p * self.model_parameters:,.0f} "
-                f"of the model's {self.model_parameters:,} parameters, but at most {most:,} can be removed from them. "
-                "Lower it, or penalise more layers (penalty_target_modules / penalty_skip_first_last=False)."
-            )
-
     def _kept_ranks(self) -> list[int | None]:
         """The ranks the global allocation keeps at the current spectra (None: the layer stays dense)."""
-        from .lowrank.allocation import allocate_ranks
-        from .lowrank.layers import singular_values
+        return plan_ranks(self.layers, self.nuclear_norm_param_reduction, self.model_parameters)
 
-        _, costs, dense = self._layer_shapes()
-        spectra = [singular_values(out_in_weight(m).detach().reshape(out_in_weight(m).shape[0], -1))
-                   for _, m in self.layers]
-        return allocate_ranks(spectra, costs, dense, self.nuclear_norm_param_reduction * self.model_parameters)
+    def invalidate(self) -> None:
+        """Forget the cached nuclear-norm directions: the weights were changed outside the optimizer (e.g. a
+        :class:`smooth_hf.RankProjection` step), so the next call recomputes them from the new weights."""
+        self._refreshed_at = None
 
     def _refresh_directions(self, step: int) -> None:
         # A step counter that went backwards (a second train() call) also makes the cache stale.

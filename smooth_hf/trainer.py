@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .compat import is_transformers_model
+from .projection import RankProjection
 from .smoothness import SmoothnessPenalty
 from .training_args import SmoothTrainingArguments
 
@@ -82,8 +83,16 @@ class SmoothTrainer(Trainer):
             nuclear_norm_every=args.nuclear_norm_every,
             nuclear_norm_param_reduction=args.nuclear_norm_param_reduction,
         )
+        self.rank_projection = None
+        if args.rank_projection_param_reduction is not None:  # on the layers the penalties act on
+            self.rank_projection = RankProjection(
+                self.smoothness.layers, args.rank_projection_param_reduction, self.smoothness.model_parameters,
+                every=args.rank_projection_every, start=args.rank_projection_start, end=args.rank_projection_end,
+            )
         self._check_unsharded_weights(args)  # before the Trainer builds anything: arguments, launcher environment
         super().__init__(model=model, args=args, **kwargs)
+        if self.rank_projection is not None:
+            self.add_callback(_ProjectAfterStep(self))
         self._check_unsharded_weights(args)  # and the accelerator the Trainer set up
         if _mean_loss_classifier(model):
             # These heads return a per-batch *mean* loss yet accept **kwargs, so the Trainer would assume
@@ -97,8 +106,8 @@ class SmoothTrainer(Trainer):
             logger.info(f"Smoothness penalties on {len(names)} layers: {names[:3]} ... {names[-2:]}")
 
     def _check_unsharded_weights(self, args: SmoothTrainingArguments) -> None:
-        """Penalties need each weight matrix whole: refuse sharded-parameter setups at start-up."""
-        if not self.smoothness.active:
+        """Penalties and projection need each weight matrix whole: refuse sharded-parameter setups at start-up."""
+        if not self.smoothness.active and self.rank_projection is None:
             return
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
@@ -113,7 +122,7 @@ class SmoothTrainer(Trainer):
         )
         if fsdp or zero3:
             raise ValueError(
-                "smoothness penalties are not supported with FSDP or DeepSpeed ZeRO-3: parameters are sharded "
+                "smoothness penalties and rank projection are not supported with FSDP or DeepSpeed ZeRO-3: parameters are sharded "
                 "across processes, so no process sees a whole weight matrix to difference or decompose. Use DDP "
                 "(the default for `accelerate launch` on several GPUs) or DeepSpeed ZeRO-1/2, which keep whole "
                 "weights on every process."
@@ -198,3 +207,28 @@ class SmoothTrainer(Trainer):
         if self.smoothness.active and os.path.isfile(path):
             self.smoothness.load_state_dict(load_file(path))
 
+
+
+class _ProjectAfterStep(TrainerCallback):
+    """Runs the trainer's :class:`RankProjection` after every optimizer step (``on_step_end``).
+
+    Under DDP every process projects its own (identical) weights; rank 0's result is then broadcast, so that a
+    decomposition that differs in the last bit between devices cannot make the replicas drift apart.
+    """
+
+    def __init__(self, trainer: SmoothTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        projection = self.trainer.rank_projection
+        ranks = projection(state.global_step, state.max_steps)
+        if ranks is None:
+            return control
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for _, module in projection.layers:
+                torch.distributed.broadcast(module.weight.data, src=0)
+        self.trainer.smoothness.invalidate()  # its cached nuclear-norm directions are of the old weights
+        if state.global_step >= state.max_steps:
+            kept = {name: rank for (name, _), rank in zip(projection.layers, ranks, strict=True)}
+            logger.info(f"Rank projection: final ranks {kept}")
+        return control

@@ -9,9 +9,13 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging
 
-from .smoothness import NORMALIZATIONS, check_coefficients
+from .smoothness import COEFFICIENTS, NORMALIZATIONS, check_coefficients
 
-__all__ = ["SmoothTrainingArguments"]
+__all__ = ["PLAIN", "SmoothTrainingArguments"]
+
+# The settings that make a run plain: no penalty and no rank projection. Everything that compares smooth with plain
+# training (the main job, the benchmarks, the recipes' flags) derives its baseline from this one dict.
+PLAIN = {**dict.fromkeys(COEFFICIENTS, 0.0), "rank_projection_param_reduction": None}
 
 logger = logging.get_logger(__name__)
 
@@ -20,7 +24,8 @@ logger = logging.get_logger(__name__)
 class SmoothTrainingArguments(TrainingArguments):
     """Arguments for :class:`smooth_hf.SmoothTrainer`: every ``TrainingArguments`` field, plus these.
 
-    With all three coefficients at 0 the trainer is a plain ``Trainer`` (the "plain" baseline).
+    With all three coefficients at 0 and no ``rank_projection_param_reduction`` the trainer is a plain ``Trainer``
+    (the "plain" baseline).
     """
 
     nuclear_norm_coef: float = field(
@@ -73,6 +78,24 @@ class SmoothTrainingArguments(TrainingArguments):
                   "LowRankConfig(param_reduction=p) cut would remove, re-planned from the current weights at every "
                   "nuclear_norm_every refresh. None = the whole nuclear norm (the paper's penalty)."},
     )
+    rank_projection_param_reduction: float | None = field(
+        default=None,
+        metadata={"help": "Train for a cut: every rank_projection_every steps, replace each penalised layer's weight "
+                  "by its truncated SVD at the ranks that LowRankConfig(param_reduction=p) would keep, the cut growing "
+                  "from 0 to p between rank_projection_start and rank_projection_end, and always p at the last step, "
+                  "so that compressing at p afterwards changes nothing (smooth_hf.RankProjection). Works with or "
+                  "without the penalties. None = off."},
+    )
+    rank_projection_every: int = field(
+        default=10, metadata={"help": "Optimizer steps between two projections (rank_projection_param_reduction)."}
+    )
+    rank_projection_start: float = field(
+        default=0.1, metadata={"help": "Fraction of the training steps at which the projected cut starts to grow."}
+    )
+    rank_projection_end: float = field(
+        default=0.6, metadata={"help": "Fraction of the training steps from which the projected cut is the full "
+                               "rank_projection_param_reduction."}
+    )
     penalty_warmup_ratio: float = field(
         default=0.0,
         metadata={"help": "Ramp the penalty coefficients linearly from 0 over this fraction of the "
@@ -92,6 +115,16 @@ class SmoothTrainingArguments(TrainingArguments):
         p = self.nuclear_norm_param_reduction
         if p is not None and not (isinstance(p, int | float) and 0 < p < 1):
             raise ValueError(f"--nuclear_norm_param_reduction must be a fraction in (0, 1), e.g. 0.8; got {p!r}")
+        p = self.rank_projection_param_reduction
+        if p is not None and not (isinstance(p, int | float) and 0 < p < 1):
+            raise ValueError(f"--rank_projection_param_reduction must be a fraction in (0, 1), e.g. 0.8; got {p!r}")
+        if not isinstance(self.rank_projection_every, int) or self.rank_projection_every < 1:
+            raise ValueError(f"--rank_projection_every must be an integer >= 1, got {self.rank_projection_every!r}")
+        if not 0.0 <= self.rank_projection_start <= self.rank_projection_end <= 1.0:
+            raise ValueError(
+                "--rank_projection_start and --rank_projection_end are fractions of the training steps with 0 <= start "
+                f"<= end <= 1, got {self.rank_projection_start!r} and {self.rank_projection_end!r}"
+            )
         if not 0.0 <= self.penalty_warmup_ratio < 1.0:
             raise ValueError(f"--penalty_warmup_ratio must be in [0, 1), got {self.penalty_warmup_ratio!r}")
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
@@ -103,8 +136,9 @@ class SmoothTrainingArguments(TrainingArguments):
         super().__post_init__()
 
     @property
-    def has_penalty(self) -> bool:
-        return self.nuclear_norm_coef + self.first_order_coef + self.second_order_coef > 0
+    def steers_to_low_rank(self) -> bool:
+        """Whether training does anything a plain ``Trainer`` would not: a penalty, or rank projection."""
+        return any(getattr(self, key) != value for key, value in PLAIN.items())
 
 
 def _has_accelerator() -> bool:

@@ -34,7 +34,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     rank0, rank1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
     single = load_file(str(tmp_path / "single" / "rank0.safetensors"))
     assert all((rank0[k] == rank1[k]).all() for k in rank0)  # DDP kept the replicas identical
-    # The penalty counts once per step, not once per rank or per micro-batch.
+    # The penalty counts once per step, not once per rank or per micro-batch; the projection acts alike.
     assert max((rank0[k] - single[k]).abs().max().item() for k in rank0) < 1e-5
     logs = [e for e in infos[0]["logs"] if "loss" in e]
     assert logs and all("smooth/nuclear_norm" in e for e in logs)

@@ -16,7 +16,8 @@ sys.path.insert(0, str(ROOT / "recipes"))
 import compress as compress_recipe  # noqa: E402
 import train as train_recipe  # noqa: E402
 
-TINY_RESNET = ["--model_name_or_path", "resnet14_cifar", "--config_overrides", "channels=[4,8,8],layers=[1,1,1]"]
+# The smallest widths at which the recipe's 80% rank projection can still be planned.
+TINY_RESNET = ["--model_name_or_path", "resnet14_cifar", "--config_overrides", "channels=[8,16,16],layers=[1,1,1]"]
 
 
 def docstring_commands(name: str) -> list[list[str]]:
@@ -77,4 +78,4 @@ def test_main_job_docstring_commands_parse():
     assert training_args.output_dir == "runs/main-cnn-full" and training_args.optim == "sgd"
     job, model_args, _, training_args = smooth_vs_plain.parse_args(resnet18)
     assert model_args.model_name_or_path == "resnet18_cifar" and model_args.config_overrides is None
-    assert training_args.nuclear_norm_coef == CNN_TRAINING["nuclear_norm_coef"]
+    assert training_args.rank_projection_param_reduction == CNN_TRAINING["rank_projection_param_reduction"]

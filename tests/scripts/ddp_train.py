@@ -1,4 +1,4 @@
-"""Trains TinyConvNet with SmoothTrainer and writes this rank's final weights; launched by the tests.
+"""Trains TinyConvNet with SmoothTrainer (penalties and rank projection) and writes this rank's final weights; launched by the tests.
 
 usage: [accelerate launch ...] ddp_train.py OUT_DIR PER_DEVICE_BATCH GA STEPS
 """
@@ -25,6 +25,8 @@ def main() -> None:
         optim="sgd", learning_rate=0.2, lr_scheduler_type="constant", report_to=[], use_cpu=True,
         save_strategy="no", logging_steps=1, disable_tqdm=True, first_order_coef=1.0, nuclear_norm_coef=1.0,
         second_order_coef=1.0, nuclear_norm_every=2, penalty_skip_first_last=False, dataloader_drop_last=True,
+        rank_projection_param_reduction=0.3, rank_projection_every=2, rank_projection_start=0.0,
+        rank_projection_end=0.5,
     )
     trainer = SmoothTrainer(model=model, args=args, train_dataset=image_dataset(n=64))
     seen = []

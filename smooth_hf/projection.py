@@ -1,0 +1,110 @@
+"""``RankProjection``: train towards a low-rank cut by projecting the weights onto it, gradually.
+
+A penalty only pulls the tail of each spectrum down; what it leaves (and what SGD noise keeps re-adding) is lost
+when the model is cut, and in a short run it leaves a lot. Projection removes it exactly: every ``every``
+optimizer steps, each penalised layer's weight is replaced by its truncated SVD at the rank that
+``compress(model, LowRankConfig(param_reduction=p))`` would keep at the current spectra
+(:func:`smooth_hf.rank_plan.plan_ranks`), and training carries on from there, so the network learns to do
+its job with the weights the cut will keep (Trained Rank Pruning, Xu et al., 2019). The reduction grows from
+0 at ``start`` to ``p`` at ``end`` (fractions of the training steps) on the cubic schedule of gradual pruning
+(Zhu & Gupta, 2017): large cuts while the weights are still mostly their random initialisation, small ones once
+they carry the function. A sudden cut to ``p`` midway through training does not recover (BENCHMARKS.md,
+section 2). From ``end`` on, and always at the last step, the cut is the full ``p``: the trained model is
+exactly of the planned ranks, and compressing it at ``p`` afterwards changes nothing, with no fine-tuning.
+
+Independent of the Trainer, like :class:`~smooth_hf.SmoothnessPenalty`: a custom loop calls
+``projection(step, max_steps)`` after each ``optimizer.step()``; :class:`~smooth_hf.SmoothTrainer` does it
+from ``on_step_end`` when ``rank_projection_param_reduction`` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .lowrank.layers import truncated_svd_factors
+from .penalties import out_in_weight
+from .rank_plan import check_plan_budget, plan_ranks
+from .targeting import PatternSpec, find_layers
+
+__all__ = ["RankProjection", "project_to_rank_", "scheduled_reduction"]
+
+
+def scheduled_reduction(step: int, max_steps: int, target: float, start: float, end: float) -> float:
+    """The cut at ``step`` of ``max_steps``: 0 before ``start``, ``target`` from ``end`` on, cubic in between.
+
+    ``target * (1 - (1 - t)^3)`` with ``t`` the progress from ``start`` to ``end`` (fractions of ``max_steps``).
+    """
+    progress = step / max(1, max_steps)
+    if progress >= end:
+        return target
+    if progress < start:
+        return 0.0
+    t = (progress - start) / (end - start)
+    return target * (1.0 - (1.0 - t) ** 3)
+
+
+@torch.no_grad()
+def project_to_rank_(weight: torch.Tensor, rank: int) -> None:
+    """Replace ``weight`` (``(out, in, *kernel)``) in place by its best rank-``rank`` approximation."""
+    matrix = weight.reshape(weight.shape[0], -1)
+    if rank >= min(matrix.shape):
+        return
+    up, down = truncated_svd_factors(matrix, rank, dtype=torch.float64)
+    weight.copy_((up @ down).reshape(weight.shape).to(weight.dtype))
+
+
+@dataclass
+class RankProjection:
+    """Project ``layers`` (``(name, module)`` pairs) onto the cut that removes ``param_reduction`` of the model."""
+
+    layers: list[tuple[str, nn.Module]]
+    param_reduction: float
+    model_parameters: int
+    every: int = 10
+    start: float = 0.1
+    end: float = 0.6
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("rank projection has no layer to act on: check the target/exclude patterns")
+        check_plan_budget(self.layers, self.param_reduction, self.model_parameters, "rank_projection_param_reduction")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"rank_projection_every must be an integer >= 1, got {self.every!r}")
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(
+                "rank_projection_start and rank_projection_end are fractions of the training steps with "
+                f"0 <= start <= end <= 1, got start={self.start!r}, end={self.end!r}"
+            )
+
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        param_reduction: float,
+        target_modules: PatternSpec = None,
+        exclude_modules: PatternSpec = None,
+        skip_first_last: bool = True,
+        **schedule,
+    ) -> RankProjection:
+        from .lowrank import count_parameters
+
+        layers = find_layers(model, target_modules, exclude_modules, skip_first_last)
+        return cls(layers, param_reduction, count_parameters(model), **schedule)
+
+    def reduction_at(self, step: int, max_steps: int) -> float:
+        return scheduled_reduction(step, max_steps, self.param_reduction, self.start, self.end)
+
+    def __call__(self, step: int, max_steps: int) -> list[int | None] | None:
+        """Project if ``step`` (the number of optimizer steps done) is due; the ranks kept, or None if not due."""
+        due = step % self.every == 0 or step >= max_steps
+        reduction = self.reduction_at(step, max_steps)
+        if not due or reduction <= 0:
+            return None
+        ranks = plan_ranks(self.layers, reduction, self.model_parameters)
+        for (_, module), rank in zip(self.layers, ranks, strict=True):
+            if rank is not None:
+                project_to_rank_(out_in_weight(module), rank)
+        return ranks

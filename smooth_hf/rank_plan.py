@@ -1,0 +1,56 @@
+"""The low-rank cut a training run aims at: the rank each penalised layer keeps at a parameter budget.
+
+Two training options steer towards a later ``compress(model, LowRankConfig(param_reduction=p))`` and need to
+know, from the current weights, what that cut would keep: the tail-only nuclear norm
+(``nuclear_norm_param_reduction``, :class:`smooth_hf.SmoothnessPenalty`) and rank projection
+(``rank_projection_param_reduction``, :class:`smooth_hf.RankProjection`). Both plan here, with the same global
+allocation ``compress`` uses, over the layers they act on (``(name, module)`` pairs), charging the whole cut
+of ``p * model_parameters`` to those layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .lowrank.allocation import allocate_ranks, max_removable
+from .lowrank.layers import singular_values
+from .penalties import out_in_weight
+
+__all__ = ["check_plan_budget", "layer_shapes", "plan_ranks"]
+
+
+def layer_shapes(layers: list[tuple[str, nn.Module]]) -> tuple[list[int], list[int], list[int]]:
+    """Full rank, parameters per kept rank once factorised, and dense parameters, of each layer."""
+    shapes = [out_in_weight(m).shape for _, m in layers]
+    pairs = [(s[0], math.prod(s[1:])) for s in shapes]  # (out, in * kh * kw)
+    return [min(o, f) for o, f in pairs], [o + f for o, f in pairs], [o * f for o, f in pairs]
+
+
+def check_plan_budget(
+    layers: list[tuple[str, nn.Module]], param_reduction: float, model_parameters: int | None, name: str
+) -> None:
+    """``param_reduction`` (the option called ``name``) is a fraction the layers can give up, or a clear error."""
+    p = param_reduction
+    if not (isinstance(p, int | float) and 0 < p < 1):
+        raise ValueError(f"{name} must be a fraction in (0, 1) (e.g. 0.7), got {p!r}")
+    if not model_parameters:
+        raise ValueError(f"{name} needs the model's parameter count (build it with .for_model(model, ...))")
+    most = max_removable(*layer_shapes(layers))
+    if most < p * model_parameters:
+        raise ValueError(
+            f"{name}={p} asks the penalised layers to lose {p * model_parameters:,.0f} of the model's "
+            f"{model_parameters:,} parameters, but at most {most:,} can be removed from them. Lower it, or penalise "
+            "more layers (penalty_target_modules / penalty_skip_first_last=False)."
+        )
+
+
+def plan_ranks(layers: list[tuple[str, nn.Module]], param_reduction: float, model_parameters: int) -> list[int | None]:
+    """The ranks the global allocation keeps at the current spectra (None: the layer stays dense)."""
+    _, costs, dense = layer_shapes(layers)
+    spectra = []
+    for _, module in layers:
+        weight = out_in_weight(module).detach()
+        spectra.append(singular_values(weight.reshape(weight.shape[0], -1)))
+    return allocate_ranks(spectra, costs, dense, param_reduction * model_parameters)

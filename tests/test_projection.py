@@ -1,0 +1,123 @@
+"""Rank projection: training towards a cut, so that the cut afterwards changes nothing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from smooth_hf import LowRankConfig, RankProjection, SmoothnessPenalty, SmoothTrainer, SmoothTrainingArguments, compress
+from smooth_hf.projection import project_to_rank_, scheduled_reduction
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_schedule_is_zero_then_cubic_then_the_target():
+    at = [scheduled_reduction(step, 100, 0.8, 0.1, 0.6) for step in range(101)]
+    assert at[:10] == [0.0] * 10 and at[60:] == [0.8] * 41
+    assert all(a <= b for a, b in zip(at, at[1:], strict=False))  # never gives ranks back
+    assert scheduled_reduction(35, 100, 0.8, 0.1, 0.6) == pytest.approx(0.8 * (1 - 0.5**3))
+    assert scheduled_reduction(5, 10, 0.5, 0.0, 0.0) == 0.5  # start = end: the whole cut at once
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 3, 3, 3)])
+def test_project_to_rank_is_the_best_approximation_in_place(shape):
+    torch.manual_seed(0)
+    weight = torch.randn(shape)
+    matrix = weight.reshape(shape[0], -1).double()
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    before = weight.data_ptr()
+    project_to_rank_(weight, 2)
+    assert weight.data_ptr() == before and weight.shape == shape
+    torch.testing.assert_close(weight.reshape(shape[0], -1).double(), (u[:, :2] * s[:2]) @ vh[:2], atol=1e-5, rtol=1e-5)
+    assert torch.linalg.matrix_rank(weight.reshape(shape[0], -1)) == 2
+
+
+def _cnn(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 3))
+
+
+def test_projection_makes_the_planned_cut_lossless():
+    model = _cnn()
+    projection = RankProjection.for_model(model, 0.3, every=5, start=0.0, end=0.5)
+    assert projection(3, 10) is None  # not due: nothing happens
+    x = torch.randn(4, 1, 10, 10)
+    ranks = projection(10, 10)  # the last step: the whole cut
+    assert ranks is not None and all(r is not None for r in ranks)
+    for (_, module), rank in zip(projection.layers, ranks, strict=True):
+        assert torch.linalg.matrix_rank(module.weight.detach().reshape(module.weight.shape[0], -1)) == rank
+    with torch.no_grad():
+        dense = model(x)
+        cut = compress(copy.deepcopy(model), LowRankConfig(param_reduction=0.3))
+        torch.testing.assert_close(cut(x), dense, atol=1e-5, rtol=1e-4)
+    assert cut.lowrank_report.reduction >= 0.3
+    # The same cut of the same model before projection loses something: the projection did the work.
+    with torch.no_grad():
+        raw = _cnn()
+        assert (compress(copy.deepcopy(raw), LowRankConfig(param_reduction=0.3))(x) - raw(x)).abs().max() > 1e-3
+
+
+def test_bad_projection_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="at most .* can be removed"):
+        RankProjection.for_model(_cnn(), 0.95)
+    with pytest.raises(ValueError, match="start <= end"):
+        RankProjection.for_model(_cnn(), 0.3, start=0.7, end=0.2)
+    with pytest.raises(ValueError, match="fraction in"):
+        SmoothTrainingArguments(output_dir="unused", rank_projection_param_reduction=1.5)
+    with pytest.raises(ValueError, match="rank_projection_start and --rank_projection_end"):
+        SmoothTrainingArguments(output_dir="unused", rank_projection_param_reduction=0.5, rank_projection_end=1.5)
+
+
+def test_invalidate_makes_the_penalty_recompute_its_directions():
+    model = _cnn()
+    penalty = SmoothnessPenalty.for_model(model, nuclear_norm_coef=1.0, nuclear_norm_every=100)
+    penalty(0)
+    with torch.no_grad():  # weights changed outside the optimizer, as a projection does
+        for _, module in penalty.layers:
+            module.weight.copy_(torch.randn_like(module.weight))
+    exact = SmoothnessPenalty.for_model(model, nuclear_norm_coef=1.0, nuclear_norm_every=1)(0)[1]["nuclear_norm"]
+    stale = penalty(1)[1]["nuclear_norm"]  # the old directions: the surrogate is below the nuclear norm
+    penalty.invalidate()
+    fresh = penalty(2)[1]["nuclear_norm"]
+    assert stale < exact - 0.05 and fresh == pytest.approx(exact, rel=1e-5)
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, n: int = 96):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 1, 10, 10, generator=g)
+        self.y = (self.x.mean(dim=(1, 2, 3)) > 0).long() + (self.x[:, 0, 0, 0] > 0).long()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+@pytest.mark.parametrize("nuclear_norm_coef", [0.0, 0.5])
+def test_trainer_with_projection_trains_a_model_that_the_cut_does_not_change(tmp_path, nuclear_norm_coef):
+    model = _cnn()
+    args = SmoothTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=2, learning_rate=0.05, optim="sgd",
+        rank_projection_param_reduction=0.3, rank_projection_every=3, nuclear_norm_coef=nuclear_norm_coef,
+        penalty_normalization="relative", report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    trainer = SmoothTrainer(model=model, args=args, train_dataset=_Images())
+    trainer.train()
+    assert trainer.state.global_step == 12
+    model.eval()
+    x = _Images().x[:8]
+    with torch.no_grad():
+        torch.testing.assert_close(compress(copy.deepcopy(model), LowRankConfig(param_reduction=0.3))(x), model(x),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_plain_trainer_has_no_projection(tmp_path):
+    args = SmoothTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = SmoothTrainer(model=_cnn(), args=args, train_dataset=_Images())
+    assert trainer.rank_projection is None and not args.steers_to_low_rank

@@ -6,11 +6,11 @@ a fixed 5,000 of the 10,000 test images unless flags change them), with a CIFAR-
 
 1. **train** each variant through ``recipes/train.py`` (``train.run``, what a user runs) with the recommended
    CNN recipe of :mod:`smooth_hf.recommended` -- the same seed, data order and hyper-parameters for all; only
-   the penalty differs:
+   the penalty or the rank projection differs:
 
    ==================  ===========================================================================
-   plain               no penalty
-   recommended         the recipe's penalty (``CNN_TRAINING``: relative weighting, nuclear norm)
+   plain               no penalty, no projection
+   recommended         what the recipe adds to plain training (``CNN_TRAINING``: rank projection)
    nuclear_scale_free  ``nuclear_norm_coef=10`` with ``penalty_normalization="scale_free"`` (optional)
    first_order         ``first_order_coef=1`` (optional)
    second_order        ``second_order_coef=1`` (optional)
@@ -78,6 +78,7 @@ from smooth_hf.smoothness import SmoothnessPenalty  # noqa: E402
 from smooth_hf.sweep import BN_REPAIRS, budget_sweep, plot_sweep, sweep_markdown  # noqa: E402
 
 RECIPE = without_steering(CNN_TRAINING)  # what every variant shares
+SIZED = ("num_train_epochs", "per_device_train_batch_size")  # the recipe's, unless the command line sets them
 VARIANTS = {
     "plain": {},
     "recommended": {k: v for k, v in CNN_TRAINING.items() if k not in RECIPE},
@@ -279,7 +280,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{payload['date']}; {machine_summary(payload['machine'])}. Training through recipes/train.py: "
         f"{payload['data']['train']:,} images, {a['num_train_epochs']:g} epoch(s), batch "
         f"{a['per_device_train_batch_size']}, the CNN recipe of smooth_hf.recommended "
-        f"(`{' '.join(f'{k}={v}' for k, v in payload['recipe'].items())}`), seed {a['seed']} "
+        f"(`{' '.join(f'{k}={v}' for k, v in payload['recipe'].items() if k not in SIZED)}`), seed {a['seed']} "
         "(same for every variant). Accuracy (%) on "
         f"{payload['data']['test']:,} Fashion-MNIST test images. No fine-tuning after compression or pruning. "
         "Parameters removed = fraction of ALL the model's parameters (`count_parameters`).",

@@ -173,9 +173,11 @@ def _training_setup(checkpoint: str) -> dict:
     if not path.is_file():
         return {}
     saved = json.loads(path.read_text())
-    keys = (*COEFFICIENTS, "penalty_normalization", "nuclear_norm_param_reduction", "rank_projection_param_reduction",
-            "num_train_epochs", "learning_rate")
-    return {k: saved[k] for k in keys if saved.get(k) is not None}
+    setup = {k: saved[k] for k in COEFFICIENTS if saved.get(k)}  # the penalties that were on
+    if setup:
+        setup["penalty_normalization"] = saved.get("penalty_normalization")
+    keys = ("nuclear_norm_param_reduction", "rank_projection_param_reduction", "num_train_epochs", "learning_rate")
+    return {**setup, **{k: saved[k] for k in keys if saved.get(k) is not None}}
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def load_fashion_mnist_local(directory: str | os.PathLike = FASHION_MNIST_DIR) -
     """
     directory = Path(directory)
     # Nested lists rather than Array2D: the Trainer fetches 128 random rows per step, and reading Array2D rows back
-    # costs an extension-type decode per row (7x slower per batch, measured on this CPU).
+    # costs an extension-type decode per row, several times slower per batch.
     features = Features({"image": List(List(Value("uint8"))), "label": ClassLabel(names=FASHION_MNIST_LABELS)})
     splits = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):

@@ -1,6 +1,8 @@
-"""``SmoothTrainer``: a ``transformers.Trainer`` that adds smoothness penalties to the task loss.
+"""``SmoothTrainer``: a ``transformers.Trainer`` that adds smoothness penalties to the task loss, and projects the
+weights onto a planned low-rank cut after optimizer steps when asked (``rank_projection_param_reduction``).
 
-Only hooks are overridden (``compute_loss``, ``log``, checkpoint save/load); the training loop,
+Only hooks are overridden (``compute_loss``, ``log``, checkpoint save/load) and a callback added (``on_step_end``,
+for the projection); the training loop,
 Accelerate, mixed precision, gradient accumulation and distributed training are the Trainer's own.
 
 How the penalty is counted -- once per optimizer step, whatever the batch size, the number of
@@ -206,7 +208,6 @@ class SmoothTrainer(Trainer):
         path = os.path.join(resume_from_checkpoint, PENALTY_STATE_NAME)
         if self.smoothness.active and os.path.isfile(path):
             self.smoothness.load_state_dict(load_file(path))
-
 
 
 class _ProjectAfterStep(TrainerCallback):

@@ -185,6 +185,8 @@ def test_main_job_end_to_end(tiny_fmnist, tmp_path, capsys):
     (row,) = [r for r in results["smooth"] if r["budget"] == 0.5]
     card = ModelCard.load(out / "smooth-lowrank-50" / "README.md")
     assert card.data.eval_results[0].metric_value == pytest.approx(row["accuracy"])
+    # its training table says how it was trained: the projection, and no penalty that was off
+    assert "| rank_projection_param_reduction | 0.5 |" in card.text and "nuclear_norm_coef" not in card.text
 
 
 def test_main_job_recipes_come_from_smooth_hf_recommended():

@@ -147,6 +147,13 @@ def tiny_conv():
     return TinyConvNet()
 
 
+def three_conv_net(seed: int = 0) -> nn.Sequential:
+    """Three convs and a head on 10x10 grey images: the penalised middle layers can lose a real share of the model."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 3))
+
+
 def tiny_resnet14(**kwargs) -> nn.Module:
     """timm's ``resnet14_cifar`` (registered by smooth_hf), one input channel, 10 classes, in eval mode."""
     import timm

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import three_conv_net
 from torch import nn
 
 from smooth_hf import LowRankConfig, SmoothnessPenalty, SmoothTrainer, SmoothTrainingArguments, compress
@@ -67,14 +68,8 @@ def test_relative_and_scale_free_have_the_same_value_at_unit_norm_and_direction_
         assert cosine == pytest.approx(1.0, abs=1e-5)
 
 
-def _cnn(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3),
-                         nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 3))
-
-
 def test_tail_ranks_are_the_ranks_compress_would_keep():
-    model = _cnn()
+    model = three_conv_net()
     penalty = SmoothnessPenalty.for_model(model, nuclear_norm_coef=1.0, nuclear_norm_param_reduction=0.3)
     planned = dict(zip(penalty.layer_names, penalty._kept_ranks(), strict=True))
     cut = compress(copy.deepcopy(model), LowRankConfig(param_reduction=0.3, skip_first_last=True))
@@ -83,14 +78,14 @@ def test_tail_ranks_are_the_ranks_compress_would_keep():
 
 
 def test_tail_penalty_leaves_the_kept_directions_alone():
-    model = _cnn()
+    model = three_conv_net()
     # "sum" weighting: the gradient is exactly the tail direction (no normalising factor to differentiate)
     penalty = SmoothnessPenalty.for_model(model, nuclear_norm_coef=1.0, nuclear_norm_param_reduction=0.3,
                                           nuclear_norm_every=1, normalization="sum")
     ranks = dict(zip(penalty.layer_names, penalty._kept_ranks(), strict=True))
     total, terms = penalty(0)
     total.backward()
-    full = SmoothnessPenalty.for_model(_cnn(), nuclear_norm_coef=1.0, nuclear_norm_every=1, normalization="sum")(0)[1]
+    full = SmoothnessPenalty.for_model(three_conv_net(), nuclear_norm_coef=1.0, nuclear_norm_every=1, normalization="sum")(0)[1]
     assert 0 < terms["nuclear_norm"] < full["nuclear_norm"]  # the tail is part of the whole
     for name, module in penalty.layers:
         matrix = module.weight.detach().reshape(module.weight.shape[0], -1)
@@ -105,7 +100,7 @@ def test_tail_penalty_leaves_the_kept_directions_alone():
 
 def test_tail_budget_out_of_reach_is_a_clear_error():
     with pytest.raises(ValueError, match="at most .* can be removed .* penalise more layers"):
-        SmoothnessPenalty.for_model(_cnn(), nuclear_norm_coef=1.0, nuclear_norm_param_reduction=0.95)
+        SmoothnessPenalty.for_model(three_conv_net(), nuclear_norm_coef=1.0, nuclear_norm_param_reduction=0.95)
     with pytest.raises(ValueError, match="fraction in"):
         SmoothTrainingArguments(output_dir="unused", nuclear_norm_coef=1.0, nuclear_norm_param_reduction=1.5)
 

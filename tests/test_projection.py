@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from conftest import three_conv_net
 
 from smooth_hf import LowRankConfig, RankProjection, SmoothnessPenalty, SmoothTrainer, SmoothTrainingArguments, compress
 from smooth_hf.projection import project_to_rank_, scheduled_reduction
@@ -35,14 +35,8 @@ def test_project_to_rank_is_the_best_approximation_in_place(shape):
     assert torch.linalg.matrix_rank(weight.reshape(shape[0], -1)) == 2
 
 
-def _cnn(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3),
-                         nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 3))
-
-
 def test_projection_makes_the_planned_cut_lossless():
-    model = _cnn()
+    model = three_conv_net()
     projection = RankProjection.for_model(model, 0.3, every=5, start=0.0, end=0.5)
     assert projection(3, 10) is None  # not due: nothing happens
     x = torch.randn(4, 1, 10, 10)
@@ -57,15 +51,15 @@ def test_projection_makes_the_planned_cut_lossless():
     assert cut.lowrank_report.reduction >= 0.3
     # The same cut of the same model before projection loses something: the projection did the work.
     with torch.no_grad():
-        raw = _cnn()
+        raw = three_conv_net()
         assert (compress(copy.deepcopy(raw), LowRankConfig(param_reduction=0.3))(x) - raw(x)).abs().max() > 1e-3
 
 
 def test_bad_projection_settings_are_clear_errors():
     with pytest.raises(ValueError, match="at most .* can be removed"):
-        RankProjection.for_model(_cnn(), 0.95)
+        RankProjection.for_model(three_conv_net(), 0.95)
     with pytest.raises(ValueError, match="start <= end"):
-        RankProjection.for_model(_cnn(), 0.3, start=0.7, end=0.2)
+        RankProjection.for_model(three_conv_net(), 0.3, start=0.7, end=0.2)
     with pytest.raises(ValueError, match="fraction in"):
         SmoothTrainingArguments(output_dir="unused", rank_projection_param_reduction=1.5)
     with pytest.raises(ValueError, match="rank_projection_start and --rank_projection_end"):
@@ -73,7 +67,7 @@ def test_bad_projection_settings_are_clear_errors():
 
 
 def test_invalidate_makes_the_penalty_recompute_its_directions():
-    model = _cnn()
+    model = three_conv_net()
     penalty = SmoothnessPenalty.for_model(model, nuclear_norm_coef=1.0, nuclear_norm_every=100)
     penalty(0)
     with torch.no_grad():  # weights changed outside the optimizer, as a projection does
@@ -101,7 +95,7 @@ class _Images(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("nuclear_norm_coef", [0.0, 0.5])
 def test_trainer_with_projection_trains_a_model_that_the_cut_does_not_change(tmp_path, nuclear_norm_coef):
-    model = _cnn()
+    model = three_conv_net()
     args = SmoothTrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=2, learning_rate=0.05, optim="sgd",
         rank_projection_param_reduction=0.3, rank_projection_every=3, nuclear_norm_coef=nuclear_norm_coef,
@@ -119,5 +113,5 @@ def test_trainer_with_projection_trains_a_model_that_the_cut_does_not_change(tmp
 
 def test_plain_trainer_has_no_projection(tmp_path):
     args = SmoothTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    trainer = SmoothTrainer(model=_cnn(), args=args, train_dataset=_Images())
+    trainer = SmoothTrainer(model=three_conv_net(), args=args, train_dataset=_Images())
     assert trainer.rank_projection is None and not args.steers_to_low_rank

@@ -29,7 +29,18 @@ from .penalties import out_in_weight
 from .rank_plan import check_plan_budget, plan_ranks
 from .targeting import PatternSpec, find_layers
 
-__all__ = ["RankProjection", "project_to_rank_", "scheduled_reduction"]
+__all__ = ["RankProjection", "check_schedule", "project_to_rank_", "scheduled_reduction"]
+
+
+def check_schedule(every: object, start: float, end: float, flag: str = "") -> None:
+    """The projection's period (an integer >= 1) and window (``0 <= start <= end <= 1``), or a clear error."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"{flag}rank_projection_every must be an integer >= 1, got {every!r}")
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(
+            f"{flag}rank_projection_start and {flag}rank_projection_end are fractions of the training steps with "
+            f"0 <= start <= end <= 1, got start={start!r}, end={end!r}"
+        )
 
 
 def scheduled_reduction(step: int, max_steps: int, target: float, start: float, end: float) -> float:
@@ -49,7 +60,7 @@ def scheduled_reduction(step: int, max_steps: int, target: float, start: float, 
 @torch.no_grad()
 def project_to_rank_(weight: torch.Tensor, rank: int) -> None:
     """Replace ``weight`` (``(out, in, *kernel)``) in place by its best rank-``rank`` approximation."""
-    matrix = weight.reshape(weight.shape[0], -1)
+    matrix = weight.reshape(weight.shape[0], -1)  # weight_matrix's layout, for a weight already in (out, in, ...)
     if rank >= min(matrix.shape):
         return
     up, down = truncated_svd_factors(matrix, rank, dtype=torch.float64)
@@ -71,13 +82,7 @@ class RankProjection:
         if not self.layers:
             raise ValueError("rank projection has no layer to act on: check the target/exclude patterns")
         check_plan_budget(self.layers, self.param_reduction, self.model_parameters, "rank_projection_param_reduction")
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"rank_projection_every must be an integer >= 1, got {self.every!r}")
-        if not 0.0 <= self.start <= self.end <= 1.0:
-            raise ValueError(
-                "rank_projection_start and rank_projection_end are fractions of the training steps with "
-                f"0 <= start <= end <= 1, got start={self.start!r}, end={self.end!r}"
-            )
+        check_schedule(self.every, self.start, self.end)
 
     @classmethod
     def for_model(

@@ -15,10 +15,10 @@ import math
 from torch import nn
 
 from .lowrank.allocation import allocate_ranks, max_removable
-from .lowrank.layers import singular_values
+from .lowrank.layers import singular_values, weight_matrix
 from .penalties import out_in_weight
 
-__all__ = ["check_plan_budget", "layer_shapes", "plan_ranks"]
+__all__ = ["check_fraction", "check_plan_budget", "layer_shapes", "plan_ranks"]
 
 
 def layer_shapes(layers: list[tuple[str, nn.Module]]) -> tuple[list[int], list[int], list[int]]:
@@ -28,13 +28,18 @@ def layer_shapes(layers: list[tuple[str, nn.Module]]) -> tuple[list[int], list[i
     return [min(o, f) for o, f in pairs], [o + f for o, f in pairs], [o * f for o, f in pairs]
 
 
+def check_fraction(value: object, name: str) -> None:
+    """``value`` (the option called ``name``) is a fraction of the model's parameters in (0, 1), or a clear error."""
+    if not (isinstance(value, int | float) and 0 < value < 1):
+        raise ValueError(f"{name} must be a fraction in (0, 1), e.g. 0.8; got {value!r}")
+
+
 def check_plan_budget(
     layers: list[tuple[str, nn.Module]], param_reduction: float, model_parameters: int | None, name: str
 ) -> None:
     """``param_reduction`` (the option called ``name``) is a fraction the layers can give up, or a clear error."""
     p = param_reduction
-    if not (isinstance(p, int | float) and 0 < p < 1):
-        raise ValueError(f"{name} must be a fraction in (0, 1) (e.g. 0.7), got {p!r}")
+    check_fraction(p, name)
     if not model_parameters:
         raise ValueError(f"{name} needs the model's parameter count (build it with .for_model(model, ...))")
     most = max_removable(*layer_shapes(layers))
@@ -49,8 +54,5 @@ def check_plan_budget(
 def plan_ranks(layers: list[tuple[str, nn.Module]], param_reduction: float, model_parameters: int) -> list[int | None]:
     """The ranks the global allocation keeps at the current spectra (None: the layer stays dense)."""
     _, costs, dense = layer_shapes(layers)
-    spectra = []
-    for _, module in layers:
-        weight = out_in_weight(module).detach()
-        spectra.append(singular_values(weight.reshape(weight.shape[0], -1)))
+    spectra = [singular_values(weight_matrix(module)) for _, module in layers]
     return allocate_ranks(spectra, costs, dense, param_reduction * model_parameters)

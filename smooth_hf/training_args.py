@@ -9,6 +9,8 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging
 
+from .projection import check_schedule
+from .rank_plan import check_fraction
 from .smoothness import COEFFICIENTS, NORMALIZATIONS, check_coefficients
 
 __all__ = ["PLAIN", "SmoothTrainingArguments"]
@@ -112,19 +114,10 @@ class SmoothTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"--nuclear_norm_every must be an integer >= 1 (1 = exact SVD every step), got {self.nuclear_norm_every!r}"
             )
-        p = self.nuclear_norm_param_reduction
-        if p is not None and not (isinstance(p, int | float) and 0 < p < 1):
-            raise ValueError(f"--nuclear_norm_param_reduction must be a fraction in (0, 1), e.g. 0.8; got {p!r}")
-        p = self.rank_projection_param_reduction
-        if p is not None and not (isinstance(p, int | float) and 0 < p < 1):
-            raise ValueError(f"--rank_projection_param_reduction must be a fraction in (0, 1), e.g. 0.8; got {p!r}")
-        if not isinstance(self.rank_projection_every, int) or self.rank_projection_every < 1:
-            raise ValueError(f"--rank_projection_every must be an integer >= 1, got {self.rank_projection_every!r}")
-        if not 0.0 <= self.rank_projection_start <= self.rank_projection_end <= 1.0:
-            raise ValueError(
-                "--rank_projection_start and --rank_projection_end are fractions of the training steps with 0 <= start "
-                f"<= end <= 1, got {self.rank_projection_start!r} and {self.rank_projection_end!r}"
-            )
+        for name in ("nuclear_norm_param_reduction", "rank_projection_param_reduction"):
+            if getattr(self, name) is not None:
+                check_fraction(getattr(self, name), f"--{name}")
+        check_schedule(self.rank_projection_every, self.rank_projection_start, self.rank_projection_end, flag="--")
         if not 0.0 <= self.penalty_warmup_ratio < 1.0:
             raise ValueError(f"--penalty_warmup_ratio must be in [0, 1), got {self.penalty_warmup_ratio!r}")
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():

@@ -16,7 +16,7 @@
 
 * ``cnn`` (default): the CNN recipe (``CNN_TRAINING``, ``CNN_DATA``: SGD, one-cycle, rank projection planned for
   80% fewer parameters) shrunk to fit a 2-core CPU in minutes: the CIFAR-style ``resnet14_cifar`` at widths
-  16-32-64 on 20,000 images for 2 epochs at batch 64 (BENCHMARKS.md, section 1 says what it shows).
+  16-32-64 on 20,000 images for 2 epochs (BENCHMARKS.md, section 1 says what it shows).
 * ``cnn-full``: the CNN recipe as recommended, on ``resnet14_cifar`` at widths 32-64-128, all 60,000 training
   images for 4 epochs: the setting of the paper's claim. Minutes on a GPU, much longer on 2 CPU cores (timings:
   BENCHMARKS.md, section 2).
@@ -66,8 +66,6 @@ RECIPES: dict[str, dict] = {
         "config_overrides": "channels=[16,32,64]",
         "max_train_samples": 20000,
         "num_train_epochs": 2,
-        # Twice the steps in the same time on this CPU; both models gain (BENCHMARKS.md, section 2, grid main_gap).
-        "per_device_train_batch_size": 64,
     },
     "cnn-full": {
         **CNN_TRAINING,

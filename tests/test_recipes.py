@@ -193,7 +193,8 @@ def test_main_job_recipes_come_from_smooth_hf_recommended():
     job, model, data, training = smooth_vs_plain.parse_args([])  # what `make main` runs
     assert job.recipe == "cnn" and model.model_name_or_path == "resnet14_cifar" and model.model_type is None
     assert model.config_overrides == "channels=[16,32,64]" and data.max_train_samples == 20000
-    assert training.per_device_train_batch_size == 64 and training.num_train_epochs == 2
+    assert training.per_device_train_batch_size == CNN_TRAINING["per_device_train_batch_size"]
+    assert training.num_train_epochs == 2
     assert training.optim == "sgd" and training.learning_rate == CNN_TRAINING["learning_rate"]
     assert training.rank_projection_param_reduction == CNN_TRAINING["rank_projection_param_reduction"]
     assert training.nuclear_norm_coef == 0 and job.budgets == "0.5,0.7,0.8,0.9"

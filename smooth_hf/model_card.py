@@ -149,7 +149,17 @@ def _fmt_number(value: Any) -> str:
 
 
 def _rank_rule(config: LowRankConfig) -> str:
-    if config.param_reduction is not None and config.method == "whitened":
+    if config.rank_allocation == "sensitivity":
+        budget = (
+            f"remove {config.param_reduction:.1%} of the whole model's parameters" if config.param_reduction is not None
+            else f"remove {config.macs_reduction:.1%} of the Linear/Conv multiply-adds for the example inputs"
+        )
+        rule = (
+            f"global budget: {budget}, with ranks allocated by measured sensitivity: each layer alone was truncated "
+            f"at a few ranks on {config.sensitivity_samples} calibration samples, and the budget drops the components "
+            "that move the model's output the least per parameter saved"
+        )
+    elif config.param_reduction is not None and config.method == "whitened":
         rule = (
             f"global parameter budget: remove {config.param_reduction:.1%} of the whole model's parameters, "
             "with ranks allocated across layers so that the least relative output energy on the calibration "

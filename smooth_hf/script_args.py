@@ -146,6 +146,8 @@ class LowRankArguments:
     skip_first_last: bool = _low_rank_field("skip_first_last")
     rank_multiple: int | None = _low_rank_field("rank_multiple")
     method: str = _low_rank_field("method")
+    rank_allocation: str = _low_rank_field("rank_allocation")
+    sensitivity_samples: int = _low_rank_field("sensitivity_samples")
 
     RULES = ("param_reduction", "rank_ratio", "energy")
 

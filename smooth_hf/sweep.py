@@ -57,7 +57,7 @@ def budget_sweep(
     """
     dense_params = count_parameters(model)
     if calibration_data is not None and not isinstance(calibration_data, InputGrams):
-        targets = LowRankConfig(rank_ratio=1.0, **(config_kwargs or {}))  # read for its targets only
+        targets = LowRankConfig(param_reduction=0.0, **(config_kwargs or {}))  # read for its targets only
         calibration_data = calibrate(model, targets, calibration_data)
     repairs: dict[str, Callable[[nn.Module], Any]] = {}
     if batchnorm_layers(model):

@@ -280,14 +280,18 @@ def test_transformers_path_smooth_configs_parse_both_syntaxes():
         parse("nuc=3")
 
 
-def test_compress_recipe_whitened_calibrates_on_training_images_and_records_them(trained, tiny_fmnist, tmp_path):
+@pytest.mark.parametrize("allocation", ["spectrum", "sensitivity"])
+def test_compress_recipe_whitened_calibrates_on_training_images_and_records_them(trained, tiny_fmnist, tmp_path,
+                                                                                 allocation):
     out = tmp_path / "whitened"
     result = compress_recipe.main(["--model_name_or_path", str(trained), "--dataset_name", tiny_fmnist,
                                    "--param_reduction", "0.5", "--method", "whitened", "--calibration_samples", "40",
+                                   "--rank_allocation", allocation, "--sensitivity_samples", "8",
                                    "--output_dir", str(out)])
-    assert result["reduction"] == pytest.approx(0.5, abs=0.01)
+    assert 0.5 <= result["reduction"] < 0.53  # over by at most about one rank of one layer of this tiny model
     saved = json.loads((out / "compression_config.json").read_text())
     assert saved["method"] == "whitened" and saved["calibration_samples"] == 40
+    assert saved["rank_allocation"] == allocation
     assert tiny_fmnist in saved["calibration_dataset"] and "training split" in saved["calibration_dataset"]
     assert "whitened truncation" in (out / "README.md").read_text()
     assert smooth_hf.from_pretrained(out).lowrank_config.method == "whitened"
@@ -334,10 +338,12 @@ def test_whitening_benchmark_runs_every_part_tiny(tiny_fmnist, tmp_path):
     assert [r["budget"] for r in embed["whitened"]] == [0.05] and 0 < embed["whitened"][0]["cosine"] <= 1.0 + 1e-6
     assert 0 <= embed["svd"][0]["neighbour_agreement"] <= 1
     polarity = payload["parts"]["polarity"]["results"]
-    assert set(polarity) == {"plain, svd", "plain, whitened", "smooth (fo=1, nn=1), svd", "smooth (fo=1, nn=1), whitened"}
-    (cnn_row,) = [r for r in payload["parts"]["cnn"]["results"]["plain, whitened"] if r["budget"] == 0.5]
+    assert set(polarity) == {f"{model}, {method}" for model in ("plain", "smooth (fo=1, nn=1)")
+                             for method in ("svd", "whitened", "sensitivity")}
+    assert embed["sensitivity"][0]["removed"] >= 0.05
+    (cnn_row,) = [r for r in payload["parts"]["cnn"]["results"]["plain, sensitivity"] if r["budget"] == 0.5]
     assert {"accuracy", "accuracy_bn_recalibrated"} <= set(cnn_row)
     assert payload["parts"]["timing"]["results"]["whitened"]["median"] > 0
     table = (out / "whitening.md").read_text()
-    assert "cosine, whitened" in table and "Time to compress" in table and "plain, whitened" in table
+    assert "cosine, sensitivity" in table and "Time to compress" in table and "plain, whitened" in table
     assert (out / "whitening_polarity.png").stat().st_size > 1000 and (out / "whitening_cnn.png").is_file()

@@ -106,6 +106,7 @@ def allocate_ranks(
     *,
     min_rank: int = 1,
     rank_multiple: int = 1,
+    relative: bool = True,
 ) -> list[int | None]:
     """Ranks that remove at least ``target_removed`` weights while losing the least spectral energy.
 
@@ -119,6 +120,9 @@ def allocate_ranks(
     makes the threshold a position in one total order; we binary-search the smallest position whose
     plan (after ``min_rank``, ``rank_multiple`` and the pays check, all monotone in the threshold)
     removes at least the target, so the overshoot is at most one rank step of one layer.
+
+    ``relative=False`` scores ``s_i^2 / cost_l`` instead: for spectra whose squares are already losses on
+    one common scale (the measured sensitivities of :mod:`smooth_hf.lowrank.sensitivity`).
 
     Returns:
         one entry per layer: the rank to keep, or ``None`` to keep the layer dense.
@@ -148,7 +152,10 @@ def allocate_ranks(
         energy = s**2
         total = energy.sum()
         # An all-zero layer loses nothing whatever we drop: score 0 puts it first in line.
-        scores.append(energy / total / cost if total > 0 else np.zeros_like(energy))
+        if not relative:
+            scores.append(energy / cost)
+        else:
+            scores.append(energy / total / cost if total > 0 else np.zeros_like(energy))
         layer_of.append(np.full(len(s), index))
         position.append(np.arange(len(s)))
     score, layer, pos = np.concatenate(scores), np.concatenate(layer_of), np.concatenate(position)

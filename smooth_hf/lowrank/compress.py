@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -85,6 +86,8 @@ class _Candidate:
     decomposition: Decomposition | None  # of the weight; None when the spectrum is a whitened one
     positions: int | None = None  # output positions on example_inputs (None: no example inputs)
     whitened_spectrum: torch.Tensor | None = None  # method="whitened": singular values of W S
+    # rank_allocation="sensitivity": the model-output loss of dropping each component (allocated in absolute terms)
+    marginal_losses: np.ndarray | None = None
 
     @property
     def spectrum(self) -> torch.Tensor:  # float64 singular values, descending
@@ -171,13 +174,15 @@ def _choose_ranks(
                     else (f" {hint}" if (hint := advice()) else "")
                 )
             )
+        measured = config.rank_allocation == "sensitivity"
         return allocate_ranks(
-            [c.spectrum for c in candidates],
+            [np.sqrt(c.marginal_losses) if measured else c.spectrum for c in candidates],
             costs,
             dense,
             target,
             min_rank=config.min_rank,
             rank_multiple=config.rank_multiple,
+            relative=not measured,
         )
     ranks = []
     for c in candidates:
@@ -276,6 +281,10 @@ def _plan(
                 rows[c.name].status = STATUS_DENSE_NOT_RUN
         candidates = [c for c in candidates if c.positions]
     total = sum(call.macs for call in calls.values()) if config.macs_reduction is not None else params_before
+    if config.rank_allocation == "sensitivity":  # before any factor is built: it truncates with the same SVDs
+        losses = whitening.sensitivity(model, {c.name: (c.module, c.cost_per_rank, c.dense_params) for c in candidates})
+        for c in candidates:
+            c.marginal_losses = losses[c.name]
     built: dict[tuple[str, int], LowRankLayer] = {}
     by_name = {c.name: c for c in candidates}
 

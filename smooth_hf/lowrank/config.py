@@ -21,6 +21,7 @@ CONFIG_NAME = "compression_config.json"
 _VERSION_KEY = "smooth_hf_version"
 _RULES = ("param_reduction", "macs_reduction", "rank_ratio", "energy")
 METHODS = ("svd", "whitened")
+ALLOCATIONS = ("spectrum", "sensitivity")
 
 
 def _library_version() -> str:
@@ -120,6 +121,22 @@ class LowRankConfig:
             "keeps it invertible when the data do not span every input direction. Larger moves towards plain SVD."
         },
     )
+    rank_allocation: str = field(
+        default="spectrum",
+        metadata={
+            "help": "How param_reduction / macs_reduction share the cut between layers. 'spectrum': by each layer's "
+            "relative spectral energy (no extra work). 'sensitivity' (method='whitened' only): by the measured error "
+            "of the model's output when that layer alone is truncated at a few ranks (ASVD-style; a few forward "
+            "passes over sensitivity_samples calibration samples per layer)."
+        },
+    )
+    sensitivity_samples: int = field(
+        default=16,
+        metadata={
+            "help": "rank_allocation='sensitivity': the first this-many calibration samples measure each layer's "
+            "effect on the output (every layer costs a few forward passes over them)."
+        },
+    )
     calibration_dataset: str | None = field(
         default=None,
         metadata={"help": "method='whitened': name or description of the calibration data, recorded in the card."},
@@ -204,6 +221,25 @@ class LowRankConfig:
         damping = self.whitening_damping
         if not (_is_number(damping) and 0 < damping < math.inf):
             raise ValueError(f"whitening_damping must be a finite number > 0, got {damping!r}; e.g. 0.01.")
+        if self.rank_allocation not in ALLOCATIONS:
+            raise ValueError(
+                f"rank_allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {self.rank_allocation!r}."
+            )
+        if self.rank_allocation == "sensitivity":
+            if self.method != "whitened":
+                raise ValueError(
+                    "rank_allocation='sensitivity' measures the model on calibration data, so it needs "
+                    "method='whitened' (and compress(..., calibration_data=...)); with method='svd' use "
+                    "rank_allocation='spectrum'."
+                )
+            if self.param_reduction is None and self.macs_reduction is None:
+                raise ValueError(
+                    "rank_allocation='sensitivity' shares a global budget: set param_reduction or macs_reduction "
+                    f"(rank_ratio / energy fix every layer's rank on their own), got {self.rule}."
+                )
+        samples = self.sensitivity_samples
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise ValueError(f"sensitivity_samples must be an integer >= 1, got {samples!r}; e.g. 16.")
         if self.calibration_dataset is not None and not isinstance(self.calibration_dataset, str):
             raise ValueError(
                 f"calibration_dataset is a name or description (a string), got {type(self.calibration_dataset).__name__}"

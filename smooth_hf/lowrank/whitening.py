@@ -41,12 +41,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..batches import batch_size, feed_batch, modes_kept
 from ..targeting import find_layers, layer_kind
+from .layers import factorise
+from .sensitivity import marginal_losses, measure_sensitivity, probe_ranks
 
 if TYPE_CHECKING:
     from .config import LowRankConfig
@@ -152,6 +155,11 @@ class InputGrams:
     samples: int  # calibration samples (first dimension of each batch)
     batches: int
     unreached: list[str] = field(default_factory=list)  # layers no batch called (an error only if they are cut)
+    # rank_allocation="sensitivity": the first calibration samples, kept to measure each layer's effect on the
+    # model's output, and the loss curves measured on them (filled on first use, reused for later budgets).
+    kept_batches: list[Any] = field(default_factory=list)
+    sensitivity: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    sensitivity_damping: float | None = None  # the whitening_damping the curves were measured with
 
 
 def _input_chunks(module: nn.Module, x: Tensor) -> Iterator[Tensor]:
@@ -208,7 +216,25 @@ def _check_finite_batch(batch: Any, index: int) -> None:
             )
 
 
-def collect_input_grams(model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable[Any]) -> InputGrams:
+def _first_samples(batch: Any, n: int) -> Any:
+    """The first ``n`` samples of a batch (every tensor whose first dimension is the batch's size is sliced)."""
+    size = batch_size(batch)
+    if size <= n:
+        return batch
+
+    def cut(value: Any) -> Any:
+        return value[:n] if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == size else value
+
+    if isinstance(batch, Mapping):
+        return {k: cut(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(cut(v) for v in batch)
+    return cut(batch)
+
+
+def collect_input_grams(
+    model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable[Any], keep_samples: int = 0
+) -> InputGrams:
     """Run ``model`` on ``batches`` (eval mode, no gradients) and sum ``x x^T`` of every layer's inputs.
 
     Args:
@@ -217,7 +243,8 @@ def collect_input_grams(model: nn.Module, layers: Mapping[str, nn.Module], batch
             models) or dicts of keyword inputs (``model(**batch)``; label keys are dropped), as a DataLoader
             yields them for training.
 
-    The model's weights, buffers and train/eval flags are the same afterwards, error or not.
+    The model's weights, buffers and train/eval flags are the same afterwards, error or not. The first
+    ``keep_samples`` samples are also kept, as given, in ``kept_batches`` (for the sensitivity allocation).
 
     Layers that no batch reached (not called by the forward, or whose weight the parent reads directly,
     like ``nn.MultiheadAttention.out_proj``) are listed in ``unreached``; cutting one of them is an error.
@@ -230,6 +257,7 @@ def collect_input_grams(model: nn.Module, layers: Mapping[str, nn.Module], batch
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     samples = count = 0
+    kept: list[Any] = []
     try:
         # Eval mode: no dropout, BatchNorm statistics untouched; every module's flag is restored after.
         with modes_kept(model), torch.no_grad():
@@ -245,6 +273,8 @@ def collect_input_grams(model: nn.Module, layers: Mapping[str, nn.Module], batch
                         "(input_ids, attention_mask, ... as model(**batch) takes them), {'pixel_values': images} or "
                         "image tensors for image models."
                     ) from err
+                if samples < keep_samples:
+                    kept.append(_first_samples(batch, keep_samples - samples))
                 samples += batch_size(batch)
     finally:
         for handle in handles:
@@ -267,6 +297,7 @@ def collect_input_grams(model: nn.Module, layers: Mapping[str, nn.Module], batch
         samples=samples,
         batches=count,
         unreached=[n for n in hooks if n not in reached],
+        kept_batches=kept,
     )
 
 
@@ -284,7 +315,8 @@ def calibrate(model: nn.Module, config: LowRankConfig, batches: Iterable[Any]) -
         for name, module in find_layers(model, config.target_modules, config.exclude_modules, config.skip_first_last)
         if getattr(module, "groups", 1) == 1  # grouped convs stay dense: no statistics needed
     }
-    return collect_input_grams(model, layers, batches)
+    keep = config.sensitivity_samples if config.rank_allocation == "sensitivity" else 0
+    return collect_input_grams(model, layers, batches, keep_samples=keep)
 
 
 class Whitening:
@@ -337,6 +369,36 @@ class Whitening:
         decomposition = whitened_decomposition(matrix, self.grams.grams[name], self.damping)
         self._decompositions[name] = decomposition
         return decomposition[1].cpu()
+
+    def sensitivity(self, model: nn.Module, layers: Mapping[str, tuple[nn.Module, int, int]]) -> dict[str, np.ndarray]:
+        """Per layer, the model-output loss added by dropping each whitened component (after :meth:`spectrum`).
+
+        ``layers``: name -> ``(module, cost_per_rank, dense_params)``. Loss curves are measured on the kept
+        calibration samples (:func:`smooth_hf.lowrank.sensitivity.measure_sensitivity`) for the layers the
+        statistics have none for yet, and kept in them, so compressing copies at other budgets reuses them.
+        """
+        grams = self.grams
+        if not grams.kept_batches:
+            raise ValueError(
+                "rank_allocation='sensitivity' needs calibration samples kept to measure each layer's effect, and "
+                "these statistics have none: collect them with calibrate(model, config, batches) where config has "
+                "rank_allocation='sensitivity', or pass the batches themselves as calibration_data."
+            )
+        if grams.sensitivity_damping != self.damping:  # curves of another whitening are not these layers' curves
+            grams.sensitivity, grams.sensitivity_damping = {}, self.damping
+        ranks = {}
+        for name, (module, cost, dense) in layers.items():
+            if name not in grams.sensitivity:
+                ranks[name] = probe_ranks(len(self._decompositions[name][1]), cost, dense)
+
+        def truncated(name: str, rank: int) -> nn.Module:
+            u, s, rows = self._decompositions[name]
+            module = layers[name][0]
+            return factorise(module, rank, factors=whitened_factors(u, s, rows, rank, module.weight.dtype))
+
+        todo = {name: layers[name][0] for name in ranks}
+        grams.sensitivity.update(measure_sensitivity(model, todo, truncated, ranks, grams.kept_batches))
+        return {name: marginal_losses(grams.sensitivity[name], len(self._decompositions[name][1])) for name in layers}
 
     def factors(self, name: str, rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(up, down)`` of the rank-``rank`` whitened truncation of layer ``name`` (after :meth:`spectrum`)."""

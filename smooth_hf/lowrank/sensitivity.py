@@ -1,0 +1,160 @@
+"""Rank allocation by measured sensitivity: what truncating each layer does to the *model's* output.
+
+A layer's whitened spectrum says how much its own output changes on the calibration data; it does not
+say how much that change matters downstream (a value projection feeding the last block's output, a
+pooler no output reads, an MLP whose error a LayerNorm amplifies). ASVD's remedy, used here: truncate
+one layer at a time, at a few ranks, run the calibration batches, and measure how far the model's
+output moves from the dense output. Each layer then has a loss curve ``L(r)``, and the global budget
+drops, over all layers at once, the components that add the least loss per parameter saved (the same
+allocator as the spectra, :func:`smooth_hf.lowrank.allocation.allocate_ranks`, fed the curves'
+marginal losses in absolute terms). Losses are assumed additive across layers, as in ASVD.
+
+Cost: ``len(RANK_POINTS)`` forward passes over the kept calibration samples per candidate layer,
+which is why the samples used for it (``LowRankConfig.sensitivity_samples``) are fewer than those
+whose Gram matrices whiten the cut.
+
+The pure functions (:func:`probe_ranks`, :func:`marginal_losses`, :func:`output_deviation`) hold
+the math; :func:`measure_sensitivity` runs the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..batches import feed_batch, modes_kept
+
+__all__ = ["RANK_POINTS", "marginal_losses", "measure_sensitivity", "output_deviation", "probe_ranks"]
+
+# Where each layer's loss curve is measured: fractions of the largest rank that still removes parameters
+# (0 is rank 1). Denser at low ranks, where the curves bend most and where large budgets land.
+RANK_POINTS = (0.0, 0.15, 0.3, 0.45, 0.6, 0.8)
+
+
+def probe_ranks(full_rank: int, cost_per_rank: int, dense_params: int) -> list[int]:
+    """The distinct ranks at which a layer's loss is measured: :data:`RANK_POINTS` of its paying range.
+
+    A rank pays when ``rank * cost_per_rank < dense_params``; larger ranks are never chosen (the layer
+    stays dense instead), so measuring them would be wasted forward passes. Empty when no rank pays.
+    """
+    largest = min(full_rank, math.ceil(dense_params / cost_per_rank) - 1)
+    if largest < 1:
+        return []
+    return sorted({max(1, round(f * largest)) for f in RANK_POINTS})
+
+
+def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Lower convex hull of points sorted by x (Andrew's monotone chain)."""
+    hull: list[tuple[float, float]] = []
+    for p in points:
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) <= 0:  # hull[-1] is not below the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def marginal_losses(measured: Sequence[tuple[int, float]], full_rank: int) -> np.ndarray:
+    """The loss added by dropping each component, ``e[i] = L(i) - L(i + 1)`` for ``i = 0 .. full_rank - 1``.
+
+    ``L`` is the lower convex hull of the measured ``(rank, loss)`` points and ``(full_rank, 0)`` (the
+    untruncated layer), linearly interpolated. The hull makes ``L`` non-increasing and convex, so the
+    marginals are non-negative and non-increasing: a layer always gives up its least useful components
+    first, and noise in one measurement cannot make a smaller rank look better than a larger one.
+    ``e[0]`` (rank 1 to no rank at all, which no plan takes) is set to the largest marginal.
+    """
+    points = sorted({int(r): max(0.0, float(loss)) for r, loss in measured if 1 <= r < full_rank}.items())
+    points.append((full_rank, 0.0))
+    hull = _lower_hull([(float(r), loss) for r, loss in points])
+    xs, ys = zip(*hull, strict=True)
+    ranks = np.arange(1, full_rank + 1, dtype=np.float64)
+    # Below the smallest measured rank the first segment's slope is continued (np.interp would hold it flat,
+    # making those components free to drop).
+    curve = np.interp(ranks, xs, ys)
+    if len(xs) >= 2 and xs[0] > 1:
+        slope = (ys[1] - ys[0]) / (xs[1] - xs[0])
+        below = ranks < xs[0]
+        curve[below] = ys[0] + slope * (ranks[below] - xs[0])
+    marginals = np.empty(full_rank)
+    marginals[1:] = curve[:-1] - curve[1:]  # dropping component i (0-based) takes rank i + 1 down to i
+    marginals[0] = marginals[1:].max(initial=0.0)
+    return np.clip(marginals, 0.0, None)
+
+
+def _primary_output(output: Any) -> Tensor:
+    """The tensor a model's output leads with: logits, ``last_hidden_state``, or the output itself."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):  # transformers ModelOutput is a Mapping too
+        output = next((v for v in output.values() if isinstance(v, Tensor)), None)
+    elif isinstance(output, (tuple, list)):
+        output = next((v for v in output if isinstance(v, Tensor)), None)
+    if not isinstance(output, Tensor):
+        raise ValueError(
+            "rank_allocation='sensitivity' measures how far the model's output moves, but the model returned no "
+            "tensor: use a model whose forward returns logits or hidden states, or rank_allocation='spectrum'"
+        )
+    return output
+
+
+def output_deviation(reference: Tensor, output: Tensor, batch: Any) -> tuple[float, float]:
+    """``(sum ||y - y_ref||^2, sum ||y_ref||^2)`` over the batch's real positions, in float64.
+
+    For a ``(batch, tokens, ...)`` output of a batch with an ``attention_mask`` of shape ``(batch, tokens)``,
+    padding positions are left out: nothing downstream reads them.
+    """
+    diff = (output.double() - reference.double()) ** 2
+    energy = reference.double() ** 2
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if isinstance(mask, Tensor) and reference.dim() >= 2 and tuple(reference.shape[:2]) == tuple(mask.shape):
+        weight = mask.to(device=reference.device, dtype=torch.float64).reshape(*mask.shape, *[1] * (reference.dim() - 2))
+        diff, energy = diff * weight, energy * weight
+    return float(diff.sum()), float(energy.sum())
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    truncated: Callable[[str, int], nn.Module],
+    ranks: Mapping[str, Sequence[int]],
+    batches: Sequence[Any],
+) -> dict[str, list[tuple[int, float]]]:
+    """For each layer, ``[(rank, loss), ...]``: the model's relative output error with that layer alone truncated.
+
+    ``loss = sum ||y - y_dense||^2 / sum ||y_dense||^2`` over ``batches`` (eval mode, no gradients), ``y`` the
+    model's primary output (logits or last hidden state). ``truncated(name, rank)`` builds the module that
+    stands in for ``layers[name]`` at that rank; it is swapped in for one measurement and the original put
+    back, so the model is unchanged afterwards, error or not.
+    """
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    curves: dict[str, list[tuple[int, float]]] = {}
+    with modes_kept(model), torch.no_grad():
+        model.eval()
+        references = [_primary_output(feed_batch(model, batch, device)) for batch in batches]
+
+        def loss() -> float:
+            moved = total = 0.0
+            for batch, reference in zip(batches, references, strict=True):
+                d, e = output_deviation(reference, _primary_output(feed_batch(model, batch, device)), batch)
+                moved, total = moved + d, total + e
+            return moved / total if total > 0 else moved
+
+        for name, module in layers.items():
+            curve = []
+            try:
+                for rank in ranks[name]:
+                    model.set_submodule(name, truncated(name, rank))
+                    curve.append((rank, loss()))
+            finally:
+                model.set_submodule(name, module)
+            curves[name] = curve
+    return curves

@@ -202,7 +202,8 @@ def _method(config: LowRankConfig) -> dict[str, Any]:
         return {"whitened": False}
     samples = f"{config.calibration_samples:,} samples" if config.calibration_samples else "an unrecorded number of samples"
     name = markdown_cell(config.calibration_dataset) if config.calibration_dataset else "unnamed calibration data"
-    return {"whitened": True, "calibration": f"{name}, {samples}", "damping": f"{config.whitening_damping:g}"}
+    return {"whitened": True, "calibration": f"{name}, {samples}", "damping": f"{config.whitening_damping:g}",
+            "sensitivity": config.rank_allocation == "sensitivity"}
 
 
 def _metric_rows(info: ModelCardInfo) -> list[dict[str, str]]:

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .lowrank.layers import truncated_svd_factors
+from .lowrank.decomposition import Decomposition, decompose, factors_from
+from .lowrank.layers import weight_matrix
 from .penalties import out_in_weight
 from .rank_plan import check_plan_budget, plan_ranks
 from .targeting import PatternSpec, find_layers
@@ -58,12 +59,15 @@ def scheduled_reduction(step: int, max_steps: int, target: float, start: float, 
 
 
 @torch.no_grad()
-def project_to_rank_(weight: torch.Tensor, rank: int) -> None:
-    """Replace ``weight`` (``(out, in, *kernel)``) in place by its best rank-``rank`` approximation."""
+def project_to_rank_(weight: torch.Tensor, rank: int, decomposition: Decomposition | None = None) -> None:
+    """Replace ``weight`` (``(out, in, *kernel)``) in place by its best rank-``rank`` approximation.
+
+    ``decomposition`` is ``decompose`` of this weight's ``(out, in*kh*kw)`` matrix when the caller already has it.
+    """
     matrix = weight.reshape(weight.shape[0], -1)  # weight_matrix's layout, for a weight already in (out, in, ...)
     if rank >= min(matrix.shape):
         return
-    up, down = truncated_svd_factors(matrix, rank, dtype=torch.float64)
+    up, down = factors_from(matrix, decomposition, rank, dtype=torch.float64)
     weight.copy_((up @ down).reshape(weight.shape).to(weight.dtype))
 
 
@@ -108,8 +112,10 @@ class RankProjection:
         reduction = self.reduction_at(step, max_steps)
         if not due or reduction <= 0:
             return None
-        ranks = plan_ranks(self.layers, reduction, self.model_parameters)
-        for (_, module), rank in zip(self.layers, ranks, strict=True):
+        # One decomposition per layer: its spectrum plans the cut (as compress plans it), its basis projects.
+        decompositions = [decompose(weight_matrix(module)) for _, module in self.layers]
+        ranks = plan_ranks(self.layers, reduction, self.model_parameters, [d.singular_values for d in decompositions])
+        for (_, module), rank, decomposition in zip(self.layers, ranks, decompositions, strict=True):
             if rank is not None:
-                project_to_rank_(out_in_weight(module), rank)
+                project_to_rank_(out_in_weight(module), rank, decomposition)
         return ranks

@@ -11,8 +11,9 @@ of ``p * model_parameters`` to those layers.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from .lowrank.allocation import allocate_ranks, max_removable
 from .lowrank.layers import singular_values, weight_matrix
@@ -51,8 +52,17 @@ def check_plan_budget(
         )
 
 
-def plan_ranks(layers: list[tuple[str, nn.Module]], param_reduction: float, model_parameters: int) -> list[int | None]:
-    """The ranks the global allocation keeps at the current spectra (None: the layer stays dense)."""
+def plan_ranks(
+    layers: list[tuple[str, nn.Module]],
+    param_reduction: float,
+    model_parameters: int,
+    spectra: Sequence[Tensor] | None = None,
+) -> list[int | None]:
+    """The ranks the global allocation keeps at the current spectra (None: the layer stays dense).
+
+    ``spectra`` are the layers' singular values when the caller already has them (one per layer, in order).
+    """
     _, costs, dense = layer_shapes(layers)
-    spectra = [singular_values(weight_matrix(module)) for _, module in layers]
+    if spectra is None:
+        spectra = [singular_values(weight_matrix(module)) for _, module in layers]
     return allocate_ranks(spectra, costs, dense, param_reduction * model_parameters)

@@ -55,6 +55,21 @@ def test_projection_makes_the_planned_cut_lossless():
         assert (compress(copy.deepcopy(raw), LowRankConfig(param_reduction=0.3))(x) - raw(x)).abs().max() > 1e-3
 
 
+def test_projection_decomposes_each_layer_once(monkeypatch):
+    import smooth_hf.lowrank.decomposition as decomposition
+    import smooth_hf.projection as projection_module
+
+    calls = []
+    real = decomposition.decompose
+    monkeypatch.setattr(projection_module, "decompose", lambda m, **k: calls.append(m.shape) or real(m, **k))
+    monkeypatch.setattr(decomposition, "decompose", lambda *a, **k: pytest.fail("a second decomposition"))
+    monkeypatch.setattr(torch.linalg, "svdvals", lambda *a, **k: pytest.fail("a second decomposition"))
+    model = three_conv_net()
+    projection = RankProjection.for_model(model, 0.3, every=5, start=0.0, end=0.5)
+    ranks = projection(10, 10)
+    assert len(calls) == len(projection.layers) and all(r is not None for r in ranks)
+
+
 def test_bad_projection_settings_are_clear_errors():
     with pytest.raises(ValueError, match="at most .* can be removed"):
         RankProjection.for_model(three_conv_net(), 0.95)

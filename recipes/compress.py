@@ -9,8 +9,13 @@
         --output_dir runs/smooth-lowrank-70 --push_to_hub --hub_model_id you/resnet18-smooth-lowrank-70
 
     # whitened (activation-aware) truncation: each layer cut where it loses the least on 512 training images
-    python recipes/compress.py --model_name_or_path runs/smooth --param_reduction 0.7 --method whitened \
+    python recipes/compress.py --model_name_or_path runs/smooth --param_reduction 0.7 --method whitened \\
         --calibration_samples 512 --output_dir runs/smooth-whitened-70
+
+    # ... with the ranks allocated by each layer's measured effect on the model's output (a few forward
+    # passes over the first --sensitivity_samples calibration images per layer)
+    python recipes/compress.py --model_name_or_path runs/smooth --param_reduction 0.7 --method whitened \\
+        --rank_allocation sensitivity --output_dir runs/smooth-sensitivity-70
 
     # a sweep: accuracy vs parameters removed, as a table (Markdown + JSON) and a PNG plot
     python recipes/compress.py --model_name_or_path runs/smooth --budgets 0.5,0.6,0.7,0.8,0.9 \\

@@ -41,6 +41,15 @@ def test_marginal_losses_below_the_first_measurement_continue_its_slope():
     np.testing.assert_allclose(e[1:3], [0.1, 0.1])  # not free to drop: the first segment's slope goes on
 
 
+def test_marginal_losses_follow_the_spectrum_between_measurements():
+    """A layer trained to rank 4 (a zero whitened tail): dropping what lies beyond rank 4 costs nothing, although
+    the nearest measurement above it is at rank 6; each segment's measured loss goes to its components by s^2."""
+    e = marginal_losses([(1, 0.9), (3, 0.3), (6, 0.0)], full_rank=8, spectrum=[4.0, 3.0, 2.0, 1.0, 0, 0, 0, 0])
+    np.testing.assert_allclose(e[1:], [0.6 * 9 / 13, 0.6 * 4 / 13, 0.3, 0, 0, 0, 0])
+    linear = marginal_losses([(1, 0.9), (3, 0.3), (6, 0.0)], full_rank=8)
+    assert linear[4] > 0  # without the spectrum, rank 5 and 6 would look costly to drop
+
+
 def test_probe_ranks_stay_where_factorising_pays():
     ranks = probe_ranks(full_rank=64, cost_per_rank=64 + 64, dense_params=64 * 64)
     assert ranks[0] == 1 and all(r * 128 < 64 * 64 for r in ranks) and ranks == sorted(set(ranks))

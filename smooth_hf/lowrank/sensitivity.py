@@ -4,7 +4,8 @@ A layer's whitened spectrum says how much its own output changes on the calibrat
 say how much that change matters downstream (a value projection feeding the last block's output, a
 pooler no output reads, an MLP whose error a LayerNorm amplifies). ASVD's remedy, used here: truncate
 one layer at a time, at a few ranks, run the calibration batches, and measure how far the model's
-output moves from the dense output. Each layer then has a loss curve ``L(r)``, and the global budget
+output moves from the dense output. Each layer then has a loss curve ``L(r)`` (between the measured ranks,
+shared out along the layer's whitened spectrum: :func:`marginal_losses`), and the global budget
 drops, over all layers at once, the components that add the least loss per parameter saved (the same
 allocator as the spectra, :func:`smooth_hf.lowrank.allocation.allocate_ranks`, fed the curves'
 marginal losses in absolute terms). Losses are assumed additive across layers, as in ASVD.
@@ -62,29 +63,40 @@ def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return hull
 
 
-def marginal_losses(measured: Sequence[tuple[int, float]], full_rank: int) -> np.ndarray:
+def marginal_losses(
+    measured: Sequence[tuple[int, float]], full_rank: int, spectrum: Sequence[float] | np.ndarray | None = None
+) -> np.ndarray:
     """The loss added by dropping each component, ``e[i] = L(i) - L(i + 1)`` for ``i = 0 .. full_rank - 1``.
 
     ``L`` is the lower convex hull of the measured ``(rank, loss)`` points and ``(full_rank, 0)`` (the
-    untruncated layer), linearly interpolated. The hull makes ``L`` non-increasing and convex, so the
-    marginals are non-negative and non-increasing: a layer always gives up its least useful components
-    first, and noise in one measurement cannot make a smaller rank look better than a larger one.
-    ``e[0]`` (rank 1 to no rank at all, which no plan takes) is set to the largest marginal.
+    untruncated layer). The hull makes ``L`` non-increasing: noise in one measurement cannot make a smaller
+    rank look better than a larger one. Between two hull points the loss difference is shared by the
+    components in between, in proportion to their squared singular values when ``spectrum`` (the layer's
+    whitened spectrum, descending) is given, else equally (linear interpolation). The spectrum keeps what the
+    measurements at a few ranks cannot see: a layer trained to rank ``r`` has an exactly zero tail beyond
+    ``r``, so dropping those components costs nothing, wherever the measured ranks fall. Below the smallest
+    measured rank the first segment's rate goes on. ``e[0]`` (rank 1 to no rank at all, which no plan
+    takes) is set to the largest marginal.
     """
     points = sorted({int(r): max(0.0, float(loss)) for r, loss in measured if 1 <= r < full_rank}.items())
     points.append((full_rank, 0.0))
     hull = _lower_hull([(float(r), loss) for r, loss in points])
-    xs, ys = zip(*hull, strict=True)
-    ranks = np.arange(1, full_rank + 1, dtype=np.float64)
-    # Below the smallest measured rank the first segment's slope is continued (np.interp would hold it flat,
-    # making those components free to drop).
-    curve = np.interp(ranks, xs, ys)
-    if len(xs) >= 2 and xs[0] > 1:
-        slope = (ys[1] - ys[0]) / (xs[1] - xs[0])
-        below = ranks < xs[0]
-        curve[below] = ys[0] + slope * (ranks[below] - xs[0])
-    marginals = np.empty(full_rank)
-    marginals[1:] = curve[:-1] - curve[1:]  # dropping component i (0-based) takes rank i + 1 down to i
+    weights = np.ones(full_rank) if spectrum is None else np.asarray(spectrum, dtype=np.float64)[:full_rank] ** 2
+    # marginal[c - 1] is the loss of dropping component c (1-based): rank c -> c - 1.
+    marginals = np.zeros(full_rank)
+    rate = None
+    for (r0, l0), (r1, l1) in zip(hull, hull[1:], strict=False):
+        lo, hi = int(r0), int(r1)  # components lo + 1 .. hi, i.e. indices lo .. hi - 1
+        share = weights[lo:hi]
+        total = share.sum()
+        share = share / total if total > 0 else np.full(hi - lo, 1.0 / (hi - lo))
+        marginals[lo:hi] = (l0 - l1) * share
+        if rate is None:
+            rate = (l0 - l1) / total if total > 0 else (l0 - l1) / (hi - lo)
+            first = lo
+    if rate is not None and first > 1:  # components 2 .. first: the first segment's rate per unit of weight
+        below = weights[1:first] if spectrum is not None else np.ones(first - 1)
+        marginals[1:first] = rate * below
     marginals[0] = marginals[1:].max(initial=0.0)
     return np.clip(marginals, 0.0, None)
 

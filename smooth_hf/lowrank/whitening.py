@@ -19,7 +19,9 @@ components with the least *relative* output energy (``Σ_i^2 / sum_j Σ_j^2``) p
 The absolute error (``Σ_i^2`` per parameter) was measured too, on all-MiniLM-L6-v2's sentence
 embeddings, and kept less of them at the same budget: raw output energies are not comparable across
 layers (a layer feeding a LayerNorm, a softmax or a residual stream matters on a different scale from
-its own output's), while a relative error is at least free of each layer's scale.
+its own output's), while a relative error is at least free of each layer's scale. What a layer's error does to
+the *model's* output is measured instead with ``rank_allocation="sensitivity"``
+(:mod:`smooth_hf.lowrank.sensitivity`), which allocates better at the price of a few forward passes per layer.
 
 Rank-deficient and ill-conditioned Grams (fewer samples than features, dead ReLU channels, constant
 padding features) are the rule, not the exception, so ``G`` is always damped, ``G + λ I`` with
@@ -387,7 +389,7 @@ class Whitening:
         if grams.sensitivity_damping != self.damping:  # curves of another whitening are not these layers' curves
             grams.sensitivity, grams.sensitivity_damping = {}, self.damping
         ranks = {}
-        for name, (module, cost, dense) in layers.items():
+        for name, (_, cost, dense) in layers.items():
             if name not in grams.sensitivity:
                 ranks[name] = probe_ranks(len(self._decompositions[name][1]), cost, dense)
 
@@ -398,7 +400,11 @@ class Whitening:
 
         todo = {name: layers[name][0] for name in ranks}
         grams.sensitivity.update(measure_sensitivity(model, todo, truncated, ranks, grams.kept_batches))
-        return {name: marginal_losses(grams.sensitivity[name], len(self._decompositions[name][1])) for name in layers}
+        return {
+            name: marginal_losses(grams.sensitivity[name], len(spectrum), spectrum.cpu().numpy())
+            for name in layers
+            for spectrum in [self._decompositions[name][1]]
+        }
 
     def factors(self, name: str, rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(up, down)`` of the rank-``rank`` whitened truncation of layer ``name`` (after :meth:`spectrum`)."""

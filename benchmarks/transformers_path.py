@@ -85,7 +85,9 @@ def smooth_configs(text: str) -> list[dict[str, float]]:
     ``penalty_warmup_ratio``).
     """
     configs = []
-    for item in text.split(","):
+    for item in (x.strip() for x in text.split(",")):
+        if not item:  # '' (or a trailing comma): no smooth model
+            continue
         if "=" in item:
             coefs = {"first_order_coef": 0.0, "nuclear_norm_coef": 0.0, "second_order_coef": 0.0}
             for pair in item.split("+"):

@@ -278,6 +278,7 @@ def test_transformers_path_smooth_configs_parse_both_syntaxes():
     ]
     with pytest.raises(Exception, match="unknown key 'nuc'"):
         parse("nuc=3")
+    assert parse("") == [] and parse("1:10,") == parse("1:10")  # '' is the help's "no smooth model"
 
 
 @pytest.mark.parametrize("allocation", ["spectrum", "sensitivity"])

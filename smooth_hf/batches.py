@@ -15,9 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LABEL_KEYS", "batch_size", "feed_batch", "modes_kept"]
+__all__ = ["LABEL_KEYS", "batch_size", "feed_batch", "model_device", "modes_kept"]
 
 LABEL_KEYS = ("labels", "label", "targets")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's (first) parameter lives, which is where its batches go; the CPU for a model without any."""
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
 
 
 def _to(value: Any, device: torch.device) -> Any:

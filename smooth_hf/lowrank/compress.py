@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import batchnorm as _batchnorm
+from ..batches import model_device
 from ..penalties import out_in_weight
 from ..targeting import find_layers, layer_kind
 from .allocation import allocate_ranks, energy_kept, finalize_rank, max_removable, rank_for_energy, rank_for_ratio
@@ -274,7 +275,7 @@ def _plan(
         candidates.append(_Candidate(name, module, kind, shape, decomposition, positions))
 
     if config.rank_multiple is None:  # resolved now, and recorded in the saved config
-        config = replace(config, rank_multiple=default_rank_multiple(_device_of(model)))
+        config = replace(config, rank_multiple=default_rank_multiple(model_device(model)))
     if config.macs_reduction is not None:  # a layer that did not run costs no compute: nothing to allocate
         for c in candidates:
             if not c.positions:
@@ -343,11 +344,6 @@ def _plan(
         )
         plan.macs_inputs = describe_inputs(example_inputs)
     return plan
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return torch.device("cpu") if parameter is None else parameter.device
 
 
 def _apply(model: nn.Module, plan: _Plan) -> None:

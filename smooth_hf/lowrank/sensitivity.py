@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..batches import feed_batch, modes_kept
+from ..batches import feed_batch, model_device, modes_kept
 
 __all__ = ["RANK_POINTS", "marginal_losses", "measure_sensitivity", "output_deviation", "probe_ranks"]
 
@@ -146,8 +146,7 @@ def measure_sensitivity(
     stands in for ``layers[name]`` at that rank; it is swapped in for one measurement and the original put
     back, so the model is unchanged afterwards, error or not.
     """
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
+    device = model_device(model)
     curves: dict[str, list[tuple[int, float]]] = {}
     with modes_kept(model), torch.no_grad():
         model.eval()

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..batches import batch_size, feed_batch, modes_kept
+from ..batches import batch_size, feed_batch, model_device, modes_kept
 from ..targeting import find_layers, layer_kind
 from .layers import factorise
 from .sensitivity import marginal_losses, measure_sensitivity, probe_ranks
@@ -256,8 +256,7 @@ def collect_input_grams(
     """
     hooks = {layer_name: _GramHook(module) for layer_name, module in layers.items()}
     handles = [module.register_forward_pre_hook(hooks[n]) for n, module in layers.items()]
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
+    device = model_device(model)
     samples = count = 0
     kept: list[Any] = []
     try:

@@ -84,19 +84,17 @@ def marginal_losses(
     weights = np.ones(full_rank) if spectrum is None else np.asarray(spectrum, dtype=np.float64)[:full_rank] ** 2
     # marginal[c - 1] is the loss of dropping component c (1-based): rank c -> c - 1.
     marginals = np.zeros(full_rank)
-    rate = None
+    rates = []  # loss per unit of weight, per hull segment
     for (r0, l0), (r1, l1) in zip(hull, hull[1:], strict=False):
         lo, hi = int(r0), int(r1)  # components lo + 1 .. hi, i.e. indices lo .. hi - 1
-        share = weights[lo:hi]
-        total = share.sum()
-        share = share / total if total > 0 else np.full(hi - lo, 1.0 / (hi - lo))
-        marginals[lo:hi] = (l0 - l1) * share
-        if rate is None:
-            rate = (l0 - l1) / total if total > 0 else (l0 - l1) / (hi - lo)
-            first = lo
-    if rate is not None and first > 1:  # components 2 .. first: the first segment's rate per unit of weight
-        below = weights[1:first] if spectrum is not None else np.ones(first - 1)
-        marginals[1:first] = rate * below
+        segment = weights[lo:hi]
+        if segment.sum() <= 0:  # no weight (a zero spectrum there): share equally
+            segment = np.ones(hi - lo)
+        rates.append((l0 - l1) / segment.sum())
+        marginals[lo:hi] = rates[-1] * segment
+    first = int(hull[0][0])
+    if rates and first > 1:  # components 2 .. first, below every measurement: the first segment's rate
+        marginals[1:first] = rates[0] * weights[1:first]
     marginals[0] = marginals[1:].max(initial=0.0)
     return np.clip(marginals, 0.0, None)
 

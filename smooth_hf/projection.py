@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .lowrank.decomposition import Decomposition, decompose, factors_from
+from .lowrank.decomposition import Decomposition, decompose_within, factors_from
 from .lowrank.layers import weight_matrix
 from .penalties import out_in_weight
 from .rank_plan import check_plan_budget, plan_ranks
@@ -113,7 +113,10 @@ class RankProjection:
         if not due or reduction <= 0:
             return None
         # One decomposition per layer: its spectrum plans the cut (as compress plans it), its basis projects.
-        decompositions = [decompose(weight_matrix(module)) for _, module in self.layers]
+        decompositions, cached = [], 0
+        for _, module in self.layers:  # bases kept within the same memory cap as compress's
+            decompositions.append(decompose_within(weight_matrix(module), cached))
+            cached += decompositions[-1].basis_bytes
         ranks = plan_ranks(self.layers, reduction, self.model_parameters, [d.singular_values for d in decompositions])
         for (_, module), rank, decomposition in zip(self.layers, ranks, decompositions, strict=True):
             if rank is not None:

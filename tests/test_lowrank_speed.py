@@ -31,6 +31,7 @@ from smooth_hf.model_card import render_model_card
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 compress_module = importlib.import_module("smooth_hf.lowrank.compress")  # the function shadows the module name
+decomposition_module = importlib.import_module("smooth_hf.lowrank.decomposition")
 
 
 def resnet14() -> nn.Module:
@@ -119,7 +120,7 @@ def test_compress_decomposes_each_layer_once(monkeypatch):
 
 def test_without_the_basis_cache_the_factors_are_recomputed_and_identical(monkeypatch):
     cached = compress(resnet14(), LowRankConfig(param_reduction=0.5))
-    monkeypatch.setattr(compress_module, "_BASIS_CACHE_BYTES", 0)
+    monkeypatch.setattr(decomposition_module, "BASIS_CACHE_BYTES", 0)
     calls = _count_eigh(monkeypatch)
     recomputed = compress(resnet14(), LowRankConfig(param_reduction=0.5))
     assert len(calls) == len(recomputed.lowrank_report.layers) + len(recomputed.lowrank_report.factorised)

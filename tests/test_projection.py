@@ -60,9 +60,10 @@ def test_projection_decomposes_each_layer_once(monkeypatch):
     import smooth_hf.projection as projection_module
 
     calls = []
-    real = decomposition.decompose
-    monkeypatch.setattr(projection_module, "decompose", lambda m, **k: calls.append(m.shape) or real(m, **k))
-    monkeypatch.setattr(decomposition, "decompose", lambda *a, **k: pytest.fail("a second decomposition"))
+    real, real_factors = decomposition.decompose, decomposition.factors_from
+    monkeypatch.setattr(decomposition, "decompose", lambda m, **k: calls.append(m.shape) or real(m, **k))
+    monkeypatch.setattr(projection_module, "factors_from", lambda m, d, *a, **k: real_factors(m, d, *a, **k)
+                        if d is not None and d.basis is not None else pytest.fail("a second decomposition"))
     monkeypatch.setattr(torch.linalg, "svdvals", lambda *a, **k: pytest.fail("a second decomposition"))
     model = three_conv_net()
     projection = RankProjection.for_model(model, 0.3, every=5, start=0.0, end=0.5)

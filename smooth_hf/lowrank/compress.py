@@ -32,7 +32,7 @@ from .allocation import allocate_ranks, energy_kept, finalize_rank, max_removabl
 from .base import LowRankLayer
 from .config import LowRankConfig
 from .cost import ExampleInputs, describe_inputs, macs_per_rank, trace_layers
-from .decomposition import Decomposition, decompose
+from .decomposition import Decomposition, decompose_within
 from .diagnosis import budget_advice, describe, unfactorisable_weights
 from .layers import factorise, low_rank_layer_like, weight_matrix
 from .report import (
@@ -70,11 +70,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DATA_FREE = "data_free"
-
-# The candidates' singular vectors are kept from the decomposition that gave their spectra, so the
-# factorised layers need no second one; beyond this many bytes they are dropped and recomputed.
-_BASIS_CACHE_BYTES = 1 << 30
-
 
 @dataclass
 class _Candidate:
@@ -269,8 +264,7 @@ def _plan(
         if whitening is not None:
             candidates.append(_Candidate(name, module, kind, shape, None, positions, whitening.spectrum(name, matrix)))
             continue
-        keep_basis = cached + min(shape[0], shape[1] * shape[2] * shape[3]) ** 2 * 8 <= _BASIS_CACHE_BYTES
-        decomposition = decompose(matrix, keep_basis=keep_basis)
+        decomposition = decompose_within(matrix, cached)
         cached += decomposition.basis_bytes
         candidates.append(_Candidate(name, module, kind, shape, decomposition, positions))
 

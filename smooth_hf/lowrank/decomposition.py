@@ -24,7 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Decomposition", "decompose", "factors_from"]
+__all__ = ["BASIS_CACHE_BYTES", "Decomposition", "decompose", "decompose_within", "factors_from"]
+
+# Callers that decompose many layers before building factors (compress, rank projection) keep the singular
+# vectors from the decomposition that gave the spectra, so the factors need no second one; beyond this many
+# bytes of kept vectors they are dropped, and the layers past the cap are decomposed again when factorised.
+BASIS_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -60,6 +65,12 @@ def decompose(matrix: Tensor, keep_basis: bool = True) -> Decomposition:
         singular = eigenvalues.flip(0).clamp_min(0).sqrt()
         basis = eigenvectors.flip(1) if keep_basis else None
     return Decomposition(singular, basis, left)
+
+
+def decompose_within(matrix: Tensor, cached_bytes: int) -> Decomposition:
+    """:func:`decompose`, keeping the basis only if ``cached_bytes`` (bases already kept) plus it fit
+    :data:`BASIS_CACHE_BYTES`; add the result's ``basis_bytes`` to the running total."""
+    return decompose(matrix, keep_basis=cached_bytes + min(matrix.shape) ** 2 * 8 <= BASIS_CACHE_BYTES)
 
 
 def factors_from(

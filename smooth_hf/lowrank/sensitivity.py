@@ -10,9 +10,9 @@ drops, over all layers at once, the components that add the least loss per param
 allocator as the spectra, :func:`smooth_hf.lowrank.allocation.allocate_ranks`, fed the curves'
 marginal losses in absolute terms). Losses are assumed additive across layers, as in ASVD.
 
-Cost: ``len(RANK_POINTS)`` forward passes over the kept calibration samples per candidate layer,
-which is why the samples used for it (``LowRankConfig.sensitivity_samples``) are fewer than those
-whose Gram matrices whiten the cut.
+Cost: ``len(RANK_POINTS)`` forward passes over the kept calibration samples per candidate layer (of
+the blocks from that layer on: the earlier ones are replayed), which is why the samples used for it
+(``LowRankConfig.sensitivity_samples``) are fewer than those whose Gram matrices whiten the cut.
 
 The pure functions (:func:`probe_ranks`, :func:`marginal_losses`, :func:`output_deviation`) hold
 the math; :func:`measure_sensitivity` runs the model.
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batches import feed_batch, model_device, modes_kept
+from .replay import PrefixReplay, no_cache
 
 __all__ = ["RANK_POINTS", "marginal_losses", "measure_sensitivity", "output_deviation", "probe_ranks"]
 
@@ -142,28 +143,34 @@ def measure_sensitivity(
     ``loss = sum ||y - y_dense||^2 / sum ||y_dense||^2`` over ``batches`` (eval mode, no gradients), ``y`` the
     model's primary output (logits or last hidden state). ``truncated(name, rank)`` builds the module that
     stands in for ``layers[name]`` at that rank; it is swapped in for one measurement and the original put
-    back, so the model is unchanged afterwards, error or not.
+    back, so the model is unchanged afterwards, error or not. The blocks that run before the truncated layer
+    are not re-run: their dense outputs are replayed (:class:`smooth_hf.lowrank.replay.PrefixReplay`).
     """
     device = model_device(model)
     curves: dict[str, list[tuple[int, float]]] = {}
-    with modes_kept(model), torch.no_grad():
+    replay = PrefixReplay(model, layers)
+    with modes_kept(model), no_cache(model), torch.no_grad():
         model.eval()
-        references = [_primary_output(feed_batch(model, batch, device)) for batch in batches]
+        outputs = replay.record(batches, lambda batch: feed_batch(model, batch, device))
+        references = [_primary_output(output) for output in outputs]
+        del outputs
 
         def loss() -> float:
             moved = total = 0.0
-            for batch, reference in zip(batches, references, strict=True):
+            for index, (batch, reference) in enumerate(zip(batches, references, strict=True)):
+                replay.batch = index
                 d, e = output_deviation(reference, _primary_output(feed_batch(model, batch, device)), batch)
                 moved, total = moved + d, total + e
             return moved / total if total > 0 else moved
 
         for name, module in layers.items():
             curve = []
-            try:
-                for rank in ranks[name]:
-                    model.set_submodule(name, truncated(name, rank))
-                    curve.append((rank, loss()))
-            finally:
-                model.set_submodule(name, module)
+            with replay.installed(replay.verified(replay.for_layer(name), loss)):
+                try:
+                    for rank in ranks[name]:
+                        model.set_submodule(name, truncated(name, rank))
+                        curve.append((rank, loss()))
+                finally:
+                    model.set_submodule(name, module)
             curves[name] = curve
     return curves

@@ -3,7 +3,7 @@
     python benchmarks/cnn_recipe_report.py benchmarks/results/cnn_recipe_gpu.jsonl [more.jsonl ...] [--markdown]
 
 Runs whose names differ only in a trailing ``_s<seed>`` are grouped; each cell is the mean accuracy (%) over
-the group's seeds, with the spread (max - min) when there are several. ``nuc`` is the scale-free nuclear term
+the group's seeds, with ± half their range ((max - min) / 2) when there are several. ``nuc`` is the scale-free nuclear term
 of the trained model (1 = flat spectrum).
 """
 

@@ -3,14 +3,15 @@
 Copy-paste commands (from the repository root, after `make install`):
 
     # the recommended CNN recipe (smooth_hf.recommended) on real Fashion-MNIST (local Debian files, no Hub);
-    # drop the last flag for the plain baseline; resnet18_cifar is the paper's model (a GPU job)
-    accelerate launch recipes/train.py --model_name_or_path resnet14_cifar --dataset_name fashion_mnist \
+    # drop the last flag for the plain baseline; resnet18_cifar is the paper's model (a GPU job). On a CPU, without
+    # --num_cpu_threads_per_process accelerate launch trains with one thread whatever the cores.
+    accelerate launch --num_cpu_threads_per_process $(nproc) recipes/train.py --model_name_or_path resnet14_cifar --dataset_name fashion_mnist \
         --do_train --do_eval --output_dir runs/smooth --optim sgd --optim_args momentum=0.9,nesterov=True \
         --learning_rate 0.1 --weight_decay 5e-4 --lr_scheduler_type cosine --warmup_steps 0.25 \
         --per_device_train_batch_size 128 --num_train_epochs 4 --augment --random_crop_padding 0 \
         --rank_projection_param_reduction 0.8
 
-    # two real CPU processes (gloo DDP)
+    # two real CPU processes (gloo DDP); with --per_device_train_batch_size 64 the recipe's batch stays 128
     accelerate launch --config_file recipes/accelerate_configs/cpu_2proc.yaml recipes/train.py ...same flags...
 
     # every GPU of a machine (set num_processes in the file or on the command line)

@@ -126,12 +126,32 @@ class SmoothTrainingArguments(TrainingArguments):
             logger.info("%s processes launched and no accelerator: setting use_cpu=True (DDP over gloo)",
                         os.environ["WORLD_SIZE"])
             self.use_cpu = True
+        _warn_if_cores_idle()
         super().__post_init__()
 
     @property
     def steers_to_low_rank(self) -> bool:
         """Whether training does anything a plain ``Trainer`` would not: a penalty, or rank projection."""
         return any(getattr(self, key) != value for key, value in PLAIN.items())
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _warn_if_cores_idle() -> None:
+    """Training on the CPU with fewer threads than cores: ``accelerate launch`` sets ``OMP_NUM_THREADS=1`` for a
+    one-process run unless told otherwise, which a user cannot see and which leaves the other cores idle."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    cores = _usable_cores() // max(processes, 1)
+    if _has_accelerator() or torch.get_num_threads() >= cores:
+        return
+    logger.warning(
+        "training on the CPU with %d thread(s) per process while %d core(s) per process are free: `accelerate "
+        "launch` sets OMP_NUM_THREADS=1 unless asked otherwise. Pass `accelerate launch --num_cpu_threads_per_process "
+        "%d ...`, or launch one process per core (recipes/accelerate_configs/cpu_2proc.yaml, README 'launch').",
+        torch.get_num_threads(), cores, cores,
+    )
 
 
 def _has_accelerator() -> bool:

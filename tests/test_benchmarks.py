@@ -95,3 +95,11 @@ def test_transformers_path_vit_smoke(tmp_path):
 def test_common_flags_keep_their_older_spellings(spelling, tmp_path):
     args = load_benchmark("transformers_path").parse_args([spelling, "3", "--out-dir", str(tmp_path)])
     assert args.threads == 3 and args.output_dir == tmp_path
+
+
+def test_cpu_launch_names_its_launches_and_refuses_others():
+    cpu_launch = load_benchmark("cpu_launch")
+    assert cpu_launch.parse_args(["--launches", "threads,processes"]).launches == ["threads", "processes"]
+    with pytest.raises(SystemExit):
+        cpu_launch.parse_args(["--launches", "threads,gpu"])
+    assert cpu_launch.LAUNCHES["processes"][1] == 2  # the per-process batch is halved to keep the recipe's batch

@@ -268,3 +268,27 @@ def test_cached_direction_is_refreshed_when_the_step_counter_restarts(tiny_conv)
     assert penalty._refreshed_at == 95
     penalty(step=0)  # a new train() starts counting from 0 again
     assert penalty._refreshed_at == 0
+
+
+def test_idle_cores_are_named_with_the_launch_flag_that_uses_them(tmp_path, monkeypatch, caplog):
+    """`accelerate launch` runs a one-process CPU job with OMP_NUM_THREADS=1: the user is told, not left at half speed."""
+    import smooth_hf.training_args as training_args
+
+    monkeypatch.setattr(training_args, "_has_accelerator", lambda: False)
+    monkeypatch.setattr(training_args, "_usable_cores", lambda: 4)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with caplog.at_level("WARNING", logger="smooth_hf.training_args"):
+            SmoothTrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+        assert "--num_cpu_threads_per_process 4" in caplog.text
+        caplog.clear()
+        torch.set_num_threads(2)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of two threads on four cores: nothing idle
+        with caplog.at_level("WARNING", logger="smooth_hf.training_args"):
+            SmoothTrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+        assert "num_cpu_threads_per_process" not in caplog.text
+    finally:
+        torch.set_num_threads(threads)

@@ -59,7 +59,7 @@ class PrefixReplay:
 
     def __init__(self, model: nn.Module, targets: Iterable[str]) -> None:
         self.model = model
-        self.targets = list(targets)
+        self.targets = set(targets)  # looked up in a hook on every call
         self.batch = 0
         # Candidates: children of the targets' ancestors that have submodules (see the module docstring); a block
         # that contains one target is a candidate for the others.

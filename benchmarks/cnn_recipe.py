@@ -68,6 +68,7 @@ class RunSpec:
     rank_projection_every: int = 10
     rank_projection_start: float = 0.1
     rank_projection_end: float = 0.6
+    channels_last: bool = False  # train with the conv weights in channels_last memory format (faster oneDNN convs)
     seed: int = 0
     budgets: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
     save_weights: bool = False  # write the trained dense weights (fp16 safetensors shards) next to --out
@@ -122,6 +123,8 @@ def build(spec: RunSpec) -> torch.nn.Module:
                 if spec.init == "torch":
                     module.reset_parameters()
                 module.weight.mul_(spec.init_scale)
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model
 
 
@@ -400,7 +403,22 @@ def _main_gap() -> list[dict[str, Any]]:
     ]
 
 
-GRIDS = {"smoke": _smoke, "gpu2": _gpu2, "init_scale": _init_scale, "projection": _projection, "gpu3": _gpu3, "main_gap": _main_gap}
+def _main_width() -> list[dict[str, Any]]:
+    """The main job's training length (20,000 images, 2 epochs) at wider widths, plain and projected for 80%: is the
+    gap to dense plain the capacity left by an 80% cut of a 16-32-64 network? Widened everywhere, and only in the
+    last stages (where a ResNet holds most of its parameters at little compute: 7x7 and 14x14 maps). channels_last
+    makes the wider networks affordable on a CPU."""
+    small = {"epochs": 2, "max_train_samples": 20000, "channels_last": True}
+    runs = []
+    for channels in ([24, 48, 96], [32, 64, 128], [16, 32, 128], [16, 48, 128]):
+        tag = "m" + str(channels[0]) if channels[2] == 4 * channels[0] else "m" + "-".join(map(str, channels))
+        runs += [{"name": f"{tag}_plain_cl", **small, "channels": channels},
+                 {"name": f"{tag}_proj0.8_cl", **small, "channels": channels, "rank_projection_param_reduction": 0.8}]
+    return runs
+
+
+GRIDS = {"smoke": _smoke, "gpu2": _gpu2, "init_scale": _init_scale, "projection": _projection, "gpu3": _gpu3,
+         "main_gap": _main_gap, "main_width": _main_width}
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@
 
 * ``cnn`` (default): the CNN recipe (``CNN_TRAINING``, ``CNN_DATA``: SGD, one-cycle, rank projection planned for
   80% fewer parameters) shrunk to fit a 2-core CPU in minutes: the CIFAR-style ``resnet14_cifar`` at widths
-  16-32-64 on 20,000 images for 2 epochs (BENCHMARKS.md, section 1 says what it shows).
+  16-32-128 (ResNet-18's shape: most parameters in the last stage) on 20,000 images for 2 epochs, the plain and
+  the smooth model trained side by side (BENCHMARKS.md, section 1 says what it shows).
 * ``cnn-full``: the CNN recipe as recommended, on ``resnet14_cifar`` at widths 32-64-128, all 60,000 training
   images for 4 epochs: the setting of the paper's claim. Minutes on a GPU, much longer on 2 CPU cores (timings:
   BENCHMARKS.md, section 2).
@@ -33,12 +34,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import compress as compress_recipe
+import torch
 import train as train_recipe
 import transformers
 from transformers import HfArgumentParser
@@ -63,7 +68,8 @@ RECIPES: dict[str, dict] = {
         **CNN_TRAINING,
         **CNN_DATA,
         "model_name_or_path": "resnet14_cifar",
-        "config_overrides": "channels=[16,32,64]",
+        # ResNet-18's shape at a size that trains in minutes: most parameters in the last, cheapest stage (7x7 maps)
+        "config_overrides": "channels=[16,32,128]",
         "max_train_samples": 20000,
         "num_train_epochs": 2,
     },
@@ -92,6 +98,13 @@ class MainJobArguments:
     )
     budgets: str = field(default="0.5,0.7,0.8,0.9", metadata={"help": "Fractions of all parameters to remove."})
     save_budget: float = field(default=0.7, metadata={"help": "Budget at which the smooth model is saved with a card."})
+    side_by_side: bool = field(
+        default=True,
+        metadata={"help": "Train and sweep the plain and the smooth model at the same time, in two processes with half "
+                  "of the CPU cores each (on 2 cores more work per second than one after the other with both: "
+                  "BENCHMARKS.md, section 1); their logs go to <output_dir>/plain.log and smooth.log. False: one "
+                  "after the other, logging here."},
+    )
 
 
 def defaults_for(recipe: str, argv: list[str]) -> dict:
@@ -117,6 +130,49 @@ def parse_args(argv: list[str] | None = None):
     return job, model_args, data_args, training_args
 
 
+def train_and_sweep(
+    name: str, model_args: ModelArguments, data_args: TrainingDataArguments, args: SmoothTrainingArguments,
+    budgets: str, eval_flags: list[str], model_name: str,
+) -> tuple[list[dict], float]:
+    """Train one model through ``recipes/train.py``, then sweep it through ``recipes/compress.py --budgets``:
+    its rows (accuracy per budget) and its training time in seconds."""
+    steering = {k: getattr(args, k) for k in PLAIN if getattr(args, k)}
+    print(f"\n== training the {name} model ({model_name}, {steering or 'no penalty, no projection'}) ==", flush=True)
+    began = time.time()
+    train_recipe.run(model_args, replace(data_args), replace(args, do_train=True, do_eval=False))
+    seconds = round(time.time() - began, 1)
+    print(f"== compressing the {name} model at {budgets} (no fine-tuning) ==", flush=True)
+    output_dir = Path(args.output_dir)
+    sweep = compress_recipe.main(["--model_name_or_path", str(output_dir), "--budgets", budgets,
+                                  "--output_dir", str(output_dir.parent / f"{name}-sweep"), *eval_flags])
+    (rows,) = sweep.values()
+    return rows, seconds
+
+
+def core_shares(n: int) -> list[list[int]] | None:
+    """The usable CPU cores split into ``n`` disjoint groups, one per process; None if there are fewer than ``n``
+    (or the platform cannot pin a process to cores)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < n:
+        return None
+    size = len(cores) // n
+    return [cores[i * size : (i + 1) * size] for i in range(n)]
+
+
+def _in_own_process(task: tuple, cores: list[int], log: Path) -> tuple[list[dict], float]:
+    """:func:`train_and_sweep` in a child process pinned to ``cores`` (one torch thread each), output to ``log``."""
+    os.sched_setaffinity(0, cores)  # its own cores: two processes' threads never compete for one core
+    torch.set_num_threads(len(cores))
+    with open(log, "w") as stream:  # file descriptors, so that C-level and logging output land there too
+        os.dup2(stream.fileno(), 1)
+        os.dup2(stream.fileno(), 2)
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
+    transformers.utils.logging.set_verbosity_warning()
+    return train_and_sweep(*task)
+
+
 def main(argv: list[str] | None = None) -> dict:
     job, model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
@@ -133,17 +189,28 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {"plain": replace(training_args, output_dir=str(out / "plain"), **PLAIN),
             "smooth": replace(training_args, output_dir=str(out / "smooth"))}
     results, timings = {}, {}
-    for name, args in runs.items():
-        steering = {k: getattr(args, k) for k in PLAIN if getattr(args, k)}
-        print(f"\n== training the {name} model ({model_name}, {steering or 'no penalty, no projection'}) ==",
-              flush=True)
-        began = time.time()
-        train_recipe.run(model_args, replace(data_args), replace(args, do_train=True, do_eval=False))
-        timings[f"train_{name}_seconds"] = round(time.time() - began, 1)
-        print(f"== compressing the {name} model at {job.budgets} (no fine-tuning) ==", flush=True)
-        sweep = compress_recipe.main(["--model_name_or_path", args.output_dir, "--budgets", job.budgets,
-                                      "--output_dir", str(out / f"{name}-sweep"), *eval_flags])
-        (results[name],) = sweep.values()
+    tasks = {name: (name, model_args, data_args, args, job.budgets, eval_flags, model_name) for name, args in runs.items()}
+    shares = core_shares(len(tasks)) if job.side_by_side else None
+    if shares is None:
+        for name, task in tasks.items():
+            results[name], timings[f"train_{name}_seconds"] = train_and_sweep(*task)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        logs = {name: out / f"{name}.log" for name in tasks}
+        print(f"\n== training and compressing the plain and the smooth model side by side ({model_name}, "
+              f"{len(shares[0])} CPU core(s) each); logs: {', '.join(map(str, logs.values()))} ==", flush=True)
+        with ProcessPoolExecutor(len(tasks), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_in_own_process, task, share, logs[name]): name
+                       for (name, task), share in zip(tasks.items(), shares, strict=True)}
+            for future in as_completed(futures):
+                name = futures[future]
+                try:
+                    results[name], timings[f"train_{name}_seconds"] = future.result()
+                except Exception as err:
+                    raise RuntimeError(f"the {name} model's run failed ({err}): its log is {logs[name]}") from err
+                dense = results[name][0]["accuracy"]
+                print(f"{name}: trained in {timings[f'train_{name}_seconds']:.0f} s, dense accuracy "
+                      f"{100 * dense:.2f}%, swept at {job.budgets}", flush=True)
 
     saved = out / f"smooth-lowrank-{round(100 * job.save_budget)}"
     compress_recipe.main(["--model_name_or_path", str(out / "smooth"), "--param_reduction", str(job.save_budget),

@@ -34,6 +34,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .compat import is_transformers_model
+from .memory_format import channels_last_mismatches
 from .projection import RankProjection
 from .smoothness import SmoothnessPenalty
 from .training_args import SmoothTrainingArguments
@@ -92,9 +93,14 @@ class SmoothTrainer(Trainer):
                 every=args.rank_projection_every, start=args.rank_projection_start, end=args.rank_projection_end,
             )
         self._check_unsharded_weights(args)  # before the Trainer builds anything: arguments, launcher environment
+        self.channels_last = args.channels_last and _can_train_channels_last(model, args.device)
+        if self.channels_last:  # before the optimizer exists, so that its state takes the same layout
+            model = model.to(memory_format=torch.channels_last)
         super().__init__(model=model, args=args, **kwargs)
         if self.rank_projection is not None:
             self.add_callback(_ProjectAfterStep(self))
+        if self.channels_last:
+            self.add_callback(_ContiguousAfterTraining())
         self._check_unsharded_weights(args)  # and the accelerator the Trainer set up
         if _mean_loss_classifier(model):
             # These heads return a per-batch *mean* loss yet accept **kwargs, so the Trainer would assume
@@ -195,6 +201,12 @@ class SmoothTrainer(Trainer):
         super().log(logs, start_time)
 
     # ---- checkpoints: the cached nuclear-norm directions are training state --------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.channels_last and state_dict is None:
+            # safetensors refuses strided tensors; the checkpoint is written in the usual layout
+            state_dict = {k: v.contiguous() for k, v in self.accelerator.unwrap_model(self.model).state_dict().items()}
+        super()._save(output_dir, state_dict)
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
         if self.smoothness.active and self.args.should_save:
@@ -232,4 +244,25 @@ class _ProjectAfterStep(TrainerCallback):
         if state.global_step >= state.max_steps:
             kept = {name: rank for (name, _), rank in zip(projection.layers, ranks, strict=True)}
             logger.info(f"Rank projection: final ranks {kept}")
+        return control
+
+
+def _can_train_channels_last(model: nn.Module, device: torch.device) -> bool:
+    broken = channels_last_mismatches(model, device)
+    if broken:
+        logger.warning(
+            f"channels_last is off: on {device} this torch computes wrong gradients in channels_last for "
+            f"{len(broken)} convolution(s) of the model ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}; "
+            "smooth_hf.memory_format). Training goes on in the usual layout, correct and slower."
+        )
+    return not broken
+
+
+class _ContiguousAfterTraining(TrainerCallback):
+    """``channels_last`` is a training speed-up only: the trained model goes back to the usual layout, so that
+    saving it (safetensors wants contiguous tensors), compressing or exporting it sees an ordinary model."""
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            model.to(memory_format=torch.contiguous_format)
         return control

@@ -98,6 +98,12 @@ class SmoothTrainingArguments(TrainingArguments):
         default=0.6, metadata={"help": "Fraction of the training steps from which the projected cut is the full "
                                "rank_projection_param_reduction."}
     )
+    channels_last: bool = field(
+        default=False,
+        metadata={"help": "Train with the conv weights (and so the activations) in channels_last memory format: "
+                  "faster convolutions on CPUs (oneDNN) and on GPUs in fp16/bf16 (BENCHMARKS.md, section 4). The "
+                  "model is handed back, and checkpoints are saved, in the usual contiguous format."},
+    )
     penalty_warmup_ratio: float = field(
         default=0.0,
         metadata={"help": "Ramp the penalty coefficients linearly from 0 over this fraction of the "

@@ -192,13 +192,14 @@ def test_main_job_end_to_end(tiny_fmnist, tmp_path, capsys):
 def test_main_job_recipes_come_from_smooth_hf_recommended():
     job, model, data, training = smooth_vs_plain.parse_args([])  # what `make main` runs
     assert job.recipe == "cnn" and model.model_name_or_path == "resnet14_cifar" and model.model_type is None
-    assert model.config_overrides == "channels=[16,32,64]" and data.max_train_samples == 20000
+    assert model.config_overrides == "channels=[16,32,128]" and data.max_train_samples == 20000
     assert training.per_device_train_batch_size == CNN_TRAINING["per_device_train_batch_size"]
     assert training.num_train_epochs == 2
     assert training.optim == "sgd" and training.learning_rate == CNN_TRAINING["learning_rate"]
     assert training.rank_projection_param_reduction == CNN_TRAINING["rank_projection_param_reduction"]
     assert training.nuclear_norm_coef == 0 and job.budgets == "0.5,0.7,0.8,0.9"
     assert data.augment and data.max_eval_samples is None  # every test image
+    assert training.channels_last and job.side_by_side
     job, model, data, training = smooth_vs_plain.parse_args(["--recipe", "cnn-full", "--nuclear_norm_coef", "0.2"])
     assert model.model_name_or_path == "resnet14_cifar" and model.config_overrides is None  # its own widths
     assert training.num_train_epochs == CNN_TRAINING["num_train_epochs"] and data.max_train_samples is None

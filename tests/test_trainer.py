@@ -292,3 +292,66 @@ def test_idle_cores_are_named_with_the_launch_flag_that_uses_them(tmp_path, monk
         assert "num_cpu_threads_per_process" not in caplog.text
     finally:
         torch.set_num_threads(threads)
+
+
+def test_channels_last_trains_the_same_model_and_saves_it_contiguous(tmp_path):
+    """channels_last is a memory layout only: the same steps give the same weights, the rank projection and the
+    penalties act the same, and checkpoints (safetensors refuses strided tensors) and the trained model come back in
+    the usual layout."""
+
+    def run(channels_last: bool, out):
+        torch.manual_seed(0)
+        model = timm.create_model("resnet14_cifar", in_chans=1, num_classes=3, channels=(8, 8, 16), layers=(1, 1, 1))
+        args = make_args(tmp_path, output_dir=str(out), max_steps=6, channels_last=channels_last, save_strategy="steps",
+                         save_steps=3, per_device_train_batch_size=8, first_order_coef=0.5,
+                         rank_projection_param_reduction=0.3, rank_projection_every=2)
+        trainer = SmoothTrainer(model=model, args=args, train_dataset=easy_image_dataset())
+        layouts = []
+
+        class Probe(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                layouts.append(model.stages[0][0].conv1.weight.is_contiguous(memory_format=torch.channels_last))
+
+        trainer.add_callback(Probe())
+        trainer.train()
+        return model, layouts
+
+    plain, plain_layouts = run(False, tmp_path / "contiguous")
+    fast, fast_layouts = run(True, tmp_path / "channels_last")
+    assert all(fast_layouts) and not any(plain_layouts)  # it really trained in the other layout
+    assert max_diff(weights(plain), weights(fast)) < 1e-4
+    assert all(p.is_contiguous() for p in fast.parameters())  # handed back in the usual layout
+    saved = load_file(str(tmp_path / "channels_last" / "checkpoint-6" / "model.safetensors"))
+    assert max_diff({k: saved[k] for k in saved}, {k: v for k, v in weights(fast).items() if k in saved}) == 0
+
+
+def test_channels_last_is_refused_where_torch_computes_it_wrong(tmp_path, caplog):
+    """torch 2.14's CPU kernels get a strided 1x1 convolution's weight gradient wrong in channels_last when it has
+    few input channels (a 4-channel shortcut here): such a layer is refused, any layer whose gradients differ between
+    the layouts is found, and training then stays in the usual layout."""
+    from smooth_hf.memory_format import channels_last_mismatches
+
+    model = timm.create_model("resnet14_cifar", in_chans=1, num_classes=3, channels=(4, 8, 8), layers=(1, 1, 1))
+    broken = channels_last_mismatches(model)
+    assert broken == ["stages.1.0.downsample.0"]  # refused without running it (it can corrupt memory)
+    # and a probe of a layer that runs, with its gradient broken on purpose, is caught by the comparison
+    original = torch.nn.Conv2d._conv_forward
+
+    def wrong_in_channels_last(self, x, weight, bias):
+        out = original(self, x, weight, bias)
+        return out * 1.5 if weight.is_contiguous(memory_format=torch.channels_last) and self.kernel_size == (3, 3) else out
+
+    torch.nn.Conv2d._conv_forward = wrong_in_channels_last  # a kernel that computes differently in one layout
+    try:
+        faulty = channels_last_mismatches(model)
+    finally:
+        torch.nn.Conv2d._conv_forward = original
+    assert {"stages.0.0.conv1", "stages.2.0.conv2", "stages.1.0.downsample.0"} <= set(faulty)
+    with caplog.at_level("WARNING"):
+        trainer = SmoothTrainer(model=model, args=make_args(tmp_path, channels_last=True),
+                                train_dataset=easy_image_dataset())
+    assert trainer.channels_last == (not broken)
+    if broken:
+        assert "channels_last is off" in caplog.text and "stages.1.0.downsample.0" in caplog.text
+    trainer.train()
+    assert all(p.is_contiguous() for p in model.parameters())

@@ -8,6 +8,8 @@ and data preparation are not counted::
 
     .venv/bin/python benchmarks/cpu_launch.py                      # all launches, 60 steps each
     .venv/bin/python benchmarks/cpu_launch.py --launches threads --max_steps 20
+    .venv/bin/python benchmarks/cpu_launch.py --launches threads,threads_contiguous \
+        --output benchmarks/results/cpu_launch_channels_last.json     # the recipe's channels_last on and off
 
 Results: ``benchmarks/results/cpu_launch.json``. Run it on an otherwise idle machine, one benchmark at a time.
 """
@@ -32,11 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-# name -> (accelerate launch options, processes)
-LAUNCHES: dict[str, tuple[list[str], int]] = {
-    "default": ([], 1),  # what `accelerate launch recipes/train.py` does on a CPU: one process, one thread
-    "threads": (["--num_cpu_threads_per_process", str(CORES)], 1),
-    "processes": (["--config_file", str(ROOT / "recipes/accelerate_configs/cpu_2proc.yaml")], 2),
+# name -> (accelerate launch options, processes, recipe flags changed)
+LAUNCHES: dict[str, tuple[list[str], int, dict[str, Any]]] = {
+    "default": ([], 1, {}),  # what `accelerate launch recipes/train.py` does on a CPU: one process, one thread
+    "threads": (["--num_cpu_threads_per_process", str(CORES)], 1, {}),
+    "processes": (["--config_file", str(ROOT / "recipes/accelerate_configs/cpu_2proc.yaml")], 2, {}),
+    # the recipe's channels_last off: what the memory layout alone is worth
+    "threads_contiguous": (["--num_cpu_threads_per_process", str(CORES)], 1, {"channels_last": False}),
 }
 
 
@@ -56,20 +60,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def launch(name: str, max_steps: int, model: str) -> dict[str, Any]:
-    options, processes = LAUNCHES[name]
+    options, processes, changed = LAUNCHES[name]
     batch = CNN_TRAINING["per_device_train_batch_size"] // processes
     with tempfile.TemporaryDirectory() as out:
         command = [
             ACCELERATE, "launch", *options, str(ROOT / "recipes/train.py"), "--model_name_or_path", model,
             "--dataset_name", "fashion_mnist", "--do_train", "--output_dir", out, "--save_strategy", "no",
-            *cnn_flags(), *as_flags({"per_device_train_batch_size": batch, "max_steps": max_steps}),
+            *cnn_flags(), *as_flags({**changed, "per_device_train_batch_size": batch, "max_steps": max_steps}),
         ]
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # let the launcher decide, as for a user
         start = time.perf_counter()
         subprocess.run(command, check=True, env=env, cwd=ROOT)
         wall = time.perf_counter() - start
         metrics = json.loads((Path(out) / "train_results.json").read_text())
-    return {"launch": name, "accelerate_options": options, "processes": processes, "per_process_batch": batch,
+    return {"launch": name, "accelerate_options": options, "processes": processes, "recipe_changes": changed,
+            "channels_last": changed.get("channels_last", CNN_TRAINING.get("channels_last", False)),
+            "per_process_batch": batch,
             "max_steps": max_steps, "train_runtime": metrics["train_runtime"],
             "steps_per_second": max_steps / metrics["train_runtime"], "wall_seconds": wall}
 

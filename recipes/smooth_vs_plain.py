@@ -162,7 +162,7 @@ def core_shares(n: int) -> list[list[int]] | None:
 
 
 def _in_own_process(task: tuple, cores: list[int], log: Path) -> tuple[list[dict], float]:
-    """:func:`train_and_sweep` in a child process pinned to ``cores`` (one torch thread each), output to ``log``."""
+    """:func:`train_and_sweep` in a child process pinned to ``cores`` (one torch thread per core), its output to ``log``."""
     os.sched_setaffinity(0, cores)  # its own cores: two processes' threads never compete for one core
     torch.set_num_threads(len(cores))
     with open(log, "w") as stream:  # file descriptors, so that C-level and logging output land there too
@@ -170,7 +170,8 @@ def _in_own_process(task: tuple, cores: list[int], log: Path) -> tuple[list[dict
         os.dup2(stream.fileno(), 2)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
     transformers.utils.logging.set_verbosity_warning()
-    return train_and_sweep(*task)
+    name, model_args, data_args, args, *rest = task
+    return train_and_sweep(name, model_args, data_args, replace(args, disable_tqdm=True), *rest)  # a log, not a terminal
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
                 dense = results[name][0]["accuracy"]
                 print(f"{name}: trained in {timings[f'train_{name}_seconds']:.0f} s, dense accuracy "
                       f"{100 * dense:.2f}%, swept at {job.budgets}", flush=True)
+        results = {name: results[name] for name in tasks}  # plain first, whichever finished first
 
     saved = out / f"smooth-lowrank-{round(100 * job.save_budget)}"
     compress_recipe.main(["--model_name_or_path", str(out / "smooth"), "--param_reduction", str(job.save_budget),

@@ -8,7 +8,7 @@ Copy-paste commands (from the repository root, after `make install`):
     accelerate launch --num_cpu_threads_per_process $(nproc) recipes/train.py --model_name_or_path resnet14_cifar --dataset_name fashion_mnist \
         --do_train --do_eval --output_dir runs/smooth --optim sgd --optim_args momentum=0.9,nesterov=True \
         --learning_rate 0.1 --weight_decay 5e-4 --lr_scheduler_type cosine --warmup_steps 0.25 \
-        --per_device_train_batch_size 128 --num_train_epochs 4 --augment --random_crop_padding 0 \
+        --per_device_train_batch_size 128 --num_train_epochs 4 --channels_last --augment --random_crop_padding 0 \
         --rank_projection_param_reduction 0.8
 
     # two real CPU processes (gloo DDP); with --per_device_train_batch_size 64 the recipe's batch stays 128

@@ -165,9 +165,14 @@ def test_main_job_end_to_end(tiny_fmnist, tmp_path, capsys):
         "--per_device_train_batch_size", "16", "--budgets", "0.3,0.5", "--save_budget", "0.5",
         "--rank_projection_param_reduction", "0.5",  # a 4-8-8 model cannot lose the recipe's 80%
     ])
-    assert set(results) == {"plain", "smooth"}
+    assert list(results) == ["plain", "smooth"]
     printed = capsys.readouterr().out
     assert "| parameters removed | plain | smooth |" in printed and "| 50% |" in printed
+    # trained side by side (the default): each model in its own process, its output in its own log
+    assert "side by side" in printed
+    for name in results:
+        log = (out / f"{name}.log").read_text()
+        assert f"== training the {name} model" in log and "train_runtime" in log and "| 50% |" in log
     assert (out / "accuracy_vs_params_removed.png").is_file()
     # both models were trained with the recipe, only the rank projection differs
     plain = json.loads((out / "plain" / "training_args.json").read_text())
@@ -220,9 +225,10 @@ def test_main_job_vit_recipe(tiny_fmnist, tmp_path, capsys):
         "--recipe", "vit", "--output_dir", str(out), "--dataset_name", tiny_fmnist, "--config_overrides",
         "image_size=12,patch_size=4,hidden_size=16,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32",
         "--max_train_samples", "48", "--max_eval_samples", "32", "--num_train_epochs", "1",
-        "--per_device_train_batch_size", "16", "--budgets", "0.5", "--save_budget", "0.5",
+        "--per_device_train_batch_size", "16", "--budgets", "0.5", "--save_budget", "0.5", "--side_by_side", "False",
     ])
     assert [r["budget"] for r in results["smooth"]] == [0.0, 0.5]
+    assert not (out / "plain.log").exists()  # one after the other, in this process
     smooth = json.loads((out / "smooth" / "training_args.json").read_text())
     assert smooth["nuclear_norm_coef"] == VIT_TRAINING["nuclear_norm_coef"] and smooth["first_order_coef"] > 0
     reloaded = smooth_hf.from_pretrained(out / "smooth-lowrank-50")

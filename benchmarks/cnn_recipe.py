@@ -68,7 +68,7 @@ class RunSpec:
     rank_projection_every: int = 10
     rank_projection_start: float = 0.1
     rank_projection_end: float = 0.6
-    channels_last: bool = False  # train with the conv weights in channels_last memory format (faster oneDNN convs)
+    channels_last: bool = False  # SmoothTrainingArguments.channels_last (the trainer checks the model's convs first)
     seed: int = 0
     budgets: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
     save_weights: bool = False  # write the trained dense weights (fp16 safetensors shards) next to --out
@@ -123,8 +123,6 @@ def build(spec: RunSpec) -> torch.nn.Module:
                 if spec.init == "torch":
                     module.reset_parameters()
                 module.weight.mul_(spec.init_scale)
-    if spec.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     return model
 
 
@@ -202,7 +200,7 @@ def run_one(spec: RunSpec, data: dict, work_dir: Path, out_dir: Path) -> dict[st
         penalty_warmup_ratio=spec.penalty_warmup_ratio, penalty_exclude_modules=spec.penalty_exclude_modules,
         rank_projection_param_reduction=spec.rank_projection_param_reduction,
         rank_projection_every=spec.rank_projection_every, rank_projection_start=spec.rank_projection_start,
-        rank_projection_end=spec.rank_projection_end,
+        rank_projection_end=spec.rank_projection_end, channels_last=spec.channels_last,
     )
     start = time.time()
     trainer = SmoothTrainer(model=model, args=args, train_dataset=FlipDataset(images, labels, spec.flip))

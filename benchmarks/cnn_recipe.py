@@ -415,8 +415,17 @@ def _main_width() -> list[dict[str, Any]]:
     return runs
 
 
+def _main_b64() -> list[dict[str, Any]]:
+    """The main job's model (16-32-128, channels_last, 20,000 images, 2 epochs) at batch 64: twice the updates in
+    about the same training time. Does the projected model close more of its gap than plain gains?"""
+    small = {"epochs": 2, "max_train_samples": 20000, "channels_last": True, "channels": [16, 32, 128], "batch_size": 64}
+    return [{"name": "m16-32-128_plain_cl_b64", **small},
+            {"name": "m16-32-128_proj0.8_cl_b64", **small, "rank_projection_param_reduction": 0.8},
+            {"name": "m16-32-128_proj0.75_cl_b64", **small, "rank_projection_param_reduction": 0.75}]
+
+
 GRIDS = {"smoke": _smoke, "gpu2": _gpu2, "init_scale": _init_scale, "projection": _projection, "gpu3": _gpu3,
-         "main_gap": _main_gap, "main_width": _main_width}
+         "main_gap": _main_gap, "main_width": _main_width, "main_b64": _main_b64}
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@
     python recipes/compress.py --model_name_or_path runs/smooth --budgets 0.5,0.6,0.7,0.8,0.9 \\
         --output_dir runs/smooth-sweep
 
+    # ... keeping one of the cuts: the model at --param_reduction is saved too, with its card
+    python recipes/compress.py --model_name_or_path runs/smooth --budgets 0.5,0.6,0.7,0.8,0.9 \\
+        --param_reduction 0.7 --output_dir runs/smooth-lowrank-70
+
 `--model_name_or_path` is a folder written by recipes/train.py (safetensors + config.json, timm or
 transformers). The model is evaluated on the data it was trained on (recorded in the folder's
 `data_args.json`: dataset, split, seed) unless `--dataset_name` names other data; the same
@@ -45,6 +49,7 @@ from smooth_hf.data import dataset_card_fields, held_as_tensors, label_names, pr
 from smooth_hf.evaluation import classification_accuracy
 from smooth_hf.hub import push_to_hub, save_pretrained
 from smooth_hf.lowrank import compress
+from smooth_hf.memory_format import channels_last_inference
 from smooth_hf.model_card import ModelCardInfo
 from smooth_hf.script_args import DataArguments, LowRankArguments, resolve_data_arguments
 from smooth_hf.smoothness import COEFFICIENTS
@@ -58,7 +63,9 @@ class CompressArguments:
     model_name_or_path: str = field(metadata={"help": "A trained dense checkpoint folder (recipes/train.py output)."})
     output_dir: str = field(metadata={"help": "Where the compressed model (or the sweep's table and plot) goes."})
     budgets: str | None = field(
-        default=None, metadata={"help": "Sweep instead of one model: comma-separated param_reduction values."}
+        default=None, metadata={"help": "Sweep: comma-separated param_reduction values, each cut scored (a table and a "
+                                "plot). With --param_reduction too, the model cut at that budget is also saved, with "
+                                "its card, from the same run."}
     )
     recalibrate_batchnorm: int = field(
         default=0, metadata={"help": "Re-estimate BatchNorm statistics on this many training images after the cut "
@@ -94,15 +101,21 @@ class CompressArguments:
                              "report both)")
         if self.calibration_samples < 1:
             raise ValueError(f"--calibration_samples is a number of training images >= 1, got {self.calibration_samples}")
-        if self.push_to_hub and self.budgets:
-            raise ValueError("--push_to_hub uploads one model: use --param_reduction, not --budgets")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[CompressArguments, DataArguments, LowRankArguments]:
     parser = HfArgumentParser((CompressArguments, DataArguments, LowRankArguments))
     args, data_args, rank_args = parser.parse_args_into_dataclasses(args=argv)
-    if len(rank_args.rules_given()) + (args.budgets is not None) != 1:
-        raise ValueError("give exactly one of --param_reduction, --rank_ratio, --energy or --budgets")
+    rules = rank_args.rules_given()
+    if args.budgets is not None and rules in ([], ["param_reduction"]):  # a sweep, and maybe the cut it keeps
+        if rules and (args.recalibrate_batchnorm or args.batchnorm_data_free):
+            raise ValueError("a sweep keeps its cut as made (no BN repair): to save a BN-repaired model, give "
+                             "--param_reduction and the repair without --budgets")
+    elif len(rules) + (args.budgets is not None) != 1:
+        raise ValueError("give exactly one of --param_reduction, --rank_ratio, --energy or --budgets (a --budgets "
+                         "sweep may add --param_reduction: the cut it saves)")
+    if args.push_to_hub and rank_args.param_reduction is None and args.budgets:
+        raise ValueError("--push_to_hub uploads one model: with --budgets, give --param_reduction (the cut to upload)")
     return args, data_args, rank_args
 
 
@@ -134,14 +147,35 @@ def main(argv: list[str] | None = None) -> dict:
         data_free = DataFreeRecalibration(input_shape=tuple(test[0]["pixel_values"].shape), seed=seed)
 
     def evaluate(m):
-        return classification_accuracy(m, test)
+        with channels_last_inference(m):  # the same accuracy, faster convolutions
+            return classification_accuracy(m, test)
+
+    def save(compressed, accuracy: float, dense_accuracy: float) -> None:
+        """Write ``compressed`` with its card to ``--output_dir`` (and push it, if asked)."""
+        card = ModelCardInfo(base_model=args.base_model, **dataset_card_fields(data_args.dataset_name),
+                             dataset_split="test", metrics={"accuracy": accuracy},
+                             dense_metrics={"accuracy": dense_accuracy},
+                             training={**_training_setup(args.model_name_or_path), "test images scored": len(test)})
+        save_pretrained(compressed, out, model_card=card)
+        print(f"saved: {out}  (reload: smooth_hf.from_pretrained({str(out)!r}))")
+        if args.push_to_hub:
+            url = push_to_hub(compressed, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
+                              model_card=card)
+            print(f"pushed: {url}")
 
     if args.budgets:
-        budgets = [float(b) for b in args.budgets.split(",")]
+        keep = rank_args.param_reduction  # the cut to save as well, if any
+        budgets = sorted({float(b) for b in args.budgets.split(",")} | ({keep} if keep is not None else set()))
+        kept = {}
+
+        def keep_cut(budget: float, cut, row: dict) -> None:
+            if budget == keep:
+                kept.update(model=cut, row=row)
+
         rows = budget_sweep(model, budgets, evaluate, config_kwargs=targets,
                             recalibration_batches=(lambda: batches(args.recalibrate_batchnorm))
                             if args.recalibrate_batchnorm else None,
-                            data_free_batchnorm=data_free or False, calibration_data=calibration)
+                            data_free_batchnorm=data_free or False, calibration_data=calibration, on_cut=keep_cut)
         results = {Path(args.model_name_or_path).name: rows}
         out.mkdir(parents=True, exist_ok=True)
         table = sweep_markdown(results)
@@ -149,6 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "results.json").write_text(json.dumps(results, indent=2))
         plot = plot_sweep(results, out / "accuracy_vs_params_removed.png")
         print(table, f"\ntable: {out / 'results.md'}\nplot: {plot}", sep="\n")
+        if kept:
+            print(kept["model"].lowrank_report)
+            save(kept["model"], kept["row"]["accuracy"], rows[0]["accuracy"])
         return results
 
     dense_accuracy = evaluate(model)
@@ -160,14 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(report)
     print(f"accuracy: dense {100 * dense_accuracy:.2f}% -> compressed {100 * accuracy:.2f}% "
           f"({'BN recalibrated, ' + report.batchnorm_recalibration if report.batchnorm_recalibrated else 'no fine-tuning, nothing else'})")
-    card = ModelCardInfo(base_model=args.base_model, **dataset_card_fields(data_args.dataset_name), dataset_split="test",
-                         metrics={"accuracy": accuracy}, dense_metrics={"accuracy": dense_accuracy},
-                         training={**_training_setup(args.model_name_or_path), "test images scored": len(test)})
-    save_pretrained(model, out, model_card=card)
-    print(f"saved: {out}  (reload: smooth_hf.from_pretrained({str(out)!r}))")
-    if args.push_to_hub:
-        url = push_to_hub(model, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token, model_card=card)
-        print(f"pushed: {url}")
+    save(model, accuracy, dense_accuracy)
     return {"dense_accuracy": dense_accuracy, "accuracy": accuracy, "reduction": report.reduction,
             "num_test": len(test), "model": model}
 

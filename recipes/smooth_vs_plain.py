@@ -9,15 +9,15 @@
    the global rank allocation -- no fine-tuning, no BatchNorm repair, nothing else -- through
    ``recipes/compress.py --budgets``, scored on all 10,000 test images;
 3. prints the table (accuracy vs parameters removed, smooth vs plain), writes it as Markdown and JSON with a
-   PNG plot, and saves the smooth model compressed at ``--save_budget`` with its model card
-   (``recipes/compress.py --param_reduction``).
+   PNG plot, and saves the smooth model compressed at ``--save_budget`` with its model card (the smooth model's
+   sweep keeps that cut: ``recipes/compress.py --budgets ... --param_reduction``).
 
 ``--recipe`` picks the model and training settings, built from ``smooth_hf.recommended``:
 
 * ``cnn`` (default): the CNN recipe (``CNN_TRAINING``, ``CNN_DATA``: SGD, one-cycle, rank projection planned for
   80% fewer parameters) shrunk to fit a 2-core CPU in minutes: the CIFAR-style ``resnet14_cifar`` at widths
-  16-32-128 (ResNet-18's shape: most parameters in the last stage) on 20,000 images for 2 epochs, the plain and
-  the smooth model trained side by side (BENCHMARKS.md, section 1 says what it shows).
+  16-32-128 (ResNet-18's shape: most parameters in the last stage) on 20,000 images for 2 epochs at batch 64, the
+  plain and the smooth model trained side by side (BENCHMARKS.md, section 1 says what it shows).
 * ``cnn-full``: the CNN recipe as recommended, on ``resnet14_cifar`` at widths 32-64-128, all 60,000 training
   images for 4 epochs: the setting of the paper's claim. Minutes on a GPU, much longer on 2 CPU cores (timings:
   BENCHMARKS.md, section 2).
@@ -72,6 +72,9 @@ RECIPES: dict[str, dict] = {
         "config_overrides": "channels=[16,32,128]",
         "max_train_samples": 20000,
         "num_train_epochs": 2,
+        # twice the updates of the recipe's batch 128 in about the same time: at this short length the projected
+        # model gains more from them than plain does (BENCHMARKS.md, section 1)
+        "per_device_train_batch_size": 64,
     },
     "cnn-full": {
         **CNN_TRAINING,
@@ -132,10 +135,11 @@ def parse_args(argv: list[str] | None = None):
 
 def train_and_sweep(
     name: str, model_args: ModelArguments, data_args: TrainingDataArguments, args: SmoothTrainingArguments,
-    budgets: str, eval_flags: list[str], model_name: str,
+    budgets: str, eval_flags: list[str], model_name: str, keep: tuple[float, Path] | None = None,
 ) -> tuple[list[dict], float]:
     """Train one model through ``recipes/train.py``, then sweep it through ``recipes/compress.py --budgets``:
-    its rows (accuracy per budget) and its training time in seconds."""
+    its rows (accuracy per budget) and its training time in seconds. ``keep = (budget, folder)``: the cut at that
+    budget is saved there with its card (the sweep's results go there too)."""
     steering = {k: getattr(args, k) for k in PLAIN if getattr(args, k)}
     print(f"\n== training the {name} model ({model_name}, {steering or 'no penalty, no projection'}) ==", flush=True)
     began = time.time()
@@ -143,8 +147,9 @@ def train_and_sweep(
     seconds = round(time.time() - began, 1)
     print(f"== compressing the {name} model at {budgets} (no fine-tuning) ==", flush=True)
     output_dir = Path(args.output_dir)
-    sweep = compress_recipe.main(["--model_name_or_path", str(output_dir), "--budgets", budgets,
-                                  "--output_dir", str(output_dir.parent / f"{name}-sweep"), *eval_flags])
+    kept = ["--param_reduction", str(keep[0]), "--output_dir", str(keep[1])] if keep else \
+        ["--output_dir", str(output_dir.parent / f"{name}-sweep")]
+    sweep = compress_recipe.main(["--model_name_or_path", str(output_dir), "--budgets", budgets, *kept, *eval_flags])
     (rows,) = sweep.values()
     return rows, seconds
 
@@ -189,8 +194,11 @@ def main(argv: list[str] | None = None) -> dict:
     model_name = model_args.model_name_or_path or f"{model_args.model_type} from scratch"
     runs = {"plain": replace(training_args, output_dir=str(out / "plain"), **PLAIN),
             "smooth": replace(training_args, output_dir=str(out / "smooth"))}
+    saved = out / f"smooth-lowrank-{round(100 * job.save_budget)}"
+    keep = {"smooth": (job.save_budget, saved)}  # the smooth model's sweep also saves its cut at --save_budget
     results, timings = {}, {}
-    tasks = {name: (name, model_args, data_args, args, job.budgets, eval_flags, model_name) for name, args in runs.items()}
+    tasks = {name: (name, model_args, data_args, args, job.budgets, eval_flags, model_name, keep.get(name))
+             for name, args in runs.items()}
     shares = core_shares(len(tasks)) if job.side_by_side else None
     if shares is None:
         for name, task in tasks.items():
@@ -213,10 +221,6 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name}: trained in {timings[f'train_{name}_seconds']:.0f} s, dense accuracy "
                       f"{100 * dense:.2f}%, swept at {job.budgets}", flush=True)
         results = {name: results[name] for name in tasks}  # plain first, whichever finished first
-
-    saved = out / f"smooth-lowrank-{round(100 * job.save_budget)}"
-    compress_recipe.main(["--model_name_or_path", str(out / "smooth"), "--param_reduction", str(job.save_budget),
-                          "--output_dir", str(saved), *eval_flags])
 
     table = sweep_markdown(results)
     (out / "results.md").write_text(table + "\n")

@@ -8,15 +8,18 @@ same kernel corrupts the heap (glibc aborts the process). So before training in 
 :func:`channels_last_mismatches` refuses that kind of layer outright (strided 1x1 with fewer than 8 input channels:
 2 and 4 failed, 8 to 16 did not) and runs every other distinct convolution of the model forward and backward on
 random inputs in both layouts, comparing the gradients; :class:`~smooth_hf.SmoothTrainer` uses channels_last only
-if every one agrees.
+if every one agrees. :func:`channels_last_inference` uses the same check to evaluate a model in channels_last.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
-__all__ = ["channels_last_mismatches"]
+__all__ = ["channels_last_inference", "channels_last_mismatches"]
 
 # Map sizes probed: the faulty kernels depend on the spatial size, and these caught every case found.
 _PROBE_SIZES = (8, 10, 16)
@@ -32,11 +35,12 @@ def _gradients(conv: nn.Conv2d, x: torch.Tensor, grad_out: torch.Tensor, channel
     x = x.clone().requires_grad_(True)
     out = conv._conv_forward(x, weight, bias)
     grads = torch.autograd.grad(out, [x, weight] + ([bias] if bias is not None else []), grad_out)
-    return [g.contiguous() for g in grads]
+    return [t.contiguous() for t in (out.detach(), *grads)]
 
 
 def _agrees(conv: nn.Conv2d, device: torch.device, generator: torch.Generator) -> bool:
-    """Whether a fresh layer configured like ``conv`` gives the same gradients in both layouts on random maps."""
+    """Whether a fresh layer configured like ``conv`` gives the same output and gradients in both layouts on random
+    maps."""
     dtype = conv.weight.dtype
     probe = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                       dilation=conv.dilation, groups=conv.groups, padding_mode=conv.padding_mode,
@@ -62,21 +66,43 @@ def _known_faulty(conv: nn.Conv2d) -> bool:
 
 
 def channels_last_mismatches(model: nn.Module, device: torch.device | str | None = None) -> list[str]:
-    """Names of the ``Conv2d`` layers whose input or weight gradient differs between channels_last and the usual
-    layout on ``device`` (default: the model's), or that are of the kind known to fail. One probe per distinct
+    """Names of the ``Conv2d`` layers whose output, input gradient or weight gradient differs between channels_last
+    and the usual layout on ``device`` (default: the model's), or that are of the kind known to fail. One probe per distinct
     configuration, on small random maps; the model itself is not touched."""
     device = torch.device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
     generator = torch.Generator().manual_seed(0)
     verdicts: dict[tuple, bool] = {}
     broken = []
-    for name, conv in model.named_modules():
-        if not isinstance(conv, nn.Conv2d):
-            continue
-        key = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-               conv.groups, conv.padding_mode, conv.bias is not None, conv.weight.dtype)
-        if key not in verdicts:
-            # the known faulty kind is never run: its kernel writes out of bounds
-            verdicts[key] = not _known_faulty(conv) and _agrees(conv, device, generator)
-        if not verdicts[key]:
-            broken.append(name)
+    with torch.inference_mode(False), torch.enable_grad():  # the probes need gradients, even inside no_grad blocks
+        for name, conv in model.named_modules():
+            if isinstance(conv, nn.Conv2d) and not _probe(conv, device, generator, verdicts):
+                broken.append(name)
     return broken
+
+
+def _probe(conv: nn.Conv2d, device: torch.device, generator: torch.Generator, verdicts: dict[tuple, bool]) -> bool:
+    """Whether ``conv`` computes correctly in channels_last; one probe per distinct configuration (``verdicts``)."""
+    key = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+           conv.groups, conv.padding_mode, conv.bias is not None, conv.weight.dtype)
+    if key not in verdicts:
+        # the known faulty kind is never run: its kernel writes out of bounds
+        verdicts[key] = not _known_faulty(conv) and _agrees(conv, device, generator)
+    return verdicts[key]
+
+
+@contextmanager
+def channels_last_inference(model: nn.Module) -> Iterator[bool]:
+    """Run ``model`` in channels_last inside the block, and in the usual layout again after it; yields whether it
+    switched. Convolutions run faster in it (oneDNN's CPU kernels, tensor cores), with the same results. Models
+    without ``Conv2d`` layers, or with one that :func:`channels_last_mismatches` finds wrong here, are left as they
+    are, and so is a model that is not in the usual layout to begin with. For evaluation: a model is saved,
+    compressed or exported in the usual layout."""
+    usual = all(p.is_contiguous() for p in model.parameters())
+    if not usual or not any(isinstance(m, nn.Conv2d) for m in model.modules()) or channels_last_mismatches(model):
+        yield False
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield True
+    finally:
+        model.to(memory_format=torch.contiguous_format)

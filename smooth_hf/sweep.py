@@ -38,6 +38,7 @@ def budget_sweep(
     recalibration_batches: Callable[[], Iterable[Any]] | None = None,
     data_free_batchnorm: bool | DataFreeRecalibration = False,
     calibration_data: Iterable[Any] | InputGrams | None = None,
+    on_cut: Callable[[float, nn.Module, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per budget (0 = the dense model): parameters, fraction removed, accuracy.
 
@@ -54,6 +55,9 @@ def budget_sweep(
     of a budget is not allowed here). With ``method="whitened"``, ``calibration_data`` are the
     calibration batches (or :class:`~smooth_hf.lowrank.InputGrams`): their statistics are collected
     once, on the dense model, and serve every budget.
+
+    ``on_cut(budget, model, row)`` sees each compressed model (as cut, before any repair) with its row, e.g. to
+    keep one of them.
     """
     dense_params = count_parameters(model)
     if calibration_data is not None and not isinstance(calibration_data, InputGrams):
@@ -82,6 +86,8 @@ def budget_sweep(
                 repair(repaired)
                 row[key] = evaluate(repaired)
         rows.append(row)
+        if budget > 0 and on_cut is not None:
+            on_cut(budget, candidate, row)
         logger.info("budget %.0f%%: %d parameters, accuracy %.4f%s", 100 * budget, params, row["accuracy"],
                     "".join(f", {BN_REPAIRS[k][0]} {row[k]:.4f}" for k in BN_REPAIRS if k in row))
     return rows

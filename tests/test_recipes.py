@@ -139,6 +139,29 @@ def test_compress_recipe_sweep_writes_table_and_plot(trained, tiny_fmnist, tmp_p
     assert "| 50% |" in (out / "results.md").read_text()
 
 
+def test_compress_recipe_sweep_keeps_the_cut_at_param_reduction(trained, tiny_fmnist, tmp_path):
+    """--budgets with --param_reduction: the sweep's table, and the model cut at that budget saved with its card,
+    its accuracy the one the sweep measured; the budget joins the sweep if it was not in it."""
+    out = tmp_path / "kept"
+    results = compress_recipe.main(["--model_name_or_path", str(trained), "--dataset_name", tiny_fmnist,
+                                    "--budgets", "0.3,0.5", "--param_reduction", "0.4", "--output_dir", str(out)])
+    (rows,) = results.values()
+    assert [r["budget"] for r in rows] == [0.0, 0.3, 0.4, 0.5]
+    (row,) = [r for r in rows if r["budget"] == 0.4]
+    assert "| 40% |" in (out / "results.md").read_text()
+    reloaded = smooth_hf.from_pretrained(out)
+    assert reloaded.lowrank_config.param_reduction == 0.4 and reloaded.lowrank_report.reduction == pytest.approx(row["removed"])
+    card = ModelCard.load(out / "README.md")
+    assert card.data.eval_results[0].metric_value == pytest.approx(row["accuracy"])
+    # the saved model scores what the sweep said (the same test images, as compress.py scores them)
+    rescored = compress_recipe.main(["--model_name_or_path", str(trained), "--dataset_name", tiny_fmnist,
+                                     "--param_reduction", "0.4", "--output_dir", str(tmp_path / "alone")])
+    assert rescored["accuracy"] == pytest.approx(row["accuracy"]) and rescored["dense_accuracy"] == rows[0]["accuracy"]
+    x = torch.randn(4, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x), rescored["model"].eval()(x), atol=1e-5)
+
+
 def test_compress_recipe_rejects_ambiguous_rules(trained):
     with pytest.raises(ValueError, match="exactly one of"):
         compress_recipe.main(["--model_name_or_path", str(trained), "--output_dir", "x", "--param_reduction", "0.5",
@@ -146,6 +169,16 @@ def test_compress_recipe_rejects_ambiguous_rules(trained):
     with pytest.raises(ValueError, match="not both"):
         compress_recipe.main(["--model_name_or_path", str(trained), "--output_dir", "x", "--param_reduction", "0.5",
                               "--recalibrate_batchnorm", "32", "--batchnorm_data_free"])
+    with pytest.raises(ValueError, match="exactly one of"):  # a sweep keeps a --param_reduction cut, no other rule
+        compress_recipe.main(["--model_name_or_path", str(trained), "--output_dir", "x", "--budgets", "0.5",
+                              "--rank_ratio", "0.5"])
+    with pytest.raises(ValueError, match="no BN repair"):
+        compress_recipe.main(["--model_name_or_path", str(trained), "--output_dir", "x", "--budgets", "0.5",
+                              "--param_reduction", "0.5", "--recalibrate_batchnorm", "32"])
+    with pytest.raises(ValueError, match="the cut to upload"):
+        compress_recipe.main(["--model_name_or_path", str(trained), "--output_dir", "x", "--budgets", "0.5",
+                              "--push_to_hub", "--hub_model_id", "you/x"])
+    assert not Path("x").exists()
 
 
 def test_compress_recipe_data_free_batchnorm_card(trained, tiny_fmnist, tmp_path):
@@ -198,8 +231,7 @@ def test_main_job_recipes_come_from_smooth_hf_recommended():
     job, model, data, training = smooth_vs_plain.parse_args([])  # what `make main` runs
     assert job.recipe == "cnn" and model.model_name_or_path == "resnet14_cifar" and model.model_type is None
     assert model.config_overrides == "channels=[16,32,128]" and data.max_train_samples == 20000
-    assert training.per_device_train_batch_size == CNN_TRAINING["per_device_train_batch_size"]
-    assert training.num_train_epochs == 2
+    assert training.per_device_train_batch_size == 64 and training.num_train_epochs == 2  # the recipe, shortened
     assert training.optim == "sgd" and training.learning_rate == CNN_TRAINING["learning_rate"]
     assert training.rank_projection_param_reduction == CNN_TRAINING["rank_projection_param_reduction"]
     assert training.nuclear_norm_coef == 0 and job.budgets == "0.5,0.7,0.8,0.9"

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from smooth_hf.cpu_cores import core_shares, usable_cores
+
 FASHION_MNIST_DIR = Path(os.environ.get("SMOOTH_HF_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 
@@ -230,7 +232,9 @@ def run_one(spec: RunSpec, data: dict, work_dir: Path, out_dir: Path) -> dict[st
 
 
 # ---- workers -----------------------------------------------------------------------------------------
-def _worker(queue, out_path: str, deadline: float, threads: int, work_dir: str) -> None:
+def _worker(queue, out_path: str, deadline: float, threads: int, work_dir: str, cores: list[int] | None) -> None:
+    if cores:  # its own cores, as the main job's side-by-side processes: workers never compete for one core
+        os.sched_setaffinity(0, cores)
     torch.set_num_threads(threads)
     import logging
 
@@ -297,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     if Path(args.out).is_file():
         done = {json.loads(line)["spec"]["name"] for line in Path(args.out).read_text().splitlines() if line.strip()}
     grid = [g for g in grid if g["name"] not in done]
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    threads = args.threads or max(1, len(usable_cores()) // args.workers)
     deadline = time.time() + args.deadline if args.deadline else float("inf")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     print(json.dumps({"machine": machine(), "runs": len(grid), "skipped_done": len(done)}), flush=True)
@@ -307,8 +311,10 @@ def main(argv: list[str] | None = None) -> None:
         queue.put(item)
     for _ in range(args.workers):
         queue.put(None)
-    procs = [ctx.Process(target=_worker, args=(queue, args.out, deadline, threads, args.work_dir))
-             for _ in range(args.workers)]
+    shares = core_shares(args.workers) if args.threads is None else None  # pinned when the threads share the cores
+    procs = [ctx.Process(target=_worker, args=(queue, args.out, deadline, threads, args.work_dir,
+                                                 shares[i] if shares else None))
+             for i in range(args.workers)]
     for proc in procs:
         proc.start()
     for proc in procs:

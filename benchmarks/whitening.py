@@ -75,6 +75,10 @@ METHODS = {
     "svd": {"method": "svd"},
     "whitened": {"method": "whitened"},
     "sensitivity": {"method": "whitened", "rank_allocation": "sensitivity"},
+    # the same three with the word embeddings as factorisation targets too (LowRankConfig.factorise_embeddings)
+    "svd_embeddings": {"method": "svd", "factorise_embeddings": True},
+    "whitened_embeddings": {"method": "whitened", "factorise_embeddings": True},
+    "sensitivity_embeddings": {"method": "whitened", "rank_allocation": "sensitivity", "factorise_embeddings": True},
 }
 
 
@@ -91,9 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="Suffix of the result file names.")
     p.add_argument("--whitening_damping", type=float, default=None,
                    help="LowRankConfig.whitening_damping (default: the library's).")
-    p.add_argument("--methods", default=",".join(METHODS),
+    p.add_argument("--methods", default="svd,whitened,sensitivity",
                    help=f"Comma-separated subset of {','.join(METHODS)} ('sensitivity': whitened, ranks allocated by "
-                   "rank_allocation='sensitivity').")
+                   "rank_allocation='sensitivity'; '*_embeddings': the same with factorise_embeddings=True).")
     p.add_argument("--sensitivity_samples", type=int, default=None,
                    help="LowRankConfig.sensitivity_samples for the 'sensitivity' method (default: the library's).")
     # text (the names transformers_path.text_data and train read)
@@ -144,9 +148,14 @@ def method_kwargs(args: argparse.Namespace, label: str) -> dict[str, Any]:
     kwargs = dict(METHODS[label])
     if kwargs["method"] == "whitened" and args.whitening_damping:
         kwargs["whitening_damping"] = args.whitening_damping
-    if label == "sensitivity" and args.sensitivity_samples:
+    if kwargs.get("rank_allocation") == "sensitivity" and args.sensitivity_samples:
         kwargs["sensitivity_samples"] = args.sensitivity_samples
     return kwargs
+
+
+def uses_data(label: str) -> bool:
+    """Whether benchmark method ``label`` cuts with calibration data (every method but plain SVD's)."""
+    return METHODS[label]["method"] != "svd"
 
 
 def lowrank_config(args: argparse.Namespace, budget: float, label: str) -> LowRankConfig:
@@ -154,8 +163,11 @@ def lowrank_config(args: argparse.Namespace, budget: float, label: str) -> LowRa
 
 
 def calibration_label(args: argparse.Namespace) -> str:
-    """Statistics collected for 'sensitivity' also serve 'whitened' (the same Grams, plus the kept samples)."""
-    return "sensitivity" if "sensitivity" in args.methods else "whitened"
+    """Statistics collected for 'sensitivity' also serve 'whitened' (the same Grams, plus the kept samples), and
+    those collected with the embeddings serve the methods without them (the same Grams, plus the token counts)."""
+    sensitivity = any(METHODS[m].get("rank_allocation") == "sensitivity" for m in args.methods)
+    embeddings = any(METHODS[m].get("factorise_embeddings") for m in args.methods)
+    return ("sensitivity" if sensitivity else "whitened") + ("_embeddings" if embeddings else "")
 
 
 # ---- text data ------------------------------------------------------------------------------------
@@ -226,7 +238,7 @@ def run_embed(args: argparse.Namespace, text, meta: dict[str, Any]) -> dict[str,
         for method in args.methods:
             model = copy.deepcopy(dense)
             start = time.time()
-            compress(model, lowrank_config(args, budget, method), calibration_data=grams if method != "svd" else None)
+            compress(model, lowrank_config(args, budget, method), calibration_data=grams if uses_data(method) else None)
             seconds = time.time() - start
             emb = embeddings(model, eval_batches)
             report = model.lowrank_report
@@ -286,7 +298,7 @@ def run_polarity(args: argparse.Namespace, text, meta: dict[str, Any]) -> dict[s
             log(f"compressing {name} ({method}): budgets {args.polarity_budgets}")
             results[f"{name}, {method}"] = budget_sweep(
                 model, args.polarity_budgets, accuracy, config_kwargs=method_kwargs(args, method),
-                calibration_data=grams if method != "svd" else None)
+                calibration_data=grams if uses_data(method) else None)
         del model
     lines = [
         "## Sentence polarity: MiniLM fine-tuned dense, then compressed (no fine-tuning after)",
@@ -350,7 +362,7 @@ def run_cnn(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
             results[f"{name}, {method}"] = budget_sweep(
                 model, args.cnn_budgets, accuracy, config_kwargs=method_kwargs(args, method),
                 recalibration_batches=lambda calibration=calibration: calibration.batches(128),
-                calibration_data=grams if method != "svd" else None)
+                calibration_data=grams if uses_data(method) else None)
     lines = [
         "## CPU-protocol CNN: svd vs whitened, plain and smooth models",
         "",
@@ -380,7 +392,7 @@ def run_timing(args: argparse.Namespace, text, meta: dict[str, Any]) -> dict[str
             model = copy.deepcopy(dense)
             start = time.perf_counter()
             compress(model, lowrank_config(args, args.timing_budget, method),
-                     calibration_data=calibration if method != "svd" else None)
+                     calibration_data=calibration if uses_data(method) else None)
             seconds[method].append(time.perf_counter() - start)
     summary = {m: {"median": statistics.median(s), "min": min(s), "all": s} for m, s in seconds.items()}
     log("  timing: " + ", ".join(f"{m} median {v['median']:.1f} s" for m, v in summary.items()))

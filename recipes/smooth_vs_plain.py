@@ -49,6 +49,7 @@ import transformers
 from transformers import HfArgumentParser
 
 from smooth_hf import SmoothTrainingArguments
+from smooth_hf.cpu_cores import core_shares
 from smooth_hf.recommended import CNN_DATA, CNN_TRAINING, VIT_TRAINING
 from smooth_hf.script_args import ModelArguments, TrainingDataArguments
 from smooth_hf.sweep import plot_sweep, sweep_markdown
@@ -152,18 +153,6 @@ def train_and_sweep(
     sweep = compress_recipe.main(["--model_name_or_path", str(output_dir), "--budgets", budgets, *kept, *eval_flags])
     (rows,) = sweep.values()
     return rows, seconds
-
-
-def core_shares(n: int) -> list[list[int]] | None:
-    """The usable CPU cores split into ``n`` disjoint groups, one per process; None if there are fewer than ``n``
-    (or the platform cannot pin a process to cores)."""
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < n:
-        return None
-    size = len(cores) // n
-    return [cores[i * size : (i + 1) * size] for i in range(n)]
 
 
 def _in_own_process(task: tuple, cores: list[int], log: Path) -> tuple[list[dict], float]:

@@ -144,6 +144,7 @@ class LowRankArguments:
     target_modules: list[str] | None = _low_rank_field("target_modules")
     exclude_modules: list[str] | None = _low_rank_field("exclude_modules")
     skip_first_last: bool = _low_rank_field("skip_first_last")
+    factorise_embeddings: bool = _low_rank_field("factorise_embeddings")
     rank_multiple: int | None = _low_rank_field("rank_multiple")
     method: str = _low_rank_field("method")
     rank_allocation: str = _low_rank_field("rank_allocation")

@@ -26,16 +26,20 @@ from torch import nn
 
 from .compat import is_hf_conv1d
 
-__all__ = ["PatternSpec", "find_layers", "is_supported_layer", "layer_kind"]
+__all__ = ["PatternSpec", "find_layers", "is_plain_embedding", "is_supported_layer", "layer_kind"]
 
 PatternSpec = str | Sequence[str] | None
 
 
-def layer_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv2d"``, ``"conv1d"`` (HF, transposed weight) or ``None`` if unsupported.
+def layer_kind(module: nn.Module, embeddings: bool = False) -> str | None:
+    """``"linear"``, ``"conv2d"``, ``"conv1d"`` (HF, transposed weight) or ``None`` if unsupported; with
+    ``embeddings``, ``"embedding"`` for a plain ``nn.Embedding`` too (a compression target on request only:
+    penalties never apply to one).
 
     A low-rank layer is none of these (it is not an ``nn.Linear`` / ``nn.Conv2d``): it is never cut twice.
     """
+    if embeddings and is_plain_embedding(module):
+        return "embedding"
     # Subclasses that change the computation (timm's StdConv2d standardises its weight) are not plain
     # x @ W layers: a factorisation of W would change what they compute.
     cls = type(module)
@@ -46,6 +50,11 @@ def layer_kind(module: nn.Module) -> str | None:
     if is_hf_conv1d(module):
         return "conv1d"
     return None
+
+
+def is_plain_embedding(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` whose forward is a plain row lookup (``max_norm`` rescales rows as it reads them)."""
+    return isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward and module.max_norm is None
 
 
 # nn.Linear subclasses that were probed, by (class, has bias): True when the forward computes x @ W.T + b.
@@ -105,8 +114,8 @@ def _probe_linear_map(module: nn.Linear) -> bool:
     )
 
 
-def is_supported_layer(module: nn.Module) -> bool:
-    return layer_kind(module) is not None
+def is_supported_layer(module: nn.Module, embeddings: bool = False) -> bool:
+    return layer_kind(module, embeddings) is not None
 
 
 def _matcher(patterns: PatternSpec):
@@ -157,6 +166,7 @@ def find_layers(
     target_modules: PatternSpec = None,
     exclude_modules: PatternSpec = None,
     skip_first_last: bool = False,
+    embeddings: bool = False,
 ) -> list[tuple[str, nn.Module]]:
     """The supported layers of ``model`` selected by the patterns, in registration order.
 
@@ -164,7 +174,9 @@ def find_layers(
         target_modules: which layers (see module doc); ``None`` selects every supported layer.
         exclude_modules: layers to leave out, same syntax.
         skip_first_last: leave out the first and the last selected layer (typically the stem and
-            the classifier head: small, and the most sensitive to smoothing or truncation).
+            the classifier head: small, and the most sensitive to smoothing or truncation); embeddings
+            are not counted in first and last.
+        embeddings: select plain ``nn.Embedding`` layers too (``LowRankConfig.factorise_embeddings``).
 
     Raises:
         ValueError: a pattern matches no module, or the target patterns select only layers of an
@@ -187,7 +199,7 @@ def find_layers(
             continue
         if is_excluded is not None and is_excluded(name):
             continue
-        if is_supported_layer(module):
+        if is_supported_layer(module, embeddings):
             selected.append((name, module))
         elif is_target is not None and not list(module.children()):
             unsupported.append(f"{name} ({type(module).__name__})")
@@ -197,6 +209,8 @@ def find_layers(
             f"only {', '.join(unsupported[:8]) or 'containers'}. Only those three layer types can be "
             "penalised or factorised: name layers of those types, or a container that holds them."
         )
-    if skip_first_last and len(selected) > 2:
-        selected = selected[1:-1]
+    if skip_first_last:
+        ends = [i for i, (_, m) in enumerate(selected) if not is_plain_embedding(m)]
+        if len(ends) > 2:
+            selected = [layer for i, layer in enumerate(selected) if i not in (ends[0], ends[-1])]
     return selected

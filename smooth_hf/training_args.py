@@ -9,6 +9,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging
 
+from .cpu_cores import usable_cores
 from .projection import check_schedule
 from .rank_plan import check_fraction
 from .smoothness import COEFFICIENTS, NORMALIZATIONS, check_coefficients
@@ -142,7 +143,7 @@ class SmoothTrainingArguments(TrainingArguments):
 
 
 def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return len(usable_cores())
 
 
 def _warn_if_cores_idle() -> None:

@@ -7,6 +7,7 @@ import ast
 import shlex
 import sys
 
+import pytest
 from conftest import ROOT, save_tiny_fmnist
 
 import smooth_hf
@@ -35,7 +36,7 @@ def test_docstring_commands_run_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the commands write runs/... relative to where they are typed
     data = save_tiny_fmnist(tmp_path / "tiny")
     train_cmds, compress_cmds = docstring_commands("train.py"), docstring_commands("compress.py")
-    assert len(train_cmds) == 5 and len(compress_cmds) == 5, "a command was added or removed: update this test"
+    assert len(train_cmds) == 5 and len(compress_cmds) == 6, "a command was added or removed: update this test"
     resnet, two_processes, gpus, vit, hub_vit = train_cmds
     assert two_processes == gpus == ["...same", "flags..."]  # abbreviations of the first command
     # The CNN command is the recommended recipe, setting for setting (smooth_hf.recommended is its one source).
@@ -55,7 +56,7 @@ def test_docstring_commands_run_as_written(tmp_path, monkeypatch):
     _, data_args, training_args = train_recipe.parse_args(hub_vit)
     assert data_args.dataset_name == "cifar10" and data_args.augment and training_args.learning_rate == 2e-5
 
-    one_budget, pushed, whitened, sensitivity, sweep = compress_cmds
+    one_budget, pushed, whitened, sensitivity, sweep, sweep_kept = compress_cmds
     result = compress_recipe.main(one_budget)  # on the data recorded by the training run above
     assert result["reduction"] >= 0.7
     assert smooth_hf.from_pretrained(tmp_path / "runs" / "smooth-lowrank-70").lowrank_report.reduction >= 0.7
@@ -70,6 +71,10 @@ def test_docstring_commands_run_as_written(tmp_path, monkeypatch):
     (rows,) = compress_recipe.main([*sweep, "--budgets", "0.5,0.7"]).values()  # a tiny model cannot lose 90%
     assert [row["budget"] for row in rows] == [0.0, 0.5, 0.7]
     assert (tmp_path / "runs" / "smooth-sweep" / "results.md").is_file()
+    (rows,) = compress_recipe.main([*sweep_kept, "--budgets", "0.5,0.7"]).values()  # the 70% cut is saved too
+    assert [row["budget"] for row in rows] == [0.0, 0.5, 0.7]
+    kept = smooth_hf.from_pretrained(tmp_path / "runs" / "smooth-lowrank-70")
+    assert kept.lowrank_report.reduction == pytest.approx(rows[-1]["removed"])
 
 
 def test_main_job_docstring_commands_parse():

@@ -13,7 +13,7 @@ from .base import LowRankLayer
 from .compress import apply_ranks, compress
 from .config import CONFIG_NAME, LowRankConfig
 from .cost import count_macs
-from .layers import LowRankConv2d, LowRankLinear, factorise, low_rank_layer_like
+from .layers import LowRankConv2d, LowRankEmbedding, LowRankLinear, factorise, low_rank_layer_like
 from .report import CompressionReport, LayerReport, count_parameters
 from .whitening import InputGrams, calibrate
 
@@ -24,6 +24,7 @@ __all__ = [
     "LayerReport",
     "LowRankConfig",
     "LowRankConv2d",
+    "LowRankEmbedding",
     "LowRankLayer",
     "LowRankLinear",
     "allocate_ranks",

@@ -107,9 +107,9 @@ class _Candidate:
 
 
 def _shape(module: nn.Module, kind: str) -> tuple[int, int, int, int]:
-    weight = out_in_weight(module)
     if kind == "conv2d":
-        return tuple(weight.shape)  # type: ignore[return-value]
+        return tuple(out_in_weight(module).shape)  # type: ignore[return-value]
+    weight = weight_matrix(module)
     return (weight.shape[0], weight.shape[1], 1, 1)
 
 
@@ -228,14 +228,15 @@ def _plan(
     calibration inputs) and the factors its truncation; otherwise the weight's own decomposition.
     """
     calls = trace_layers(model, example_inputs) if example_inputs is not None else None
-    targets = dict(find_layers(model, config.target_modules, config.exclude_modules, config.skip_first_last))
+    embeddings = config.factorise_embeddings
+    targets = dict(find_layers(model, config.target_modules, config.exclude_modules, config.skip_first_last, embeddings))
     tied, read_by_parent = _tied_weight_ids(model), _read_by_parent(model)
     params_before = count_parameters(model)
     rows: dict[str, LayerReport] = {}
     candidates: list[_Candidate] = []
     cached = 0  # bytes of singular vectors kept
-    for name, module in find_layers(model):
-        kind = layer_kind(module)
+    for name, module in find_layers(model, embeddings=embeddings):
+        kind = layer_kind(module, embeddings)
         shape = _shape(module, kind)
         full_rank = min(shape[0], shape[1] * shape[2] * shape[3])
         n_params = _layer_params(module)
@@ -293,7 +294,8 @@ def _plan(
 
     def advice() -> str:
         return budget_advice(
-            model, sum(r.params_before for r in excluded), len(excluded), config.min_rank, config.rank_multiple
+            model, sum(r.params_before for r in excluded), len(excluded), config.min_rank, config.rank_multiple,
+            embeddings,
         )
 
     def choose(dense: frozenset[str]) -> dict[str, int | None]:
@@ -319,7 +321,7 @@ def _plan(
         row.params_after = _layer_params(replacements[c.name])
         row.energy_kept = energy_kept(c.spectrum, rank)
     if not replacements:
-        blocked = unfactorisable_weights(model)
+        blocked = unfactorisable_weights(model, embeddings)
         logger.warning(
             "compress: no layer was factorised (%d candidate layers, none where the rule keeps a rank that removes "
             "parameters)%s",
@@ -462,6 +464,8 @@ def compress(
         )
     _check_not_compressed(model)
     needs_inputs = [name for name in ("macs_reduction", "keep_slower_dense") if getattr(config, name) not in (None, False)]
+    if config.factorise_embeddings and example_inputs is not None:
+        raise ValueError("factorise_embeddings does not count multiply-adds: compress without example_inputs")
     if needs_inputs and example_inputs is None:
         raise ValueError(
             f"{' and '.join(needs_inputs)} need example inputs: call compress(model, config, example_inputs=...) with "
@@ -513,9 +517,9 @@ def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
                 f"apply_ranks: no module named {name!r} in {type(model).__name__}: the ranks must come from a "
                 "compression of this same architecture (its compression_config.json)"
             ) from None
-        if layer_kind(module) is None:
+        if layer_kind(module, embeddings=True) is None:
             raise ValueError(
-                f"apply_ranks: {name!r} is a {type(module).__name__}, not a dense Linear, Conv2d or Conv1D layer"
+                f"apply_ranks: {name!r} is a {type(module).__name__}, not a dense Linear, Conv2d, Conv1D or Embedding layer"
                 f"{'; it is already low-rank: apply ranks to a freshly built dense model' if isinstance(module, LowRankLayer) else ''}"
             )
         try:

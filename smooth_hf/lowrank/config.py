@@ -89,6 +89,15 @@ class LowRankConfig:
         default=False,
         metadata={"help": "Keep the first and the last targeted layer dense (stem and classifier: small, sensitive)."},
     )
+    factorise_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Target plain nn.Embedding layers too (a transformer's word embeddings: half of a small BERT's "
+            "parameters), each replaced by a lookup into `rank` columns and a Linear to the embedding width. With "
+            "method='whitened' each token weighs by how often the calibration data use it (a token they never use "
+            "weighs whitening_damping x the mean count). Not with macs_reduction, keep_slower_dense or example_inputs."
+        },
+    )
     min_rank: int = field(default=1, metadata={"help": "No factorised layer keeps fewer singular values than this."})
     rank_multiple: int | None = field(
         default=None,
@@ -181,8 +190,14 @@ class LowRankConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}; 1 means no constraint.")
-        if not isinstance(self.keep_slower_dense, bool):
-            raise ValueError(f"keep_slower_dense must be True or False, got {self.keep_slower_dense!r}.")
+        for name in ("keep_slower_dense", "factorise_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.factorise_embeddings and (self.macs_reduction is not None or self.keep_slower_dense):
+            raise ValueError(
+                "factorise_embeddings does not count multiply-adds (a lookup costs none; its factorised form does): "
+                "use param_reduction, rank_ratio or energy with it, or leave the embeddings dense."
+            )
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None or isinstance(value, str):

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from ..targeting import layer_kind
+from ..targeting import is_plain_embedding, layer_kind
 from .base import LowRankLayer
 
 __all__ = ["budget_advice", "describe", "unfactorisable_weights"]
@@ -23,8 +23,10 @@ _TOP = 3
 
 
 def _reason(module: nn.Module, ndim: int) -> str:
+    if is_plain_embedding(module):
+        return "embedding tables: factorised only with LowRankConfig(factorise_embeddings=True)"
     if isinstance(module, nn.Embedding | nn.EmbeddingBag):
-        return "embedding tables: looked up, not multiplied"
+        return "embedding tables that rescale or pool their rows: not a plain lookup"
     if isinstance(module, nn.Linear):
         weight = getattr(module, "weight", None)
         if weight is not None and not weight.is_floating_point():
@@ -37,7 +39,7 @@ def _reason(module: nn.Module, ndim: int) -> str:
     return "not a Linear, Conv2d or Conv1D layer"
 
 
-def unfactorisable_weights(model: nn.Module) -> list[tuple[str, str, int]]:
+def unfactorisable_weights(model: nn.Module, embeddings: bool = False) -> list[tuple[str, str, int]]:
     """``(module class, reason, parameters)`` of the weight tensors no supported layer holds, largest first.
 
     Only tensors with two or more dimensions count (matrices that a user may expect to be cut); biases
@@ -50,7 +52,7 @@ def unfactorisable_weights(model: nn.Module) -> list[tuple[str, str, int]]:
         if isinstance(module, LowRankLayer):
             inside_low_rank.update(f"{name}.{c}" if name else c for c, _ in module.named_modules() if c)
             continue
-        if name in inside_low_rank or layer_kind(module) is not None:
+        if name in inside_low_rank or layer_kind(module, embeddings) is not None:
             continue
         for param in module.parameters(recurse=False):
             if param.dim() < 2 or id(param) in seen:
@@ -61,7 +63,8 @@ def unfactorisable_weights(model: nn.Module) -> list[tuple[str, str, int]]:
 
 
 def budget_advice(
-    model: nn.Module, untargeted_params: int, untargeted_layers: int, min_rank: int, rank_multiple: int
+    model: nn.Module, untargeted_params: int, untargeted_layers: int, min_rank: int, rank_multiple: int,
+    embeddings: bool = False,
 ) -> str:
     """Sentences saying what can raise the reachable reduction and what cannot (``""`` when nothing applies)."""
     params = sum(p.numel() for p in model.parameters())
@@ -73,7 +76,7 @@ def budget_advice(
         )
     if min_rank > 1 or rank_multiple > 1:
         hints.append(f"Or lower min_rank ({min_rank}) or rank_multiple ({rank_multiple}).")
-    blocked = unfactorisable_weights(model)
+    blocked = unfactorisable_weights(model, embeddings)
     if blocked:
         total = sum(n for _, _, n in blocked)
         hints.append(

@@ -1,11 +1,13 @@
-"""Low-rank replacements for ``nn.Linear``, HF ``Conv1D`` and ``nn.Conv2d``.
+"""Low-rank replacements for ``nn.Linear``, HF ``Conv1D``, ``nn.Conv2d`` and (on request) ``nn.Embedding``.
 
 A weight ``W`` (``out x in*kh*kw``) is replaced by two plain layers, ``up(down(x))``, holding
 ``U_r sqrt(S_r)`` and ``sqrt(S_r) V_r^T``: the best rank-``r`` approximation of ``W`` (Eckart-Young).
 The singular values are split evenly between the factors so both have the same scale, which keeps
 them well conditioned for half-precision inference or later fine-tuning. The factors are ordinary
 ``nn.Linear`` / ``nn.Conv2d`` modules, so the state dict holds plain tensors (``down.weight``,
-``up.weight``, ``up.bias``) that any loader understands. Both layers subclass
+``up.weight``, ``up.bias``) that any loader understands. An embedding table (``vocab x dim``) is the linear map
+from one-hot tokens, ``W = E^T`` (``dim x vocab``): a lookup into ``rank`` columns, then a Linear to ``dim``.
+Every low-rank layer subclasses
 :class:`~smooth_hf.lowrank.base.LowRankLayer`, which tells :mod:`smooth_hf.targeting` never to
 penalise or factorise them again.
 
@@ -21,12 +23,13 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ..penalties import out_in_weight
-from ..targeting import layer_kind
+from ..targeting import is_plain_embedding, layer_kind
 from .base import LowRankLayer
 from .decomposition import Decomposition, factors_from
 
 __all__ = [
     "LowRankConv2d",
+    "LowRankEmbedding",
     "LowRankLayer",
     "LowRankLinear",
     "factorise",
@@ -38,7 +41,10 @@ __all__ = [
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
-    """The weight of a Linear / HF Conv1D / Conv2d as the ``(out, in*kh*kw)`` matrix whose SVD is taken."""
+    """The weight of a Linear / HF Conv1D / Conv2d as the ``(out, in*kh*kw)`` matrix whose SVD is taken (of an
+    embedding, ``(dim, vocab)``: the map from one-hot tokens)."""
+    if isinstance(module, nn.Embedding):
+        return module.weight.t()
     weight = out_in_weight(module)
     return weight.reshape(weight.shape[0], -1)
 
@@ -197,6 +203,43 @@ class LowRankConv2d(LowRankLayer):
         )
 
 
+class LowRankEmbedding(LowRankLayer):
+    """``Embedding(vocab, rank)`` then ``Linear(rank, dim, bias=False)``: ``rank * (vocab + dim)`` weights.
+
+    ``padding_idx`` is kept on the lookup (its row gets no gradient), as in the dense table.
+    """
+
+    kind = "embedding"
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int,
+        padding_idx: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_rank(rank, min(num_embeddings, embedding_dim), f"a {num_embeddings}x{embedding_dim} embedding")
+        dd = {"device": device, "dtype": dtype}
+        self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
+        self.padding_idx = padding_idx
+        self.down = nn.Embedding(num_embeddings, rank, padding_idx=padding_idx, **dd)
+        self.up = nn.Linear(rank, embedding_dim, bias=False, **dd)
+
+    @property
+    def dense_shape(self) -> tuple[int, int, int, int]:
+        return (self.embedding_dim, self.num_embeddings, 1, 1)
+
+    def dense_weight(self) -> Tensor:
+        """The ``(vocab, dim)`` table the factors stand for."""
+        return self.down.weight @ self.up.weight.t()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, padding_idx={self.padding_idx}"
+
+
 def low_rank_layer_like(
     dense: nn.Module,
     rank: int,
@@ -215,15 +258,19 @@ def low_rank_layer_like(
         TypeError: ``dense`` is not a layer that can be factorised.
         ValueError: a grouped convolution, or ``rank`` not in ``[1, full rank]``.
     """
-    kind = layer_kind(dense)
+    kind = layer_kind(dense, embeddings=True)
     if kind is None:
         raise TypeError(
-            f"cannot factorise a {type(dense).__name__}: only nn.Linear, nn.Conv2d and transformers' Conv1D layers "
-            "can be low-rank. Leave it out of target_modules (or add it to exclude_modules)."
+            f"cannot factorise a {type(dense).__name__}: only nn.Linear, nn.Conv2d, transformers' Conv1D and plain "
+            "nn.Embedding layers can be low-rank. Leave it out of target_modules (or add it to exclude_modules)."
         )
     weight = dense.weight
     device = weight.device if device is None else torch.device(device)
     dtype = weight.dtype if dtype is None else dtype
+    if kind == "embedding":
+        new = LowRankEmbedding(dense.num_embeddings, dense.embedding_dim, rank, dense.padding_idx, device="meta",
+                               dtype=dtype)
+        return new if device.type == "meta" else new.to_empty(device=device)
     bias = dense.bias is not None
     # Built on the meta device first: no random initialisation of factors that are about to be overwritten.
     if kind == "conv2d":
@@ -286,8 +333,10 @@ def factorise(
             )
         up, down = up.to(dense.weight.dtype), down.to(dense.weight.dtype)
     trainable = dense.weight.requires_grad
+    if is_plain_embedding(dense):  # the lookup table holds the (rank, vocab) factor as its (vocab, rank) rows
+        down = down.t().contiguous()
     new.down.weight = nn.Parameter(down.reshape(new.down.weight.shape), requires_grad=trainable)
     new.up.weight = nn.Parameter(up.reshape(new.up.weight.shape), requires_grad=trainable)
-    if dense.bias is not None:
+    if getattr(dense, "bias", None) is not None:
         new.up.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=dense.bias.requires_grad)
     return new

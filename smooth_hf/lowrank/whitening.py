@@ -105,7 +105,8 @@ def whitened_decomposition(matrix: Tensor, gram: Tensor, damping: float) -> tupl
 
     Args:
         matrix: the ``(out, d)`` weight (``weight_matrix(module)``).
-        gram: the ``(d, d)`` Gram matrix of the layer's inputs.
+        gram: the ``(d, d)`` Gram matrix of the layer's inputs; for an embedding, its diagonal ``(vocab,)``: the
+            token counts (one-hot inputs have no other entries).
         damping: ``> 0``, relative to the mean diagonal of ``gram``.
     """
     if not damping > 0:
@@ -114,6 +115,15 @@ def whitened_decomposition(matrix: Tensor, gram: Tensor, damping: float) -> tupl
             "do not span every input direction (e.g. whitening_damping=0.01)"
         )
     weight = matrix.detach().double()
+    if gram.dim() == 1:  # an embedding: one-hot inputs, a diagonal Gram (token counts), S = diag(sqrt(count + λ))
+        if gram.shape != (weight.shape[1],):
+            raise ValueError(f"the token counts cover {len(gram)} tokens but the table has {weight.shape[1]}: collect "
+                             "them on the same layer (collect_input_grams)")
+        counts = gram.to(weight.device).double()
+        scale = float(counts.mean())
+        root = (counts + (damping * scale if scale > 0 else damping)).sqrt()
+        u, s, vh = _svd(weight * root)
+        return u, s, vh / root
     if gram.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(
             f"the Gram matrix is {tuple(gram.shape)} but the weight has {weight.shape[1]} input features: collect it "
@@ -152,7 +162,7 @@ class InputGrams:
     (layers are matched by module name).
     """
 
-    grams: dict[str, Tensor]  # module name -> (d, d) float64 sum of x x^T
+    grams: dict[str, Tensor]  # module name -> (d, d) float64 sum of x x^T (an embedding: (vocab,) token counts)
     rows: dict[str, int]  # module name -> number of input vectors (tokens, patches) summed
     samples: int  # calibration samples (first dimension of each batch)
     batches: int
@@ -190,7 +200,8 @@ def _input_chunks(module: nn.Module, x: Tensor) -> Iterator[Tensor]:
 
 
 class _GramHook:
-    """A forward pre-hook summing ``x x^T`` of one layer's inputs into a float64 matrix."""
+    """A forward pre-hook summing ``x x^T`` of one layer's inputs into a float64 matrix (of an embedding's one-hot
+    inputs, the diagonal only: the token counts)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -198,6 +209,12 @@ class _GramHook:
         self.rows = 0
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if isinstance(module, nn.Embedding):
+            ids = args[0].detach().reshape(-1)
+            counts = torch.bincount(ids, minlength=module.num_embeddings).double()
+            self.gram = counts if self.gram is None else self.gram + counts
+            self.rows += ids.numel()
+            return
         for chunk in _input_chunks(module, args[0].detach()):
             if self.gram is None:
                 self.gram = torch.zeros(chunk.shape[1], chunk.shape[1], dtype=torch.float64, device=chunk.device)
@@ -313,7 +330,8 @@ def calibrate(model: nn.Module, config: LowRankConfig, batches: Iterable[Any]) -
     """
     layers = {
         name: module
-        for name, module in find_layers(model, config.target_modules, config.exclude_modules, config.skip_first_last)
+        for name, module in find_layers(model, config.target_modules, config.exclude_modules, config.skip_first_last,
+                                        config.factorise_embeddings)
         if getattr(module, "groups", 1) == 1  # grouped convs stay dense: no statistics needed
     }
     keep = config.sensitivity_samples if config.rank_allocation == "sensitivity" else 0
@@ -412,6 +430,9 @@ class Whitening:
 
 
 def output_error(matrix: Tensor, approximation: Tensor, gram: Tensor) -> float:
-    """``||(W - W') X||_F^2`` computed from the Gram matrix ``X X^T`` alone (for reports and tests)."""
+    """``||(W - W') X||_F^2`` computed from the Gram matrix ``X X^T`` alone (for reports and tests; a 1-D ``gram``
+    is the diagonal of an embedding's, the token counts)."""
     diff = (matrix - approximation).detach().double()
+    if gram.dim() == 1:
+        return float((diff**2 * gram.double()).sum())
     return float(torch.einsum("ij,jk,ik->", diff, gram.double(), diff))

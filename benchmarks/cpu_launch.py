@@ -28,12 +28,13 @@ from typing import Any
 
 from _common import RESULTS_DIR, run_metadata, write_json
 
+from smooth_hf.cpu_cores import usable_cores
 from smooth_hf.recommended import CNN_TRAINING, as_flags, cnn_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+CORES = len(usable_cores())
 # name -> (accelerate launch options, processes, recipe flags changed)
 LAUNCHES: dict[str, tuple[list[str], int, dict[str, Any]]] = {
     "default": ([], 1, {}),  # what `accelerate launch recipes/train.py` does on a CPU: one process, one thread

@@ -59,12 +59,19 @@ class Spectra:
         self.cost: dict[str, int] = {}
         self.dense: dict[str, int] = {}
 
-    def add(self, name: str, matrix: torch.Tensor, weight: torch.Tensor | None = None, right=None) -> None:
+    def add(self, name: str, matrix: torch.Tensor, right=None) -> None:
         """``matrix`` (out x in) is ``W`` or ``W S``; ``right`` is ``S^-1`` (or a vector: a diagonal ``S^-1``)."""
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         self.factors[name] = (u, s, vh, right)
         self.cost[name] = sum(matrix.shape)
         self.dense[name] = matrix.shape[0] * matrix.shape[1]
+
+    def plus(self, name: str, matrix: torch.Tensor, right=None) -> Spectra:
+        """These spectra and one more layer's, sharing the existing factors (no copy of the large matrices)."""
+        more = Spectra()
+        more.factors, more.cost, more.dense = dict(self.factors), dict(self.cost), dict(self.dense)
+        more.add(name, matrix, right)
+        return more
 
     def rebuilt(self, name: str, rank: int) -> torch.Tensor:
         u, s, vh, right = self.factors[name]
@@ -161,13 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
         plain.add(name, weight)
         whitened.add(name, weight @ root, right=torch.linalg.inv(root))
     words = dense.get_submodule(EMBEDDING).weight.detach().double().T  # dim x vocab: the map from one-hot tokens
-    with_words = {"svd": copy.deepcopy(plain)}
-    with_words["svd"].add(EMBEDDING, words)
+    with_words = {"svd": plain.plus(EMBEDDING, words)}
     for alpha in args.alphas:
         scale = torch.sqrt(counts + alpha * counts.mean())
-        spectra = copy.deepcopy(whitened)
-        spectra.add(EMBEDDING, words * scale, right=1 / scale)
-        with_words[f"whitened, alpha {alpha:g}"] = spectra
+        with_words[f"whitened, alpha {alpha:g}"] = whitened.plus(EMBEDDING, words * scale, right=1 / scale)
 
     library_grams = calibrate(dense, LowRankConfig(param_reduction=0.1, method="whitened"), calibration)
     rows = []

@@ -142,15 +142,11 @@ class SmoothTrainingArguments(TrainingArguments):
         return any(getattr(self, key) != value for key, value in PLAIN.items())
 
 
-def _usable_cores() -> int:
-    return len(usable_cores())
-
-
 def _warn_if_cores_idle() -> None:
     """Training on the CPU with fewer threads than cores: ``accelerate launch`` sets ``OMP_NUM_THREADS=1`` for a
     one-process run unless told otherwise, which a user cannot see and which leaves the other cores idle."""
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    cores = _usable_cores() // max(processes, 1)
+    cores = len(usable_cores()) // max(processes, 1)
     if _has_accelerator() or torch.get_num_threads() >= cores:
         return
     logger.warning(

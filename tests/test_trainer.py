@@ -275,7 +275,7 @@ def test_idle_cores_are_named_with_the_launch_flag_that_uses_them(tmp_path, monk
     import smooth_hf.training_args as training_args
 
     monkeypatch.setattr(training_args, "_has_accelerator", lambda: False)
-    monkeypatch.setattr(training_args, "_usable_cores", lambda: 4)
+    monkeypatch.setattr(training_args, "usable_cores", lambda: [0, 1, 2, 3])
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     threads = torch.get_num_threads()

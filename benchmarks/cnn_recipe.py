@@ -386,7 +386,8 @@ def _gpu3() -> list[dict[str, Any]]:
     and on ResNet-18 (CIFAR stem) with its plain baseline, full Fashion-MNIST, 4 epochs."""
     proj = {"rank_projection_param_reduction": 0.8}
     runs = [{"name": f"r14_proj0.8_e4_s{seed}", **proj, "seed": seed} for seed in (0, 1, 2)]
-    return [*runs, {"name": "r18_proj0.8_s0", "model": "resnet18_cifar", **proj},
+    # ResNet-18's weights are kept for benchmarks/gpu_latency.py (issue 11's GPU row: latency at batch 256)
+    return [*runs, {"name": "r18_proj0.8_s0", "model": "resnet18_cifar", **proj, "save_weights": True},
             {"name": "r18_plain_s0", "model": "resnet18_cifar"}]
 
 

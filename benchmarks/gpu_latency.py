@@ -4,7 +4,10 @@ Loads the dense weights that ``benchmarks/cnn_recipe.py`` saved (``save_weights`
 compresses copies two ways -- a parameter budget (``LowRankConfig(param_reduction=p)``) and a multiply-add
 budget (the same global allocator, with each rank's cost counted in multiply-adds at the layer's output
 resolution for one 28x28 image) -- and times each model's forward pass in fp16 and bf16 at the given batch
-sizes (CUDA events, median of repeated runs, ratios to the dense model measured in the same process).
+sizes (CUDA events, median of repeated runs, ratios to the dense model measured in the same process). Models
+named in ``--compile`` are also timed under ``torch.compile`` (``ms_compile_*``) and, on a GPU, under
+``torch.compile(mode="reduce-overhead")`` (``ms_graphs_*``): CUDA graphs replay the whole forward pass as one
+launch, which removes the per-kernel launch cost that a factorised layer (two kernels instead of one) pays twice.
 
     python benchmarks/gpu_latency.py --weights 'runs/cnn_recipe/r18_relprox0.3_s0-*.safetensors' --out latency.json
 """
@@ -161,8 +164,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for batch in [int(v) for v in args.batch_sizes.split(",")]:
                 row[f"ms_eager_{dtype_name}_b{batch}"] = time_forward(half, batch, dtype, args.reps)
                 if name in args.compile.split(",") and time.time() - begin < args.time_limit:
-                    compiled = torch.compile(half)
-                    row[f"ms_compile_{dtype_name}_b{batch}"] = time_forward(compiled, batch, dtype, args.reps)
+                    modes = {"compile": "default", **({"graphs": "reduce-overhead"} if device.type == "cuda" else {})}
+                    for key, mode in modes.items():
+                        compiled = torch.compile(half, mode=mode)
+                        row[f"ms_{key}_{dtype_name}_b{batch}"] = time_forward(compiled, batch, dtype, args.reps)
             print(f"{dtype_name} {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()
                                                        if k.startswith("ms_") and dtype_name in k), flush=True)
     for row in results["models"].values():

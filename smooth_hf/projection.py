@@ -81,11 +81,13 @@ class RankProjection:
     every: int = 10
     start: float = 0.1
     end: float = 0.6
+    rank_multiple: int = 1  # the planned ranks are rounded up to this, as LowRankConfig(rank_multiple=...) rounds them
 
     def __post_init__(self) -> None:
         if not self.layers:
             raise ValueError("rank projection has no layer to act on: check the target/exclude patterns")
-        check_plan_budget(self.layers, self.param_reduction, self.model_parameters, "rank_projection_param_reduction")
+        check_plan_budget(self.layers, self.param_reduction, self.model_parameters, "rank_projection_param_reduction",
+                          self.rank_multiple)
         check_schedule(self.every, self.start, self.end)
 
     @classmethod
@@ -96,12 +98,13 @@ class RankProjection:
         target_modules: PatternSpec = None,
         exclude_modules: PatternSpec = None,
         skip_first_last: bool = True,
-        **schedule,
+        **options,
     ) -> RankProjection:
+        """Project the layers ``find_layers`` picks; ``options``: ``every``, ``start``, ``end``, ``rank_multiple``."""
         from .lowrank import count_parameters
 
         layers = find_layers(model, target_modules, exclude_modules, skip_first_last)
-        return cls(layers, param_reduction, count_parameters(model), **schedule)
+        return cls(layers, param_reduction, count_parameters(model), **options)
 
     def reduction_at(self, step: int, max_steps: int) -> float:
         return scheduled_reduction(step, max_steps, self.param_reduction, self.start, self.end)
@@ -117,7 +120,8 @@ class RankProjection:
         for _, module in self.layers:  # bases kept within the same memory cap as compress's
             decompositions.append(decompose_within(weight_matrix(module), cached))
             cached += decompositions[-1].basis_bytes
-        ranks = plan_ranks(self.layers, reduction, self.model_parameters, [d.singular_values for d in decompositions])
+        ranks = plan_ranks(self.layers, reduction, self.model_parameters, [d.singular_values for d in decompositions],
+                           self.rank_multiple)
         for (_, module), rank, decomposition in zip(self.layers, ranks, decompositions, strict=True):
             if rank is not None:
                 project_to_rank_(out_in_weight(module), rank, decomposition)

@@ -65,6 +65,7 @@ class SmoothnessPenalty:
     nuclear_norm_every: int = 25
     nuclear_norm_param_reduction: float | None = None
     model_parameters: int | None = None  # the whole model's, for nuclear_norm_param_reduction (for_model sets it)
+    rank_multiple: int = 1  # of the cut nuclear_norm_param_reduction plans (smooth_hf.rank_plan)
     _directions: dict[str, Tensor] = field(default_factory=dict, repr=False)
     _refreshed_at: int | None = field(default=None, repr=False)
 
@@ -74,7 +75,7 @@ class SmoothnessPenalty:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.nuclear_norm_param_reduction is not None:
             check_plan_budget(self.layers, self.nuclear_norm_param_reduction, self.model_parameters,
-                              "nuclear_norm_param_reduction")
+                              "nuclear_norm_param_reduction", self.rank_multiple)
         if self.nuclear_norm_every < 1:
             raise ValueError(f"nuclear_norm_every must be >= 1 (1 = exact SVD every step), got {self.nuclear_norm_every}")
         if self.active and not self.layers:
@@ -104,7 +105,8 @@ class SmoothnessPenalty:
 
     def _kept_ranks(self) -> list[int | None]:
         """The ranks the global allocation keeps at the current spectra (None: the layer stays dense)."""
-        return plan_ranks(self.layers, self.nuclear_norm_param_reduction, self.model_parameters)
+        return plan_ranks(self.layers, self.nuclear_norm_param_reduction, self.model_parameters,
+                          rank_multiple=self.rank_multiple)
 
     def invalidate(self) -> None:
         """Forget the cached nuclear-norm directions: the weights were changed outside the optimizer (e.g. a

@@ -34,6 +34,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .compat import is_transformers_model
+from .lowrank.timing import default_rank_multiple
 from .memory_format import channels_last_mismatches
 from .projection import RankProjection
 from .smoothness import SmoothnessPenalty
@@ -74,6 +75,11 @@ class SmoothTrainer(Trainer):
                 args.remove_unused_columns = False
             if args.label_names is None:
                 args.label_names = ["labels"]
+        plans_a_cut = args.rank_projection_param_reduction is not None or args.nuclear_norm_param_reduction is not None
+        if plans_a_cut and args.plan_rank_multiple is None:  # resolved now, and so recorded in training_args.json
+            args.plan_rank_multiple = default_rank_multiple(args.device)
+            logger.info(f"Planning the cut with ranks in multiples of {args.plan_rank_multiple} (what compress() "
+                        f"uses on {args.device.type}; --plan_rank_multiple to change it)")
         self.smoothness = SmoothnessPenalty.for_model(
             model,
             target_modules=args.penalty_target_modules,
@@ -85,12 +91,14 @@ class SmoothTrainer(Trainer):
             normalization=args.penalty_normalization,
             nuclear_norm_every=args.nuclear_norm_every,
             nuclear_norm_param_reduction=args.nuclear_norm_param_reduction,
+            rank_multiple=args.plan_rank_multiple or 1,
         )
         self.rank_projection = None
         if args.rank_projection_param_reduction is not None:  # on the layers the penalties act on
             self.rank_projection = RankProjection(
                 self.smoothness.layers, args.rank_projection_param_reduction, self.smoothness.model_parameters,
                 every=args.rank_projection_every, start=args.rank_projection_start, end=args.rank_projection_end,
+                rank_multiple=args.plan_rank_multiple,
             )
         self._check_unsharded_weights(args)  # before the Trainer builds anything: arguments, launcher environment
         self.channels_last = args.channels_last and _can_train_channels_last(model, args.device)

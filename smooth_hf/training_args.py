@@ -11,7 +11,7 @@ from transformers.utils import logging
 
 from .cpu_cores import usable_cores
 from .projection import check_schedule
-from .rank_plan import check_fraction
+from .rank_plan import check_fraction, check_rank_multiple
 from .smoothness import COEFFICIENTS, NORMALIZATIONS, check_coefficients
 
 __all__ = ["PLAIN", "SmoothTrainingArguments"]
@@ -99,6 +99,14 @@ class SmoothTrainingArguments(TrainingArguments):
         default=0.6, metadata={"help": "Fraction of the training steps from which the projected cut is the full "
                                "rank_projection_param_reduction."}
     )
+    plan_rank_multiple: int | None = field(
+        default=None,
+        metadata={"help": "Round the ranks that rank_projection_param_reduction and nuclear_norm_param_reduction plan "
+                  "up to a multiple of this, as LowRankConfig(rank_multiple=...) rounds the later cut, so that "
+                  "training keeps exactly what that cut keeps. None = what compress() uses by default on the "
+                  "training device (smooth_hf.lowrank.timing.default_rank_multiple); give the rank_multiple you will "
+                  "compress with when you compress elsewhere."},
+    )
     channels_last: bool = field(
         default=False,
         metadata={"help": "Train with the conv weights (and so the activations) in channels_last memory format: "
@@ -125,6 +133,8 @@ class SmoothTrainingArguments(TrainingArguments):
             if getattr(self, name) is not None:
                 check_fraction(getattr(self, name), f"--{name}")
         check_schedule(self.rank_projection_every, self.rank_projection_start, self.rank_projection_end, flag="--")
+        if self.plan_rank_multiple is not None:
+            check_rank_multiple(self.plan_rank_multiple, "--plan_rank_multiple")
         if not 0.0 <= self.penalty_warmup_ratio < 1.0:
             raise ValueError(f"--penalty_warmup_ratio must be in [0, 1), got {self.penalty_warmup_ratio!r}")
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():

@@ -75,6 +75,13 @@ def test_tail_ranks_are_the_ranks_compress_would_keep():
     cut = compress(copy.deepcopy(model), LowRankConfig(param_reduction=0.3, skip_first_last=True))
     assert {k: v for k, v in planned.items() if v is not None} == cut.lowrank_config.ranks
     assert set(planned) == {"2", "4"}  # the stem and the head are not penalised, as by default
+    # ... also when the cut rounds its ranks to a multiple
+    penalty = SmoothnessPenalty.for_model(model, nuclear_norm_coef=1.0, nuclear_norm_param_reduction=0.3,
+                                          rank_multiple=4)
+    planned = dict(zip(penalty.layer_names, penalty._kept_ranks(), strict=True))
+    cut = compress(copy.deepcopy(model), LowRankConfig(param_reduction=0.3, skip_first_last=True, rank_multiple=4))
+    assert {k: v for k, v in planned.items() if v is not None} == cut.lowrank_config.ranks
+    assert all(v % 4 == 0 for v in cut.lowrank_config.ranks.values())
 
 
 def test_tail_penalty_leaves_the_kept_directions_alone():

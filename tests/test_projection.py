@@ -55,6 +55,26 @@ def test_projection_makes_the_planned_cut_lossless():
         assert (compress(copy.deepcopy(raw), LowRankConfig(param_reduction=0.3))(x) - raw(x)).abs().max() > 1e-3
 
 
+def test_projection_plans_with_the_rank_multiple_of_the_later_cut():
+    """A cut that rounds ranks to a multiple (compress's default on CUDA is 8) keeps exactly what training kept only
+    when the projection planned with that multiple; a model trained so is also cut exactly without the rounding."""
+    x = torch.randn(4, 1, 10, 10)
+
+    def cut_error(train_multiple: int, cut_multiple: int) -> tuple[list, float]:
+        model = three_conv_net()
+        ranks = RankProjection.for_model(model, 0.3, every=5, start=0.0, end=0.5, rank_multiple=train_multiple)(10, 10)
+        with torch.no_grad():
+            cut = compress(copy.deepcopy(model), LowRankConfig(param_reduction=0.3, rank_multiple=cut_multiple))
+            return ranks, (cut(x) - model(x)).abs().max().item()
+
+    ranks, error = cut_error(4, 4)
+    assert all(r % 4 == 0 for r in ranks) and error < 1e-5
+    assert cut_error(4, 1)[1] < 1e-5
+    assert cut_error(1, 1)[1] < 1e-5
+    planned_without, error = cut_error(1, 4)
+    assert any(r % 4 for r in planned_without) and error > 1e-3  # what the option prevents
+
+
 def test_projection_decomposes_each_layer_once(monkeypatch):
     import smooth_hf.lowrank.decomposition as decomposition
     import smooth_hf.projection as projection_module
@@ -80,6 +100,10 @@ def test_bad_projection_settings_are_clear_errors():
         SmoothTrainingArguments(output_dir="unused", rank_projection_param_reduction=1.5)
     with pytest.raises(ValueError, match="rank_projection_start and --rank_projection_end"):
         SmoothTrainingArguments(output_dir="unused", rank_projection_param_reduction=0.5, rank_projection_end=1.5)
+    with pytest.raises(ValueError, match="--plan_rank_multiple must be an integer >= 1"):
+        SmoothTrainingArguments(output_dir="unused", rank_projection_param_reduction=0.5, plan_rank_multiple=0)
+    with pytest.raises(ValueError, match="multiples of 16.*lower the rank multiple"):  # 16 = the layers' full rank
+        RankProjection.for_model(three_conv_net(), 0.3, rank_multiple=16)
 
 
 def test_invalidate_makes_the_penalty_recompute_its_directions():
@@ -125,6 +149,28 @@ def test_trainer_with_projection_trains_a_model_that_the_cut_does_not_change(tmp
     with torch.no_grad():
         torch.testing.assert_close(compress(copy.deepcopy(model), LowRankConfig(param_reduction=0.3))(x), model(x),
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_trainer_plans_with_the_devices_rank_multiple_or_the_one_given(tmp_path):
+    from smooth_hf.lowrank.timing import default_rank_multiple
+
+    def trainer(**kwargs) -> SmoothTrainer:
+        args = SmoothTrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=1, learning_rate=0.05,
+            optim="sgd", rank_projection_param_reduction=0.3, rank_projection_every=3, report_to=[],
+            save_strategy="no", use_cpu=True, disable_tqdm=True, **kwargs,
+        )
+        return SmoothTrainer(model=three_conv_net(), args=args, train_dataset=_Images())
+
+    resolved = trainer()  # what compress() uses on the training device, recorded in the arguments
+    assert resolved.args.plan_rank_multiple == default_rank_multiple("cpu") == resolved.rank_projection.rank_multiple
+    given = trainer(plan_rank_multiple=4)
+    given.train()
+    model = given.model.eval()
+    with torch.no_grad():
+        cut = compress(copy.deepcopy(model), LowRankConfig(param_reduction=0.3, rank_multiple=4))
+        torch.testing.assert_close(cut(_Images().x[:8]), model(_Images().x[:8]), atol=1e-5, rtol=1e-4)
+    assert all(rank % 4 == 0 for rank in cut.lowrank_config.ranks.values())
 
 
 def test_plain_trainer_has_no_projection(tmp_path):

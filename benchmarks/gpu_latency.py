@@ -2,12 +2,13 @@
 
 Loads the dense weights that ``benchmarks/cnn_recipe.py`` saved (``save_weights``: fp16 safetensors shards),
 compresses copies two ways -- a parameter budget (``LowRankConfig(param_reduction=p)``) and a multiply-add
-budget (the same global allocator, with each rank's cost counted in multiply-adds at the layer's output
-resolution for one 28x28 image) -- and times each model's forward pass in fp16 and bf16 at the given batch
+budget (``LowRankConfig(macs_reduction=p)`` with one 28x28 test image as ``example_inputs``), on the GPU, so with
+its default rank multiple -- and times each model's forward pass in fp16 and bf16 at the given batch
 sizes (CUDA events, median of repeated runs, ratios to the dense model measured in the same process). Models
 named in ``--compile`` are also timed under ``torch.compile`` (``ms_compile_*``) and, on a GPU, under
 ``torch.compile(mode="reduce-overhead")`` (``ms_graphs_*``): CUDA graphs replay the whole forward pass as one
-launch, which removes the per-kernel launch cost that a factorised layer (two kernels instead of one) pays twice.
+launch, which should reduce the per-kernel launch cost, paid twice by a factorised layer (two kernels instead of
+one); not measured yet.
 
     python benchmarks/gpu_latency.py --weights 'runs/cnn_recipe/r18_relprox0.3_s0-*.safetensors' --out latency.json
 """
@@ -32,52 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cnn_recipe import RunSpec, accuracy, build, load_fashion_mnist  # noqa: E402
 
 from smooth_hf.auto import image_input_config  # noqa: E402
-from smooth_hf.lowrank import LowRankConfig, compress, count_parameters  # noqa: E402
-from smooth_hf.lowrank.allocation import allocate_ranks  # noqa: E402
-from smooth_hf.lowrank.compress import _replace_module  # noqa: E402
-from smooth_hf.lowrank.layers import factorise, singular_values  # noqa: E402
-from smooth_hf.targeting import find_layers, layer_kind  # noqa: E402
-
-
-def output_pixels(model: nn.Module, image: torch.Tensor) -> dict[str, int]:
-    """Output positions (H*W) of every Linear/Conv2d for one image: what a rank costs in multiply-adds."""
-    sizes: dict[str, int] = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: sizes.__setitem__(
-        name, out.shape[-1] * out.shape[-2] if out.dim() == 4 else 1)) for name, m in find_layers(model)]
-    with torch.no_grad():
-        model(image)
-    for hook in hooks:
-        hook.remove()
-    return sizes
-
-
-def macs(model: nn.Module, pixels: dict[str, int]) -> int:
-    """Multiply-adds of every Linear/Conv2d (dense or factorised) for one image."""
-    total = 0
-    for name, module in model.named_modules():
-        base = name.rsplit(".", 1)[0] if name.endswith((".down", ".up")) else name
-        if isinstance(module, nn.Conv2d | nn.Linear) and base in pixels:
-            total += module.weight.numel() * pixels[base]  # a grouped conv's weight already holds in/groups
-    return total
-
-
-def compress_macs(model: nn.Module, reduction: float, pixels: dict[str, int]) -> nn.Module:
-    """Factorise so that the layers' multiply-adds fall by ``reduction`` of the model's, losing the least energy."""
-    layers = [(n, m) for n, m in find_layers(model)
-              if layer_kind(m) == "linear" or (layer_kind(m) == "conv2d" and m.groups == 1)]
-    spectra, costs, dense = [], [], []
-    for name, module in layers:
-        w = module.weight.detach()
-        out, fan_in = w.shape[0], w[0].numel()
-        spectra.append(singular_values(w.reshape(out, -1)).cpu())
-        costs.append((fan_in + out) * pixels[name])
-        dense.append(out * fan_in * pixels[name])
-    target = reduction * macs(model, pixels)
-    ranks = allocate_ranks(spectra, costs, dense, target)
-    for (name, module), rank in zip(layers, ranks, strict=True):
-        if rank is not None:
-            _replace_module(model, name, factorise(module, rank))
-    return model
+from smooth_hf.lowrank import LowRankConfig, compress, count_macs, count_parameters  # noqa: E402
 
 
 def time_forward(model: nn.Module, batch: int, dtype: torch.dtype, reps: int = 50, groups: int = 5) -> float:
@@ -138,17 +94,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_images, test_labels = data["test"]
     if args.max_eval_samples:
         test_images, test_labels = test_images[: args.max_eval_samples], test_labels[: args.max_eval_samples]
-    pixels = output_pixels(dense, test_images[:1].to(device))
-    dense_macs = macs(dense, pixels)
+    image = test_images[:1].to(device)  # what a rank costs in multiply-adds: one 28x28 image
+    dense_macs = count_macs(dense, image)
     models = {"dense": dense}
     for b in [float(v) for v in args.param_budgets.split(",") if v]:
         models[f"param{b:g}"] = compress(copy.deepcopy(dense), LowRankConfig(param_reduction=b))
     for b in [float(v) for v in args.mac_budgets.split(",") if v]:
-        models[f"macs{b:g}"] = compress_macs(copy.deepcopy(dense), b, pixels)
+        models[f"macs{b:g}"] = compress(copy.deepcopy(dense), LowRankConfig(macs_reduction=b), example_inputs=image)
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
                                "torch": torch.__version__, "weights": args.weights, "models": {}}
     for name, model in models.items():
-        row = {"params": count_parameters(model), "macs": macs(model, pixels),
+        row = {"params": count_parameters(model), "macs": count_macs(model, image),
                "accuracy_fp32": accuracy(model, test_images, test_labels)}
         row["params_removed"] = 1 - row["params"] / count_parameters(dense)
         row["macs_removed"] = 1 - row["macs"] / dense_macs
@@ -166,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if name in args.compile.split(",") and time.time() - begin < args.time_limit:
                     modes = {"compile": "default", **({"graphs": "reduce-overhead"} if device.type == "cuda" else {})}
                     for key, mode in modes.items():
+                        torch._dynamo.reset()  # past dynamo's recompile limit a compiled model silently runs eager
                         compiled = torch.compile(half, mode=mode)
                         row[f"ms_{key}_{dtype_name}_b{batch}"] = time_forward(compiled, batch, dtype, args.reps)
             print(f"{dtype_name} {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()

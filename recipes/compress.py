@@ -28,7 +28,9 @@
 `--model_name_or_path` is a folder written by recipes/train.py (safetensors + config.json, timm or
 transformers). The model is evaluated on the data it was trained on (recorded in the folder's
 `data_args.json`: dataset, split, seed) unless `--dataset_name` names other data; the same
-`--max_eval_samples` scores the same images as in training. Reload the result with
+`--max_eval_samples` scores the same images as in training. A model trained for a cut is cut with the rank
+multiple its plan used (`plan_rank_multiple` in the folder's `training_args.json`) unless `--rank_multiple` says
+otherwise. Reload the result with
 `smooth_hf.from_pretrained(output_dir)`.
 """
 
@@ -125,6 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
 
     model = load_dense(args.model_name_or_path)
+    planned = _training_setup(args.model_name_or_path).get("plan_rank_multiple")
+    if rank_args.rank_multiple is None and planned is not None:  # cut in the ranks training planned, not others
+        rank_args.rank_multiple = planned
+        print(f"rank_multiple {planned}: the multiple the model was trained for (plan_rank_multiple in training_args.json)")
     data_args, seed, _ = resolve_data_arguments(data_args, args.model_name_or_path, args.seed)
     data = prepare_image_splits(**data_args.split_kwargs(), seed=seed, input_spec=image_input_config(model))
     check_num_labels(model, len(label_names(data["train"])))
@@ -212,7 +218,10 @@ def _training_setup(checkpoint: str) -> dict:
     if setup:
         setup["penalty_normalization"] = saved.get("penalty_normalization")
     keys = ("nuclear_norm_param_reduction", "rank_projection_param_reduction", "num_train_epochs", "learning_rate")
-    return {**setup, **{k: saved[k] for k in keys if saved.get(k) is not None}}
+    setup.update({k: saved[k] for k in keys if saved.get(k) is not None})
+    if any(k in setup for k in keys[:2]) and saved.get("plan_rank_multiple") is not None:  # the planned cut's rounding
+        setup["plan_rank_multiple"] = saved["plan_rank_multiple"]
+    return setup
 
 
 if __name__ == "__main__":

@@ -64,7 +64,8 @@ def check_plan_budget(
             f"{name}={p} asks the penalised layers to lose {p * model_parameters:,.0f} of the model's "
             f"{model_parameters:,} parameters, but at most {most:,} can be removed from them{multiple}. Lower it, or "
             "penalise more layers (penalty_target_modules / penalty_skip_first_last=False)"
-            + (", or lower the rank multiple (plan_rank_multiple)." if rank_multiple > 1 else ".")
+            + (", or plan and cut with a smaller rank multiple (the same for both: plan_rank_multiple / "
+               "LowRankConfig.rank_multiple)." if rank_multiple > 1 else ".")
         )
 
 

@@ -78,8 +78,9 @@ class SmoothTrainer(Trainer):
         plans_a_cut = args.rank_projection_param_reduction is not None or args.nuclear_norm_param_reduction is not None
         if plans_a_cut and args.plan_rank_multiple is None:  # resolved now, and so recorded in training_args.json
             args.plan_rank_multiple = default_rank_multiple(args.device)
-            logger.info(f"Planning the cut with ranks in multiples of {args.plan_rank_multiple} (what compress() "
-                        f"uses on {args.device.type}; --plan_rank_multiple to change it)")
+            if args.plan_rank_multiple > 1 and args.should_log:  # a GPU: said, as a CPU run of the same command plans otherwise
+                logger.warning(f"Planning the cut with ranks in multiples of {args.plan_rank_multiple}, as compress() "
+                               f"rounds them on {args.device.type} (--plan_rank_multiple 1 to plan any rank)")
         self.smoothness = SmoothnessPenalty.for_model(
             model,
             target_modules=args.penalty_target_modules,

@@ -135,6 +135,9 @@ class SmoothTrainingArguments(TrainingArguments):
         check_schedule(self.rank_projection_every, self.rank_projection_start, self.rank_projection_end, flag="--")
         if self.plan_rank_multiple is not None:
             check_rank_multiple(self.plan_rank_multiple, "--plan_rank_multiple")
+            if self.rank_projection_param_reduction is None and self.nuclear_norm_param_reduction is None:
+                logger.warning("--plan_rank_multiple does nothing without --rank_projection_param_reduction or "
+                               "--nuclear_norm_param_reduction (no cut is planned during training)")
         if not 0.0 <= self.penalty_warmup_ratio < 1.0:
             raise ValueError(f"--penalty_warmup_ratio must be in [0, 1), got {self.penalty_warmup_ratio!r}")
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():

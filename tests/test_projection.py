@@ -102,7 +102,7 @@ def test_bad_projection_settings_are_clear_errors():
         SmoothTrainingArguments(output_dir="unused", rank_projection_param_reduction=0.5, rank_projection_end=1.5)
     with pytest.raises(ValueError, match="--plan_rank_multiple must be an integer >= 1"):
         SmoothTrainingArguments(output_dir="unused", rank_projection_param_reduction=0.5, plan_rank_multiple=0)
-    with pytest.raises(ValueError, match="multiples of 16.*lower the rank multiple"):  # 16 = the layers' full rank
+    with pytest.raises(ValueError, match="multiples of 16.*smaller rank multiple"):  # 16 = the layers' full rank
         RankProjection.for_model(three_conv_net(), 0.3, rank_multiple=16)
 
 
@@ -171,6 +171,19 @@ def test_trainer_plans_with_the_devices_rank_multiple_or_the_one_given(tmp_path)
         cut = compress(copy.deepcopy(model), LowRankConfig(param_reduction=0.3, rank_multiple=4))
         torch.testing.assert_close(cut(_Images().x[:8]), model(_Images().x[:8]), atol=1e-5, rtol=1e-4)
     assert all(rank % 4 == 0 for rank in cut.lowrank_config.ranks.values())
+
+
+def test_on_a_gpu_the_trainer_plans_in_the_multiples_compress_uses_there(tmp_path, monkeypatch):
+    import smooth_hf.trainer
+
+    monkeypatch.setattr(smooth_hf.trainer, "default_rank_multiple", lambda device: 8)  # what it returns for CUDA
+    args = SmoothTrainingArguments(
+        output_dir=str(tmp_path), rank_projection_param_reduction=0.3, nuclear_norm_coef=1.0,
+        nuclear_norm_param_reduction=0.3, report_to=[], use_cpu=True,
+    )
+    trainer = SmoothTrainer(model=three_conv_net(), args=args, train_dataset=_Images())
+    assert args.plan_rank_multiple == trainer.rank_projection.rank_multiple == trainer.smoothness.rank_multiple == 8
+    assert all(rank % 8 == 0 for rank in trainer.smoothness._kept_ranks())
 
 
 def test_plain_trainer_has_no_projection(tmp_path):

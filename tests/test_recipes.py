@@ -211,7 +211,8 @@ def test_main_job_end_to_end(tiny_fmnist, tmp_path, capsys):
     plain = json.loads((out / "plain" / "training_args.json").read_text())
     smooth = json.loads((out / "smooth" / "training_args.json").read_text())
     assert plain["rank_projection_param_reduction"] is None and smooth["rank_projection_param_reduction"] == 0.5
-    differ = ("rank_projection_param_reduction", "output_dir", "logging_dir")
+    assert plain["plan_rank_multiple"] is None and smooth["plan_rank_multiple"] == 1  # resolved for the CPU it ran on
+    differ = ("rank_projection_param_reduction", "plan_rank_multiple", "output_dir", "logging_dir")
     assert {k: v for k, v in plain.items() if k not in differ} == {k: v for k, v in smooth.items() if k not in differ}
     # trained for the 50% cut: the cut changes nothing, while plain loses accuracy or not, as it happens
     by_budget = {r["budget"]: r["accuracy"] for r in results["smooth"]}
@@ -225,6 +226,9 @@ def test_main_job_end_to_end(tiny_fmnist, tmp_path, capsys):
     assert card.data.eval_results[0].metric_value == pytest.approx(row["accuracy"])
     # its training table says how it was trained: the projection, and no penalty that was off
     assert "| rank_projection_param_reduction | 0.5 |" in card.text and "nuclear_norm_coef" not in card.text
+    # ... and cut with the rank multiple its plan used (read from training_args.json by recipes/compress.py)
+    assert "| plan_rank_multiple | 1 |" in card.text
+    assert "rank_multiple 1: the multiple the model was trained for" in (out / "smooth.log").read_text()
 
 
 def test_main_job_recipes_come_from_smooth_hf_recommended():

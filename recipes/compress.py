@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
 
     model = load_dense(args.model_name_or_path)
-    planned = _training_setup(args.model_name_or_path).get("plan_rank_multiple")
+    setup = _training_setup(args.model_name_or_path)  # for the card, and the rank multiple training planned with
+    planned = setup.get("plan_rank_multiple")
     if rank_args.rank_multiple is None and planned is not None:  # cut in the ranks training planned, not others
         rank_args.rank_multiple = planned
         print(f"rank_multiple {planned}: the multiple the model was trained for (plan_rank_multiple in training_args.json)")
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         card = ModelCardInfo(base_model=args.base_model, **dataset_card_fields(data_args.dataset_name),
                              dataset_split="test", metrics={"accuracy": accuracy},
                              dense_metrics={"accuracy": dense_accuracy},
-                             training={**_training_setup(args.model_name_or_path), "test images scored": len(test)})
+                             training={**setup, "test images scored": len(test)})
         save_pretrained(compressed, out, model_card=card)
         print(f"saved: {out}  (reload: smooth_hf.from_pretrained({str(out)!r}))")
         if args.push_to_hub:

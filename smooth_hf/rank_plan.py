@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from .lowrank.allocation import allocate_ranks, max_removable
+from .lowrank.config import check_count
 from .lowrank.layers import singular_values, weight_matrix
 from .penalties import out_in_weight
 
-__all__ = ["check_fraction", "check_plan_budget", "check_rank_multiple", "layer_shapes", "plan_ranks"]
+__all__ = ["check_fraction", "check_plan_budget", "layer_shapes", "plan_ranks"]
 
 
 def layer_shapes(layers: list[tuple[str, nn.Module]]) -> tuple[list[int], list[int], list[int]]:
@@ -38,12 +39,6 @@ def check_fraction(value: object, name: str) -> None:
         raise ValueError(f"{name} must be a fraction in (0, 1), e.g. 0.8; got {value!r}")
 
 
-def check_rank_multiple(value: object, name: str = "rank_multiple") -> None:
-    """``value`` (the option called ``name``) is an integer >= 1, or a clear error."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1 (1 = any rank; 8 suits GPU tensor cores), got {value!r}")
-
-
 def check_plan_budget(
     layers: list[tuple[str, nn.Module]],
     param_reduction: float,
@@ -54,7 +49,7 @@ def check_plan_budget(
     """``param_reduction`` (the option called ``name``) is a fraction the layers can give up, or a clear error."""
     p = param_reduction
     check_fraction(p, name)
-    check_rank_multiple(rank_multiple)
+    check_count(rank_multiple, "rank_multiple")
     if not model_parameters:
         raise ValueError(f"{name} needs the model's parameter count (build it with .for_model(model, ...))")
     most = max_removable(*layer_shapes(layers), rank_multiple=rank_multiple)

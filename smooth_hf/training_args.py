@@ -10,8 +10,9 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 
 from .cpu_cores import usable_cores
+from .lowrank.config import check_count
 from .projection import check_schedule
-from .rank_plan import check_fraction, check_rank_multiple
+from .rank_plan import check_fraction
 from .smoothness import COEFFICIENTS, NORMALIZATIONS, check_coefficients
 
 __all__ = ["PLAIN", "SmoothTrainingArguments"]
@@ -134,7 +135,7 @@ class SmoothTrainingArguments(TrainingArguments):
                 check_fraction(getattr(self, name), f"--{name}")
         check_schedule(self.rank_projection_every, self.rank_projection_start, self.rank_projection_end, flag="--")
         if self.plan_rank_multiple is not None:
-            check_rank_multiple(self.plan_rank_multiple, "--plan_rank_multiple")
+            check_count(self.plan_rank_multiple, "--plan_rank_multiple")
             if self.rank_projection_param_reduction is None and self.nuclear_norm_param_reduction is None:
                 logger.warning("--plan_rank_multiple does nothing without --rank_projection_param_reduction or "
                                "--nuclear_norm_param_reduction (no cut is planned during training)")

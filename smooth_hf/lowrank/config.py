@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["CONFIG_NAME", "LowRankConfig"]
+__all__ = ["CONFIG_NAME", "LowRankConfig", "check_count"]
 
 CONFIG_NAME = "compression_config.json"
 _VERSION_KEY = "smooth_hf_version"
@@ -32,6 +32,12 @@ def _library_version() -> str:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_count(value: object, name: str) -> None:
+    """``value`` (the option called ``name``: ``min_rank``, ``rank_multiple``) is an integer >= 1, or a clear error."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}; 1 means no constraint.")
 
 
 @dataclass
@@ -185,11 +191,8 @@ class LowRankConfig:
                 interval = f"{'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
                 raise ValueError(f"{name} must be a number in {interval}, got {value!r}; e.g. {name}={example}.")
         for name in ("min_rank", "rank_multiple"):
-            value = getattr(self, name)
-            if name == "rank_multiple" and value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}; 1 means no constraint.")
+            if not (name == "rank_multiple" and getattr(self, name) is None):
+                check_count(getattr(self, name), name)
         for name in ("keep_slower_dense", "factorise_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")

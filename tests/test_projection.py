@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -55,24 +56,29 @@ def test_projection_makes_the_planned_cut_lossless():
         assert (compress(copy.deepcopy(raw), LowRankConfig(param_reduction=0.3))(x) - raw(x)).abs().max() > 1e-3
 
 
-def test_projection_plans_with_the_rank_multiple_of_the_later_cut():
+def test_projection_plans_with_the_rank_multiple_of_the_later_cut(caplog):
     """A cut that rounds ranks to a multiple (compress's default on CUDA is 8) keeps exactly what training kept only
-    when the projection planned with that multiple; a model trained so is also cut exactly without the rounding."""
+    when the projection planned with that multiple; a model trained so is also cut exactly without the rounding.
+    The lossy case is the only one compress warns about, naming both ways out."""
     x = torch.randn(4, 1, 10, 10)
 
-    def cut_error(train_multiple: int, cut_multiple: int) -> tuple[list, float]:
+    def cut_error(train_multiple: int, cut_multiple: int, reduction: float = 0.3) -> tuple[list, float, str]:
         model = three_conv_net()
         ranks = RankProjection.for_model(model, 0.3, every=5, start=0.0, end=0.5, rank_multiple=train_multiple)(10, 10)
-        with torch.no_grad():
-            cut = compress(copy.deepcopy(model), LowRankConfig(param_reduction=0.3, rank_multiple=cut_multiple))
-            return ranks, (cut(x) - model(x)).abs().max().item()
+        caplog.clear()
+        with torch.no_grad(), caplog.at_level(logging.WARNING, logger="smooth_hf.lowrank.compress"):
+            cut = compress(copy.deepcopy(model), LowRankConfig(param_reduction=reduction, rank_multiple=cut_multiple))
+            return ranks, (cut(x) - model(x)).abs().max().item(), caplog.text
 
-    ranks, error = cut_error(4, 4)
-    assert all(r % 4 == 0 for r in ranks) and error < 1e-5
-    assert cut_error(4, 1)[1] < 1e-5
-    assert cut_error(1, 1)[1] < 1e-5
-    planned_without, error = cut_error(1, 4)
+    ranks, error, warned = cut_error(4, 4)
+    assert all(r % 4 == 0 for r in ranks) and error < 1e-5 and not warned
+    assert cut_error(4, 1)[1:] == (pytest.approx(0, abs=1e-5), "")
+    assert cut_error(1, 1)[1:] == (pytest.approx(0, abs=1e-5), "")
+    planned_without, error, warned = cut_error(1, 4)
     assert any(r % 4 for r in planned_without) and error > 1e-3  # what the option prevents
+    assert "exactly low rank" in warned and "rank_multiple=1" in warned and "plan_rank_multiple=4" in warned
+    # Beyond the plan every cut loses something, so the rounding is not to blame and there is no warning.
+    assert cut_error(1, 4, reduction=0.45)[1] > 1e-3 and not cut_error(1, 4, reduction=0.45)[2]
 
 
 def test_projection_decomposes_each_layer_once(monkeypatch):

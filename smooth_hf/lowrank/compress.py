@@ -192,6 +192,43 @@ def _choose_ranks(
     return ranks
 
 
+# A cut that discards less than this fraction of a layer's energy (a relative error under 0.3%) removes what float
+# rounding left of an exactly low-rank weight (fp16 and bf16 copies included), not what the model learned.
+_ROUND_OFF_ENERGY = 1e-5
+
+
+def _warn_if_rounding_cuts_kept_ranks(
+    candidates: list[_Candidate],
+    ranks: list[int | None],
+    ranks_in_any_rank: Callable[[], list[int | None]],
+    rank_multiple: int,
+) -> None:
+    """Warn when ``rank_multiple`` turns an exact cut into a lossy one (a budget rule, ``rank_multiple > 1``).
+
+    A model trained for this cut (rank projection planned in multiples of 1) is exactly low rank at the budget: a
+    cut in any rank removes only zeros. Rounding ranks up spends parameters that the budget then takes from other
+    layers, below the rank their weights have, which silently costs accuracy.
+    """
+
+    def lost(c: _Candidate, rank: int | None) -> float:
+        return 1.0 - energy_kept(c.spectrum, rank)
+
+    worst, name = max((lost(c, r), c.name) for c, r in zip(candidates, ranks, strict=True)) if candidates else (0, "")
+    if worst <= _ROUND_OFF_ENERGY:
+        return
+    # Ranks in any multiple reach at least the same reduction, so this allocation cannot fail where the other did not.
+    if any(lost(c, r) > _ROUND_OFF_ENERGY for c, r in zip(candidates, ranks_in_any_rank(), strict=True)):
+        return  # the cut is lossy anyway: the rounding is not what loses accuracy
+    logger.warning(
+        "compress: the model is exactly low rank at this budget (trained for this cut, e.g. by rank projection): a cut "
+        "in any rank would remove only zero singular values. rank_multiple=%d rounds ranks up and pays for it by "
+        "cutting some layers below the rank their weights have (%s loses %.2f%% of its energy), which costs accuracy. "
+        "Compress with rank_multiple=1 to keep the model exact, or train with plan_rank_multiple=%d (README, "
+        "\"Training for a cut\").",
+        rank_multiple, name, 100 * worst, rank_multiple,
+    )
+
+
 @dataclass
 class _Plan:
     """Everything ``compress`` decided, computed without touching the model."""
@@ -309,6 +346,11 @@ def _plan(
                                            layer_timer or median_latency)
     else:
         ranks, slower = choose(frozenset()), {}
+        if config.rank_multiple > 1 and (config.param_reduction is not None or config.macs_reduction is not None):
+            _warn_if_rounding_cuts_kept_ranks(
+                candidates, [ranks[c.name] for c in candidates],
+                lambda: _choose_ranks(candidates, replace(config, rank_multiple=1), total, advice), config.rank_multiple,
+            )
 
     replacements: dict[str, LowRankLayer] = {}
     for c in candidates:

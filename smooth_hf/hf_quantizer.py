@@ -27,6 +27,7 @@ recognised and skipped.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from typing import Any
@@ -291,8 +292,24 @@ def attach_quantization_config(model: nn.Module) -> None:
         )
         return
     quantizer = SmoothHfQuantizer(SmoothHfConfig.from_model(model))
+    _own_config(model)
     model.config.quantization_config = quantizer.quantization_config
     model.hf_quantizer = quantizer
+
+
+def _own_config(model: PreTrainedModel) -> None:
+    """Give ``model`` a private copy of its config, shared with its own submodules as before.
+
+    transformers does not copy the config a model is built from: models built from one config object share
+    it, and the ranks written into the compressed one would make a dense sibling save as compressed (a
+    checkpoint whose reload then fails). Nested configs (a ``text_config``) are copied and re-pointed alike.
+    """
+    memo: dict[int, Any] = {}
+    copy.deepcopy(model.config, memo)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and id(config) in memo:
+            module.config = memo[id(config)]
 
 
 def _register() -> None:

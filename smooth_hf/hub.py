@@ -64,6 +64,7 @@ HF_CONFIG_NAME = "config.json"
 REPORT_NAME = "compression_report.json"
 CARD_NAME = "README.md"
 GENERATION_CONFIG_NAME = "generation_config.json"
+SHARD_INDEX_NAME = "model.safetensors.index.json"  # transformers' sharded save (max_shard_size), read by transformers
 OWN_FILES = (WEIGHTS_NAME, HF_CONFIG_NAME, GENERATION_CONFIG_NAME, CONFIG_NAME, REPORT_NAME, CARD_NAME)
 # Extensions of pickle-based checkpoints: loading them can execute arbitrary code, so a folder holding
 # any of them is refused rather than half-trusted.
@@ -185,6 +186,18 @@ def _save_timm_config(model: nn.Module, path: Path, model_args: dict[str, Any] |
         ) from err
 
 
+def _shard_files(folder: Path) -> set[str]:
+    """The index of a sharded transformers save in ``folder`` and the shard files it names (empty if none)."""
+    index = folder / SHARD_INDEX_NAME
+    if not index.is_file():
+        return set()
+    try:
+        names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        names = set()  # unreadable: only the index itself is known to be a checkpoint file
+    return {SHARD_INDEX_NAME} | {n for n in names if isinstance(n, str) and "/" not in n and (folder / n).is_file()}
+
+
 def _move_into_place(tmp: Path, target: Path) -> None:
     """Make ``tmp`` the checkpoint at ``target``; never leave a mix of two saves that ``from_pretrained`` loads.
 
@@ -192,8 +205,9 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     * ``target`` holds only checkpoint files: rename it aside, rename ``tmp`` in, delete the old one;
       if the second rename fails the old folder is put back.
     * ``target`` also holds other files (e.g. a training output folder): they are kept and the checkpoint
-      files are replaced one by one, ``compression_config.json`` removed first and written last, so a folder
-      caught half way is rejected by ``from_pretrained`` instead of loading mismatched files.
+      files are replaced one by one, the two configs removed first and written last (``config.json`` the very
+      last), so a folder caught half way is rejected by ``smooth_hf.from_pretrained`` and by transformers'
+      ``from_pretrained`` (which reads no ``compression_config.json``) instead of loading mismatched files.
     """
     if not target.exists():
         os.rename(tmp, target)
@@ -201,7 +215,8 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     if not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a folder")
     entries = {p.name for p in target.iterdir()}
-    if entries <= set(OWN_FILES):
+    shards = _shard_files(target)  # of a sharded transformers save: stale once this save is in
+    if entries <= set(OWN_FILES) | shards:
         backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(target, backup)
         try:
@@ -211,18 +226,21 @@ def _move_into_place(tmp: Path, target: Path) -> None:
             raise
         shutil.rmtree(backup, ignore_errors=True)
         return
-    marker = target / CONFIG_NAME
-    if marker.exists():
-        marker.unlink()
+    last = (CONFIG_NAME, HF_CONFIG_NAME)  # what each loader needs first: without them a folder is refused
+    for name in last:
+        (target / name).unlink(missing_ok=True)
     new_files = {p.name for p in tmp.iterdir()}
     for name in OWN_FILES:
-        if name == CONFIG_NAME:
+        if name in last:
             continue
         if name in new_files:
             os.replace(tmp / name, target / name)
         elif (target / name).exists():
             (target / name).unlink()  # a stale file of the previous save (e.g. its report) must not survive
-    os.replace(tmp / CONFIG_NAME, marker)
+    for name in shards:
+        (target / name).unlink(missing_ok=True)
+    for name in last:
+        os.replace(tmp / name, target / name)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -237,7 +255,8 @@ def _save(
     library = _base_library(model)
     if model_args is not None and library != "timm":
         raise TypeError("model_args is for timm models; a transformers model's config.json comes from model.config")
-    target = Path(save_directory).expanduser().absolute()
+    # Resolved: saving through a symlink must write into the folder it points to, not replace the link.
+    target = Path(save_directory).expanduser().resolve()
     if target.is_dir():
         pickles = _pickle_files(target)
         if pickles:
@@ -371,7 +390,7 @@ def _check_folder(folder: Path, check_pickles: bool = True) -> None:
             f"{folder} has no {HF_CONFIG_NAME} (the base model's config), so the architecture cannot be rebuilt; "
             "re-save the model with smooth_hf.save_pretrained."
         )
-    if WEIGHTS_NAME not in present:
+    if WEIGHTS_NAME not in present and not (SHARD_INDEX_NAME in present and _written_by_transformers(folder)):
         raise FileNotFoundError(
             f"{folder} has no {WEIGHTS_NAME}: the weights are missing (smooth_hf reads safetensors only). Re-save the "
             "model with smooth_hf.save_pretrained, or re-download it (snapshot_download(..., force_download=True))."
@@ -479,14 +498,15 @@ def _load_folder(folder: Path, device: str | torch.device, check_pickles: bool =
             raise ValueError(f"{folder / CONFIG_NAME} is invalid: {err}") from err
     hf_config = _read_json(folder / HF_CONFIG_NAME)
     weights = folder / WEIGHTS_NAME
-    shapes = _weight_shapes(weights)  # also refuses a truncated file before anything is built
     if config is None and "model_type" not in hf_config:
         raise ValueError(f"{folder} has no {CONFIG_NAME}; re-save the model with smooth_hf.save_pretrained")
     if "model_type" in hf_config:
+        if weights.is_file():  # else shards, which transformers reads (and checks) through their index
+            _weight_shapes(weights)  # refuses a truncated file before anything is built
         # transformers models load through transformers itself, as AutoModelFor*.from_pretrained would.
         model = load_checkpoint(folder, hf_config, config).to(device)
     else:
-        model = _load_timm(folder, hf_config, config, shapes).to(device)
+        model = _load_timm(folder, hf_config, config, _weight_shapes(weights)).to(device)
     report = _load_report(folder)
     if report is not None:
         model.lowrank_report = report

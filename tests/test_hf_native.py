@@ -154,6 +154,37 @@ def test_saving_does_not_edit_the_model(gpt2, tmp_path):
     assert torch.equal(run(model, "gpt2"), expected)
 
 
+def test_compress_leaves_a_config_shared_with_a_dense_sibling_alone(tmp_path):
+    """transformers does not copy the config a model is built from; the ranks written into the compressed model's
+    must not make a dense model built from the same object save as compressed (its reload would then fail)."""
+    config = tiny_bert().config
+    compressed, dense = BertForSequenceClassification(config).eval(), BertForSequenceClassification(config).eval()
+    compress(compressed, LowRankConfig(param_reduction=0.3))
+    assert dense.config is config and getattr(config, "quantization_config", None) is None
+    assert compressed.bert.config is compressed.config is not config  # one config inside the compressed model
+    dense.save_pretrained(tmp_path / "dense")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "dense").eval()
+    assert not any(isinstance(m, LowRankLinear) for m in reloaded.modules())
+    assert torch.equal(run(reloaded, "bert"), run(dense, "bert"))
+
+
+def test_card_of_a_model_reloaded_by_transformers_counts_every_layer(tmp_path):
+    """Reloaded by an Auto class the model has no report; the card rebuilt from it must still count the layers that
+    stayed dense (the tied decoder of a masked LM here), not say that every layer was factorised."""
+    from transformers import AutoModelForMaskedLM, BertForMaskedLM
+
+    model = compress(BertForMaskedLM(tiny_bert().config).eval(), LowRankConfig(param_reduction=0.3))
+
+    def factorised_line(folder: Path) -> str:
+        card = (folder / "README.md").read_text()
+        return next(line for line in card.splitlines() if "Linear / Conv layers are factorised" in line)
+
+    saved = smooth_hf.save_pretrained(model, tmp_path / "saved")
+    reloaded = AutoModelForMaskedLM.from_pretrained(saved)
+    line = factorised_line(smooth_hf.save_pretrained(reloaded, tmp_path / "resaved"))
+    assert line == factorised_line(saved) and line.split()[0] != line.split()[2]  # "13 of 14 ...", not "14 of 14"
+
+
 def test_checkpoint_from_a_head_model_loads_into_the_base_model(gpt2, tmp_path):
     model, _ = gpt2
     model.save_pretrained(tmp_path / "g")

@@ -7,6 +7,7 @@ approximation.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import pickle
@@ -44,7 +45,7 @@ def test_round_trip_is_exact(name, tmp_path):
     expected = logits(model, inputs)
     folder = save_pretrained(model, tmp_path / "ckpt")
 
-    assert folder == (tmp_path / "ckpt").absolute()
+    assert folder == (tmp_path / "ckpt").resolve()
     assert {WEIGHTS_NAME, "config.json", CONFIG_NAME, "README.md"} <= set(digest(folder))
     assert not any(p.suffix in hub.PICKLE_SUFFIXES for p in folder.iterdir())
 
@@ -380,3 +381,59 @@ def test_successful_overwrite(two_models, tmp_path, foreign_file):
     assert (target / hub.REPORT_NAME).is_file()
     assert ((target / "notes.txt").read_text() == "keep me") if foreign_file else not (target / "notes.txt").exists()
     assert _siblings(target) == []
+
+
+def test_save_through_a_symlink_writes_into_the_folder_it_points_to(two_models, tmp_path):
+    """A "latest" link to a checkpoint folder: the new save lands in that folder and the link stays a link."""
+    model_a, model_b, inputs = two_models
+    real, link = tmp_path / "run-7", tmp_path / "latest"
+    save_pretrained(model_a, real)
+    link.symlink_to(real, target_is_directory=True)
+    assert save_pretrained(model_b, link) == real.resolve()
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run-7"]
+    assert torch.equal(logits(from_pretrained(real), inputs), logits(model_b, inputs))
+
+
+def test_save_caught_half_way_in_a_shared_folder_is_refused_by_both_loaders(tmp_path, monkeypatch):
+    """In a folder with other files the checkpoint's files are replaced one by one. Caught in between, the folder
+    must not load new weights with the old config.json (its labels, its ranks) in either loader."""
+    from transformers import AutoModelForSequenceClassification
+
+    model_a, inputs = compressed_model("bert")
+    model_b = copy.deepcopy(model_a)
+    target = tmp_path / "run"
+    save_pretrained(model_a, target)
+    (target / "vocab.txt").write_text("kept")
+    real_replace, moved = hub.os.replace, []
+
+    def interrupted(src, dst):
+        moved.append(Path(dst).name)
+        if len(moved) == 2:
+            raise KeyboardInterrupt  # e.g. Ctrl-C after the weights were moved in
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(hub.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(model_b, target)
+    monkeypatch.undo()
+    assert moved[0] == WEIGHTS_NAME and not (target / "config.json").exists()
+    with pytest.raises((OSError, ValueError)):
+        from_pretrained(target)
+    with pytest.raises((OSError, ValueError)):
+        AutoModelForSequenceClassification.from_pretrained(target)
+    save_pretrained(model_b, target)  # the next save completes it
+    assert torch.equal(logits(from_pretrained(target), inputs), logits(model_b, inputs))
+    assert (target / "vocab.txt").read_text() == "kept"
+
+
+def test_save_over_a_sharded_transformers_checkpoint_removes_its_shards(tmp_path):
+    """Stale shards (and their index) of an earlier model.save_pretrained must not outlive a new save."""
+    model, inputs = compressed_model("bert")
+    target = tmp_path / "ckpt"
+    model.save_pretrained(target, max_shard_size="20KB")
+    shards = sorted(p.name for p in target.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (target / hub.SHARD_INDEX_NAME).is_file()
+    assert torch.equal(logits(from_pretrained(target), inputs), logits(model, inputs))  # sharded folders load
+    save_pretrained(model, target)
+    assert not list(target.glob("model-*.safetensors")) and not (target / hub.SHARD_INDEX_NAME).exists()
+    assert torch.equal(logits(from_pretrained(target), inputs), logits(model, inputs))

@@ -26,7 +26,6 @@ from torch import nn
 
 from .. import batchnorm as _batchnorm
 from ..batches import model_device
-from ..penalties import out_in_weight
 from ..targeting import find_layers, layer_kind
 from .allocation import allocate_ranks, energy_kept, finalize_rank, max_removable, rank_for_energy, rank_for_ratio
 from .base import LowRankLayer
@@ -34,7 +33,7 @@ from .config import LowRankConfig
 from .cost import ExampleInputs, describe_inputs, macs_per_rank, trace_layers
 from .decomposition import Decomposition, decompose_within
 from .diagnosis import budget_advice, describe, unfactorisable_weights
-from .layers import factorise, low_rank_layer_like, weight_matrix
+from .layers import dense_layer_shape, factorise, low_rank_layer_like, weight_matrix
 from .report import (
     STATUS_DENSE_EXCLUDED,
     STATUS_DENSE_GROUPED,
@@ -104,13 +103,6 @@ class _Candidate:
     def dense_params(self) -> int:
         out, inp, kh, kw = self.shape
         return out * inp * kh * kw
-
-
-def _shape(module: nn.Module, kind: str) -> tuple[int, int, int, int]:
-    if kind == "conv2d":
-        return tuple(out_in_weight(module).shape)  # type: ignore[return-value]
-    weight = weight_matrix(module)
-    return (weight.shape[0], weight.shape[1], 1, 1)
 
 
 def _layer_params(module: nn.Module) -> int:
@@ -274,7 +266,7 @@ def _plan(
     cached = 0  # bytes of singular vectors kept
     for name, module in find_layers(model, embeddings=embeddings):
         kind = layer_kind(module, embeddings)
-        shape = _shape(module, kind)
+        shape = dense_layer_shape(module, kind)
         full_rank = min(shape[0], shape[1] * shape[2] * shape[3])
         n_params = _layer_params(module)
         status = None

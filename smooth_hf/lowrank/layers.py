@@ -32,6 +32,7 @@ __all__ = [
     "LowRankEmbedding",
     "LowRankLayer",
     "LowRankLinear",
+    "dense_layer_shape",
     "factorise",
     "low_rank_layer_like",
     "singular_values",
@@ -47,6 +48,14 @@ def weight_matrix(module: nn.Module) -> Tensor:
         return module.weight.t()
     weight = out_in_weight(module)
     return weight.reshape(weight.shape[0], -1)
+
+
+def dense_layer_shape(module: nn.Module, kind: str) -> tuple[int, int, int, int]:
+    """``(out, in, kh, kw)`` of a supported dense layer of ``kind`` (``layer_kind``); ``kh = kw = 1`` but for convs."""
+    if kind == "conv2d":
+        return tuple(out_in_weight(module).shape)  # type: ignore[return-value]
+    weight = weight_matrix(module)
+    return (weight.shape[0], weight.shape[1], 1, 1)
 
 
 def singular_values(matrix: Tensor) -> Tensor:

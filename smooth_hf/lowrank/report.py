@@ -29,6 +29,7 @@ __all__ = [
     "STATUS_DENSE_READ_BY_PARENT",
     "STATUS_DENSE_SLOWER",
     "STATUS_DENSE_TIED",
+    "STATUS_DENSE_UNRECORDED",
     "STATUS_FACTORISED",
     "CompressionReport",
     "LayerReport",
@@ -40,6 +41,7 @@ STATUS_FACTORISED = "factorised"
 STATUS_DENSE_NO_GAIN = "dense: factorising would not remove parameters"
 STATUS_DENSE_GROUPED = "dense: grouped conv"
 STATUS_DENSE_TIED = "dense: tied weight"
+STATUS_DENSE_UNRECORDED = "dense (why is not recorded: report rebuilt from the compressed model)"
 STATUS_DENSE_EXCLUDED = "dense: excluded"
 STATUS_DENSE_SLOWER = "dense: factorised was not faster on this device (keep_slower_dense)"
 STATUS_DENSE_NOT_RUN = "dense: not run on example_inputs (no multiply-adds to save)"
@@ -160,14 +162,33 @@ class CompressionReport:
     # ---- rebuilt from a model -----------------------------------------------------------------
     @classmethod
     def from_model(cls, model: nn.Module) -> CompressionReport:
-        """The report of a compressed model whose report was not kept, rebuilt from its low-rank layers.
+        """The report of a compressed model whose report was not kept, rebuilt from its layers.
 
-        Only factorised layers are listed (the dense ones cannot be told apart from layers that were never
-        targeted), and their energy kept is unknown (NaN): it is a property of the dense weights, which are gone.
+        Every supported layer is listed. Why a dense one stayed dense is not recorded in the model
+        (``STATUS_DENSE_UNRECORDED``), and the energy kept of a factorised one is unknown (NaN): it is a property
+        of the dense weights, which are gone.
         """
+        from ..targeting import layer_kind  # here: targeting imports this package
+        from .layers import dense_layer_shape
+
+        config = getattr(model, "lowrank_config", None)
+        embeddings = bool(getattr(config, "factorise_embeddings", False))
+        named = list(model.named_modules())
+        factors = {f"{n}.{c}" for n, m in named if isinstance(m, LowRankLayer) for c, _ in m.named_modules() if c}
         layers, removed = [], 0
-        for name, module in model.named_modules():
+        for name, module in named:
+            if name in factors:
+                continue
             if not isinstance(module, LowRankLayer):
+                kind = layer_kind(module, embeddings)
+                if kind is None:
+                    continue
+                shape = dense_layer_shape(module, kind)
+                n_params = sum(p.numel() for p in module.parameters())
+                full_rank = min(shape[0], shape[1] * shape[2] * shape[3])
+                layers.append(
+                    LayerReport(name, kind, shape, full_rank, None, n_params, n_params, 1.0, STATUS_DENSE_UNRECORDED)
+                )
                 continue
             out, inp, kh, kw = module.dense_shape
             bias = module.up.bias.numel() if module.up.bias is not None else 0

@@ -49,7 +49,7 @@ from smooth_hf.auto import check_num_labels, image_input_config, load_dense
 from smooth_hf.batchnorm import DataFreeRecalibration
 from smooth_hf.data import dataset_card_fields, held_as_tensors, label_names, prepare_image_splits, select_subset
 from smooth_hf.evaluation import classification_accuracy
-from smooth_hf.hub import push_to_hub, save_pretrained
+from smooth_hf.hub import check_save_target, push_to_hub, save_pretrained
 from smooth_hf.lowrank import compress
 from smooth_hf.memory_format import channels_last_inference
 from smooth_hf.model_card import ModelCardInfo
@@ -103,6 +103,20 @@ class CompressArguments:
                              "report both)")
         if self.calibration_samples < 1:
             raise ValueError(f"--calibration_samples is a number of training images >= 1, got {self.calibration_samples}")
+        if self.budgets is not None:
+            self.budget_values()  # checked now, before a model or data is loaded
+
+    def budget_values(self) -> list[float]:
+        """``--budgets`` as numbers, each a fraction of the parameters in [0, 1); anything else is a clear error."""
+        wrong = ValueError(f"--budgets takes comma-separated fractions of the parameters to remove, each in [0, 1), "
+                           f"e.g. 0.5,0.7,0.9; got {self.budgets!r}")
+        try:
+            values = [float(b) for b in (self.budgets or "").split(",") if b.strip()]
+        except ValueError:
+            raise wrong from None
+        if not values or not all(0 <= v < 1 for v in values):
+            raise wrong
+        return values
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[CompressArguments, DataArguments, LowRankArguments]:
@@ -125,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     args, data_args, rank_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
     out = Path(args.output_dir)
+    if not args.budgets or rank_args.param_reduction is not None:  # a model will be saved there: refuse now, not after
+        check_save_target(out)
 
     model = load_dense(args.model_name_or_path)
     setup = _training_setup(args.model_name_or_path)  # for the card, and the rank multiple training planned with
@@ -132,9 +148,14 @@ def main(argv: list[str] | None = None) -> dict:
     if rank_args.rank_multiple is None and planned is not None:  # cut in the ranks training planned, not others
         rank_args.rank_multiple = planned
         print(f"rank_multiple {planned}: the multiple the model was trained for (plan_rank_multiple in training_args.json)")
-    data_args, seed, _ = resolve_data_arguments(data_args, args.model_name_or_path, args.seed)
+    data_args, seed, record = resolve_data_arguments(data_args, args.model_name_or_path, args.seed)
     data = prepare_image_splits(**data_args.split_kwargs(), seed=seed, input_spec=image_input_config(model))
-    check_num_labels(model, len(label_names(data["train"])))
+    labels = label_names(data["train"])
+    check_num_labels(model, len(labels))
+    if record is not None and record.get("labels") not in (None, labels):
+        logger.warning("the evaluation data's classes %s are not the ones the model was trained on %s (recorded in "
+                       "data_args.json): the accuracy compares different labels; check --dataset_name",
+                       labels, record["labels"])
     test = held_as_tensors(data["test"])  # decoded once, scored at every budget
     print(f"evaluation data: {data_args.dataset_name}, {len(test)} test images (seed {seed})")
 
@@ -172,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.budgets:
         keep = rank_args.param_reduction  # the cut to save as well, if any
-        budgets = sorted({float(b) for b in args.budgets.split(",")} | ({keep} if keep is not None else set()))
+        budgets = sorted(set(args.budget_values()) | ({keep} if keep is not None else set()))
         kept = {}
 
         def keep_cut(budget: float, cut, row: dict) -> None:

@@ -40,6 +40,7 @@ import sys
 import transformers
 from datasets import DatasetDict
 from transformers import HfArgumentParser, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
 from smooth_hf import SmoothTrainer, SmoothTrainingArguments
 from smooth_hf.auto import build_model, check_num_labels, image_input_config, save_dense
@@ -55,8 +56,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, TrainingD
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def check_output_dir(training_args: SmoothTrainingArguments) -> None:
+    """Refuse, before any work, a command that would do nothing or mix two runs in one folder."""
+    if not (training_args.do_train or training_args.do_eval):
+        raise ValueError("nothing to do: pass --do_train (and --do_eval to score the test split)")
+    out = training_args.output_dir
+    if not training_args.do_train or training_args.resume_from_checkpoint or training_args.overwrite_output_dir:
+        return
+    last = get_last_checkpoint(out) if os.path.isdir(out) else None
+    earlier = last or next((os.path.join(out, name) for name in ("model.safetensors", "training_args.json")
+                            if os.path.isfile(os.path.join(out, name))), None)
+    if earlier:
+        resume = f"resume it with --resume_from_checkpoint {last}, " if last else ""
+        raise ValueError(
+            f"--output_dir {out} holds an earlier run ({earlier}): {resume}choose another --output_dir, or pass "
+            "--overwrite_output_dir to train there anyway (its files are replaced; checkpoints it has stay)."
+        )
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(argv)
+    check_output_dir(training_args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())

@@ -95,6 +95,15 @@ def build_model(
         config = AutoConfig.for_model(model_type, **overrides, **label_kwargs)
         return auto_class.from_config(config)
 
+    if _is_timm_folder(model_name_or_path):  # a timm checkpoint saved by save_dense (recipes/train.py's output)
+        if overrides:
+            raise ValueError(f"--config_overrides does not apply to the saved timm model {model_name_or_path}: its "
+                             "config.json fixes the architecture")
+        model = load_dense(model_name_or_path) if pretrained else build_from_config_dir(model_name_or_path)
+        if num_labels != model.num_classes:
+            model.reset_classifier(num_labels)  # a new head for other classes, as ignore_mismatched_sizes does
+        return model
+
     if is_timm_name(model_name_or_path):
         if task != "image-classification":
             raise ValueError(f"timm model {model_name_or_path!r} is an image model; task {task!r} needs a transformers model")
@@ -163,6 +172,15 @@ def save_dense(model: nn.Module, directory: str | os.PathLike) -> None:
     save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _is_timm_folder(path: str) -> bool:
+    """A local folder whose config.json is timm's (``architecture`` + ``model_args``), not transformers'."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "architecture" in config and "model_type" not in config
+
+
 def _read_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.is_file():
@@ -228,9 +246,23 @@ def build_from_config_dir(
     )
 
 
+def _check_dense(directory: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Refuse a compressed checkpoint, which a dense load would only fail on with a key mismatch."""
+    from .hf_quantizer import QUANT_METHOD  # here: it imports transformers' quantizer machinery
+    from .lowrank import CONFIG_NAME
+
+    section = config.get("quantization_config")
+    if (Path(directory) / CONFIG_NAME).is_file() or (isinstance(section, dict) and section.get("quant_method") == QUANT_METHOD):
+        raise ValueError(
+            f"{directory} holds a compressed (low-rank) checkpoint, not a dense one: compress the dense model it came "
+            "from (the training run's output folder), or load this one with smooth_hf.from_pretrained."
+        )
+
+
 def load_dense(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """A dense trained checkpoint written by :func:`save_dense` (or any HF / timm safetensors export)."""
     config = _read_config(directory)
+    _check_dense(directory, config)
     weights = Path(directory) / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing (smooth_hf reads safetensors weights only, never pickle)")

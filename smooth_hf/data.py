@@ -10,6 +10,7 @@ attaches :class:`~smooth_hf.transforms.ImageTransform`, which turns a batch into
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 import os
 from pathlib import Path
@@ -21,12 +22,15 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value, lo
 
 from .transforms import ImageTransform
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_LABELS",
     "ImageTransform",
     "TensorExamples",
     "dataset_card_fields",
+    "dataset_identity",
     "held_as_tensors",
     "image_channels",
     "label_names",
@@ -120,6 +124,18 @@ def _find_column(columns: list[str], wanted: str | None, candidates: tuple[str, 
                      f"Name it with {flag}.")
 
 
+def _is_local_folder(dataset_name: str) -> bool:
+    """Whether :func:`load_image_classification` reads ``dataset_name`` from a folder so named (else the Debian
+    files or the Hub)."""
+    fashion = dataset_name in ("fashion_mnist", HUB_ALIASES["fashion_mnist"]) and FASHION_MNIST_DIR.is_dir()
+    return not fashion and Path(dataset_name).is_dir()
+
+
+def dataset_identity(dataset_name: str) -> str:
+    """``dataset_name`` as it loads the same data from any working directory: a local folder by its absolute path."""
+    return str(Path(dataset_name).resolve()) if _is_local_folder(dataset_name) else dataset_name
+
+
 def load_image_classification(
     dataset_name: str,
     dataset_config_name: str | None = None,
@@ -136,6 +152,7 @@ def load_image_classification(
     (``imagefolder``: one sub-folder per class). A dataset without a test or validation split gets a
     seeded ``eval_split_ratio`` split of its train split (default ``DEFAULT_EVAL_SPLIT_RATIO``).
     """
+    ratio_given = eval_split_ratio is not None
     if eval_split_ratio is None:
         eval_split_ratio = DEFAULT_EVAL_SPLIT_RATIO
     path = Path(dataset_name)
@@ -152,6 +169,9 @@ def load_image_classification(
     if "train" not in data:
         raise ValueError(f"dataset {dataset_name!r} has no 'train' split (it has {list(data)}): save it as "
                          "DatasetDict({'train': ..., 'test': ...}), or rename its training split to 'train'")
+    if ("test" in data or "validation" in data) and ratio_given:
+        logger.warning("dataset %r has its own %s split: the split ratio %s (--train_val_split) is not used",
+                       dataset_name, "test" if "test" in data else "validation", eval_split_ratio)
     if "test" not in data:
         if "validation" in data:
             data["test"] = data.pop("validation")

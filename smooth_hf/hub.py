@@ -52,6 +52,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "PushToHubError",
     "check_compressed",
+    "check_save_target",
     "from_pretrained",
     "push_to_hub",
     "save_pretrained",
@@ -244,6 +245,37 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_save_target(save_directory: str | os.PathLike) -> Path:
+    """The folder a compressed model would be saved into (absolute, links resolved), or a clear error.
+
+    Refused: a folder holding pickle files (``from_pretrained`` would refuse it) or a dense checkpoint (its
+    weights would be replaced: the trained model is what a compression starts from). A previous compressed
+    checkpoint there is replaced, and other files are kept. ``recipes/compress.py`` calls this before any work.
+    """
+    # Resolved: saving through a symlink must write into the folder it points to, not replace the link.
+    target = Path(save_directory).expanduser().resolve()
+    if not target.is_dir():
+        return target
+    pickles = _pickle_files(target)
+    if pickles:
+        raise ValueError(
+            f"{target} contains pickle files ({', '.join(pickles)}); from_pretrained refuses such folders "
+            "(unpickling can run arbitrary code). Save the compressed model into its own folder, e.g. "
+            "<output_dir>/compressed."
+        )
+    # A dense checkpoint: weights and the config.json that rebuilds them, and no sign of a compressed model. (Without
+    # config.json, e.g. a save of ours caught half way, nothing could load the folder: the next save completes it.)
+    has_weights = (target / WEIGHTS_NAME).is_file() or (target / SHARD_INDEX_NAME).is_file()
+    compressed = (target / CONFIG_NAME).is_file() or _written_by_transformers(target)
+    if has_weights and (target / HF_CONFIG_NAME).is_file() and not compressed:
+        raise ValueError(
+            f"{target} holds a dense checkpoint ({WEIGHTS_NAME} of a model that is not compressed): saving the "
+            f"compressed model there would replace its weights. Save it into another folder, e.g. "
+            f"{target.with_name(target.name + '-lowrank')}."
+        )
+    return target
+
+
 def _save(
     model: nn.Module,
     save_directory: str | os.PathLike,
@@ -255,16 +287,7 @@ def _save(
     library = _base_library(model)
     if model_args is not None and library != "timm":
         raise TypeError("model_args is for timm models; a transformers model's config.json comes from model.config")
-    # Resolved: saving through a symlink must write into the folder it points to, not replace the link.
-    target = Path(save_directory).expanduser().resolve()
-    if target.is_dir():
-        pickles = _pickle_files(target)
-        if pickles:
-            raise ValueError(
-                f"{target} contains pickle files ({', '.join(pickles)}); from_pretrained refuses such folders "
-                "(unpickling can run arbitrary code). Save the compressed model into its own folder, e.g. "
-                "<output_dir>/compressed."
-            )
+    target = check_save_target(save_directory)
     card_text = str(render_model_card(model, info, location=location))
     target.parent.mkdir(parents=True, exist_ok=True)
     # A sibling, so that the final rename stays on one file system (and is atomic). Created with mkdir, not

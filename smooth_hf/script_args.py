@@ -18,7 +18,7 @@ from typing import Any
 
 from datasets import DatasetDict
 
-from .data import label_names
+from .data import dataset_identity, label_names
 from .lowrank import LowRankConfig
 
 __all__ = [
@@ -49,8 +49,8 @@ class ModelArguments:
 
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "A timm model name (e.g. resnet18_cifar, resnet14_cifar, timm/resnet18.a1_in1k) or a "
-                  "transformers checkpoint (Hub id or local folder)."},
+        metadata={"help": "A timm model name (e.g. resnet18_cifar, resnet14_cifar, timm/resnet18.a1_in1k), a "
+                  "transformers checkpoint (Hub id or local folder), or a folder recipes/train.py wrote."},
     )
     model_type: str | None = field(
         default=None,
@@ -172,6 +172,8 @@ def save_data_record(folder: str | os.PathLike, data_args: DataArguments, seed: 
     the split and subsets, and their sizes."""
     record = {
         **{name: getattr(data_args, name) for name in _RECORDED},
+        # a local folder by its absolute path: compress.py may run from another working directory
+        "dataset_name": dataset_identity(data_args.dataset_name),
         "seed": seed,
         "max_train_samples": getattr(data_args, "max_train_samples", None),
         "max_eval_samples": data_args.max_eval_samples,
@@ -209,7 +211,8 @@ def resolve_data_arguments(
             f"{checkpoint} has no {DATA_RECORD_NAME} (recipes/train.py writes it) to say which data the model was "
             "trained on: name the evaluation data with --dataset_name"
         )
-    if record is not None and data_args.dataset_name in (None, record.get("dataset_name")):
+    named = data_args.dataset_name
+    if record is not None and (named is None or record.get("dataset_name") in (named, dataset_identity(named))):
         values.update({name: record.get(name) for name in _RECORDED if values[name] is None})
     if seed is None:
         seed = record["seed"] if record is not None and "seed" in record else DEFAULT_SEED

@@ -108,6 +108,12 @@ class SmoothTrainingArguments(TrainingArguments):
                   "training device (smooth_hf.lowrank.timing.default_rank_multiple); give the rank_multiple you will "
                   "compress with when you compress elsewhere."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "recipes/train.py: train into an output_dir that holds an earlier run (its files are "
+                  "replaced); without it the recipe refuses, to keep two runs apart (the flag transformers 4 had; "
+                  "the Trainer itself does not read it)."},
+    )
     channels_last: bool = field(
         default=False,
         metadata={"help": "Train with the conv weights (and so the activations) in channels_last memory format: "
@@ -134,6 +140,13 @@ class SmoothTrainingArguments(TrainingArguments):
             if getattr(self, name) is not None:
                 check_fraction(getattr(self, name), f"--{name}")
         check_schedule(self.rank_projection_every, self.rank_projection_start, self.rank_projection_end, flag="--")
+        if self.rank_projection_param_reduction is not None and self.load_best_model_at_end:
+            raise ValueError(
+                "--load_best_model_at_end with --rank_projection_param_reduction: the best checkpoint can be one from "
+                "before the cut reached its plan (the projection grows it until --rank_projection_end), and a model "
+                "from there loses accuracy when it is cut, while the run's records say it was trained for the cut. "
+                "Drop --load_best_model_at_end: the model at the last step is the one trained for the cut."
+            )
         if self.plan_rank_multiple is not None:
             check_count(self.plan_rank_multiple, "--plan_rank_multiple")
             if self.rank_projection_param_reduction is None and self.nuclear_norm_param_reduction is None:

@@ -160,3 +160,21 @@ def test_local_fashion_mnist_reader_errors_say_what_to_do(tmp_path):
     path.write_bytes(b"PK\x03\x04 not an idx file")
     with pytest.raises(ValueError, match="not an unsigned-byte idx file"):
         read_idx(path)
+
+
+def test_a_split_ratio_for_a_dataset_with_its_own_test_split_is_said_to_be_unused(tmp_path, caplog):
+    from datasets import DatasetDict
+
+    from smooth_hf.data import load_image_classification
+
+    images = [np.zeros((4, 4), dtype=np.uint8)] * 6
+    split = Dataset.from_dict({"image": images, "label": [0, 1, 2, 0, 1, 2]})
+    DatasetDict({"train": split, "test": split.select(range(3))}).save_to_disk(tmp_path / "d")
+    with caplog.at_level("WARNING", logger="smooth_hf.data"):
+        data = load_image_classification(str(tmp_path / "d"), eval_split_ratio=0.5)
+    assert (len(data["train"]), len(data["test"])) == (6, 3)
+    assert "has its own test split" in caplog.text and "not used" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="smooth_hf.data"):
+        load_image_classification(str(tmp_path / "d"))
+    assert not caplog.text

@@ -437,3 +437,16 @@ def test_save_over_a_sharded_transformers_checkpoint_removes_its_shards(tmp_path
     save_pretrained(model, target)
     assert not list(target.glob("model-*.safetensors")) and not (target / hub.SHARD_INDEX_NAME).exists()
     assert torch.equal(logits(from_pretrained(target), inputs), logits(model, inputs))
+
+
+def test_save_refuses_a_folder_holding_a_dense_checkpoint(two_models, tmp_path):
+    """The trained dense model is what a compression starts from: saving the cut over it would lose it."""
+    from smooth_hf.auto import save_dense
+
+    model_a, _, _ = two_models
+    dense = tmp_path / "run"
+    save_dense(tiny_resnet14(), dense)
+    before = digest(dense)
+    with pytest.raises(ValueError, match="holds a dense checkpoint.*run-lowrank"):
+        save_pretrained(model_a, dense)
+    assert digest(dense) == before and _siblings(dense) == []

@@ -181,6 +181,73 @@ def test_compress_recipe_rejects_ambiguous_rules(trained):
     assert not Path("x").exists()
 
 
+def test_recipes_refuse_what_would_lose_or_mix_a_users_files(trained, tiny_fmnist, tmp_path):
+    """Checked before any work: a compression over its own dense model, a compressed model as the input, budgets that
+    are not fractions, a training run into a folder that holds another run, a command that would do nothing."""
+    folder = tmp_path / "run"
+    shutil.copytree(trained, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="holds a dense checkpoint.*another folder"):
+        compress_recipe.main(["--model_name_or_path", str(folder), "--param_reduction", "0.5", "--output_dir", str(folder)])
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    compress_recipe.main(["--model_name_or_path", str(folder), "--param_reduction", "0.5", "--output_dir",
+                          str(tmp_path / "cut")])
+    with pytest.raises(ValueError, match="compressed .* not a dense one"):
+        compress_recipe.main(["--model_name_or_path", str(tmp_path / "cut"), "--param_reduction", "0.5",
+                              "--output_dir", str(tmp_path / "twice")])
+    for budgets in ("0.5,1.5", "0.5,abc", ""):
+        with pytest.raises(ValueError, match="--budgets takes comma-separated fractions"):
+            compress_recipe.parse_args(["--model_name_or_path", str(folder), "--budgets", budgets, "--output_dir", "x"])
+
+    again = [*TINY_MODEL, "--dataset_name", tiny_fmnist, "--output_dir", str(folder), "--do_train", "--max_steps", "1",
+             "--report_to", "none", "--use_cpu", "--save_strategy", "no"]
+    with pytest.raises(ValueError, match="holds an earlier run .*--overwrite_output_dir"):
+        train_recipe.main(again)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    with pytest.raises(ValueError, match="nothing to do"):
+        train_recipe.main([a for a in again if a != "--do_train"])
+    with pytest.raises(ValueError, match="--load_best_model_at_end"):
+        train_recipe.parse_args([*again, "--rank_projection_param_reduction", "0.5", "--load_best_model_at_end",
+                                 "--eval_strategy", "steps", "--save_strategy", "steps"])
+    train_recipe.main([*again, "--overwrite_output_dir"])  # asked for: trains there
+    assert (folder / "model.safetensors").read_bytes() != before["model.safetensors"]
+
+
+def test_train_recipe_evaluates_and_continues_from_its_own_output_folder(training_run, tiny_fmnist, tmp_path):
+    """A folder recipes/train.py wrote is a --model_name_or_path too (timm's config.json): its weights, scored as the
+    training run scored them, and a new head when the classes differ."""
+    folder, metrics = training_run
+    again = train_recipe.main([
+        "--model_name_or_path", str(folder), "--dataset_name", tiny_fmnist, "--output_dir", str(tmp_path / "eval"),
+        "--do_eval", "--max_eval_samples", str(EVAL_SAMPLES), "--report_to", "none", "--use_cpu", "--seed", str(SEED),
+    ])
+    assert again["eval_accuracy"] == metrics["eval_accuracy"]
+    head = smooth_hf.auto.build_model(str(folder), num_labels=5)
+    assert head.num_classes == 5 and head.get_classifier().out_features == 5
+
+
+def test_compress_recipe_finds_a_relative_dataset_from_anywhere_and_warns_on_other_labels(tiny_fmnist, tmp_path,
+                                                                                        monkeypatch, caplog):
+    """data_args.json records a local dataset by its absolute path, so compress.py run from another folder scores
+    the same images; evaluation data with other class names than training's is said."""
+    data = Path(tiny_fmnist)
+    monkeypatch.chdir(data.parent)
+    out = tmp_path / "rel"
+    train_recipe.main([*TINY_MODEL, "--dataset_name", data.name, "--output_dir", str(out), "--do_train",
+                       "--max_steps", "1", "--report_to", "none", "--use_cpu", "--save_strategy", "no"])
+    assert json.loads((out / DATA_RECORD_NAME).read_text())["dataset_name"] == str(data.resolve())
+    monkeypatch.chdir(tmp_path)
+    result = compress_recipe.main(["--model_name_or_path", str(out), "--param_reduction", "0.5",
+                                   "--output_dir", str(tmp_path / "rel-50")])
+    assert result["num_test"] == 32
+    record = json.loads((out / DATA_RECORD_NAME).read_text())
+    (out / DATA_RECORD_NAME).write_text(json.dumps({**record, "labels": ["x", "y", "z"]}))
+    with caplog.at_level("WARNING", logger="compress"):
+        compress_recipe.main(["--model_name_or_path", str(out), "--param_reduction", "0.5",
+                              "--output_dir", str(tmp_path / "rel-50b")])
+    assert "not the ones the model was trained on" in caplog.text
+
+
 def test_compress_recipe_data_free_batchnorm_card(trained, tiny_fmnist, tmp_path):
     out = tmp_path / "data-free"
     compress_recipe.main(["--model_name_or_path", str(trained), "--dataset_name", tiny_fmnist, "--param_reduction",

@@ -58,6 +58,7 @@ from smooth_hf.smoothness import COEFFICIENTS
 from smooth_hf.sweep import budget_sweep, plot_sweep, sweep_markdown
 
 logger = logging.getLogger("compress")
+CALIBRATION_SAMPLES = 512  # --calibration_samples' default
 
 
 @dataclass
@@ -74,7 +75,7 @@ class CompressArguments:
                              "(forward passes only; 0 = off, the plain no-fine-tuning result)."},
     )
     calibration_samples: int = field(
-        default=512, metadata={"help": "--method whitened: how many training images (a seeded sample of the training "
+        default=CALIBRATION_SAMPLES, metadata={"help": "--method whitened: how many training images (a seeded sample of the training "
                                "split, the same images every time) calibrate the cut."},
     )
     batchnorm_data_free: bool = field(
@@ -130,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompressArguments, DataAr
     elif len(rules) + (args.budgets is not None) != 1:
         raise ValueError("give exactly one of --param_reduction, --rank_ratio, --energy or --budgets (a --budgets "
                          "sweep may add --param_reduction: the cut it saves)")
+    if args.calibration_samples != CALIBRATION_SAMPLES and rank_args.method != "whitened":
+        logger.warning("--calibration_samples does nothing without --method whitened")
+    if args.hub_model_id and not args.push_to_hub:
+        logger.warning("--hub_model_id does nothing without --push_to_hub (nothing is uploaded)")
     if args.push_to_hub and rank_args.param_reduction is None and args.budgets:
         raise ValueError("--push_to_hub uploads one model: with --budgets, give --param_reduction (the cut to upload)")
     return args, data_args, rank_args

@@ -11,6 +11,7 @@ the user names other data.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -33,7 +34,10 @@ __all__ = [
     "save_data_record",
 ]
 
+logger = logging.getLogger(__name__)
+
 DATA_RECORD_NAME = "data_args.json"
+CROP_PADDING = 4  # --random_crop_padding's default: CIFAR's
 DEFAULT_DATASET = "fashion_mnist"
 DEFAULT_SEED = 42  # TrainingArguments' default seed, so both recipes pick the same subsets by default
 
@@ -115,9 +119,13 @@ class TrainingDataArguments(DataArguments):
                   "--random_crop_padding pixels."},
     )
     random_crop_padding: int = field(
-        default=4,
+        default=CROP_PADDING,
         metadata={"help": "With --augment: pad by this many pixels (zeros) before the random crop; 0 = flips only."},
     )
+
+    def __post_init__(self) -> None:
+        if self.random_crop_padding != CROP_PADDING and not self.augment:
+            logger.warning("--random_crop_padding does nothing without --augment (no training augmentation)")
 
     def split_kwargs(self) -> dict[str, Any]:
         return {**super().split_kwargs(), "max_train_samples": self.max_train_samples}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import TrainingArguments
@@ -22,6 +22,7 @@ __all__ = ["PLAIN", "SmoothTrainingArguments"]
 PLAIN = {**dict.fromkeys(COEFFICIENTS, 0.0), "rank_projection_param_reduction": None}
 
 logger = logging.get_logger(__name__)
+_PROJECTION_SCHEDULE = ("rank_projection_every", "rank_projection_start", "rank_projection_end")
 
 
 @dataclass
@@ -147,6 +148,10 @@ class SmoothTrainingArguments(TrainingArguments):
                 "from there loses accuracy when it is cut, while the run's records say it was trained for the cut. "
                 "Drop --load_best_model_at_end: the model at the last step is the one trained for the cut."
             )
+        schedule = [f"--{f.name}" for f in fields(self) if f.name in _PROJECTION_SCHEDULE and getattr(self, f.name) != f.default]
+        if schedule and self.rank_projection_param_reduction is None:
+            logger.warning("%s do(es) nothing without --rank_projection_param_reduction (no rank projection)",
+                           ", ".join(schedule))
         if self.plan_rank_multiple is not None:
             check_count(self.plan_rank_multiple, "--plan_rank_multiple")
             if self.rank_projection_param_reduction is None and self.nuclear_norm_param_reduction is None:

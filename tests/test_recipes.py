@@ -213,6 +213,19 @@ def test_recipes_refuse_what_would_lose_or_mix_a_users_files(trained, tiny_fmnis
     assert (folder / "model.safetensors").read_bytes() != before["model.safetensors"]
 
 
+def test_compress_recipe_says_which_flags_would_do_nothing(trained, caplog):
+    with caplog.at_level("WARNING", logger="compress"):
+        compress_recipe.parse_args(["--model_name_or_path", str(trained), "--param_reduction", "0.5", "--output_dir",
+                                    "x", "--calibration_samples", "64", "--hub_model_id", "you/x"])
+    assert "--calibration_samples does nothing without --method whitened" in caplog.text
+    assert "--hub_model_id does nothing without --push_to_hub" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="compress"):
+        compress_recipe.parse_args(["--model_name_or_path", str(trained), "--param_reduction", "0.5", "--output_dir",
+                                    "x", "--calibration_samples", "64", "--method", "whitened"])
+    assert "does nothing" not in caplog.text
+
+
 def test_train_recipe_evaluates_and_continues_from_its_own_output_folder(training_run, tiny_fmnist, tmp_path):
     """A folder recipes/train.py wrote is a --model_name_or_path too (timm's config.json): its weights, scored as the
     training run scored them, and a new head when the classes differ."""

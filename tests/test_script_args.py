@@ -99,3 +99,22 @@ def test_model_card_names_the_real_dataset(tmp_path):
     assert dataset_card_fields("someone/pets") == {"datasets": ["someone/pets"], "dataset_pretty_name": None}
     assert dataset_card_fields(save_tiny_fmnist(tmp_path / "my_images")) == {"datasets": [],
                                                                              "dataset_pretty_name": "my_images"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--random_crop_padding", "0"], "--random_crop_padding does nothing without --augment"),
+        (["--rank_projection_every", "3", "--rank_projection_end", "0.5"],
+         "--rank_projection_every, --rank_projection_end do(es) nothing without --rank_projection_param_reduction"),
+        (["--augment", "--random_crop_padding", "0", "--rank_projection_param_reduction", "0.5",
+          "--rank_projection_every", "3"], None),
+    ],
+)
+def test_flags_that_would_do_nothing_are_said(argv, said, caplog, tmp_path):
+    from smooth_hf import SmoothTrainingArguments
+
+    parser = HfArgumentParser((TrainingDataArguments, SmoothTrainingArguments))
+    with caplog.at_level("WARNING"):
+        parser.parse_args_into_dataclasses(args=["--output_dir", str(tmp_path), "--use_cpu", *argv])
+    assert (said in caplog.text) if said else "does nothing" not in caplog.text and "do(es) nothing" not in caplog.text

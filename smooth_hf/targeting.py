@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .compat import is_hf_conv1d
 
@@ -42,6 +43,8 @@ def layer_kind(module: nn.Module, embeddings: bool = False) -> str | None:
         return "embedding"
     # Subclasses that change the computation (timm's StdConv2d standardises its weight) are not plain
     # x @ W layers: a factorisation of W would change what they compute.
+    if isinstance(module, nn.Linear | nn.Conv2d) and not _weight_is_current(module):
+        return None
     cls = type(module)
     if isinstance(module, nn.Linear) and (cls.forward is nn.Linear.forward or _computes_linear_map(module)):
         return "linear"
@@ -52,13 +55,23 @@ def layer_kind(module: nn.Module, embeddings: bool = False) -> str | None:
     return None
 
 
+def _weight_is_current(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is what the layer computes with: a parameter, or a parametrization (computed when
+    read). The old hook-based ``torch.nn.utils.weight_norm`` keeps a plain attribute that a forward pre-hook
+    recomputes, so between a ``load_state_dict`` and the next forward it is stale."""
+    return "weight" in module._parameters or parametrize.is_parametrized(module, "weight")
+
+
 def is_plain_embedding(module: nn.Module) -> bool:
     """An ``nn.Embedding`` whose forward is a plain row lookup (``max_norm`` rescales rows as it reads them)."""
     return isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward and module.max_norm is None
 
 
-# nn.Linear subclasses that were probed, by (class, has bias): True when the forward computes x @ W.T + b.
-_LINEAR_MAP_CLASSES: dict[tuple[type, bool], bool] = {}
+# nn.Linear subclasses that were probed, by (class, has bias, the instance's own attributes): True when the forward
+# computes x @ W.T + b.
+_LINEAR_MAP_CLASSES: dict[tuple[type, bool, tuple], bool] = {}
+# What every nn.Linear holds (module state, in/out features): attributes beyond these are a subclass's own.
+_PLAIN_LINEAR_ATTRIBUTES = frozenset(vars(nn.Linear(1, 1))) | {"_is_hf_initialized"}
 _PROBE_IN, _PROBE_OUT = 7, 5
 
 
@@ -85,7 +98,14 @@ def _computes_linear_map(module: nn.Linear) -> bool:
         or not weight.is_floating_point()
     ):
         return False
-    key = (type(module), module.bias is not None)
+    # The probe sees the instance's own attributes (a scale, a flag), so instances that differ in them are probed
+    # apart; one whose attributes cannot be hashed is probed alone, never answered from another's probe.
+    extra = tuple(sorted((k, v) for k, v in vars(module).items() if k not in _PLAIN_LINEAR_ATTRIBUTES))
+    try:
+        key = (type(module), module.bias is not None, extra)
+        hash(key)
+    except TypeError:
+        return _probe_linear_map(module)
     if key not in _LINEAR_MAP_CLASSES:
         _LINEAR_MAP_CLASSES[key] = _probe_linear_map(module)
     return _LINEAR_MAP_CLASSES[key]
@@ -208,6 +228,15 @@ def find_layers(
             f"target_modules {target_modules!r} selects no Linear, Conv2d or Conv1D layer; it matched "
             f"only {', '.join(unsupported[:8]) or 'containers'}. Only those three layer types can be "
             "penalised or factorised: name layers of those types, or a container that holds them."
+        )
+    if isinstance(exclude_modules, str) and not any(
+        is_excluded(n) and is_supported_layer(m, embeddings) for n, m in named if n not in inside_low_rank
+    ):
+        raise ValueError(
+            f"exclude_modules regex {exclude_modules!r} matches no Linear, Conv2d or Conv1D layer (a regex must match "
+            "a layer's whole name; it does not reach into the containers it matches), so it would exclude nothing. "
+            f"Match the layers, e.g. {exclude_modules + chr(92) + '..*'!r}, or pass a list of names, which covers "
+            "containers."
         )
     if skip_first_last:
         ends = [i for i, (_, m) in enumerate(selected) if not is_plain_embedding(m)]

@@ -3,6 +3,7 @@ tensors (Mixtral), lazy layers, timm models with non-JSON constructor arguments,
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -63,6 +64,52 @@ def test_linear_subclasses_are_factorised_only_when_they_compute_a_plain_linear_
     assert isinstance(model[0], LowRankLinear) and isinstance(model[2], ScaledLinear)
     assert [(cls, n) for cls, _, n in unfactorisable_weights(model)] == [("ScaledLinear", 256)]
     assert model(x).shape == (3, 4)
+
+
+class InstanceScaledLinear(nn.Linear):
+    """Scales by an attribute of the instance: plain at scale 1, not at any other."""
+
+    def __init__(self, *args, scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight * self.scale, self.bias)
+
+
+@pytest.mark.parametrize("scales", [(1.0, 3.0), (3.0, 1.0)])
+def test_each_instance_of_a_linear_subclass_is_judged_by_its_own_attributes(scales):
+    """The probe's answer for one instance is not reused for another whose attributes differ, in either order."""
+    model = nn.Sequential(*(InstanceScaledLinear(16, 16, scale=s) for s in scales))
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.copy_(torch.randn(16, 2) @ torch.randn(2, 16))  # rank 2: a faithful cut changes nothing
+    x, dense = torch.randn(3, 16), copy.deepcopy(model)
+    compress(model, LowRankConfig(energy=1.0))
+    assert [isinstance(layer, LowRankLinear) for layer in model] == [s == 1.0 for s in scales]
+    torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_weight_recomputed_by_a_hook_is_not_cut_from_its_stale_copy():
+    """The old torch.nn.utils.weight_norm keeps ``weight`` as a plain attribute that its forward pre-hook
+    recomputes: after load_state_dict it is stale until the next forward, so the layer stays dense. The
+    parametrization-based weight_norm computes the weight when it is read, and is cut as usual."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook-based API is deprecated, and still in use
+        hooked = torch.nn.utils.weight_norm(nn.Linear(16, 16))
+    assert layer_kind(hooked) is None
+    low_rank = nn.Linear(16, 16)
+    with torch.no_grad():
+        low_rank.weight.copy_(torch.randn(16, 2) @ torch.randn(2, 16))  # rank 2: a faithful cut changes nothing
+    parametrized = torch.nn.utils.parametrizations.weight_norm(low_rank)
+    assert layer_kind(parametrized) == "linear"
+    model = nn.Sequential(parametrized, nn.ReLU(), nn.Linear(16, 4))
+    x, dense = torch.randn(3, 16), copy.deepcopy(model)
+    compress(model, LowRankConfig(energy=1.0))
+    assert isinstance(model[0], LowRankLinear)
+    torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-4)
 
 
 def test_falcon_compresses_and_round_trips(tmp_path):

@@ -782,3 +782,21 @@ def test_vit_compresses_with_default_targets_and_still_runs():
     assert compress_model(pixel_values=x).logits.shape == (2, 3)
     w = compress_model.vit.embeddings.patch_embeddings.projection.weight
     assert w.shape == (16, 1, 4, 4)
+
+
+def test_hooks_on_a_replaced_layer_move_with_it_and_their_handles_still_work():
+    """A forward hook or pre-hook acts on the layer's inputs and outputs, which the factorised layer shares: the
+    model must compute what it did, and removing a hook by its handle must still work."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(16, 2) @ torch.randn(2, 16))  # rank 2: an exact cut
+    handle = model[0].register_forward_hook(lambda module, args, out: out * 0.5)
+    model[0].register_forward_pre_hook(lambda module, args: (args[0] + 1.0,))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        dense = model(x)
+        compress(model, LowRankConfig(energy=1.0))
+        assert isinstance(model[0], LowRankLinear)
+        torch.testing.assert_close(model(x), dense, rtol=1e-4, atol=1e-4)
+        handle.remove()
+        assert not model[0]._forward_hooks and len(model[0]._forward_pre_hooks) == 1

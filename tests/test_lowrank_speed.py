@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+from dataclasses import replace
 
 import pytest
 import timm
@@ -238,6 +239,31 @@ class FakeDevice:
     def faster(row) -> bool:
         out, inp, kh, kw = row.shape
         return 2 * row.rank * (inp * kh * kw + out) < out * inp * kh * kw
+
+
+def test_keep_slower_dense_with_whitened_cuts_builds_a_layer_at_several_ranks():
+    """Re-allocating after a layer is kept dense changes the other layers' ranks, so a layer's whitened factors are
+    built at more than one rank; each must come from the same decomposition."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    calibration = [torch.randn(16, 64) for _ in range(2)]
+    slower: list[nn.Module] = []  # the first factorised layer timed
+
+    def first_factorised_is_slower(module: nn.Module, x: torch.Tensor) -> float:
+        if not isinstance(module, LowRankLayer):
+            return 1.0
+        if not slower:
+            slower.append(module)
+        return 2.0 if module is slower[0] else 0.5
+
+    config = LowRankConfig(param_reduction=0.3, keep_slower_dense=True, method="whitened")
+    plain = compress(copy.deepcopy(model), replace(config, keep_slower_dense=False), calibration_data=calibration)
+    compress(model, config, example_inputs=torch.randn(8, 64), layer_timer=first_factorised_is_slower,
+             calibration_data=calibration)
+    report = model.lowrank_report
+    assert len(report.kept_dense_for_speed) == 1 and report.reduction >= 0.3
+    kept = {r.name: r.rank for r in report.factorised}
+    assert kept != {r.name: r.rank for r in plain.lowrank_report.factorised if r.name in kept}  # re-built, other ranks
 
 
 def test_keep_slower_dense_keeps_them_dense_and_still_meets_the_budget():

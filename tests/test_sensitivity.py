@@ -75,6 +75,10 @@ def test_output_deviation_ignores_padding_positions():
     assert output_deviation(reference, scrambled, batch) == (moved, energy)
     np.testing.assert_allclose(moved, 8 * 3 * 0.01)
     np.testing.assert_allclose(energy, float((reference[batch["attention_mask"].bool()] ** 2).sum()))
+    # A classifier's (batch, labels) logits have no token axis, even with as many labels as tokens.
+    logits, moved_logits = torch.zeros(2, 5), torch.zeros(2, 5)
+    moved_logits[0, 3:] = 10.0
+    assert output_deviation(logits, moved_logits, batch) == (200.0, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- on models

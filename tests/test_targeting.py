@@ -44,6 +44,11 @@ def test_patterns(resnet, targets, expected):
 def test_exclude(resnet):
     selected = names(find_layers(resnet, exclude_modules=["downsample", "fc"]))
     assert "fc" not in selected and not any("downsample" in n for n in selected)
+    assert names(find_layers(resnet, exclude_modules=r"stages\.0\..*")) == [
+        n for n in names(find_layers(resnet)) if not n.startswith("stages.0.")
+    ]
+    # an exclude regex that names layers outside the targets is not an error: it matches layers
+    assert names(find_layers(resnet, ["stages.1"], exclude_modules=r"stages\.2\..*")) == names(find_layers(resnet, ["stages.1"]))
 
 
 @pytest.mark.parametrize(
@@ -55,6 +60,8 @@ def test_exclude(resnet):
         ({"target_modules": r"conv"}, r"matches no module name \(it must match the whole name, e\.g\. '\.\*conv\.\*'"),
         ({"target_modules": r"(["}, "is invalid.*Fix the regex, or pass a list of module names"),
         ({"target_modules": ["bn1"]}, r"bn1 \(BatchNorm2d\).*name layers of those types"),
+        # a regex matches whole names: one naming only a container would exclude nothing
+        ({"exclude_modules": r"stages\.0"}, r"matches no Linear, Conv2d or Conv1D layer .*pass a list of names"),
     ],
 )
 def test_bad_patterns_are_errors(resnet, kwargs, phrase):

@@ -123,13 +123,29 @@ def _read_by_parent(model: nn.Module) -> set[str]:
     }
 
 
+# The hooks registered on a module instance (register_forward_hook & co.): they act on its inputs and outputs, which
+# the replacement shares, so they move with the name. (State-dict hooks concern the dense weights, which are gone.)
+_CALL_HOOKS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks",
+)
+
+
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at ``name`` (peft-style), on the old module's device/dtype and in its train/eval mode."""
+    """Put ``new`` at ``name`` (peft-style), on the old module's device/dtype, in its train/eval mode, with its hooks.
+
+    The hooks' own dicts are shared, not copied, so the handles their registration returned still remove them.
+    """
     old = model.get_submodule(name)
     weight = getattr(old, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
         new.to(device=weight.device, dtype=weight.dtype)
     new.train(old.training)
+    for hooks in _CALL_HOOKS:
+        if hasattr(old, hooks):
+            setattr(new, hooks, getattr(old, hooks))
+    if getattr(old, "_is_full_backward_hook", None) is not None:
+        new._is_full_backward_hook = old._is_full_backward_hook
     model.set_submodule(name, new)
 
 

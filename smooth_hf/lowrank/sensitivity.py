@@ -119,13 +119,14 @@ def _primary_output(output: Any) -> Tensor:
 def output_deviation(reference: Tensor, output: Tensor, batch: Any) -> tuple[float, float]:
     """``(sum ||y - y_ref||^2, sum ||y_ref||^2)`` over the batch's real positions, in float64.
 
-    For a ``(batch, tokens, ...)`` output of a batch with an ``attention_mask`` of shape ``(batch, tokens)``,
-    padding positions are left out: nothing downstream reads them.
+    For a ``(batch, tokens, features)`` output of a batch with an ``attention_mask`` of shape ``(batch, tokens)``,
+    padding positions are left out: nothing downstream reads them. A 2-D output (a classifier's ``(batch,
+    labels)`` logits) has no token axis, even when it has as many labels as the batch has tokens.
     """
     diff = (output.double() - reference.double()) ** 2
     energy = reference.double() ** 2
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    if isinstance(mask, Tensor) and reference.dim() >= 2 and tuple(reference.shape[:2]) == tuple(mask.shape):
+    if isinstance(mask, Tensor) and reference.dim() >= 3 and tuple(reference.shape[:2]) == tuple(mask.shape):
         weight = mask.to(device=reference.device, dtype=torch.float64).reshape(*mask.shape, *[1] * (reference.dim() - 2))
         diff, energy = diff * weight, energy * weight
     return float(diff.sum()), float(energy.sum())

@@ -425,7 +425,7 @@ class Whitening:
 
     def factors(self, name: str, rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(up, down)`` of the rank-``rank`` whitened truncation of layer ``name`` (after :meth:`spectrum`)."""
-        u, s, rows = self._decompositions.pop(name)
+        u, s, rows = self._decompositions[name]  # kept: keep_slower_dense may build a layer at several ranks
         return whitened_factors(u, s, rows, rank, dtype)
 
 

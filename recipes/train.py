@@ -1,4 +1,4 @@
-"""Train an image classifier for low-rank compression (smooth_hf), on 1 CPU, N CPU processes or N GPUs.
+r"""Train an image classifier for low-rank compression (smooth_hf), on 1 CPU, N CPU processes or N GPUs.
 
 Copy-paste commands (from the repository root, after `make install`):
 

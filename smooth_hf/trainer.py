@@ -55,6 +55,14 @@ def _mean_loss_classifier(model: nn.Module) -> bool:
     return is_transformers_model(model) and type(model).__name__.endswith(_MEAN_LOSS_HEADS)
 
 
+def _transformed_when_read(dataset: Any) -> bool:
+    """A ``datasets.Dataset`` (or each split of a dict) whose rows go through a ``with_transform`` function."""
+    if isinstance(dataset, dict):
+        return any(_transformed_when_read(d) for d in dataset.values())
+    spec = getattr(dataset, "format", None)
+    return isinstance(spec, dict) and spec.get("type") == "custom"
+
+
 class SmoothTrainer(Trainer):
     """``Trainer`` + smoothness penalties (see :class:`SmoothTrainingArguments`).
 
@@ -68,6 +76,12 @@ class SmoothTrainer(Trainer):
             raise TypeError("SmoothTrainer needs args=SmoothTrainingArguments(...) (a TrainingArguments subclass)")
         if model is None:
             raise ValueError("SmoothTrainer needs a model instance (model_init is not supported)")
+        transformed = [name for name in ("train_dataset", "eval_dataset") if _transformed_when_read(kwargs.get(name))]
+        if transformed and args.remove_unused_columns:
+            # Its columns (e.g. smooth_hf.data's "image", "label") are what the transform turns into the model's
+            # inputs: dropping the ones forward() does not name would leave the transform nothing to read.
+            logger.info("%s built with with_transform: setting remove_unused_columns=False", " and ".join(transformed))
+            args.remove_unused_columns = False
         if not is_transformers_model(model):
             # A timm model's forward takes only the image: keep the columns, and say where the labels are.
             if args.remove_unused_columns:

@@ -355,3 +355,22 @@ def test_channels_last_is_refused_where_torch_computes_it_wrong(tmp_path, caplog
         assert "channels_last is off" in caplog.text and "stages.1.0.downsample.0" in caplog.text
     trainer.train()
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_transformers_model_trains_on_smooth_hf_datasets_transformed_when_read(tmp_path):
+    """The README's transformers snippet: smooth_hf.data's splits turn "image"/"label" into the model's inputs when
+    read, so the Trainer must not drop those columns first (they are not forward()'s argument names)."""
+    from conftest import save_tiny_fmnist
+
+    from smooth_hf.auto import image_input_config
+    from smooth_hf.data import prepare_image_splits
+
+    model = tiny_vit(num_labels=3, image_size=12)
+    data = prepare_image_splits(save_tiny_fmnist(tmp_path / "data"), image_input_config(model))
+    args = SmoothTrainingArguments(output_dir=str(tmp_path / "out"), first_order_coef=1, max_steps=2,
+                                   per_device_train_batch_size=8, report_to=[], use_cpu=True, save_strategy="no")
+    trainer = SmoothTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"],
+                            compute_metrics=accuracy_metrics)
+    assert args.remove_unused_columns is False
+    trainer.train()
+    assert 0.0 <= trainer.evaluate()["eval_accuracy"] <= 1.0

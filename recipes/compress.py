@@ -47,7 +47,14 @@ from transformers import HfArgumentParser, default_data_collator
 
 from smooth_hf.auto import check_num_labels, image_input_config, load_dense
 from smooth_hf.batchnorm import DataFreeRecalibration
-from smooth_hf.data import dataset_card_fields, held_as_tensors, label_names, prepare_image_splits, select_subset
+from smooth_hf.data import (
+    dataset_card_fields,
+    dataset_display_name,
+    held_as_tensors,
+    label_names,
+    prepare_image_splits,
+    select_subset,
+)
 from smooth_hf.evaluation import classification_accuracy
 from smooth_hf.hub import check_save_target, push_to_hub, save_pretrained
 from smooth_hf.lowrank import compress
@@ -171,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
     calibration = batches(args.calibration_samples) if rank_args.method == "whitened" else None
     recorded = {}  # what the card and compression_config.json say the cut was calibrated on
     if calibration is not None:
-        recorded["calibration_dataset"] = f"{data_args.dataset_name} (training split, seeded sample, seed {seed})"
+        shown = dataset_display_name(data_args.dataset_name)  # the card may be pushed: no local path in it
+        recorded["calibration_dataset"] = f"{shown} (training split, seeded sample, seed {seed})"
     targets = {**rank_args.targets(), **recorded}
 
     # Synthetic inputs take the data's image shape: a CIFAR-stem model may be configured for 32x32 and fed 28x28.

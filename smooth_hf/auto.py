@@ -3,6 +3,8 @@
 * ``build_model("resnet18_cifar", num_labels=10, num_channels=1)``: a timm architecture (timm's
   registry, ``timm/...`` or ``hf-hub:...``), pretrained weights when timm has them;
 * ``build_model("path/or/hub-id", ...)``: a transformers checkpoint (``AutoModelFor*``), head resized;
+* ``build_model("runs/smooth", ...)``: a timm checkpoint folder ``save_dense`` wrote (``recipes/train.py``'s
+  output), new head if the classes differ;
 * ``build_model(None, model_type="vit", config_overrides="image_size=28,...")``: a transformers
   architecture from scratch, as in the HF example scripts.
 
@@ -172,13 +174,18 @@ def save_dense(model: nn.Module, directory: str | os.PathLike) -> None:
     save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _is_timm_config(config: dict[str, Any]) -> bool:
+    """timm's config.json (``architecture`` + ``model_args``), as ``save_config_for_hf`` writes it."""
+    return "architecture" in config
+
+
 def _is_timm_folder(path: str) -> bool:
-    """A local folder whose config.json is timm's (``architecture`` + ``model_args``), not transformers'."""
+    """A local folder whose config.json is timm's, not transformers'."""
     try:
-        config = json.loads((Path(path) / "config.json").read_text())
+        config = _read_config(path)
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and "architecture" in config and "model_type" not in config
+    return isinstance(config, dict) and _is_timm_config(config)
 
 
 def _read_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -212,7 +219,7 @@ def build_from_config_dir(
     """
     folder = Path(directory)
     config = _read_config(folder) if config is None else config
-    if "architecture" in config:
+    if _is_timm_config(config):
         from timm.models._hub import load_model_config_from_path
 
         name = config["architecture"]
@@ -246,13 +253,11 @@ def build_from_config_dir(
     )
 
 
-def _check_dense(directory: str | os.PathLike, config: dict[str, Any]) -> None:
+def _check_dense(directory: str | os.PathLike) -> None:
     """Refuse a compressed checkpoint, which a dense load would only fail on with a key mismatch."""
-    from .hf_quantizer import QUANT_METHOD  # here: it imports transformers' quantizer machinery
-    from .lowrank import CONFIG_NAME
+    from .hub import is_compressed_folder  # here: hub builds its models with this module
 
-    section = config.get("quantization_config")
-    if (Path(directory) / CONFIG_NAME).is_file() or (isinstance(section, dict) and section.get("quant_method") == QUANT_METHOD):
+    if is_compressed_folder(directory):
         raise ValueError(
             f"{directory} holds a compressed (low-rank) checkpoint, not a dense one: compress the dense model it came "
             "from (the training run's output folder), or load this one with smooth_hf.from_pretrained."
@@ -262,7 +267,7 @@ def _check_dense(directory: str | os.PathLike, config: dict[str, Any]) -> None:
 def load_dense(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """A dense trained checkpoint written by :func:`save_dense` (or any HF / timm safetensors export)."""
     config = _read_config(directory)
-    _check_dense(directory, config)
+    _check_dense(directory)
     weights = Path(directory) / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing (smooth_hf reads safetensors weights only, never pickle)")

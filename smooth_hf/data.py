@@ -30,6 +30,7 @@ __all__ = [
     "ImageTransform",
     "TensorExamples",
     "dataset_card_fields",
+    "dataset_display_name",
     "dataset_identity",
     "held_as_tensors",
     "image_channels",
@@ -156,12 +157,11 @@ def load_image_classification(
     if eval_split_ratio is None:
         eval_split_ratio = DEFAULT_EVAL_SPLIT_RATIO
     path = Path(dataset_name)
-    if dataset_name in ("fashion_mnist", HUB_ALIASES["fashion_mnist"]) and FASHION_MNIST_DIR.is_dir():
+    if _is_local_folder(dataset_name):
+        saved = (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()  # by save_to_disk
+        data = load_from_disk(str(path)) if saved else load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
+    elif dataset_name in ("fashion_mnist", HUB_ALIASES["fashion_mnist"]) and FASHION_MNIST_DIR.is_dir():
         data = load_fashion_mnist_local(FASHION_MNIST_DIR)
-    elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
-        data = load_from_disk(str(path))
-    elif path.is_dir():
-        data = load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
     else:
         data = load_dataset(HUB_ALIASES.get(dataset_name, dataset_name), dataset_config_name, cache_dir=cache_dir)
     if isinstance(data, Dataset):
@@ -305,12 +305,17 @@ def image_channels(dataset: Dataset) -> int:
     return 3 if array.shape[-1] == 4 else int(array.shape[-1])  # ImageTransform drops a fourth channel
 
 
+def dataset_display_name(dataset_name: str) -> str:
+    """How a card or a saved config names the data: a local folder by its own name (never the user's path)."""
+    return Path(dataset_name).name if Path(dataset_name).exists() else dataset_name
+
+
 def dataset_card_fields(dataset_name: str) -> dict[str, Any]:
     """``ModelCardInfo`` fields that name a dataset: the Hub id (short names resolved, e.g. ``fashion_mnist``
     to ``zalando-datasets/fashion_mnist``) and a readable name. A local folder has no Hub id: the card
     names the folder."""
     if Path(dataset_name).exists():
-        return {"datasets": [], "dataset_pretty_name": Path(dataset_name).name}
+        return {"datasets": [], "dataset_pretty_name": dataset_display_name(dataset_name)}
     hub_id = HUB_ALIASES.get(dataset_name, dataset_name)
     return {"datasets": [hub_id], "dataset_pretty_name": PRETTY_NAMES.get(hub_id)}
 

@@ -53,6 +53,7 @@ __all__ = [
     "PushToHubError",
     "check_compressed",
     "check_save_target",
+    "is_compressed_folder",
     "from_pretrained",
     "push_to_hub",
     "save_pretrained",
@@ -266,8 +267,7 @@ def check_save_target(save_directory: str | os.PathLike) -> Path:
     # A dense checkpoint: weights and the config.json that rebuilds them, and no sign of a compressed model. (Without
     # config.json, e.g. a save of ours caught half way, nothing could load the folder: the next save completes it.)
     has_weights = (target / WEIGHTS_NAME).is_file() or (target / SHARD_INDEX_NAME).is_file()
-    compressed = (target / CONFIG_NAME).is_file() or _written_by_transformers(target)
-    if has_weights and (target / HF_CONFIG_NAME).is_file() and not compressed:
+    if has_weights and (target / HF_CONFIG_NAME).is_file() and not is_compressed_folder(target):
         raise ValueError(
             f"{target} holds a dense checkpoint ({WEIGHTS_NAME} of a model that is not compressed): saving the "
             f"compressed model there would replace its weights. Save it into another folder, e.g. "
@@ -327,12 +327,13 @@ def save_pretrained(
             with ``act_layer=nn.SiLU``). They go into ``config.json`` and rebuild the model on reload.
 
     Returns:
-        The absolute path of the checkpoint folder.
+        The absolute path of the checkpoint folder, symlinks resolved (a link's target folder is written).
 
     Raises:
         ValueError: the model was not compressed (call :func:`smooth_hf.compress` first), the folder holds
-            pickle files that :func:`from_pretrained` would refuse, or a timm constructor argument is not
-            JSON (the message says to pass ``model_args``).
+            pickle files that :func:`from_pretrained` would refuse or a dense checkpoint that the save would
+            replace (:func:`check_save_target`), or a timm constructor argument is not JSON (the message says
+            to pass ``model_args``).
         TypeError: the model is neither timm nor transformers, so its architecture cannot be saved as JSON.
     """
     return _save(model, save_directory, model_card, location=str(save_directory), model_args=model_args)
@@ -396,7 +397,7 @@ def _check_folder(folder: Path, check_pickles: bool = True) -> None:
             "checkpoints, because unpickling can execute arbitrary code. Remove them (the weights smooth_hf reads are "
             f"in {WEIGHTS_NAME}), or re-save the model with smooth_hf.save_pretrained."
         )
-    if CONFIG_NAME not in present and not _written_by_transformers(folder):
+    if not is_compressed_folder(folder):
         if WEIGHTS_NAME in present or HF_CONFIG_NAME in present:
             raise ValueError(
                 f"{folder} has no {CONFIG_NAME}: this is not a smooth_hf compressed checkpoint. A dense checkpoint "
@@ -418,6 +419,11 @@ def _check_folder(folder: Path, check_pickles: bool = True) -> None:
             f"{folder} has no {WEIGHTS_NAME}: the weights are missing (smooth_hf reads safetensors only). Re-save the "
             "model with smooth_hf.save_pretrained, or re-download it (snapshot_download(..., force_download=True))."
         )
+
+
+def is_compressed_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a smooth_hf compressed checkpoint (by its configs; the weights are not read)."""
+    return (Path(folder) / CONFIG_NAME).is_file() or _written_by_transformers(Path(folder))
 
 
 def _written_by_transformers(folder: Path) -> bool:

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .compat import is_hf_conv1d
 
@@ -43,8 +42,6 @@ def layer_kind(module: nn.Module, embeddings: bool = False) -> str | None:
         return "embedding"
     # Subclasses that change the computation (timm's StdConv2d standardises its weight) are not plain
     # x @ W layers: a factorisation of W would change what they compute.
-    if isinstance(module, nn.Linear | nn.Conv2d) and not _weight_is_current(module):
-        return None
     cls = type(module)
     if isinstance(module, nn.Linear) and (cls.forward is nn.Linear.forward or _computes_linear_map(module)):
         return "linear"
@@ -55,13 +52,6 @@ def layer_kind(module: nn.Module, embeddings: bool = False) -> str | None:
     return None
 
 
-def _weight_is_current(module: nn.Module) -> bool:
-    """Whether ``module.weight`` is what the layer computes with: a parameter, or a parametrization (computed when
-    read). The old hook-based ``torch.nn.utils.weight_norm`` keeps a plain attribute that a forward pre-hook
-    recomputes, so between a ``load_state_dict`` and the next forward it is stale."""
-    return "weight" in module._parameters or parametrize.is_parametrized(module, "weight")
-
-
 def is_plain_embedding(module: nn.Module) -> bool:
     """An ``nn.Embedding`` whose forward is a plain row lookup (``max_norm`` rescales rows as it reads them)."""
     return isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward and module.max_norm is None
@@ -70,8 +60,9 @@ def is_plain_embedding(module: nn.Module) -> bool:
 # nn.Linear subclasses that were probed, by (class, has bias, the instance's own attributes): True when the forward
 # computes x @ W.T + b.
 _LINEAR_MAP_CLASSES: dict[tuple[type, bool, tuple], bool] = {}
-# What every nn.Linear holds (module state, in/out features): attributes beyond these are a subclass's own.
-_PLAIN_LINEAR_ATTRIBUTES = frozenset(vars(nn.Linear(1, 1))) | {"_is_hf_initialized"}
+# What every nn.Linear holds (module state, in/out features), and what transformers and accelerate add to any module
+# (accelerate's dispatch hook and the forward it wraps): attributes beyond these are a subclass's own.
+_PLAIN_LINEAR_ATTRIBUTES = frozenset(vars(nn.Linear(1, 1))) | {"_is_hf_initialized", "_hf_hook", "_old_forward", "forward"}
 _PROBE_IN, _PROBE_OUT = 7, 5
 
 
@@ -87,7 +78,8 @@ def _computes_linear_map(module: nn.Linear) -> bool:
     * its class's forward, run on a shallow copy given small random float64 ``weight``/``bias`` (and
       matching ``in_features``/``out_features``) and a random input, returns ``x @ W.T + b`` to float64
       precision. The probe calls ``forward`` directly (no hooks fire), never touches the module's
-      tensors, and runs once per class (with and without bias).
+      tensors, and runs once per class, bias or not and plain attribute values (a ``scale``); an instance
+      holding other attributes is probed on its own.
     """
     weight = module._parameters.get("weight")
     if (
@@ -99,16 +91,22 @@ def _computes_linear_map(module: nn.Linear) -> bool:
     ):
         return False
     # The probe sees the instance's own attributes (a scale, a flag), so instances that differ in them are probed
-    # apart; one whose attributes cannot be hashed is probed alone, never answered from another's probe.
+    # apart. Only plain values go into the cached key (the cache must not keep modules, tensors or bound methods
+    # alive); an instance with any other attribute is probed alone, never answered from another's probe.
     extra = tuple(sorted((k, v) for k, v in vars(module).items() if k not in _PLAIN_LINEAR_ATTRIBUTES))
-    try:
-        key = (type(module), module.bias is not None, extra)
-        hash(key)
-    except TypeError:
+    if not all(_plain_value(v) for _, v in extra):
         return _probe_linear_map(module)
+    key = (type(module), module.bias is not None, extra)
     if key not in _LINEAR_MAP_CLASSES:
         _LINEAR_MAP_CLASSES[key] = _probe_linear_map(module)
     return _LINEAR_MAP_CLASSES[key]
+
+
+def _plain_value(value: object) -> bool:
+    """An immutable value that a cache key can hold without keeping anything else alive."""
+    if isinstance(value, tuple):
+        return all(_plain_value(v) for v in value)
+    return value is None or isinstance(value, bool | int | float | str | torch.dtype)
 
 
 def _probe_linear_map(module: nn.Linear) -> bool:
@@ -199,8 +197,9 @@ def find_layers(
         embeddings: select plain ``nn.Embedding`` layers too (``LowRankConfig.factorise_embeddings``).
 
     Raises:
-        ValueError: a pattern matches no module, or the target patterns select only layers of an
-            unsupported type (the message names them).
+        ValueError: a pattern matches no module, the target patterns select only layers of an
+            unsupported type (the message names them), or an exclude regex excludes no supported layer
+            (a regex matches whole names, not the layers inside a container it names).
     """
     named = [(n, m) for n, m in model.named_modules() if n]
     names = [n for n, _ in named]

@@ -426,17 +426,21 @@ def test_save_caught_half_way_in_a_shared_folder_is_refused_by_both_loaders(tmp_
     assert (target / "vocab.txt").read_text() == "kept"
 
 
-def test_save_over_a_sharded_transformers_checkpoint_removes_its_shards(tmp_path):
+@pytest.mark.parametrize("foreign_file", [False, True], ids=["checkpoint-only folder", "folder with other files"])
+def test_save_over_a_sharded_transformers_checkpoint_removes_its_shards(tmp_path, foreign_file):
     """Stale shards (and their index) of an earlier model.save_pretrained must not outlive a new save."""
     model, inputs = compressed_model("bert")
     target = tmp_path / "ckpt"
     model.save_pretrained(target, max_shard_size="20KB")
+    if foreign_file:
+        (target / "vocab.txt").write_text("kept")
     shards = sorted(p.name for p in target.glob("model-*.safetensors"))
     assert len(shards) > 1 and (target / hub.SHARD_INDEX_NAME).is_file()
     assert torch.equal(logits(from_pretrained(target), inputs), logits(model, inputs))  # sharded folders load
     save_pretrained(model, target)
     assert not list(target.glob("model-*.safetensors")) and not (target / hub.SHARD_INDEX_NAME).exists()
     assert torch.equal(logits(from_pretrained(target), inputs), logits(model, inputs))
+    assert (target / "vocab.txt").is_file() == foreign_file
 
 
 def test_save_refuses_a_folder_holding_a_dense_checkpoint(two_models, tmp_path):

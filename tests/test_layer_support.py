@@ -18,6 +18,7 @@ from smooth_hf import LowRankConfig, compress, count_parameters
 from smooth_hf.batchnorm import DataFreeRecalibration, default_num_samples
 from smooth_hf.lowrank import LowRankLinear
 from smooth_hf.lowrank.diagnosis import unfactorisable_weights
+from smooth_hf.lowrank.report import STATUS_DENSE_HOOKED
 from smooth_hf.targeting import layer_kind
 
 IDS = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(1))
@@ -98,8 +99,9 @@ def test_a_weight_recomputed_by_a_hook_is_not_cut_from_its_stale_copy():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # the hook-based API is deprecated, and still in use
-        hooked = torch.nn.utils.weight_norm(nn.Linear(16, 16))
-    assert layer_kind(hooked) is None
+        hooked = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 16))
+    compress(hooked, LowRankConfig(rank_ratio=0.25))
+    assert hooked.lowrank_report.layers[0].status == STATUS_DENSE_HOOKED and isinstance(hooked[2], LowRankLinear)
     low_rank = nn.Linear(16, 16)
     with torch.no_grad():
         low_rank.weight.copy_(torch.randn(16, 2) @ torch.randn(2, 16))  # rank 2: a faithful cut changes nothing
@@ -110,6 +112,20 @@ def test_a_weight_recomputed_by_a_hook_is_not_cut_from_its_stale_copy():
     compress(model, LowRankConfig(energy=1.0))
     assert isinstance(model[0], LowRankLinear)
     torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_layer_whose_hooks_read_its_sub_modules_stays_dense():
+    """torch.ao's prepare gives a Linear an observer sub-module that its forward hook calls: a factorised layer has
+    none, so the layer stays dense (and the model runs as before)."""
+    import torch.ao.quantization as quantization
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    model[0].qconfig = quantization.default_qconfig
+    quantization.prepare(model, inplace=True)
+    x = torch.randn(3, 16)
+    compress(model, LowRankConfig(rank_ratio=0.25))
+    assert model.lowrank_report.layers[0].status == STATUS_DENSE_HOOKED and isinstance(model[2], LowRankLinear)
+    assert model(x).shape == (3, 16)
 
 
 def test_falcon_compresses_and_round_trips(tmp_path):
@@ -188,3 +204,22 @@ def test_model_args_is_refused_for_transformers_models(tmp_path):
 def test_data_free_repair_batch_is_sized_to_the_input(shape, expected):
     assert default_num_samples(shape) == expected
     assert DataFreeRecalibration().num_samples is None  # sized when the input shape is known
+
+
+def test_the_probe_cache_keeps_no_module_alive():
+    """An instance attribute that is not a plain value (a bound method, as accelerate's dispatch adds, or a tensor)
+    is probed alone and never enters the class-level cache, which would keep the replaced layer alive."""
+    import gc
+    import weakref
+
+    from smooth_hf import targeting
+
+    layer = HandWrittenLinear(16, 16)
+    layer.helper = layer.extra_repr  # a bound method: holds the module
+    assert layer_kind(layer) == "linear"
+    alive = weakref.ref(layer)
+    del layer
+    gc.collect()
+    assert alive() is None and not any(
+        any(not targeting._plain_value(v) for _, v in key[2]) for key in targeting._LINEAR_MAP_CLASSES
+    )

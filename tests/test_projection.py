@@ -71,9 +71,9 @@ def test_projection_plans_with_the_rank_multiple_of_the_later_cut(caplog):
             return ranks, (cut(x) - model(x)).abs().max().item(), caplog.text
 
     ranks, error, warned = cut_error(4, 4)
-    assert all(r % 4 == 0 for r in ranks) and error < 1e-5 and not warned
-    assert cut_error(4, 1)[1:] == (pytest.approx(0, abs=1e-5), "")
-    assert cut_error(1, 1)[1:] == (pytest.approx(0, abs=1e-5), "")
+    assert all(r % 4 == 0 for r in ranks) and error < 1e-5 and not warned  # rounded, and exact: nothing to say
+    assert cut_error(4, 1)[1] < 1e-5
+    assert cut_error(1, 1)[1] < 1e-5
     planned_without, error, warned = cut_error(1, 4)
     assert any(r % 4 for r in planned_without) and error > 1e-3  # what the option prevents
     assert "exactly low rank" in warned and "rank_multiple=1" in warned and "plan_rank_multiple=4" in warned

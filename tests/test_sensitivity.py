@@ -79,6 +79,9 @@ def test_output_deviation_ignores_padding_positions():
     logits, moved_logits = torch.zeros(2, 5), torch.zeros(2, 5)
     moved_logits[0, 3:] = 10.0
     assert output_deviation(logits, moved_logits, batch) == (200.0, 0.0)
+    assert output_deviation(logits, moved_logits, batch, key="logits") == (200.0, 0.0)
+    # A question-answering model's start_logits are per token: their padding positions are left out.
+    assert output_deviation(logits, moved_logits, batch, key="start_logits") == (0.0, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- on models
@@ -131,6 +134,19 @@ def test_measuring_leaves_the_model_as_it_was():
         measure_sensitivity(model, {"a": model.a}, broken, {"a": [1, 4]}, [x])
     assert dict(model.named_children()) == modules
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_layers_hooks_act_on_its_truncated_stand_ins_too():
+    """The dense reference runs with the layer's own hooks, so every truncated measurement must too: at full rank
+    the model's output does not move."""
+    from smooth_hf.lowrank.layers import factorise
+
+    model, x = Weighted(), _inputs()
+    model.a.register_forward_hook(lambda module, args, out: 3 * out + 1)
+    curves = measure_sensitivity(model, {"a": model.a}, lambda name, rank: factorise(model.a, rank), {"a": [16]}, [x])
+    ((rank, loss),) = curves["a"]
+    assert rank == 16 and loss < 1e-10
+    assert len(model.a._forward_hooks) == 1  # the layer keeps its hook
 
 
 def test_curves_are_measured_once_and_serve_every_budget(monkeypatch):

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .guard import GUARD_SUFFIX, is_guard
 
-__all__ = ["LowRankLayer"]
+__all__ = ["LowRankLayer", "move_call_hooks"]
 
 
 class LowRankLayer(nn.Module):
@@ -56,3 +56,23 @@ class LowRankLayer(nn.Module):
     @property
     def bias(self) -> Tensor | None:
         return self.up.bias
+
+
+# The hooks registered on a module instance (register_forward_hook & co.): they act on its inputs and outputs, which a
+# stand-in at its name shares, so they go with the name. (State-dict hooks concern the dense weights, which are gone.)
+_CALL_HOOKS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks",
+)
+
+
+def move_call_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the forward and backward hooks registered on ``old``, which takes its place in a model.
+
+    The hook dicts themselves are shared, not copied, so the handles their registration returned still remove them.
+    """
+    for hooks in _CALL_HOOKS:
+        if hasattr(old, hooks):
+            setattr(new, hooks, getattr(old, hooks))
+    if getattr(old, "_is_full_backward_hook", None) is not None:
+        new._is_full_backward_hook = old._is_full_backward_hook

@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .. import batchnorm as _batchnorm
 from ..batches import model_device
 from ..targeting import find_layers, layer_kind
 from .allocation import allocate_ranks, energy_kept, finalize_rank, max_removable, rank_for_energy, rank_for_ratio
-from .base import LowRankLayer
+from .base import LowRankLayer, move_call_hooks
 from .config import LowRankConfig
 from .cost import ExampleInputs, describe_inputs, macs_per_rank, trace_layers
 from .decomposition import Decomposition, decompose_within
@@ -37,6 +38,7 @@ from .layers import dense_layer_shape, factorise, low_rank_layer_like, weight_ma
 from .report import (
     STATUS_DENSE_EXCLUDED,
     STATUS_DENSE_GROUPED,
+    STATUS_DENSE_HOOKED,
     STATUS_DENSE_NO_GAIN,
     STATUS_DENSE_NOT_RUN,
     STATUS_DENSE_READ_BY_PARENT,
@@ -55,6 +57,7 @@ __all__ = [
     "LayerReport",
     "STATUS_DENSE_EXCLUDED",
     "STATUS_DENSE_GROUPED",
+    "STATUS_DENSE_HOOKED",
     "STATUS_DENSE_NO_GAIN",
     "STATUS_DENSE_NOT_RUN",
     "STATUS_DENSE_READ_BY_PARENT",
@@ -115,6 +118,19 @@ def _tied_weight_ids(model: nn.Module) -> set[int]:
     return {pid for pid, n in counts.items() if n > 1}
 
 
+def _managed_by_hooks(module: nn.Module) -> bool:
+    """Whether the layer's hooks depend on what a factorised layer would not have.
+
+    The old ``torch.nn.utils.weight_norm`` (and ``spectral_norm``, ``prune``) keep ``weight`` as a plain attribute
+    that a forward pre-hook recomputes: between a ``load_state_dict`` and the next forward it is stale, and the hook
+    needs the dense layer's tensors. Sub-modules (a quantization observer, ``activation_post_process``) are read by
+    hooks too. A parametrized weight (``torch.nn.utils.parametrizations``) is computed when read: cut as usual.
+    """
+    parametrized = parametrize.is_parametrized(module, "weight")
+    stale = "weight" not in module._parameters and not parametrized
+    return stale or any(name != "parametrizations" for name in module._modules)
+
+
 def _read_by_parent(model: nn.Module) -> set[str]:
     return {
         f"{name}.out_proj" if name else "out_proj"
@@ -123,29 +139,14 @@ def _read_by_parent(model: nn.Module) -> set[str]:
     }
 
 
-# The hooks registered on a module instance (register_forward_hook & co.): they act on its inputs and outputs, which
-# the replacement shares, so they move with the name. (State-dict hooks concern the dense weights, which are gone.)
-_CALL_HOOKS = (
-    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks",
-)
-
-
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at ``name`` (peft-style), on the old module's device/dtype, in its train/eval mode, with its hooks.
-
-    The hooks' own dicts are shared, not copied, so the handles their registration returned still remove them.
-    """
+    """Put ``new`` at ``name`` (peft-style), on the old module's device/dtype, in its train/eval mode, with its hooks."""
     old = model.get_submodule(name)
     weight = getattr(old, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
         new.to(device=weight.device, dtype=weight.dtype)
     new.train(old.training)
-    for hooks in _CALL_HOOKS:
-        if hasattr(old, hooks):
-            setattr(new, hooks, getattr(old, hooks))
-    if getattr(old, "_is_full_backward_hook", None) is not None:
-        new._is_full_backward_hook = old._is_full_backward_hook
+    move_call_hooks(old, new)
     model.set_submodule(name, new)
 
 
@@ -294,6 +295,8 @@ def _plan(
             status = STATUS_DENSE_TIED
         elif name in read_by_parent:
             status = STATUS_DENSE_READ_BY_PARENT
+        elif _managed_by_hooks(module):
+            status = STATUS_DENSE_HOOKED
         rows[name] = LayerReport(name, kind, shape, full_rank, None, n_params, n_params, 1.0, status or "")
         if status is not None:
             continue
@@ -370,6 +373,8 @@ def _plan(
         row.rank, row.status = rank, STATUS_FACTORISED
         row.params_after = _layer_params(replacements[c.name])
         row.energy_kept = energy_kept(c.spectrum, rank)
+    if whitening is not None:
+        whitening.release()  # every factor is built: the float64 decompositions are not needed any more
     if not replacements:
         blocked = unfactorisable_weights(model, embeddings)
         logger.warning(

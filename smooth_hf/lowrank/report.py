@@ -24,6 +24,7 @@ from .base import LowRankLayer
 __all__ = [
     "STATUS_DENSE_EXCLUDED",
     "STATUS_DENSE_GROUPED",
+    "STATUS_DENSE_HOOKED",
     "STATUS_DENSE_NO_GAIN",
     "STATUS_DENSE_NOT_RUN",
     "STATUS_DENSE_READ_BY_PARENT",
@@ -41,6 +42,7 @@ STATUS_FACTORISED = "factorised"
 STATUS_DENSE_NO_GAIN = "dense: factorising would not remove parameters"
 STATUS_DENSE_GROUPED = "dense: grouped conv"
 STATUS_DENSE_TIED = "dense: tied weight"
+STATUS_DENSE_HOOKED = "dense: hooks manage its weight or read its sub-modules (e.g. the old weight_norm, an observer)"
 STATUS_DENSE_UNRECORDED = "dense (why is not recorded: report rebuilt from the compressed model)"
 STATUS_DENSE_EXCLUDED = "dense: excluded"
 STATUS_DENSE_SLOWER = "dense: factorised was not faster on this device (keep_slower_dense)"

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batches import feed_batch, model_device, modes_kept
+from .base import move_call_hooks
 from .replay import PrefixReplay, no_cache
 
 __all__ = ["RANK_POINTS", "marginal_losses", "measure_sensitivity", "output_deviation", "probe_ranks"]
@@ -100,12 +101,14 @@ def marginal_losses(
     return np.clip(marginals, 0.0, None)
 
 
-def _primary_output(output: Any) -> Tensor:
-    """The tensor a model's output leads with: logits, ``last_hidden_state``, or the output itself."""
+def _primary_output(output: Any) -> tuple[Tensor, str | None]:
+    """The tensor a model's output leads with (logits, ``last_hidden_state``, or the output itself) and its name in
+    the output (``None`` for a tensor or a tuple)."""
     if isinstance(output, Tensor):
-        return output
+        return output, None
+    key = None
     if isinstance(output, Mapping):  # transformers ModelOutput is a Mapping too
-        output = next((v for v in output.values() if isinstance(v, Tensor)), None)
+        key, output = next(((k, v) for k, v in output.items() if isinstance(v, Tensor)), (None, None))
     elif isinstance(output, (tuple, list)):
         output = next((v for v in output if isinstance(v, Tensor)), None)
     if not isinstance(output, Tensor):
@@ -113,20 +116,22 @@ def _primary_output(output: Any) -> Tensor:
             "rank_allocation='sensitivity' measures how far the model's output moves, but the model returned no "
             "tensor: use a model whose forward returns logits or hidden states, or rank_allocation='spectrum'"
         )
-    return output
+    return output, key
 
 
-def output_deviation(reference: Tensor, output: Tensor, batch: Any) -> tuple[float, float]:
+def output_deviation(reference: Tensor, output: Tensor, batch: Any, key: str | None = None) -> tuple[float, float]:
     """``(sum ||y - y_ref||^2, sum ||y_ref||^2)`` over the batch's real positions, in float64.
 
-    For a ``(batch, tokens, features)`` output of a batch with an ``attention_mask`` of shape ``(batch, tokens)``,
-    padding positions are left out: nothing downstream reads them. A 2-D output (a classifier's ``(batch,
-    labels)`` logits) has no token axis, even when it has as many labels as the batch has tokens.
+    For an output with a token axis (``(batch, tokens, ...)``) of a batch with an ``attention_mask`` of shape
+    ``(batch, tokens)``, padding positions are left out: nothing downstream reads them. A 3-D output has one; a
+    2-D one named ``key`` in the model's output has one unless it is ``logits`` (a classifier's ``(batch,
+    labels)``, even with as many labels as tokens), e.g. a question-answering model's ``start_logits``.
     """
     diff = (output.double() - reference.double()) ** 2
     energy = reference.double() ** 2
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    if isinstance(mask, Tensor) and reference.dim() >= 3 and tuple(reference.shape[:2]) == tuple(mask.shape):
+    token_axis = reference.dim() >= 3 or (reference.dim() == 2 and key not in (None, "logits"))
+    if isinstance(mask, Tensor) and token_axis and tuple(reference.shape[:2]) == tuple(mask.shape):
         weight = mask.to(device=reference.device, dtype=torch.float64).reshape(*mask.shape, *[1] * (reference.dim() - 2))
         diff, energy = diff * weight, energy * weight
     return float(diff.sum()), float(energy.sum())
@@ -153,14 +158,15 @@ def measure_sensitivity(
     with modes_kept(model), no_cache(model), torch.no_grad():
         model.eval()
         outputs = replay.record(batches, lambda batch: feed_batch(model, batch, device))
-        references = [_primary_output(output) for output in outputs]
+        references = [_primary_output(output)[0] for output in outputs]
         del outputs
 
         def loss() -> float:
             moved = total = 0.0
             for index, (batch, reference) in enumerate(zip(batches, references, strict=True)):
                 replay.batch = index
-                d, e = output_deviation(reference, _primary_output(feed_batch(model, batch, device)), batch)
+                output, key = _primary_output(feed_batch(model, batch, device))
+                d, e = output_deviation(reference, output, batch, key)
                 moved, total = moved + d, total + e
             return moved / total if total > 0 else moved
 
@@ -169,7 +175,9 @@ def measure_sensitivity(
             with replay.installed(replay.verified(replay.for_layer(name), loss)):
                 try:
                     for rank in ranks[name]:
-                        model.set_submodule(name, truncated(name, rank))
+                        stand_in = truncated(name, rank)
+                        move_call_hooks(module, stand_in)  # the dense reference ran with the layer's own hooks
+                        model.set_submodule(name, stand_in)
                         curve.append((rank, loss()))
                 finally:
                     model.set_submodule(name, module)

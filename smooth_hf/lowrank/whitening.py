@@ -341,8 +341,9 @@ def calibrate(model: nn.Module, config: LowRankConfig, batches: Iterable[Any]) -
 class Whitening:
     """What ``compress`` asks of the whitened method: each layer's spectrum, then its factors at a rank.
 
-    A layer's decomposition is computed once and kept until its factors are built, so the spectrum that
-    allocates the ranks and the factors come from the same SVD.
+    A layer's decomposition is computed once and kept until :meth:`release` (``compress`` calls it once every
+    factor is built; ``keep_slower_dense`` may build a layer at several ranks), so the spectrum that allocates the
+    ranks and the factors come from the same SVD.
     """
 
     def __init__(self, grams: InputGrams, damping: float) -> None:
@@ -425,8 +426,12 @@ class Whitening:
 
     def factors(self, name: str, rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(up, down)`` of the rank-``rank`` whitened truncation of layer ``name`` (after :meth:`spectrum`)."""
-        u, s, rows = self._decompositions[name]  # kept: keep_slower_dense may build a layer at several ranks
+        u, s, rows = self._decompositions[name]
         return whitened_factors(u, s, rows, rank, dtype)
+
+    def release(self) -> None:
+        """Free every layer's decomposition (float64, the size of the dense weights): no factor is built after."""
+        self._decompositions.clear()
 
 
 def output_error(matrix: Tensor, approximation: Tensor, gram: Tensor) -> float:

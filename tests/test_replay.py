@@ -32,7 +32,7 @@ def _brute_force(model, layers, truncated, ranks, batches):
     """The curves with every forward pass run in full: swap, run, compare."""
     model.eval()
     with torch.no_grad():
-        references = [_primary_output(feed_batch(model, b, torch.device("cpu"))) for b in batches]
+        references = [_primary_output(feed_batch(model, b, torch.device("cpu")))[0] for b in batches]
         curves = {}
         for name, module in layers.items():
             curves[name] = []
@@ -40,7 +40,8 @@ def _brute_force(model, layers, truncated, ranks, batches):
                 model.set_submodule(name, truncated(name, rank))
                 moved = total = 0.0
                 for batch, reference in zip(batches, references, strict=True):
-                    d, e = output_deviation(reference, _primary_output(feed_batch(model, batch, torch.device("cpu"))), batch)
+                    output, key = _primary_output(feed_batch(model, batch, torch.device("cpu")))
+                    d, e = output_deviation(reference, output, batch, key)
                     moved, total = moved + d, total + e
                 curves[name].append((rank, moved / total))
             model.set_submodule(name, module)

@@ -254,6 +254,9 @@ def _training_setup(checkpoint: str) -> dict:
         setup["penalty_normalization"] = saved.get("penalty_normalization")
     keys = ("nuclear_norm_param_reduction", "rank_projection_param_reduction", "num_train_epochs", "learning_rate")
     setup.update({k: saved[k] for k in keys if saved.get(k) is not None})
+    if (saved.get("max_steps") or -1) > 0:  # the Trainer stops at max_steps, whatever num_train_epochs says
+        setup.pop("num_train_epochs", None)
+        setup["max_steps"] = saved["max_steps"]
     if any(k in setup for k in keys[:2]) and saved.get("plan_rank_multiple") is not None:  # the planned cut's rounding
         setup["plan_rank_multiple"] = saved["plan_rank_multiple"]
     return setup

@@ -67,6 +67,8 @@ REPORT_NAME = "compression_report.json"
 CARD_NAME = "README.md"
 GENERATION_CONFIG_NAME = "generation_config.json"
 SHARD_INDEX_NAME = "model.safetensors.index.json"  # transformers' sharded save (max_shard_size), read by transformers
+# Files a checkpoint may hold or not: an earlier push's that this one does not write are deleted from the repo.
+STALE_ON_PUSH = [REPORT_NAME, GENERATION_CONFIG_NAME, SHARD_INDEX_NAME, "model-*-of-*.safetensors"]
 OWN_FILES = (WEIGHTS_NAME, HF_CONFIG_NAME, GENERATION_CONFIG_NAME, CONFIG_NAME, REPORT_NAME, CARD_NAME)
 # Extensions of pickle-based checkpoints: loading them can execute arbitrary code, so a folder holding
 # any of them is refused rather than half-trusted.
@@ -665,7 +667,10 @@ def push_to_hub(
             _rewrite_card(model, folder, model_card, repo_url.repo_id)
         try:
             commit = api.upload_folder(
-                repo_id=repo_url.repo_id, folder_path=folder, commit_message=commit_message, revision=revision
+                repo_id=repo_url.repo_id, folder_path=folder, commit_message=commit_message, revision=revision,
+                # What an earlier push may have left that this checkpoint does not have (a report, shards): stale
+                # there, as a local save removes them (files this push uploads are never deleted).
+                delete_patterns=STALE_ON_PUSH,
             )
         except Exception as err:
             raise PushToHubError(

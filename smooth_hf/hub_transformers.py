@@ -80,8 +80,10 @@ def load_checkpoint(folder: Path, config: dict[str, Any], lowrank: LowRankConfig
     elif lowrank is not None and SmoothHfConfig.from_dict(section).ranks != lowrank.ranks:
         raise ValueError(
             f"The ranks in {folder / 'compression_config.json'} differ from the quantization_config in "
-            f"{folder / 'config.json'}: the files come from different saves. Re-save the model with "
-            "smooth_hf.save_pretrained."
+            f"{folder / 'config.json'}: the files come from different saves (e.g. transformers' model.save_pretrained "
+            "or model.push_to_hub over a folder or repo that smooth_hf.save_pretrained / push_to_hub wrote: they "
+            "do not update compression_config.json or the card). Re-save, or push again, with "
+            "smooth_hf.save_pretrained / smooth_hf.push_to_hub; AutoModelFor*.from_pretrained loads config.json's ranks."
         )
     try:
         model, info = cls.from_pretrained(

@@ -103,6 +103,21 @@ PUSH_TO_A_BRANCH = textwrap.dedent(
 )
 
 
+PUSH_WITHOUT_A_REPORT = textwrap.dedent(
+    """
+    import json, sys
+    import smooth_hf
+
+    args = json.loads(sys.argv[1])
+    model = smooth_hf.from_pretrained(args["local"])
+    smooth_hf.push_to_hub(model, args["repo_id"])
+    del model.lowrank_report  # as a model reloaded by an AutoModel class has none: the next push writes no report
+    smooth_hf.push_to_hub(model, args["repo_id"])
+    print("RESULT " + json.dumps({}))
+    """
+)
+
+
 @pytest.fixture(scope="module")
 def fake_hub(tmp_path_factory):
     with FakeHub(tmp_path_factory.mktemp("hub"), token=TOKEN, user=USER) as hub:
@@ -306,3 +321,15 @@ def test_compress_recipe_pushes_what_it_saved(fake_hub, tmp_path):
     local_card, pushed_card = ModelCard((tmp_path / "out" / "README.md").read_text()), ModelCard(files["README.md"].decode())
     assert pushed_card.data.eval_results[0].metric_value == local_card.data.eval_results[0].metric_value
     assert f'smooth_hf.from_pretrained("{repo_id}")' in pushed_card.text
+
+
+def test_a_push_removes_what_an_earlier_push_left_and_this_one_does_not_write(fake_hub, tmp_path):
+    """An earlier push's compression_report.json would describe another model than the weights now there (a local
+    save removes it in the same way)."""
+    model, _ = compressed_model("timm-resnet14_cifar")
+    local = save_pretrained(model, tmp_path / "local")
+    repo_id = f"{USER}/resnet14-pushed-twice"
+    run_client(PUSH_WITHOUT_A_REPORT, {"local": str(local), "repo_id": repo_id}, fake_hub.url, tmp_path)
+    files = fake_hub.files(repo_id)
+    assert "compression_report.json" not in files and {WEIGHTS_NAME, "config.json", CONFIG_NAME, "README.md"} <= set(files)
+

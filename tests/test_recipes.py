@@ -476,3 +476,13 @@ def test_whitening_benchmark_runs_every_part_tiny(tiny_fmnist, tmp_path):
     table = (out / "whitening.md").read_text()
     assert "cosine, sensitivity" in table and "Time to compress" in table and "plain, whitened" in table
     assert (out / "whitening_polarity.png").stat().st_size > 1000 and (out / "whitening_cnn.png").is_file()
+
+
+def test_the_card_shows_max_steps_when_training_stopped_there(tmp_path):
+    """The Trainer stops at max_steps whatever num_train_epochs says: the card must not claim the epochs."""
+    (tmp_path / "training_args.json").write_text(json.dumps({"num_train_epochs": 3.0, "max_steps": 4,
+                                                             "learning_rate": 0.1}))
+    assert compress_recipe._training_setup(str(tmp_path)) == {"max_steps": 4, "learning_rate": 0.1}
+    (tmp_path / "training_args.json").write_text(json.dumps({"num_train_epochs": 3.0, "max_steps": -1}))
+    assert compress_recipe._training_setup(str(tmp_path)) == {"num_train_epochs": 3.0}
+

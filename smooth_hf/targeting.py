@@ -26,7 +26,7 @@ from torch import nn
 
 from .compat import is_hf_conv1d
 
-__all__ = ["PatternSpec", "find_layers", "is_plain_embedding", "is_supported_layer", "layer_kind"]
+__all__ = ["PatternSpec", "find_layers", "is_plain_embedding", "is_supported_layer", "layer_kind", "low_rank_factor_names"]
 
 PatternSpec = str | Sequence[str] | None
 
@@ -179,6 +179,13 @@ def _check_patterns(patterns: PatternSpec, names: list[str], what: str) -> None:
             )
 
 
+def low_rank_factor_names(named: list[tuple[str, nn.Module]]) -> set[str]:
+    """The names, among ``named`` (``model.named_modules()``), of the modules inside low-rank layers: their factors."""
+    from .lowrank.base import LowRankLayer  # here, not at the top: the lowrank package imports this module
+
+    return {f"{n}.{c}" for n, m in named if isinstance(m, LowRankLayer) for c, _ in m.named_modules() if c}
+
+
 def find_layers(
     model: nn.Module,
     target_modules: PatternSpec = None,
@@ -207,11 +214,7 @@ def find_layers(
     _check_patterns(exclude_modules, names, "exclude_modules pattern")
     is_target, is_excluded = _matcher(target_modules), _matcher(exclude_modules)
 
-    # Imported here, not at the top: the lowrank package imports this module.
-    from .lowrank.base import LowRankLayer
-
-    # Layers inside an already low-rank layer are its factors, not new targets.
-    inside_low_rank = {f"{n}.{c}" for n, m in named if isinstance(m, LowRankLayer) for c, _ in m.named_modules() if c}
+    inside_low_rank = low_rank_factor_names(named)  # factors of an already low-rank layer, not new targets
     selected, unsupported = [], []
     for name, module in named:
         if name in inside_low_rank or (is_target is not None and not is_target(name)):

@@ -76,19 +76,17 @@ class SmoothTrainer(Trainer):
             raise TypeError("SmoothTrainer needs args=SmoothTrainingArguments(...) (a TrainingArguments subclass)")
         if model is None:
             raise ValueError("SmoothTrainer needs a model instance (model_init is not supported)")
+        # Keep the dataset's columns when dropping the ones forward() does not name would break the inputs: a timm
+        # model's forward takes only the image, and a dataset transformed when read (smooth_hf.data's) turns its
+        # "image" and "label" columns into the model's inputs.
         transformed = [name for name in ("train_dataset", "eval_dataset") if _transformed_when_read(kwargs.get(name))]
-        if transformed and args.remove_unused_columns:
-            # Its columns (e.g. smooth_hf.data's "image", "label") are what the transform turns into the model's
-            # inputs: dropping the ones forward() does not name would leave the transform nothing to read.
-            logger.info("%s built with with_transform: setting remove_unused_columns=False", " and ".join(transformed))
+        plain_module = not is_transformers_model(model)
+        if args.remove_unused_columns and (plain_module or transformed):
+            why = "Non-transformers model" if plain_module else " and ".join(transformed) + " built with with_transform"
+            logger.info("%s: setting remove_unused_columns=False", why)
             args.remove_unused_columns = False
-        if not is_transformers_model(model):
-            # A timm model's forward takes only the image: keep the columns, and say where the labels are.
-            if args.remove_unused_columns:
-                logger.info("Non-transformers model: setting remove_unused_columns=False")
-                args.remove_unused_columns = False
-            if args.label_names is None:
-                args.label_names = ["labels"]
+        if plain_module and args.label_names is None:  # and say where the labels are
+            args.label_names = ["labels"]
         plans_a_cut = args.rank_projection_param_reduction is not None or args.nuclear_norm_param_reduction is not None
         if plans_a_cut and args.plan_rank_multiple is None:  # resolved now, and so recorded in training_args.json
             args.plan_rank_multiple = default_rank_multiple(args.device)

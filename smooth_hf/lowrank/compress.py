@@ -34,7 +34,7 @@ from .config import LowRankConfig
 from .cost import ExampleInputs, describe_inputs, macs_per_rank, trace_layers
 from .decomposition import Decomposition, decompose_within
 from .diagnosis import budget_advice, describe, unfactorisable_weights
-from .layers import dense_layer_shape, factorise, low_rank_layer_like, weight_matrix
+from .layers import factorise, low_rank_layer_like, weight_matrix
 from .report import (
     STATUS_DENSE_EXCLUDED,
     STATUS_DENSE_GROUPED,
@@ -283,9 +283,6 @@ def _plan(
     cached = 0  # bytes of singular vectors kept
     for name, module in find_layers(model, embeddings=embeddings):
         kind = layer_kind(module, embeddings)
-        shape = dense_layer_shape(module, kind)
-        full_rank = min(shape[0], shape[1] * shape[2] * shape[3])
-        n_params = _layer_params(module)
         status = None
         if name not in targets:
             status = STATUS_DENSE_EXCLUDED
@@ -297,7 +294,8 @@ def _plan(
             status = STATUS_DENSE_READ_BY_PARENT
         elif _managed_by_hooks(module):
             status = STATUS_DENSE_HOOKED
-        rows[name] = LayerReport(name, kind, shape, full_rank, None, n_params, n_params, 1.0, status or "")
+        rows[name] = LayerReport.dense(name, module, kind, status or "")
+        shape = rows[name].shape
         if status is not None:
             continue
         matrix = weight_matrix(module).detach()

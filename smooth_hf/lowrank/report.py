@@ -91,6 +91,16 @@ class LayerReport:
     energy_kept: float
     status: str
 
+    @classmethod
+    def dense(cls, name: str, module: nn.Module, kind: str, status: str) -> LayerReport:
+        """The row of a layer left dense (``kind`` as :func:`smooth_hf.targeting.layer_kind` gives it)."""
+        from .layers import dense_layer_shape  # here: layers imports the package's modules that import this one
+
+        shape = dense_layer_shape(module, kind)
+        n_params = sum(p.numel() for p in module.parameters())
+        return cls(name, kind, shape, min(shape[0], shape[1] * shape[2] * shape[3]), None, n_params, n_params, 1.0,
+                   status)
+
 
 @dataclass
 class CompressionReport:
@@ -170,27 +180,20 @@ class CompressionReport:
         (``STATUS_DENSE_UNRECORDED``), and the energy kept of a factorised one is unknown (NaN): it is a property
         of the dense weights, which are gone.
         """
-        from ..targeting import layer_kind  # here: targeting imports this package
-        from .layers import dense_layer_shape
+        from ..targeting import layer_kind, low_rank_factor_names  # here: targeting imports this package
 
         config = getattr(model, "lowrank_config", None)
         embeddings = bool(getattr(config, "factorise_embeddings", False))
         named = list(model.named_modules())
-        factors = {f"{n}.{c}" for n, m in named if isinstance(m, LowRankLayer) for c, _ in m.named_modules() if c}
+        factors = low_rank_factor_names(named)
         layers, removed = [], 0
         for name, module in named:
             if name in factors:
                 continue
             if not isinstance(module, LowRankLayer):
                 kind = layer_kind(module, embeddings)
-                if kind is None:
-                    continue
-                shape = dense_layer_shape(module, kind)
-                n_params = sum(p.numel() for p in module.parameters())
-                full_rank = min(shape[0], shape[1] * shape[2] * shape[3])
-                layers.append(
-                    LayerReport(name, kind, shape, full_rank, None, n_params, n_params, 1.0, STATUS_DENSE_UNRECORDED)
-                )
+                if kind is not None:
+                    layers.append(LayerReport.dense(name, module, kind, STATUS_DENSE_UNRECORDED))
                 continue
             out, inp, kh, kw = module.dense_shape
             bias = module.up.bias.numel() if module.up.bias is not None else 0

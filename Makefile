@@ -29,6 +29,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check smooth_hf recipes tests benchmarks
+	$(VENV)/bin/lint-imports
 
 bench-overhead: install
 	$(PY) benchmarks/step_overhead.py

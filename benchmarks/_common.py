@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from smooth_hf.core.machine import load_average, machine_info, machine_summary
 
 __all__ = [
     "RESULTS_DIR",
@@ -46,43 +46,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, seed: int = 0, thre
 def apply_threads(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return ""
-
-
-def load_average() -> list[float] | None:
-    """The 1, 5 and 15 minute load averages (how busy the machine is), where the system reports them."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    """The machine and software a result was measured on, and how busy the machine was at the start."""
-    import transformers
-
-    return {
-        "platform": platform.platform(), "cpu": _cpu_model() or platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average_at_start": load_average(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-    }
-
-
-def machine_summary(info: dict[str, Any]) -> str:
-    """:func:`machine_info` on one line, for the Markdown tables."""
-    return (f"{info['cpu']}, {info['cpus']} CPUs, {info['torch_threads']} torch threads, torch {info['torch']}"
-            + (f", {info['cuda']}" if info["cuda"] else "")
-            + f", OMP_WAIT_POLICY={info['omp_wait_policy'] or 'unset'}, load average at start {info['load_average_at_start']}")
 
 
 def run_metadata(script: str, argv: list[str] | None, args: argparse.Namespace) -> dict[str, Any]:

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import json
 import multiprocessing as mp
 import os
-import platform
 import sys
 import time
 import traceback
@@ -31,12 +29,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from smooth_hf.cpu_cores import core_shares, usable_cores
-
-FASHION_MNIST_DIR = Path(os.environ.get("SMOOTH_HF_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+from smooth_hf.core.machine import core_shares, machine_info, usable_cores
+from smooth_hf.data import fashion_mnist_arrays
+from smooth_hf.evaluation import classification_accuracy
 
 
 @dataclass
@@ -78,19 +75,12 @@ class RunSpec:
 
 
 # ---- data ------------------------------------------------------------------------------------------
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3])]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
-
-
 def load_fashion_mnist(mean: float, std: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Fashion-MNIST (smooth_hf.data's reader of the Debian files) as normalised tensors, held in memory."""
     out = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        images = torch.from_numpy(_read_idx(FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz").copy())
-        labels = torch.from_numpy(_read_idx(FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
-        out[split] = (((images.float() / 255.0) - mean) / std).unsqueeze(1), labels
+    for split, (images, labels) in fashion_mnist_arrays().items():
+        pixels = (torch.from_numpy(images.copy()).float() / 255.0 - mean) / std
+        out[split] = pixels.unsqueeze(1), torch.from_numpy(labels)
     return out
 
 
@@ -131,15 +121,10 @@ def build(spec: RunSpec) -> torch.nn.Module:
 
 
 
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> float:
-    device = next(model.parameters()).device
-    model.eval()
-    correct = 0
-    for start in range(0, len(labels), batch):
-        logits = model(images[start : start + batch].to(device))
-        correct += int((logits.argmax(-1).cpu() == labels[start : start + batch]).sum())
-    return correct / len(labels)
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """smooth_hf.evaluation's accuracy, on tensors held in memory."""
+    return classification_accuracy(model, [{"pixel_values": x, "labels": y} for x, y in zip(images, labels, strict=True)],
+                                   batch_size=1000)
 
 
 def normalized_nuclear(model: torch.nn.Module) -> float:
@@ -172,7 +157,7 @@ def save_shards(model: torch.nn.Module, folder: Path, name: str, max_bytes: int 
 
 def layer_spectra(model: torch.nn.Module) -> dict[str, list[float]]:
     """Singular values of every Linear/Conv2d weight (as (out, in*kh*kw)), for offline rank allocations."""
-    from smooth_hf.targeting import find_layers
+    from smooth_hf.lowrank.targeting import find_layers
 
     return {name: torch.linalg.svdvals(m.weight.detach().double().reshape(m.weight.shape[0], -1)).cpu().tolist()
             for name, m in find_layers(model)}
@@ -182,7 +167,7 @@ def run_one(spec: RunSpec, data: dict, work_dir: Path, out_dir: Path) -> dict[st
     from transformers import set_seed
 
     from smooth_hf import LowRankConfig, SmoothTrainer, SmoothTrainingArguments, compress
-    from smooth_hf.sweep import budget_sweep
+    from smooth_hf.evaluation.sweep import budget_sweep
 
     set_seed(spec.seed)
     model = build(spec)
@@ -245,7 +230,7 @@ def _worker(queue, out_path: str, deadline: float, threads: int, work_dir: str, 
 
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("smooth_hf").setLevel(logging.WARNING)
-    from smooth_hf.auto import image_input_config
+    from smooth_hf.data.processors import image_input_config
 
     # The normalisation recipes/train.py applies: the model's timm config, averaged to one channel.
     spec = image_input_config(build(RunSpec(name="probe")))
@@ -275,11 +260,6 @@ def load_grid(name: str) -> list[dict[str, Any]]:
     return json.loads(Path(name).read_text())
 
 
-def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "cpu_count": os.cpu_count()}
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--grid", required=True, help=f"A JSON file with a list of run dicts, or one of {sorted(GRIDS)}.")
@@ -307,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = args.threads or max(1, len(usable_cores()) // args.workers)
     deadline = time.time() + args.deadline if args.deadline else float("inf")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    print(json.dumps({"machine": machine(), "runs": len(grid), "skipped_done": len(done)}), flush=True)
+    print(json.dumps({"machine": machine_info(), "runs": len(grid), "skipped_done": len(done)}), flush=True)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     for item in grid:

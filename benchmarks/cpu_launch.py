@@ -2,7 +2,7 @@
 
 ``accelerate launch`` gives a one-process CPU run a single thread (it sets ``OMP_NUM_THREADS=1`` unless
 ``--num_cpu_threads_per_process`` says otherwise); several processes, one thread each, split the batch and the work
-with gloo DDP. Each launch trains the CNN recipe (``smooth_hf.recommended``, global batch 128: the per-process batch
+with gloo DDP. Each launch trains the CNN recipe (``smooth_hf.training.presets``, global batch 128: the per-process batch
 is divided by the process count) for ``--max_steps`` steps and reports the Trainer's own ``train_runtime``, so start-up
 and data preparation are not counted::
 
@@ -28,8 +28,8 @@ from typing import Any
 
 from _common import RESULTS_DIR, run_metadata, write_json
 
-from smooth_hf.cpu_cores import usable_cores
-from smooth_hf.recommended import CNN_TRAINING, as_flags, cnn_flags
+from smooth_hf.core.machine import usable_cores
+from smooth_hf.training.presets import CNN_TRAINING, as_flags, cnn_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 

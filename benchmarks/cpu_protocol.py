@@ -5,7 +5,7 @@ a fixed 5,000 of the 10,000 test images unless flags change them), with a CIFAR-
 (``resnet14_cifar``, widths 32-64-128: 696k parameters):
 
 1. **train** each variant through ``recipes/train.py`` (``train.run``, what a user runs) with the recommended
-   CNN recipe of :mod:`smooth_hf.recommended` -- the same seed, data order and hyper-parameters for all; only
+   CNN recipe of :mod:`smooth_hf.training.presets` -- the same seed, data order and hyper-parameters for all; only
    the penalty or the rank projection differs:
 
    ==================  ===========================================================================
@@ -27,8 +27,8 @@ a fixed 5,000 of the 10,000 test images unless flags change them), with a CIFAR-
    * ``lowrank_uniform``: the same rank ratio in every layer, ``LowRankConfig(rank_ratio=r)``, with
      ``r`` the largest ratio whose model loses at least ``p`` (an exact search over the ratios where
      some layer's rank changes); the reduction actually reached is reported;
-   * ``magnitude``: global unstructured magnitude pruning (``smooth_hf.pruning.magnitude_prune``);
-   * ``filter_l1``: L1-norm filter pruning (``smooth_hf.pruning.filter_prune``, global ranking by
+   * ``magnitude``: global unstructured magnitude pruning (``_pruning.magnitude_prune``);
+   * ``filter_l1``: L1-norm filter pruning (``_pruning.filter_prune``, global ranking by
      L1 norm / filter size unless ``--filter_scope layer``).
 
    Every method targets the same layers (every Conv2d and Linear, stem and classifier included).
@@ -60,22 +60,21 @@ from typing import Any
 
 import torch
 from _common import machine_info, machine_summary
+from _pruning import FILTER_SCOPES, filter_prune, magnitude_prune  # noqa: E402
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-import train as train_recipe  # noqa: E402  (recipes/train.py: the models are trained as users train them)
-
 from smooth_hf import SmoothTrainingArguments  # noqa: E402
-from smooth_hf.auto import build_model, image_input_config, load_dense  # noqa: E402
-from smooth_hf.batchnorm import DataFreeRecalibration  # noqa: E402
-from smooth_hf.data import TensorExamples, prepare_image_splits, select_subset  # noqa: E402
-from smooth_hf.evaluation import classification_accuracy  # noqa: E402
+from smooth_hf.checkpoint.build import build_model, load_dense
+from smooth_hf.data.images import TensorExamples, prepare_image_splits, select_subset  # noqa: E402
+from smooth_hf.data.processors import image_input_config  # noqa: E402
+from smooth_hf.evaluation.accuracy import classification_accuracy  # noqa: E402
+from smooth_hf.evaluation.sweep import BN_REPAIRS, budget_sweep, plot_sweep, sweep_markdown  # noqa: E402
 from smooth_hf.lowrank import LowRankConfig, compress, count_parameters  # noqa: E402
-from smooth_hf.pruning import FILTER_SCOPES, filter_prune, magnitude_prune  # noqa: E402
-from smooth_hf.recommended import CNN_DATA, CNN_TRAINING, without_steering  # noqa: E402
-from smooth_hf.script_args import ModelArguments, TrainingDataArguments  # noqa: E402
-from smooth_hf.smoothness import SmoothnessPenalty  # noqa: E402
-from smooth_hf.sweep import BN_REPAIRS, budget_sweep, plot_sweep, sweep_markdown  # noqa: E402
+from smooth_hf.lowrank.batchnorm import DataFreeRecalibration  # noqa: E402
+from smooth_hf.scripts import train as train_recipe  # noqa: E402  (recipes/train.py's body: trained as users train)
+from smooth_hf.scripts.args import ModelArguments, TrainingDataArguments  # noqa: E402
+from smooth_hf.training.presets import CNN_DATA, CNN_TRAINING, without_steering  # noqa: E402
+from smooth_hf.training.smoothness import SmoothnessPenalty  # noqa: E402
 
 RECIPE = without_steering(CNN_TRAINING)  # what every variant shares
 SIZED = ("num_train_epochs", "per_device_train_batch_size")  # the recipe's, unless the command line sets them
@@ -96,7 +95,7 @@ METHODS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model_name_or_path", default="resnet14_cifar", help="timm name (see smooth_hf.modeling_resnet_cifar).")
+    p.add_argument("--model_name_or_path", default="resnet14_cifar", help="timm name (see smooth_hf.models.resnet_cifar).")
     p.add_argument("--channels", default="32,64,128", help="Stage widths of the CIFAR ResNet ('' = the model's own).")
     p.add_argument("--dataset_name", default="fashion_mnist", help="Any dataset smooth_hf.data loads.")
     p.add_argument("--max_train_samples", type=int, default=None, help="Training images (default: all 60,000).")
@@ -279,7 +278,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         f"{payload['date']}; {machine_summary(payload['machine'])}. Training through recipes/train.py: "
         f"{payload['data']['train']:,} images, {a['num_train_epochs']:g} epoch(s), batch "
-        f"{a['per_device_train_batch_size']}, the CNN recipe of smooth_hf.recommended "
+        f"{a['per_device_train_batch_size']}, the CNN recipe of smooth_hf.training.presets "
         f"(`{' '.join(f'{k}={v}' for k, v in payload['recipe'].items() if k not in SIZED)}`), seed {a['seed']} "
         "(same for every variant). Accuracy (%) on "
         f"{payload['data']['test']:,} Fashion-MNIST test images. No fine-tuning after compression or pruning. "

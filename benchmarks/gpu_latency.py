@@ -20,19 +20,16 @@ import copy
 import glob
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from cnn_recipe import RunSpec, accuracy, build, load_fashion_mnist  # noqa: E402
 from safetensors.torch import load_file
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cnn_recipe import RunSpec, accuracy, build, load_fashion_mnist  # noqa: E402
-
-from smooth_hf.auto import image_input_config  # noqa: E402
+from smooth_hf.data.processors import image_input_config  # noqa: E402
 from smooth_hf.lowrank import LowRankConfig, compress, count_macs, count_parameters  # noqa: E402
 
 

@@ -6,7 +6,7 @@
 
 Each ``--models`` entry is one trained dense model:
 
-* a folder written by ``smooth_hf.auto.save_dense`` (``config.json`` + ``model.safetensors``, timm or
+* a folder written by ``smooth_hf.checkpoint.dense.save_dense`` (``config.json`` + ``model.safetensors``, timm or
   transformers; what ``recipes/train.py``, ``recipes/smooth_vs_plain.py`` and ``benchmarks/cpu_protocol.py`` save);
 * ``ARCH=GLOB``: the safetensors shards ``benchmarks/cnn_recipe.py --save_weights`` writes, for the timm
   architecture ``ARCH`` built as ``cnn_recipe`` builds it (one input channel, ten classes; ``ARCH:16,32,64=GLOB``
@@ -46,9 +46,10 @@ from _common import add_common_arguments, apply_threads, run_metadata, write_jso
 from torch import nn
 
 import smooth_hf
-from smooth_hf.auto import image_input_config, load_dense
-from smooth_hf.compat import is_transformers_model
-from smooth_hf.evaluation import classification_accuracy, logits_of
+from smooth_hf.checkpoint.build import load_dense
+from smooth_hf.core.libraries import is_transformers_model
+from smooth_hf.data.processors import image_input_config
+from smooth_hf.evaluation.accuracy import classification_accuracy, logits_of
 from smooth_hf.lowrank import LowRankConfig, compress, count_macs, count_parameters
 
 RUNTIMES = ("eager", "compile", "onnx")
@@ -156,7 +157,7 @@ def evaluation_split(args: argparse.Namespace):
     """The raw test split (seeded subset) the image models are scored on, or None."""
     if not args.eval_dataset:
         return None
-    from smooth_hf.data import prepare_image_splits
+    from smooth_hf.data.images import prepare_image_splits
 
     return prepare_image_splits(args.eval_dataset, max_eval_samples=args.max_eval_samples or None, seed=args.seed)
 
@@ -165,7 +166,7 @@ def accuracy(model: nn.Module, raw_splits, is_text: bool) -> float | None:
     """Top-1 accuracy with the images prepared as the training recipes prepare them for this model."""
     if raw_splits is None or is_text:
         return None
-    from smooth_hf.data import prepare_image_splits
+    from smooth_hf.data.images import prepare_image_splits
 
     return classification_accuracy(model, prepare_image_splits(raw_splits, image_input_config(model))["test"])
 

@@ -29,7 +29,7 @@ Three parts, all CPU by default (``torch.set_num_threads``):
    first and second order), normalised as ``SmoothnessPenalty`` does. If the cached direction steers
    as well as the exact gradient, the curves for all ``k`` overlap.
 
-3. **Refresh alternatives**: ``current`` (``smooth_hf.penalties.spectral_direction`` as installed: an
+3. **Refresh alternatives**: ``current`` (``smooth_hf.training.penalties.spectral_direction`` as installed: an
    ``eigh`` of the float64 Gram matrix since commit 6d0bdb2), ``svd64`` (float64 ``torch.linalg.svd``,
    the original implementation and the accuracy reference) and ``svd32``: time per round and accuracy.
 
@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 import smooth_hf  # noqa: F401  (registers resnet18_cifar / resnet14_cifar with timm)
 from smooth_hf import SmoothnessPenalty
-from smooth_hf.penalties import first_order, nuclear_norm, out_in_weight, second_order, spectral_direction
+from smooth_hf.training.penalties import first_order, nuclear_norm, out_in_weight, second_order, spectral_direction
 
 COEFS = {"nuclear_norm_coef": 10.0, "first_order_coef": 1.0, "second_order_coef": 1.0}
 NEVER = 10**12  # nuclear_norm_every that never refreshes after the first call
@@ -99,7 +99,7 @@ def make_optimizer(name: str, params, lr: float | None = None) -> torch.optim.Op
 # refresh alternatives (part 3)
 # ---------------------------------------------------------------------------------------------
 def direction_current(weight: Tensor) -> Tensor:
-    """What ``SmoothnessPenalty`` uses: ``smooth_hf.penalties.spectral_direction`` as installed."""
+    """What ``SmoothnessPenalty`` uses: ``smooth_hf.training.penalties.spectral_direction`` as installed."""
     return spectral_direction(weight)
 
 
@@ -366,7 +366,10 @@ def efficacy_batches(args) -> tuple[list[tuple[Tensor, Tensor]], str]:
     source = args.efficacy_data
     if source == "fashion_mnist":
         try:
-            from smooth_hf.data import FASHION_MNIST_DIR, read_idx  # the idx files load_fashion_mnist_local reads
+            from smooth_hf.data.images import (  # the idx files load_fashion_mnist_local reads
+                FASHION_MNIST_DIR,
+                read_idx,
+            )
 
             all_images = read_idx(FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz")
             all_labels = read_idx(FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz")
@@ -472,7 +475,7 @@ def markdown(result: dict) -> str:
                   "refresh / k) / plain.\n"]
         for name in t["refresh_ms"]:
             suffix = "" if name == "current" else f"_with_{name}"
-            lines += [f"Refresh by **{name}**{' (smooth_hf.penalties.spectral_direction as installed)' if name == 'current' else ''}:\n",
+            lines += [f"Refresh by **{name}**{' (smooth_hf.training.penalties.spectral_direction as installed)' if name == 'current' else ''}:\n",
                       "| k | amortised ms | overhead % (medians) | overhead % paired rounds | from parts % |",
                       "|---|---|---|---|---|"]
             for k, v in t["per_k"].items():

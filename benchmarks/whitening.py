@@ -45,8 +45,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared Pang & Lee / MiniLM helpers
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -65,9 +63,9 @@ from transformers_path import (  # noqa: E402
     train,
 )
 
-from smooth_hf.evaluation import classification_accuracy  # noqa: E402
+from smooth_hf.evaluation.accuracy import classification_accuracy  # noqa: E402
+from smooth_hf.evaluation.sweep import budget_sweep, plot_sweep, sweep_markdown  # noqa: E402
 from smooth_hf.lowrank import LowRankConfig, calibrate, compress, count_parameters  # noqa: E402
-from smooth_hf.sweep import budget_sweep, plot_sweep, sweep_markdown  # noqa: E402
 
 PARTS = ("embed", "polarity", "cnn", "timing")
 # Benchmark label -> the LowRankConfig fields that make the method (sensitivity_samples comes from the command line).
@@ -336,9 +334,10 @@ def cnn_checkpoints(folder: Path) -> dict[str, Path]:
 
 
 def run_cnn(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
-    from smooth_hf.auto import image_input_config, load_dense
-    from smooth_hf.data import ImageTransform, TensorExamples, load_image_classification, select_subset
-    from smooth_hf.evaluation import classification_accuracy
+    from smooth_hf.checkpoint.build import load_dense
+    from smooth_hf.data.images import ImageTransform, TensorExamples, load_image_classification, select_subset
+    from smooth_hf.data.processors import image_input_config
+    from smooth_hf.evaluation.accuracy import classification_accuracy
 
     data = load_image_classification(args.cnn_dataset, seed=args.seed)
     test_split = select_subset(data["test"], args.cnn_eval_samples, args.seed)  # cpu_protocol.py's test images

@@ -5,32 +5,35 @@
 
 Importing smooth_hf also registers the quantization method "smooth_hf" with transformers, so a compressed
 transformers model saves with model.save_pretrained and loads with AutoModelFor*.from_pretrained / pipeline.
+
+The package root only re-exports; the layers below it (docs/architecture.md) import downwards only:
+scripts > hub > checkpoint > integrations > training, evaluation > lowrank > core, data, models.
 """
 
-__version__ = "0.1.0"
-
-from . import modeling_resnet_cifar  # noqa: F401  (registers resnet18_cifar / resnet14_cifar with timm)
-from .batchnorm import DataFreeRecalibration, recalibrate_batchnorm, synthesize_batchnorm_inputs
-from .hf_quantizer import SmoothHfConfig  # registers the "smooth_hf" quantization method with transformers
-from .hub import from_pretrained, push_to_hub, save_pretrained
+from ._version import __version__
+from .checkpoint.card import ModelCardInfo
+from .checkpoint.compressed import save_pretrained
+from .hub import from_pretrained, push_to_hub
+from .integrations.transformers import SmoothHfConfig  # registers the "smooth_hf" quantization method
 from .lowrank import CompressionReport, LowRankConfig, apply_ranks, compress, count_macs, count_parameters
-from .model_card import ModelCardInfo
-from .penalties import first_order, nuclear_norm, second_order
-from .projection import RankProjection
-from .smoothness import SmoothnessPenalty
-from .targeting import find_layers
-from .trainer import SmoothTrainer
-from .training_args import SmoothTrainingArguments
+from .lowrank.batchnorm import DataFreeRecalibration, recalibrate_batchnorm, synthesize_batchnorm_inputs
+from .lowrank.targeting import find_layers
+from .models import resnet_cifar  # noqa: F401  (registers resnet18_cifar / resnet14_cifar with timm)
+from .training.config import SmoothTrainingArguments
+from .training.penalties import first_order, nuclear_norm, second_order
+from .training.projection import RankProjection
+from .training.smoothness import SmoothnessPenalty
+from .training.trainer import SmoothTrainer
 
 __all__ = [
     "CompressionReport",
     "DataFreeRecalibration",
     "LowRankConfig",
     "ModelCardInfo",
+    "RankProjection",
     "SmoothHfConfig",
     "SmoothTrainer",
     "SmoothTrainingArguments",
-    "RankProjection",
     "SmoothnessPenalty",
     "__version__",
     "apply_ranks",

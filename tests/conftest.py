@@ -158,7 +158,7 @@ def tiny_resnet14(**kwargs) -> nn.Module:
     """timm's ``resnet14_cifar`` (registered by smooth_hf), one input channel, 10 classes, in eval mode."""
     import timm
 
-    import smooth_hf.modeling_resnet_cifar  # noqa: F401  (registers resnet14_cifar with timm)
+    import smooth_hf.models.resnet_cifar  # noqa: F401  (registers resnet14_cifar with timm)
 
     torch.manual_seed(0)
     return timm.create_model("resnet14_cifar", **{"in_chans": 1, "num_classes": 10, **kwargs}).eval()

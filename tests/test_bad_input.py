@@ -22,9 +22,9 @@ from test_hub import ERROR_CASES as RELOAD_CASES
 
 import smooth_hf
 from smooth_hf import LowRankConfig, SmoothTrainer, SmoothTrainingArguments, compress
-from smooth_hf.auto import check_num_labels
-from smooth_hf.data import load_image_classification
-from smooth_hf.script_args import DataArguments, resolve_data_arguments
+from smooth_hf.checkpoint.build import check_num_labels
+from smooth_hf.data.images import load_image_classification
+from smooth_hf.scripts.args import DataArguments, resolve_data_arguments
 
 
 def resnet():

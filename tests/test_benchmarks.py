@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import load_benchmark, save_tiny_fmnist, tiny_bert, tiny_resnet14
 
-from smooth_hf.auto import save_dense
+from smooth_hf.checkpoint.dense import save_dense
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""smooth_hf.compat: the one answer to "transformers, timm or plain?" and to "is this HF's Conv1D?"."""
+"""smooth_hf.core.libraries: the one answer to "transformers, timm or plain?" and to "is this HF's Conv1D?"."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from conftest import TinyConvNet, tiny_vit
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from smooth_hf.auto import save_dense
-from smooth_hf.compat import base_library, is_hf_conv1d, is_transformers_model_class
-from smooth_hf.penalties import out_in_weight
-from smooth_hf.targeting import layer_kind
+from smooth_hf.checkpoint.dense import save_dense
+from smooth_hf.core.libraries import base_library, is_hf_conv1d, is_transformers_model_class
+from smooth_hf.lowrank.targeting import layer_kind
+from smooth_hf.training.penalties import out_in_weight
 
 
 class SubclassedConv1D(Conv1D):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from smooth_hf.cpu_cores import core_shares, usable_cores
+from smooth_hf.core.machine import core_shares, usable_cores
 
 
 def test_core_shares_split_the_usable_cores_disjointly(monkeypatch):

@@ -11,7 +11,7 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
-from smooth_hf.data import FASHION_MNIST_LABELS, ImageTransform, load_fashion_mnist_local, read_idx
+from smooth_hf.data.images import FASHION_MNIST_LABELS, ImageTransform, load_fashion_mnist_local, read_idx
 
 MEAN, STD = (0.25,), (0.5,)
 PAD = 4  # ImageTransform.crop_padding default
@@ -165,16 +165,16 @@ def test_local_fashion_mnist_reader_errors_say_what_to_do(tmp_path):
 def test_a_split_ratio_for_a_dataset_with_its_own_test_split_is_said_to_be_unused(tmp_path, caplog):
     from datasets import DatasetDict
 
-    from smooth_hf.data import load_image_classification
+    from smooth_hf.data.images import load_image_classification
 
     images = [np.zeros((4, 4), dtype=np.uint8)] * 6
     split = Dataset.from_dict({"image": images, "label": [0, 1, 2, 0, 1, 2]})
     DatasetDict({"train": split, "test": split.select(range(3))}).save_to_disk(tmp_path / "d")
-    with caplog.at_level("WARNING", logger="smooth_hf.data"):
+    with caplog.at_level("WARNING", logger="smooth_hf.data.images"):
         data = load_image_classification(str(tmp_path / "d"), eval_split_ratio=0.5)
     assert (len(data["train"]), len(data["test"])) == (6, 3)
     assert "has its own test split" in caplog.text and "not used" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="smooth_hf.data"):
+    with caplog.at_level("WARNING", logger="smooth_hf.data.images"):
         load_image_classification(str(tmp_path / "d"))
     assert not caplog.text

@@ -10,6 +10,8 @@ import pytest
 from conftest import load_benchmark
 from test_data import write_idx
 
+import smooth_hf.data.images
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -22,7 +24,7 @@ def test_gpu_latency_times_every_cut_of_saved_weights(tmp_path, monkeypatch):
     for prefix, n in (("train", 8), ("t10k", 16)):
         write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
-    monkeypatch.setattr(recipe, "FASHION_MNIST_DIR", data)
+    monkeypatch.setattr(smooth_hf.data.images, "FASHION_MNIST_DIR", data)
     spec = recipe.RunSpec(name="tiny", model="resnet14_cifar", channels=[8, 16, 16])
     recipe.save_shards(recipe.build(spec), tmp_path, "tiny")  # as cnn_recipe.py --save_weights writes them
 

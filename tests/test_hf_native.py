@@ -39,8 +39,8 @@ from transformers import (
 
 import smooth_hf
 from smooth_hf import LowRankConfig, SmoothHfConfig, compress
-from smooth_hf.hf_quantizer import QUANT_METHOD, SmoothHfQuantizer
-from smooth_hf.hub import CONFIG_NAME, WEIGHTS_NAME
+from smooth_hf.core.files import COMPRESSION_CONFIG_NAME, WEIGHTS_NAME
+from smooth_hf.integrations.transformers import QUANT_METHOD, SmoothHfQuantizer
 from smooth_hf.lowrank import LowRankLinear, apply_ranks
 from smooth_hf.lowrank.guard import guard_keys, is_guard
 
@@ -143,7 +143,7 @@ def test_smooth_hf_and_transformers_write_the_same_checkpoint(gpt2, tmp_path):
     # Each loader reads the other's folder.
     assert torch.equal(run(smooth_hf.from_pretrained(tmp_path / "hf"), "gpt2"), expected)
     assert torch.equal(run(AutoModelForCausalLM.from_pretrained(tmp_path / "smooth"), "gpt2"), expected)
-    assert (tmp_path / "smooth" / CONFIG_NAME).is_file() and not (tmp_path / "hf" / CONFIG_NAME).exists()
+    assert (tmp_path / "smooth" / COMPRESSION_CONFIG_NAME).is_file() and not (tmp_path / "hf" / COMPRESSION_CONFIG_NAME).exists()
 
 
 def test_saving_does_not_edit_the_model(gpt2, tmp_path):
@@ -330,9 +330,9 @@ def test_legacy_folder_without_quantization_config_still_loads(gpt2, tmp_path):
 def test_two_configs_that_disagree_are_an_error(gpt2, tmp_path):
     model, _ = gpt2
     folder = smooth_hf.save_pretrained(model, tmp_path / "s")
-    data = json.loads((folder / CONFIG_NAME).read_text())
+    data = json.loads((folder / COMPRESSION_CONFIG_NAME).read_text())
     data["ranks"]["transformer.h.0.mlp.c_fc"] -= 1
-    (folder / CONFIG_NAME).write_text(json.dumps(data))
+    (folder / COMPRESSION_CONFIG_NAME).write_text(json.dumps(data))
     with pytest.raises(ValueError, match="different saves"):
         smooth_hf.from_pretrained(folder)
 

@@ -22,8 +22,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-import smooth_hf.hub as hub
-from smooth_hf.hub import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_pretrained
+import smooth_hf.checkpoint.compressed as compressed
+import smooth_hf.checkpoint.dense as dense
+import smooth_hf.checkpoint.folders as folders
+from smooth_hf.checkpoint.compressed import save_pretrained
+from smooth_hf.core.files import (
+    COMPRESSION_CONFIG_NAME,
+    PICKLE_SUFFIXES,
+    REPORT_NAME,
+    SHARD_INDEX_NAME,
+    WEIGHTS_NAME,
+)
+from smooth_hf.hub import from_pretrained
 from smooth_hf.lowrank import LowRankConfig, compress
 
 
@@ -46,8 +56,8 @@ def test_round_trip_is_exact(name, tmp_path):
     folder = save_pretrained(model, tmp_path / "ckpt")
 
     assert folder == (tmp_path / "ckpt").resolve()
-    assert {WEIGHTS_NAME, "config.json", CONFIG_NAME, "README.md"} <= set(digest(folder))
-    assert not any(p.suffix in hub.PICKLE_SUFFIXES for p in folder.iterdir())
+    assert {WEIGHTS_NAME, "config.json", COMPRESSION_CONFIG_NAME, "README.md"} <= set(digest(folder))
+    assert not any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir())
 
     loaded = from_pretrained(folder)
     assert type(loaded) is type(model)
@@ -62,7 +72,7 @@ def test_round_trip_is_exact(name, tmp_path):
     # A reloaded model saves the same checkpoint: nothing is lost or re-derived differently on the way. (The
     # weights file is compared tensor by tensor: safetensors writes its metadata map in no fixed order.)
     again = save_pretrained(loaded, tmp_path / "again")
-    for file in (CONFIG_NAME, "config.json", hub.REPORT_NAME):
+    for file in (COMPRESSION_CONFIG_NAME, "config.json", REPORT_NAME):
         assert (again / file).read_bytes() == (folder / file).read_bytes(), file
     first, second = load_file(folder / WEIGHTS_NAME), load_file(again / WEIGHTS_NAME)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
@@ -97,15 +107,15 @@ def test_meta_build_falls_back_when_buffers_are_not_in_the_file(tmp_path, monkey
     """A timm model with a non-persistent buffer cannot come from the meta device: the CPU build is used."""
     model, inputs = compressed_model("timm-resnet14_cifar")
     folder = save_pretrained(model, tmp_path / "r")
-    real, devices = hub._build_base, []
+    real, devices = compressed.build_from_config_dir, []
 
-    def build_with_buffer(folder, hf_config, device):
+    def build_with_buffer(folder, device, hf_config):
         devices.append(device)
-        built = real(folder, hf_config, device)
+        built = real(folder, device, hf_config)
         built.register_buffer("scale", torch.ones(1, device=device), persistent=False)
         return built
 
-    monkeypatch.setattr(hub, "_build_base", build_with_buffer)
+    monkeypatch.setattr(compressed, "build_from_config_dir", build_with_buffer)
     loaded = from_pretrained(folder)
     assert devices == ["meta", "cpu"]
     assert loaded.scale.device.type == "cpu" and torch.equal(loaded.scale, torch.ones(1))
@@ -136,7 +146,7 @@ def _case_empty(f: Path) -> None:
 
 
 def _case_dense(f: Path) -> None:
-    (f / CONFIG_NAME).unlink()
+    (f / COMPRESSION_CONFIG_NAME).unlink()
 
 
 def _case_missing_weights(f: Path) -> None:
@@ -160,19 +170,19 @@ def _case_rank_mismatch(f: Path) -> None:
     def edit(d: dict) -> None:
         d["ranks"]["stages.0.0.conv1"] -= 1
 
-    _edit_json(f / CONFIG_NAME, edit)
+    _edit_json(f / COMPRESSION_CONFIG_NAME, edit)
 
 
 def _case_rank_unknown_module(f: Path) -> None:
-    _edit_json(f / CONFIG_NAME, lambda d: d["ranks"].update({"stages.9.conv": 2}))
+    _edit_json(f / COMPRESSION_CONFIG_NAME, lambda d: d["ranks"].update({"stages.9.conv": 2}))
 
 
 def _case_rank_dropped(f: Path) -> None:
-    _edit_json(f / CONFIG_NAME, lambda d: d["ranks"].pop("fc"))
+    _edit_json(f / COMPRESSION_CONFIG_NAME, lambda d: d["ranks"].pop("fc"))
 
 
 def _case_invalid_compression_json(f: Path) -> None:
-    (f / CONFIG_NAME).write_text("{not json")
+    (f / COMPRESSION_CONFIG_NAME).write_text("{not json")
 
 
 def _case_unknown_timm_architecture(f: Path) -> None:
@@ -320,7 +330,7 @@ def test_failed_save_keeps_previous_checkpoint(two_models, tmp_path, monkeypatch
         Path(filename).write_bytes(b"partial")
         raise OSError("No space left on device (simulated)")
 
-    monkeypatch.setattr(hub, "save_model", half_written)
+    monkeypatch.setattr(dense, "save_model", half_written)
     with pytest.raises(OSError, match="simulated"):
         save_pretrained(model_b, target)
 
@@ -351,7 +361,7 @@ def test_failed_swap_puts_the_old_folder_back(two_models, tmp_path, monkeypatch)
     target = tmp_path / "ckpt"
     save_pretrained(model_a, target)
     before = digest(target)
-    real_rename = hub.os.rename
+    real_rename = folders.os.rename
     calls = []
 
     def rename(src, dst):
@@ -360,7 +370,7 @@ def test_failed_swap_puts_the_old_folder_back(two_models, tmp_path, monkeypatch)
             raise OSError("rename failed (simulated)")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(hub.os, "rename", rename)
+    monkeypatch.setattr(folders.os, "rename", rename)
     with pytest.raises(OSError, match="simulated"):
         save_pretrained(model_b, target)
     monkeypatch.undo()
@@ -375,10 +385,10 @@ def test_successful_overwrite(two_models, tmp_path, foreign_file):
     save_pretrained(model_a, target)
     if foreign_file:
         (target / "notes.txt").write_text("keep me")
-    (target / hub.REPORT_NAME).unlink()  # must come back from the new save
+    (target / REPORT_NAME).unlink()  # must come back from the new save
     save_pretrained(model_b, target)
     assert torch.equal(logits(from_pretrained(target), inputs), logits(model_b, inputs))
-    assert (target / hub.REPORT_NAME).is_file()
+    assert (target / REPORT_NAME).is_file()
     assert ((target / "notes.txt").read_text() == "keep me") if foreign_file else not (target / "notes.txt").exists()
     assert _siblings(target) == []
 
@@ -404,7 +414,7 @@ def test_save_caught_half_way_in_a_shared_folder_is_refused_by_both_loaders(tmp_
     target = tmp_path / "run"
     save_pretrained(model_a, target)
     (target / "vocab.txt").write_text("kept")
-    real_replace, moved = hub.os.replace, []
+    real_replace, moved = folders.os.replace, []
 
     def interrupted(src, dst):
         moved.append(Path(dst).name)
@@ -412,7 +422,7 @@ def test_save_caught_half_way_in_a_shared_folder_is_refused_by_both_loaders(tmp_
             raise KeyboardInterrupt  # e.g. Ctrl-C after the weights were moved in
         return real_replace(src, dst)
 
-    monkeypatch.setattr(hub.os, "replace", interrupted)
+    monkeypatch.setattr(folders.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_pretrained(model_b, target)
     monkeypatch.undo()
@@ -435,17 +445,17 @@ def test_save_over_a_sharded_transformers_checkpoint_removes_its_shards(tmp_path
     if foreign_file:
         (target / "vocab.txt").write_text("kept")
     shards = sorted(p.name for p in target.glob("model-*.safetensors"))
-    assert len(shards) > 1 and (target / hub.SHARD_INDEX_NAME).is_file()
+    assert len(shards) > 1 and (target / SHARD_INDEX_NAME).is_file()
     assert torch.equal(logits(from_pretrained(target), inputs), logits(model, inputs))  # sharded folders load
     save_pretrained(model, target)
-    assert not list(target.glob("model-*.safetensors")) and not (target / hub.SHARD_INDEX_NAME).exists()
+    assert not list(target.glob("model-*.safetensors")) and not (target / SHARD_INDEX_NAME).exists()
     assert torch.equal(logits(from_pretrained(target), inputs), logits(model, inputs))
     assert (target / "vocab.txt").is_file() == foreign_file
 
 
 def test_save_refuses_a_folder_holding_a_dense_checkpoint(two_models, tmp_path):
     """The trained dense model is what a compression starts from: saving the cut over it would lose it."""
-    from smooth_hf.auto import save_dense
+    from smooth_hf.checkpoint.dense import save_dense
 
     model_a, _, _ = two_models
     dense = tmp_path / "run"

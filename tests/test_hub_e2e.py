@@ -24,8 +24,9 @@ from hub_server import FakeHub
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
-from smooth_hf.auto import save_dense
-from smooth_hf.hub import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
+from smooth_hf.checkpoint.compressed import save_pretrained
+from smooth_hf.checkpoint.dense import save_dense
+from smooth_hf.core.files import COMPRESSION_CONFIG_NAME, WEIGHTS_NAME
 
 TOKEN = "hf_fake_token_for_tests"
 USER = "fake-user"
@@ -210,12 +211,12 @@ def test_push_then_download_by_repo_id(fake_hub, tmp_path):
             ".gitattributes",
             WEIGHTS_NAME,
             "config.json",
-            CONFIG_NAME,
+            COMPRESSION_CONFIG_NAME,
             "compression_report.json",
             "README.md",
         }
         local = Path(case["local"])
-        for file in (WEIGHTS_NAME, "config.json", CONFIG_NAME):  # the pushed checkpoint is the saved one
+        for file in (WEIGHTS_NAME, "config.json", COMPRESSION_CONFIG_NAME):  # the pushed checkpoint is the saved one
             assert files[file] == (local / file).read_bytes(), f"{name}: {file} changed on the way"
         readme = files["README.md"].decode()
         assert f'smooth_hf.from_pretrained("{repo_id}")' in readme
@@ -294,7 +295,7 @@ def test_push_to_a_branch_leaves_main_alone(fake_hub, tmp_path):
     assert first == second == f"{fake_hub.url}/{repo_id}/commit/{repo.branches['dev']}"
     assert set(fake_hub.files(repo_id)) == {".gitattributes"}, "the push went to main"
     on_dev = fake_hub.files(repo_id, revision="dev")
-    for file in (WEIGHTS_NAME, "config.json", CONFIG_NAME):
+    for file in (WEIGHTS_NAME, "config.json", COMPRESSION_CONFIG_NAME):
         assert on_dev[file] == (local / file).read_bytes()
     assert torch.equal(load_file(tmp_path / "out.safetensors")["logits"], logits(model, inputs))
     assert "branch" in fake_hub.endpoints_called()
@@ -316,7 +317,7 @@ def test_compress_recipe_pushes_what_it_saved(fake_hub, tmp_path):
     repo = fake_hub.repos[("model", repo_id)]
     assert f"pushed: {fake_hub.url}/{repo_id}/commit/{repo.branches['main']}" in proc.stdout
     files = fake_hub.files(repo_id)
-    for file in (WEIGHTS_NAME, "config.json", CONFIG_NAME):  # what the recipe saved locally is what it pushed
+    for file in (WEIGHTS_NAME, "config.json", COMPRESSION_CONFIG_NAME):  # what the recipe saved locally is what it pushed
         assert files[file] == (tmp_path / "out" / file).read_bytes()
     local_card, pushed_card = ModelCard((tmp_path / "out" / "README.md").read_text()), ModelCard(files["README.md"].decode())
     assert pushed_card.data.eval_results[0].metric_value == local_card.data.eval_results[0].metric_value
@@ -331,5 +332,5 @@ def test_a_push_removes_what_an_earlier_push_left_and_this_one_does_not_write(fa
     repo_id = f"{USER}/resnet14-pushed-twice"
     run_client(PUSH_WITHOUT_A_REPORT, {"local": str(local), "repo_id": repo_id}, fake_hub.url, tmp_path)
     files = fake_hub.files(repo_id)
-    assert "compression_report.json" not in files and {WEIGHTS_NAME, "config.json", CONFIG_NAME, "README.md"} <= set(files)
+    assert "compression_report.json" not in files and {WEIGHTS_NAME, "config.json", COMPRESSION_CONFIG_NAME, "README.md"} <= set(files)
 

@@ -15,11 +15,11 @@ from transformers import AutoModelForCausalLM, FalconConfig, FalconForCausalLM, 
 
 import smooth_hf
 from smooth_hf import LowRankConfig, compress, count_parameters
-from smooth_hf.batchnorm import DataFreeRecalibration, default_num_samples
 from smooth_hf.lowrank import LowRankLinear
+from smooth_hf.lowrank.batchnorm import DataFreeRecalibration, default_num_samples
 from smooth_hf.lowrank.diagnosis import unfactorisable_weights
 from smooth_hf.lowrank.report import STATUS_DENSE_HOOKED
-from smooth_hf.targeting import layer_kind
+from smooth_hf.lowrank.targeting import layer_kind
 
 IDS = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(1))
 
@@ -212,7 +212,7 @@ def test_the_probe_cache_keeps_no_module_alive():
     import gc
     import weakref
 
-    from smooth_hf import targeting
+    from smooth_hf.lowrank import targeting
 
     layer = HandWrittenLinear(16, 16)
     layer.helper = layer.extra_repr  # a bound method: holds the module

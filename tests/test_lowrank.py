@@ -14,15 +14,9 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-import smooth_hf.modeling_resnet_cifar  # noqa: F401  (registers resnet14_cifar with timm)
-from smooth_hf.batchnorm import (
-    DataFreeRecalibration,
-    batchnorm_layers,
-    recalibrate_batchnorm,
-    synthesize_batchnorm_inputs,
-)
+import smooth_hf.models.resnet_cifar  # noqa: F401  (registers resnet14_cifar with timm)
+from smooth_hf.core.files import COMPRESSION_CONFIG_NAME
 from smooth_hf.lowrank import (
-    CONFIG_NAME,
     CompressionReport,
     LayerReport,
     LowRankConfig,
@@ -33,8 +27,14 @@ from smooth_hf.lowrank import (
     compress,
     count_parameters,
 )
-from smooth_hf.lowrank.compress import _replace_module
+from smooth_hf.lowrank.batchnorm import (
+    DataFreeRecalibration,
+    batchnorm_layers,
+    recalibrate_batchnorm,
+    synthesize_batchnorm_inputs,
+)
 from smooth_hf.lowrank.report import STATUS_DENSE_UNRECORDED
+from smooth_hf.lowrank.structure import replace_module
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
@@ -188,7 +188,7 @@ def test_constructor_refuses_what_cannot_be_factorised():
 
 
 def test_low_rank_layers_and_their_factors_are_never_targets():
-    from smooth_hf.targeting import find_layers
+    from smooth_hf.lowrank.targeting import find_layers
 
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     compress(model, LowRankConfig(rank_ratio=0.25, target_modules=["0"]))
@@ -363,7 +363,7 @@ def test_gpt2_full_rank_factorisation_reproduces_logits():
         expected = model(ids).logits
     for name, module in list(model.named_modules()):
         if isinstance(module, Conv1D):
-            _replace_module(model, name, LowRankLinear.from_dense(module, min(module.weight.shape)))
+            replace_module(model, name, LowRankLinear.from_dense(module, min(module.weight.shape)))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
@@ -402,7 +402,7 @@ def test_a_swap_that_fails_half_way_is_undone(monkeypatch):
 
     model = resnet14()
     modules, state = dict(model.named_modules()), copy.deepcopy(model.state_dict())
-    real, calls = compress_module._replace_module, []
+    real, calls = compress_module.replace_module, []
 
     def fail_on_third(model, name, new):
         calls.append(name)
@@ -410,7 +410,7 @@ def test_a_swap_that_fails_half_way_is_undone(monkeypatch):
             raise RuntimeError("simulated failure while moving a layer to its device")
         real(model, name, new)
 
-    monkeypatch.setattr(compress_module, "_replace_module", fail_on_third)
+    monkeypatch.setattr(compress_module, "replace_module", fail_on_third)
     with pytest.raises(RuntimeError, match="simulated"):
         compress(model, LowRankConfig(param_reduction=0.5))
     assert len(calls) == 3 and _untouched(model, modules, state)
@@ -580,7 +580,7 @@ def test_config_json_round_trip(tmp_path):
     compress(model, LowRankConfig(rank_ratio=0.25, target_modules=("0", "1"), rank_multiple=2))
     config = model.lowrank_config
     config.save_pretrained(tmp_path)
-    text = (tmp_path / CONFIG_NAME).read_text()
+    text = (tmp_path / COMPRESSION_CONFIG_NAME).read_text()
     data = json.loads(text)
     assert list(data) == sorted(data) and data["smooth_hf_version"] and data["ranks"] == {"0": 8, "1": 8}
     assert LowRankConfig.from_pretrained(tmp_path) == config
@@ -727,7 +727,7 @@ def test_data_free_shift_is_anchored_on_the_real_statistics():
 
 
 def test_data_free_string_uses_the_default_settings_and_the_models_input_shape(monkeypatch):
-    from smooth_hf import batchnorm
+    from smooth_hf.lowrank import batchnorm
 
     calls = []
 

@@ -13,8 +13,8 @@ from torch import nn
 
 import smooth_hf
 from smooth_hf.lowrank import LowRankConfig, LowRankEmbedding, calibrate, compress, factorise
+from smooth_hf.lowrank.targeting import find_layers
 from smooth_hf.lowrank.whitening import output_error, whitened_decomposition, whitened_factors
-from smooth_hf.targeting import find_layers
 
 WORDS = "bert.embeddings.word_embeddings"
 VOCAB = 400

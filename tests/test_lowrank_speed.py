@@ -14,8 +14,9 @@ import timm
 import torch
 from torch import nn
 
-import smooth_hf.modeling_resnet_cifar  # noqa: F401  (registers resnet14_cifar with timm)
+import smooth_hf.models.resnet_cifar  # noqa: F401  (registers resnet14_cifar with timm)
 from smooth_hf import count_macs
+from smooth_hf.checkpoint.card import render_model_card
 from smooth_hf.lowrank import CompressionReport, LowRankConfig, LowRankLayer, compress
 from smooth_hf.lowrank.cost import LayerCall, trace_layers
 from smooth_hf.lowrank.decomposition import decompose, factors_from
@@ -27,7 +28,6 @@ from smooth_hf.lowrank.timing import (
     onnxruntime_latency,
     random_input,
 )
-from smooth_hf.model_card import render_model_card
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ import torch
 
 import smooth_hf  # noqa: F401  (registers the CIFAR ResNets)
 from smooth_hf import LowRankConfig, compress
-from smooth_hf.memory_format import channels_last_inference
+from smooth_hf.core.memory_format import channels_last_inference
 
 
 def _model(channels=(8, 8, 16)) -> torch.nn.Module:

@@ -8,8 +8,8 @@ import torch
 from conftest import image_dataset, text_dataset, tiny_bert
 from transformers import DataCollatorWithPadding, EvalPrediction
 
-from smooth_hf.evaluation import classification_accuracy
-from smooth_hf.metrics import accuracy, accuracy_metrics
+from smooth_hf.evaluation.accuracy import classification_accuracy
+from smooth_hf.evaluation.metrics import accuracy, accuracy_metrics
 
 
 def test_accuracy_counts_equal_class_ids():

@@ -11,9 +11,9 @@ from conftest import compressed_model, tiny_resnet14
 from huggingface_hub import ModelCard
 from torch import nn
 
-from smooth_hf.hub import save_pretrained
+from smooth_hf.checkpoint.card import ModelCardInfo, render_model_card
+from smooth_hf.checkpoint.compressed import save_pretrained
 from smooth_hf.lowrank import LowRankConfig, compress, count_parameters
-from smooth_hf.model_card import ModelCardInfo, render_model_card
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from smooth_hf.penalties import (
+from smooth_hf.training.penalties import (
     first_order,
     nuclear_norm,
     nuclear_norm_surrogate,
@@ -16,7 +16,7 @@ from smooth_hf.penalties import (
     second_order,
     spectral_direction,
 )
-from smooth_hf.smoothness import SmoothnessPenalty
+from smooth_hf.training.smoothness import SmoothnessPenalty
 
 
 def numpy_reference(w: np.ndarray) -> dict[str, float]:

@@ -10,7 +10,7 @@ from conftest import three_conv_net
 from torch import nn
 
 from smooth_hf import LowRankConfig, SmoothnessPenalty, SmoothTrainer, SmoothTrainingArguments, compress
-from smooth_hf.penalties import spectral_direction
+from smooth_hf.training.penalties import spectral_direction
 
 
 def _two_layers(seed: int = 0, scale: float = 1.0) -> nn.Sequential:

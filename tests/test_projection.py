@@ -10,7 +10,7 @@ import torch
 from conftest import three_conv_net
 
 from smooth_hf import LowRankConfig, RankProjection, SmoothnessPenalty, SmoothTrainer, SmoothTrainingArguments, compress
-from smooth_hf.projection import project_to_rank_, scheduled_reduction
+from smooth_hf.training.projection import project_to_rank_, scheduled_reduction
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,7 +83,7 @@ def test_projection_plans_with_the_rank_multiple_of_the_later_cut(caplog):
 
 def test_projection_decomposes_each_layer_once(monkeypatch):
     import smooth_hf.lowrank.decomposition as decomposition
-    import smooth_hf.projection as projection_module
+    import smooth_hf.training.projection as projection_module
 
     calls = []
     real, real_factors = decomposition.decompose, decomposition.factors_from
@@ -180,9 +180,9 @@ def test_trainer_plans_with_the_devices_rank_multiple_or_the_one_given(tmp_path)
 
 
 def test_on_a_gpu_the_trainer_plans_in_the_multiples_compress_uses_there(tmp_path, monkeypatch):
-    import smooth_hf.trainer
+    import smooth_hf.training.trainer
 
-    monkeypatch.setattr(smooth_hf.trainer, "default_rank_multiple", lambda device: 8)  # what it returns for CUDA
+    monkeypatch.setattr(smooth_hf.training.trainer, "default_rank_multiple", lambda device: 8)  # what it returns for CUDA
     args = SmoothTrainingArguments(
         output_dir=str(tmp_path), rank_projection_param_reduction=0.3, nuclear_norm_coef=1.0,
         nuclear_norm_param_reduction=0.3, report_to=[], use_cpu=True,

@@ -1,4 +1,4 @@
-"""Pruning baselines (smooth_hf.pruning) on tiny models: exact counts, order, whole rows, errors."""
+"""Pruning baselines (benchmarks/_pruning.py) on tiny models: exact counts, order, whole rows, errors."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import math
 
 import pytest
 import torch
+from conftest import load_benchmark
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from smooth_hf.lowrank import count_parameters
-from smooth_hf.pruning import filter_prune, magnitude_prune, sparsity
+
+_pruning = load_benchmark("_pruning")
+filter_prune, magnitude_prune, sparsity = _pruning.filter_prune, _pruning.magnitude_prune, _pruning.sparsity
 
 
 class Net(nn.Module):

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import ast
 import shlex
-import sys
 
 import pytest
 from conftest import ROOT, save_tiny_fmnist
 
 import smooth_hf
-from smooth_hf.recommended import CNN_DATA, CNN_TRAINING
-
-sys.path.insert(0, str(ROOT / "recipes"))
-import compress as compress_recipe  # noqa: E402
-import train as train_recipe  # noqa: E402
+from smooth_hf.scripts import compress as compress_recipe
+from smooth_hf.scripts import train as train_recipe
+from smooth_hf.training.presets import CNN_DATA, CNN_TRAINING
 
 # The smallest widths at which the recipe's 80% rank projection can still be planned.
 TINY_RESNET = ["--model_name_or_path", "resnet14_cifar", "--config_overrides", "channels=[8,16,16],layers=[1,1,1]"]
@@ -23,7 +20,7 @@ TINY_RESNET = ["--model_name_or_path", "resnet14_cifar", "--config_overrides", "
 
 def docstring_commands(name: str) -> list[list[str]]:
     """The commands of a recipe's docstring (continuation lines joined), as argument lists after the script."""
-    text = ast.get_docstring(ast.parse((ROOT / "recipes" / name).read_text()))
+    text = ast.get_docstring(ast.parse((ROOT / "smooth_hf" / "scripts" / name).read_text()))
     commands = []
     for line in text.replace("\\\n", " ").splitlines():
         words = shlex.split(line.strip(), comments=True) if line.strip().startswith(("python ", "accelerate launch ")) else []
@@ -39,7 +36,7 @@ def test_docstring_commands_run_as_written(tmp_path, monkeypatch):
     assert len(train_cmds) == 5 and len(compress_cmds) == 6, "a command was added or removed: update this test"
     resnet, two_processes, gpus, vit, hub_vit = train_cmds
     assert two_processes == gpus == ["...same", "flags..."]  # abbreviations of the first command
-    # The CNN command is the recommended recipe, setting for setting (smooth_hf.recommended is its one source).
+    # The CNN command is the recommended recipe, setting for setting (smooth_hf.training.presets is its one source).
     _, data_args, training_args = train_recipe.parse_args(resnet)
     for key, value in {**CNN_TRAINING, **CNN_DATA}.items():
         parsed = getattr(training_args, key, getattr(data_args, key, None))
@@ -78,7 +75,7 @@ def test_docstring_commands_run_as_written(tmp_path, monkeypatch):
 
 
 def test_main_job_docstring_commands_parse():
-    import smooth_vs_plain
+    from smooth_hf.scripts import smooth_vs_plain
 
     cnn, resnet18 = docstring_commands("smooth_vs_plain.py")
     job, model_args, data_args, training_args = smooth_vs_plain.parse_args(cnn)

@@ -5,26 +5,23 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, load_benchmark, save_tiny_fmnist
+from conftest import load_benchmark, save_tiny_fmnist
 from huggingface_hub import ModelCard
 
 import smooth_hf
-from smooth_hf.auto import image_input_config
-from smooth_hf.data import prepare_image_splits
-from smooth_hf.evaluation import logits_of
-from smooth_hf.recommended import CNN_TRAINING, VIT_TRAINING
-from smooth_hf.script_args import DATA_RECORD_NAME
-
-sys.path.insert(0, str(ROOT / "recipes"))
-import compress as compress_recipe  # noqa: E402
-import smooth_vs_plain  # noqa: E402
-import train as train_recipe  # noqa: E402
+from smooth_hf.data.images import prepare_image_splits
+from smooth_hf.data.processors import image_input_config
+from smooth_hf.evaluation.accuracy import logits_of
+from smooth_hf.scripts import compress as compress_recipe
+from smooth_hf.scripts import smooth_vs_plain
+from smooth_hf.scripts import train as train_recipe
+from smooth_hf.scripts.args import DATA_RECORD_NAME
+from smooth_hf.training.presets import CNN_TRAINING, VIT_TRAINING
 
 TINY_MODEL = ["--model_name_or_path", "resnet14_cifar", "--config_overrides", "channels=[4,8,8],layers=[1,1,1]"]
 EVAL_SAMPLES = 24  # of the 32 test images: a subset, so that which subset matters
@@ -62,7 +59,7 @@ def test_train_learns_and_writes_a_rebuildable_checkpoint_with_its_data(training
     state = json.loads((folder / "trainer_state.json").read_text())
     logged = [e for e in state["log_history"] if "loss" in e]
     assert logged and all("smooth/nuclear_norm" in e and "smooth/first_order" in e for e in logged)
-    model = smooth_hf.auto.load_dense(folder)
+    model = smooth_hf.checkpoint.dense.load_dense(folder)
     assert model.num_classes == 3 and model.in_chans == 1
     record = json.loads((folder / DATA_RECORD_NAME).read_text())
     assert record["dataset_name"] == tiny_fmnist and record["seed"] == SEED
@@ -102,7 +99,7 @@ def test_compress_recipe_rank_ratio_and_energy_rules(trained, tmp_path):
     factorised = by_ratio.lowrank_report.factorised
     assert factorised
     for layer in factorised:
-        weight = smooth_hf.auto.load_dense(folder).get_submodule(layer.name).weight
+        weight = smooth_hf.checkpoint.dense.load_dense(folder).get_submodule(layer.name).weight
         assert layer.rank == math.ceil(0.5 * min(weight.shape[0], weight[0].numel())), layer.name
 
     by_energy = compress_recipe.main(["--model_name_or_path", str(folder), "--energy", "0.9",
@@ -240,7 +237,7 @@ def test_train_recipe_evaluates_and_continues_from_its_own_output_folder(trainin
         "--do_train", "--max_steps", "1", "--report_to", "none", "--use_cpu", "--save_strategy", "no",
     ])
     assert (tmp_path / "more" / "model.safetensors").is_file()
-    head = smooth_hf.auto.build_model(str(folder), num_labels=5)
+    head = smooth_hf.checkpoint.build.build_model(str(folder), num_labels=5)
     assert head.num_classes == 5 and head.get_classifier().out_features == 5
 
 
@@ -366,7 +363,7 @@ def test_train_recipe_trains_a_transformers_vit_from_scratch(tiny_fmnist, tmp_pa
         "--per_device_train_batch_size", "8", "--first_order_coef", "1", "--report_to", "none", "--use_cpu",
         "--save_strategy", "no",
     ])
-    model = smooth_hf.auto.load_dense(out)
+    model = smooth_hf.checkpoint.dense.load_dense(out)
     assert type(model).__name__ == "ViTForImageClassification" and model.config.num_labels == 3
     test = prepare_image_splits(tiny_fmnist, image_input_config(model))["test"][:]
     with torch.no_grad():
@@ -390,7 +387,7 @@ def test_cpu_protocol_benchmark_runs_end_to_end_and_reports_every_column(tiny_fm
     assert {"accuracy", "accuracy_bn_recalibrated", "accuracy_bn_data_free"} <= set(row)
     assert 0.5 <= row["removed"] < 0.52  # at least the budget, overshooting by a rank or two of a tiny model
     table = (results / "cpu_protocol.md").read_text()
-    assert "recommended + BN data-free" in table and "the CNN recipe of smooth_hf.recommended" in table
+    assert "recommended + BN data-free" in table and "the CNN recipe of smooth_hf.training.presets" in table
     assert (results / "cpu_protocol_lowrank_global.png").stat().st_size > 1000
 
 
@@ -450,9 +447,9 @@ def test_whitening_benchmark_runs_every_part_tiny(tiny_fmnist, tmp_path):
     rows = [f'"{1 if i % 2 else -1}","{" ".join(rng.choice(["good", "bad", "film", "the", "plot", "fun"], 5))} . \n"'
             for i in range(40)]
     (cache / "pang_lee" / "polarity-en-pang&lee2.csv").write_text("\ufeff" + "\r\n".join(rows) + "\r\n", encoding="utf-8")
-    model = smooth_hf.auto.build_model("resnet14_cifar", num_labels=3, num_channels=1,
+    model = smooth_hf.checkpoint.build.build_model("resnet14_cifar", num_labels=3, num_channels=1,
                                        config_overrides="channels=[4,8,8],layers=[1,1,1]")
-    smooth_hf.auto.save_dense(model, tmp_path / "cnn" / "plain" / "dense")
+    smooth_hf.checkpoint.dense.save_dense(model, tmp_path / "cnn" / "plain" / "dense")
     out = tmp_path / "results"
     payload = bench.main([
         "--parts", "embed,polarity,cnn,timing", "--output_dir", str(out), "--cache_dir", str(cache),

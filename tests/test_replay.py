@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_bert, tiny_resnet14
 from torch import nn
 
-from smooth_hf.batches import feed_batch
+from smooth_hf.core.batches import feed_batch
 from smooth_hf.lowrank.replay import PrefixReplay, no_cache
 from smooth_hf.lowrank.sensitivity import _primary_output, measure_sensitivity, output_deviation
 

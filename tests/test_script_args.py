@@ -11,9 +11,9 @@ from conftest import save_tiny_fmnist
 from datasets import Dataset, load_from_disk
 from transformers import HfArgumentParser
 
-from smooth_hf.data import dataset_card_fields, prepare_image_splits, select_subset
+from smooth_hf.data.images import dataset_card_fields, prepare_image_splits, select_subset
 from smooth_hf.lowrank import LowRankConfig
-from smooth_hf.script_args import (
+from smooth_hf.scripts.args import (
     DataArguments,
     LowRankArguments,
     TrainingDataArguments,

@@ -12,7 +12,8 @@ from conftest import logits, tiny_bert, tiny_resnet14
 from torch import nn
 
 import smooth_hf
-from smooth_hf.lowrank import CONFIG_NAME, LowRankConfig, calibrate, compress
+from smooth_hf.core.files import COMPRESSION_CONFIG_NAME
+from smooth_hf.lowrank import LowRankConfig, calibrate, compress
 from smooth_hf.lowrank.allocation import allocate_ranks
 from smooth_hf.lowrank.sensitivity import marginal_losses, measure_sensitivity, output_deviation, probe_ranks
 from smooth_hf.lowrank.whitening import collect_input_grams
@@ -214,7 +215,7 @@ def test_saves_reloads_and_says_so_in_the_card(tmp_path):
     x = {"pixel_values": torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(0))}
     compress(model, LowRankConfig(param_reduction=0.5, **SENSITIVE), calibration_data=[x])
     smooth_hf.save_pretrained(model, tmp_path / "m")
-    saved = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
+    saved = json.loads((tmp_path / "m" / COMPRESSION_CONFIG_NAME).read_text())
     assert saved["rank_allocation"] == "sensitivity" and saved["sensitivity_samples"] == 16
     assert "allocated by measured sensitivity" in (tmp_path / "m" / "README.md").read_text()
     reloaded = smooth_hf.from_pretrained(tmp_path / "m")

@@ -7,7 +7,7 @@ import timm
 from conftest import tiny_bert
 from torch import nn
 
-from smooth_hf.targeting import find_layers, layer_kind
+from smooth_hf.lowrank.targeting import find_layers, layer_kind
 
 
 def names(layers):

@@ -17,7 +17,7 @@ from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
 from smooth_hf import SmoothTrainer, SmoothTrainingArguments
-from smooth_hf.evaluation import classification_accuracy
+from smooth_hf.evaluation.accuracy import classification_accuracy
 from smooth_hf.lowrank import LowRankConfig, LowRankLinear, compress, count_parameters
 from smooth_hf.lowrank.compress import STATUS_DENSE_NO_GAIN
 

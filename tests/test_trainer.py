@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from smooth_hf import SmoothTrainer, SmoothTrainingArguments
-from smooth_hf.metrics import accuracy_metrics
-from smooth_hf.trainer import PENALTY_STATE_NAME
+from smooth_hf.evaluation.metrics import accuracy_metrics
+from smooth_hf.training.trainer import PENALTY_STATE_NAME
 
 PENALTIES = {"first_order_coef": 1.0, "second_order_coef": 1.0, "nuclear_norm_coef": 1.0}
 
@@ -131,7 +131,7 @@ def test_penalties_fall_during_training(tmp_path):
         args = make_args(tmp_path, max_steps=30, learning_rate=0.05, logging_steps=30, **coefs)
         trainer = SmoothTrainer(model=model, args=args, train_dataset=image_dataset(n=240))
         trainer.train()
-        from smooth_hf.smoothness import SmoothnessPenalty
+        from smooth_hf.training.smoothness import SmoothnessPenalty
 
         measure = SmoothnessPenalty(trainer.smoothness.layers, first_order_coef=1.0, nuclear_norm_coef=1.0)
         return measure()[1]
@@ -261,7 +261,7 @@ def test_penalty_warmup_ramps_the_coefficients_linearly(tmp_path):
 
 
 def test_cached_direction_is_refreshed_when_the_step_counter_restarts(tiny_conv):
-    from smooth_hf.smoothness import SmoothnessPenalty
+    from smooth_hf.training.smoothness import SmoothnessPenalty
 
     penalty = SmoothnessPenalty.for_model(tiny_conv, nuclear_norm_coef=1.0, nuclear_norm_every=10)
     penalty(step=95)
@@ -272,7 +272,7 @@ def test_cached_direction_is_refreshed_when_the_step_counter_restarts(tiny_conv)
 
 def test_idle_cores_are_named_with_the_launch_flag_that_uses_them(tmp_path, monkeypatch, caplog):
     """`accelerate launch` runs a one-process CPU job with OMP_NUM_THREADS=1: the user is told, not left at half speed."""
-    import smooth_hf.training_args as training_args
+    import smooth_hf.training.config as training_args
 
     monkeypatch.setattr(training_args, "_has_accelerator", lambda: False)
     monkeypatch.setattr(training_args, "usable_cores", lambda: [0, 1, 2, 3])
@@ -281,13 +281,13 @@ def test_idle_cores_are_named_with_the_launch_flag_that_uses_them(tmp_path, monk
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        with caplog.at_level("WARNING", logger="smooth_hf.training_args"):
+        with caplog.at_level("WARNING", logger="smooth_hf.training.config"):
             SmoothTrainingArguments(output_dir=str(tmp_path), use_cpu=True)
         assert "--num_cpu_threads_per_process 4" in caplog.text
         caplog.clear()
         torch.set_num_threads(2)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of two threads on four cores: nothing idle
-        with caplog.at_level("WARNING", logger="smooth_hf.training_args"):
+        with caplog.at_level("WARNING", logger="smooth_hf.training.config"):
             SmoothTrainingArguments(output_dir=str(tmp_path), use_cpu=True)
         assert "num_cpu_threads_per_process" not in caplog.text
     finally:
@@ -329,7 +329,7 @@ def test_channels_last_is_refused_where_torch_computes_it_wrong(tmp_path, caplog
     """torch 2.14's CPU kernels get a strided 1x1 convolution's weight gradient wrong in channels_last when it has
     few input channels (a 4-channel shortcut here): such a layer is refused, any layer whose gradients differ between
     the layouts is found, and training then stays in the usual layout."""
-    from smooth_hf.memory_format import channels_last_mismatches
+    from smooth_hf.core.memory_format import channels_last_mismatches
 
     model = timm.create_model("resnet14_cifar", in_chans=1, num_classes=3, channels=(4, 8, 8), layers=(1, 1, 1))
     broken = channels_last_mismatches(model)
@@ -362,8 +362,8 @@ def test_transformers_model_trains_on_smooth_hf_datasets_transformed_when_read(t
     read, so the Trainer must not drop those columns first (they are not forward()'s argument names)."""
     from conftest import save_tiny_fmnist
 
-    from smooth_hf.auto import image_input_config
-    from smooth_hf.data import prepare_image_splits
+    from smooth_hf.data.images import prepare_image_splits
+    from smooth_hf.data.processors import image_input_config
 
     model = tiny_vit(num_labels=3, image_size=12)
     data = prepare_image_splits(save_tiny_fmnist(tmp_path / "data"), image_input_config(model))

@@ -13,7 +13,8 @@ from conftest import TinyConvNet, logits, tiny_bert, tiny_resnet14, tiny_vit
 from torch import nn
 
 import smooth_hf
-from smooth_hf.lowrank import CONFIG_NAME, LowRankConfig, calibrate, compress
+from smooth_hf.core.files import COMPRESSION_CONFIG_NAME
+from smooth_hf.lowrank import LowRankConfig, calibrate, compress
 from smooth_hf.lowrank.layers import truncated_svd_factors, weight_matrix
 from smooth_hf.lowrank.whitening import (
     collect_input_grams,
@@ -338,7 +339,7 @@ def test_whitened_model_saves_and_reloads_with_equal_logits_and_records_the_cali
     config = LowRankConfig(param_reduction=0.5, method="whitened", calibration_dataset="fashion_mnist train")
     compress(model, config, calibration_data=[{"pixel_values": x}])
     smooth_hf.save_pretrained(model, tmp_path / "whitened")
-    saved = json.loads((tmp_path / "whitened" / CONFIG_NAME).read_text())
+    saved = json.loads((tmp_path / "whitened" / COMPRESSION_CONFIG_NAME).read_text())
     assert saved["method"] == "whitened" and saved["calibration_dataset"] == "fashion_mnist train"
     assert saved["calibration_samples"] == 8
     card = (tmp_path / "whitened" / "README.md").read_text()
@@ -355,7 +356,7 @@ def test_plain_svd_card_keeps_the_weight_energy_wording(tmp_path):
     smooth_hf.save_pretrained(model, tmp_path / "svd")
     card = (tmp_path / "svd" / "README.md").read_text()
     assert "whitened" not in card and "relative Frobenius-norm error of the layer's weight" in card
-    assert json.loads((tmp_path / "svd" / CONFIG_NAME).read_text())["method"] == "svd"
+    assert json.loads((tmp_path / "svd" / COMPRESSION_CONFIG_NAME).read_text())["method"] == "svd"
 
 
 def test_config_without_method_reads_as_plain_svd():
@@ -378,7 +379,7 @@ def test_collect_input_grams_handles_large_unfolds_in_chunks(monkeypatch):
 
 
 def test_budget_sweep_calibrates_once_and_every_budget_is_whitened(monkeypatch):
-    import smooth_hf.sweep as sweep
+    import smooth_hf.evaluation.sweep as sweep
 
     calls = []
     real = sweep.calibrate

@@ -10,15 +10,15 @@ compressed state dict loads strictly. Every low-rank layer is a :class:`LowRankL
 
 from .allocation import allocate_ranks
 from .base import LowRankLayer
-from .compress import apply_ranks, compress
-from .config import CONFIG_NAME, LowRankConfig
+from .compress import compress
+from .config import LowRankConfig
 from .cost import count_macs
 from .layers import LowRankConv2d, LowRankEmbedding, LowRankLinear, factorise, low_rank_layer_like
 from .report import CompressionReport, LayerReport, count_parameters
+from .structure import apply_ranks, check_compressed
 from .whitening import InputGrams, calibrate
 
 __all__ = [
-    "CONFIG_NAME",
     "CompressionReport",
     "InputGrams",
     "LayerReport",
@@ -30,6 +30,7 @@ __all__ = [
     "allocate_ranks",
     "apply_ranks",
     "calibrate",
+    "check_compressed",
     "compress",
     "count_macs",
     "count_parameters",

@@ -5,7 +5,7 @@ every targeted layer, takes its singular values, chooses every rank, builds ever
 only when all of that succeeded does it swap the modules in; a swap that fails half way is undone.
 Any error on the way (NaN weights, an unreachable budget, an SVD failure) leaves the model exactly as
 it was. BatchNorm repair is a separate step that ``compress`` runs after the swap when asked
-(:mod:`smooth_hf.batchnorm`); :func:`smooth_hf.sweep.budget_sweep` composes the same two steps.
+(:mod:`smooth_hf.lowrank.batchnorm`); :func:`smooth_hf.evaluation.sweep.budget_sweep` composes the same two steps.
 
 Parameters are counted as in :func:`~smooth_hf.lowrank.report.count_parameters` (unique, whole model).
 """
@@ -25,16 +25,16 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .. import batchnorm as _batchnorm
-from ..batches import model_device
-from ..targeting import find_layers, layer_kind
+from ..core.batches import model_device
+from ..core.weights import weight_matrix
+from . import batchnorm as _batchnorm
 from .allocation import allocate_ranks, energy_kept, finalize_rank, max_removable, rank_for_energy, rank_for_ratio
-from .base import LowRankLayer, move_call_hooks
+from .base import LowRankLayer
 from .config import LowRankConfig
 from .cost import ExampleInputs, describe_inputs, macs_per_rank, trace_layers
 from .decomposition import Decomposition, decompose_within
 from .diagnosis import budget_advice, describe, unfactorisable_weights
-from .layers import factorise, low_rank_layer_like, weight_matrix
+from .layers import factorise
 from .report import (
     STATUS_DENSE_EXCLUDED,
     STATUS_DENSE_GROUPED,
@@ -49,6 +49,8 @@ from .report import (
     LayerReport,
     count_parameters,
 )
+from .structure import replace_module
+from .targeting import find_layers, layer_kind
 from .timing import LayerTimer, default_rank_multiple, drop_slower_layers, median_latency
 from .whitening import InputGrams, Whitening
 
@@ -64,14 +66,24 @@ __all__ = [
     "STATUS_DENSE_SLOWER",
     "STATUS_DENSE_TIED",
     "STATUS_FACTORISED",
-    "apply_ranks",
     "compress",
+    "register_on_compressed",
     "count_parameters",
 ]
 
 logger = logging.getLogger(__name__)
 
 DATA_FREE = "data_free"
+
+# Called with every model ``compress`` has just cut, so that a library's own save records the low-rank structure:
+# smooth_hf.integrations.transformers registers one for transformers models. The engine imports no integration.
+_ON_COMPRESSED: list[Callable[[nn.Module], None]] = []
+
+
+def register_on_compressed(hook: Callable[[nn.Module], None]) -> None:
+    """Run ``hook(model)`` after every successful :func:`compress` (once per hook, whatever the registrations)."""
+    if hook not in _ON_COMPRESSED:
+        _ON_COMPRESSED.append(hook)
 
 @dataclass
 class _Candidate:
@@ -137,17 +149,6 @@ def _read_by_parent(model: nn.Module) -> set[str]:
         for name, m in model.named_modules()
         if isinstance(m, nn.MultiheadAttention)
     }
-
-
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at ``name`` (peft-style), on the old module's device/dtype, in its train/eval mode, with its hooks."""
-    old = model.get_submodule(name)
-    weight = getattr(old, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
-        new.to(device=weight.device, dtype=weight.dtype)
-    new.train(old.training)
-    move_call_hooks(old, new)
-    model.set_submodule(name, new)
 
 
 def _choose_ranks(
@@ -401,7 +402,7 @@ def _apply(model: nn.Module, plan: _Plan) -> None:
     try:
         for name, new in plan.replacements.items():
             originals[name] = model.get_submodule(name)
-            _replace_module(model, name, new)
+            replace_module(model, name, new)
         params_after = count_parameters(model)
         expected = plan.params_before - sum(r.params_before - r.params_after for r in plan.rows.values())
         if params_after != expected:
@@ -486,14 +487,14 @@ def compress(
         layer_timer: ``(module, input) -> seconds`` used by ``keep_slower_dense`` instead of
             :func:`smooth_hf.lowrank.timing.median_latency`, e.g. to time the runtime you deploy on.
         recalibrate_batchnorm: ``None`` (off), an iterable of training batches, or ``"data_free"``
-            / a :class:`smooth_hf.batchnorm.DataFreeRecalibration`. After the cut, BatchNorm running
-            statistics are re-estimated on the batches (:func:`smooth_hf.batchnorm.recalibrate_batchnorm`),
+            / a :class:`smooth_hf.lowrank.batchnorm.DataFreeRecalibration`. After the cut, BatchNorm running
+            statistics are re-estimated on the batches (:func:`smooth_hf.lowrank.batchnorm.recalibrate_batchnorm`),
             which often recovers much of the accuracy lost to truncation without changing a weight.
             The data-free form needs no data: before the cut, inputs are synthesised from the dense
-            model's own BatchNorm statistics (:func:`smooth_hf.batchnorm.synthesize_batchnorm_inputs`;
+            model's own BatchNorm statistics (:func:`smooth_hf.lowrank.batchnorm.synthesize_batchnorm_inputs`;
             ``"data_free"`` uses the model's configured input shape); after it, each running statistic
             moves by the change the cut made on those inputs
-            (:func:`smooth_hf.batchnorm.shift_batchnorm_statistics`).
+            (:func:`smooth_hf.lowrank.batchnorm.shift_batchnorm_statistics`).
 
     Returns:
         ``model``, with ``model.lowrank_config`` (a copy of ``config`` with ``ranks`` filled, what
@@ -537,9 +538,8 @@ def compress(
     plan = _plan(model, config, example_inputs, layer_timer, whitening)  # the model is untouched until _apply
     repair = _prepare_batchnorm_repair(model, how)  # before the swap: it may read the dense model
     _apply(model, plan)
-    from ..hf_quantizer import attach_quantization_config  # here: it imports this module
-
-    attach_quantization_config(model)  # transformers models: model.save_pretrained now records the ranks
+    for hook in _ON_COMPRESSED:  # e.g. transformers models: model.save_pretrained now records the ranks
+        hook(model)
     if repair is not None:
         # After the cut; the report is already recorded, so a failing batch leaves a consistent compressed model.
         repair(model)
@@ -549,36 +549,3 @@ def compress(
     return model
 
 
-def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
-    """Give ``model`` the structure of a compressed checkpoint, ready for ``load_state_dict(strict=True)``.
-
-    Each named layer becomes an *uninitialised* low-rank layer of the recorded rank
-    (:func:`~smooth_hf.lowrank.layers.low_rank_layer_like`), on the layer's device and dtype (the meta
-    device included, for big-model loading): no SVD is run since the weights are about to be
-    overwritten. Every entry is validated, and every new layer built, before any layer is replaced.
-
-    Raises:
-        ValueError: a name is missing or not a Linear/Conv2d/Conv1D layer (or a grouped conv), or a
-            rank is not in ``[1, full rank]``.
-    """
-    plan = {}
-    for name, rank in ranks.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(
-                f"apply_ranks: no module named {name!r} in {type(model).__name__}: the ranks must come from a "
-                "compression of this same architecture (its compression_config.json)"
-            ) from None
-        if layer_kind(module, embeddings=True) is None:
-            raise ValueError(
-                f"apply_ranks: {name!r} is a {type(module).__name__}, not a dense Linear, Conv2d, Conv1D or Embedding layer"
-                f"{'; it is already low-rank: apply ranks to a freshly built dense model' if isinstance(module, LowRankLayer) else ''}"
-            )
-        try:
-            plan[name] = low_rank_layer_like(module, rank)
-        except ValueError as err:
-            raise ValueError(f"apply_ranks: {name!r}: {err}") from None
-    for name, new in plan.items():
-        _replace_module(model, name, new)
-    return model

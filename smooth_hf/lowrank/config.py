@@ -15,29 +15,20 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["CONFIG_NAME", "LowRankConfig", "check_count"]
+from .._version import __version__
+from ..core.files import COMPRESSION_CONFIG_NAME
+from ..core.validation import check_count
 
-CONFIG_NAME = "compression_config.json"
+__all__ = ["LowRankConfig"]
+
 _VERSION_KEY = "smooth_hf_version"
 _RULES = ("param_reduction", "macs_reduction", "rank_ratio", "energy")
 METHODS = ("svd", "whitened")
 ALLOCATIONS = ("spectrum", "sensitivity")
 
 
-def _library_version() -> str:
-    import smooth_hf
-
-    return getattr(smooth_hf, "__version__", "0.1.0")
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_count(value: object, name: str) -> None:
-    """``value`` (the option called ``name``: ``min_rank``, ``rank_multiple``) is an integer >= 1, or a clear error."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}; 1 means no constraint.")
 
 
 @dataclass
@@ -292,20 +283,20 @@ class LowRankConfig:
 
     def to_json_string(self) -> str:
         data = self.to_dict()
-        data[_VERSION_KEY] = _library_version()
+        data[_VERSION_KEY] = __version__
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+        with open(os.path.join(save_directory, COMPRESSION_CONFIG_NAME), "w", encoding="utf-8") as f:
             f.write(self.to_json_string())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> LowRankConfig:
-        path = os.path.join(directory, CONFIG_NAME)
+        path = os.path.join(directory, COMPRESSION_CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"No {CONFIG_NAME} in {os.fspath(directory)!r}: pass the folder that smooth_hf.save_pretrained wrote "
+                f"No {COMPRESSION_CONFIG_NAME} in {os.fspath(directory)!r}: pass the folder that smooth_hf.save_pretrained wrote "
                 "for a compressed model (a dense checkpoint has no compression config)."
             )
         with open(path, encoding="utf-8") as f:

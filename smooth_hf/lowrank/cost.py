@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..compat import is_hf_conv1d
+from ..core.libraries import is_hf_conv1d
 
 __all__ = ["ExampleInputs", "LayerCall", "count_macs", "describe_inputs", "macs_per_rank", "run_model", "trace_layers"]
 

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from ..targeting import is_plain_embedding, layer_kind
 from .base import LowRankLayer
+from .targeting import is_plain_embedding, layer_kind
 
 __all__ = ["budget_advice", "describe", "unfactorisable_weights"]
 

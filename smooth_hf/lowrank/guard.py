@@ -4,7 +4,7 @@ A loader that does not know the low-rank structure (transformers without ``impor
 builds the dense layer and looks for ``<layer>.weight``. Finding a one-byte tensor there, it stops
 with a size-mismatch error instead of initialising the layer at random. Loaders that know the
 structure skip it (:class:`smooth_hf.lowrank.layers.LowRankLinear` / ``LowRankConv2d`` in
-``load_state_dict``, :mod:`smooth_hf.hf_quantizer` in ``from_pretrained``). This module imports
+``load_state_dict``, :mod:`smooth_hf.integrations.transformers` in ``from_pretrained``). This module imports
 nothing of the package, so every other module can use it.
 """
 

@@ -8,7 +8,7 @@ them well conditioned for half-precision inference or later fine-tuning. The fac
 ``up.weight``, ``up.bias``) that any loader understands. An embedding table (``vocab x dim``) is the linear map
 from one-hot tokens, ``W = E^T`` (``dim x vocab``): a lookup into ``rank`` columns, then a Linear to ``dim``.
 Every low-rank layer subclasses
-:class:`~smooth_hf.lowrank.base.LowRankLayer`, which tells :mod:`smooth_hf.targeting` never to
+:class:`~smooth_hf.lowrank.base.LowRankLayer`, which tells :mod:`smooth_hf.lowrank.targeting` never to
 penalise or factorise them again.
 
 Every low-rank layer is built by one constructor, :func:`low_rank_layer_like` (the geometry of a
@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from ..penalties import out_in_weight
-from ..targeting import is_plain_embedding, layer_kind
+from ..core.weights import out_in_weight, singular_values, weight_matrix
 from .base import LowRankLayer
 from .decomposition import Decomposition, factors_from
+from .targeting import is_plain_embedding, layer_kind
 
 __all__ = [
     "LowRankConv2d",
@@ -41,31 +41,12 @@ __all__ = [
 ]
 
 
-def weight_matrix(module: nn.Module) -> Tensor:
-    """The weight of a Linear / HF Conv1D / Conv2d as the ``(out, in*kh*kw)`` matrix whose SVD is taken (of an
-    embedding, ``(dim, vocab)``: the map from one-hot tokens)."""
-    if isinstance(module, nn.Embedding):
-        return module.weight.t()
-    weight = out_in_weight(module)
-    return weight.reshape(weight.shape[0], -1)
-
-
 def dense_layer_shape(module: nn.Module, kind: str) -> tuple[int, int, int, int]:
     """``(out, in, kh, kw)`` of a supported dense layer of ``kind`` (``layer_kind``); ``kh = kw = 1`` but for convs."""
     if kind == "conv2d":
         return tuple(out_in_weight(module).shape)  # type: ignore[return-value]
     weight = weight_matrix(module)
     return (weight.shape[0], weight.shape[1], 1, 1)
-
-
-def singular_values(matrix: Tensor) -> Tensor:
-    """Singular values of a 2-D ``matrix``, descending, in float64 (LAPACK's ``svdvals``, exact to the smallest).
-
-    Taken of the tall orientation: LAPACK is several times slower on wide matrices, and conv weights
-    (``out x in*kh*kw``) are wide.
-    """
-    matrix = matrix.detach().double()
-    return torch.linalg.svdvals(matrix if matrix.shape[0] >= matrix.shape[1] else matrix.t())
 
 
 def truncated_svd_factors(matrix: Tensor, rank: int, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:

@@ -93,7 +93,7 @@ class LayerReport:
 
     @classmethod
     def dense(cls, name: str, module: nn.Module, kind: str, status: str) -> LayerReport:
-        """The row of a layer left dense (``kind`` as :func:`smooth_hf.targeting.layer_kind` gives it)."""
+        """The row of a layer left dense (``kind`` as :func:`smooth_hf.lowrank.targeting.layer_kind` gives it)."""
         from .layers import dense_layer_shape  # here: layers imports the package's modules that import this one
 
         shape = dense_layer_shape(module, kind)
@@ -180,7 +180,7 @@ class CompressionReport:
         (``STATUS_DENSE_UNRECORDED``), and the energy kept of a factorised one is unknown (NaN): it is a property
         of the dense weights, which are gone.
         """
-        from ..targeting import layer_kind, low_rank_factor_names  # here: targeting imports this package
+        from .targeting import layer_kind, low_rank_factor_names  # here: targeting imports this package
 
         config = getattr(model, "lowrank_config", None)
         embeddings = bool(getattr(config, "factorise_embeddings", False))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..batches import feed_batch, model_device, modes_kept
+from ..core.batches import feed_batch, model_device, modes_kept
 from .base import move_call_hooks
 from .replay import PrefixReplay, no_cache
 

@@ -48,10 +48,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..batches import batch_size, feed_batch, model_device, modes_kept
-from ..targeting import find_layers, layer_kind
+from ..core.batches import batch_size, feed_batch, model_device, modes_kept
 from .layers import factorise
 from .sensitivity import marginal_losses, measure_sensitivity, probe_ranks
+from .targeting import find_layers, layer_kind
 
 if TYPE_CHECKING:
     from .config import LowRankConfig

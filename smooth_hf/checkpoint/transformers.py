@@ -4,7 +4,7 @@
 models, so a folder they write is byte for byte what ``model.save_pretrained`` writes (plus the
 smooth_hf files: ``compression_config.json``, ``compression_report.json``, the card), and a folder
 written by ``model.save_pretrained`` loads with either. The low-rank structure travels in
-``config.json``'s ``quantization_config`` (:mod:`smooth_hf.hf_quantizer`).
+``config.json``'s ``quantization_config`` (:mod:`smooth_hf.integrations.transformers`).
 """
 
 from __future__ import annotations
@@ -14,31 +14,22 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedModel
 
-from .auto import _transformers_class
-from .hf_quantizer import QUANT_METHOD, SmoothHfConfig, SmoothHfQuantizer, attach_quantization_config
-from .lowrank import LowRankConfig
+from ..integrations.transformers import (
+    SmoothHfConfig,
+    SmoothHfQuantizer,
+    attach_quantization_config,
+    quantization_section,
+)
+from ..lowrank import LowRankConfig
+from .dense import transformers_class
 
-__all__ = ["load_checkpoint", "quantization_section", "write_checkpoint"]
+__all__ = ["ensure_quantization_config", "load_checkpoint"]
 
-# One weights file whatever the size: smooth_hf's folder checks (and its atomic save) know that one name.
-_ONE_FILE = 2**60
-_CONFIG_KEPT = ("architectures", "dtype")
+def ensure_quantization_config(model: PreTrainedModel) -> None:
+    """Make ``model.save_pretrained`` record the low-rank structure (a no-op when ``compress`` already did).
 
-
-def quantization_section(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The smooth_hf ``quantization_config`` of a parsed ``config.json``, or ``None``."""
-    section = config.get("quantization_config")
-    if isinstance(section, dict) and section.get("quant_method") == QUANT_METHOD:
-        return section
-    return None
-
-
-def write_checkpoint(model: PreTrainedModel, folder: Path) -> None:
-    """``model.save_pretrained(folder)`` in one weights file; ``model.config`` is left as it was.
-
-    transformers' save records the architecture and dtype on the model's own config; those are put back,
-    so that saving does not edit the model. Only ``quantization_config`` is refreshed to the model's
-    current ranks and dtypes (:meth:`SmoothHfQuantizer.get_state_dict_and_metadata`).
+    The ``quantization_config`` is refreshed to the model's current ranks and dtypes when it is saved
+    (:meth:`SmoothHfQuantizer.get_state_dict_and_metadata`).
     """
     if not isinstance(getattr(model, "hf_quantizer", None), SmoothHfQuantizer):
         attach_quantization_config(model)  # e.g. a model compressed before compress() attached it
@@ -48,12 +39,6 @@ def write_checkpoint(model: PreTrainedModel, folder: Path) -> None:
             f"({getattr(model.config, 'quantization_config', None)!r}); smooth_hf cannot save it with its "
             "low-rank structure. Compress a model that is not quantized."
         )
-    kept = {name: getattr(model.config, name, None) for name in _CONFIG_KEPT}
-    try:
-        model.save_pretrained(folder, max_shard_size=_ONE_FILE)
-    finally:
-        for name, value in kept.items():
-            setattr(model.config, name, value)
 
 
 def load_checkpoint(folder: Path, config: dict[str, Any], lowrank: LowRankConfig | None) -> PreTrainedModel:
@@ -67,7 +52,7 @@ def load_checkpoint(folder: Path, config: dict[str, Any], lowrank: LowRankConfig
         ValueError: unknown architecture, ranks that do not fit the architecture or the weights, or the two
             configs disagreeing.
     """
-    cls = _transformers_class(folder, config)
+    cls = transformers_class(folder, config)
     try:
         hf_config = AutoConfig.from_pretrained(folder)
     except (ValueError, KeyError, OSError) as err:

@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from .batchnorm import DataFreeRecalibration, batchnorm_layers, recalibrate_batchnorm
-from .lowrank import InputGrams, LowRankConfig, calibrate, compress, count_parameters
+from ..lowrank import InputGrams, LowRankConfig, calibrate, compress, count_parameters
+from ..lowrank.batchnorm import DataFreeRecalibration, batchnorm_layers, recalibrate_batchnorm
 
 __all__ = ["BN_REPAIRS", "budget_sweep", "plot_sweep", "sweep_markdown"]
 
@@ -48,7 +48,7 @@ def budget_sweep(
 
     * ``recalibration_batches`` (a callable returning fresh training batches): rows get
       ``accuracy_bn_recalibrated``;
-    * ``data_free_batchnorm`` (``True`` or a :class:`~smooth_hf.batchnorm.DataFreeRecalibration`): inputs
+    * ``data_free_batchnorm`` (``True`` or a :class:`~smooth_hf.lowrank.batchnorm.DataFreeRecalibration`): inputs
       are synthesised once from the dense model's own statistics, and rows get ``accuracy_bn_data_free``.
 
     ``config_kwargs`` are extra ``LowRankConfig`` fields (targets, ``method``; ``rank_ratio`` instead

@@ -18,9 +18,9 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
-from .compat import base_library
-from .lowrank import CompressionReport, LowRankConfig
-from .lowrank.report import markdown_cell
+from ..core.libraries import base_library
+from ..lowrank import CompressionReport, LowRankConfig
+from ..lowrank.report import markdown_cell
 
 __all__ = ["ModelCardInfo", "render_model_card"]
 
@@ -325,5 +325,5 @@ def render_model_card(model: nn.Module, info: ModelCardInfo | None = None, *, lo
         "extra": info.extra,
         "report_file": report_file,
     }
-    template = resources.files("smooth_hf").joinpath("templates").joinpath(TEMPLATE).read_text(encoding="utf-8")
+    template = resources.files("smooth_hf.checkpoint").joinpath("templates").joinpath(TEMPLATE).read_text(encoding="utf-8")
     return ModelCard.from_template(card_data, template_str=template, card=context)

@@ -9,7 +9,7 @@ two thin factors. So ``import smooth_hf`` registers the method ``"smooth_hf"``:
 
 * :class:`SmoothHfConfig` -- the ``quantization_config`` section: the rank rule, the rank of every
   factorised layer (:class:`~smooth_hf.lowrank.LowRankConfig`), and the tensors kept in another dtype
-  than the model's (:mod:`smooth_hf.dtypes`);
+  than the model's (:mod:`smooth_hf.core.dtypes`);
 * :class:`SmoothHfQuantizer` -- before the weights load, :func:`~smooth_hf.lowrank.apply_ranks` gives
   the empty model the low-rank structure; after, it checks that every factor came from the file.
 
@@ -39,11 +39,20 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .dtypes import dtype_from_name, dtype_islands, main_dtype, set_tensor_dtypes
-from .lowrank import LowRankConfig, apply_ranks
-from .lowrank.guard import GUARD_SUFFIX, guard_keys, guard_tensor
+from .._version import __version__
+from ..core.dtypes import dtype_from_name, dtype_islands, main_dtype, set_tensor_dtypes
+from ..lowrank import LowRankConfig, apply_ranks, check_compressed
+from ..lowrank.compress import register_on_compressed
+from ..lowrank.guard import GUARD_SUFFIX, guard_keys, guard_tensor
 
-__all__ = ["LOAD_NOTE", "QUANT_METHOD", "SmoothHfConfig", "SmoothHfQuantizer", "attach_quantization_config"]
+__all__ = [
+    "LOAD_NOTE",
+    "QUANT_METHOD",
+    "SmoothHfConfig",
+    "SmoothHfQuantizer",
+    "attach_quantization_config",
+    "quantization_section",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +62,6 @@ LOAD_NOTE = (
     "Compressed with smooth_hf (low-rank factorised layers). Run `import smooth_hf` (the smooth_hf package) before "
     "from_pretrained/pipeline: without it transformers builds the dense architecture and refuses the weights."
 )
-
-
-def _library_version() -> str:
-    import smooth_hf
-
-    return getattr(smooth_hf, "__version__", "unknown")
 
 
 class SmoothHfConfig(QuantizationConfigMixin):
@@ -102,8 +105,6 @@ class SmoothHfConfig(QuantizationConfigMixin):
     @classmethod
     def from_model(cls, model: nn.Module) -> SmoothHfConfig:
         """The section for ``model`` as it is now: its ``lowrank_config`` and its tensors' dtypes."""
-        from .hub import check_compressed  # here: hub imports this module
-
         lowrank = check_compressed(model, allow_meta=True)
         return cls(lowrank=lowrank, dtype=str(main_dtype(model)).removeprefix("torch."), dtypes=dtype_islands(model))
 
@@ -117,7 +118,7 @@ class SmoothHfConfig(QuantizationConfigMixin):
             **self.lowrank.to_dict(),
             "dtype": self.dtype,
             "dtypes": dict(sorted(self.dtypes.items())),
-            "smooth_hf_version": _library_version(),
+            "smooth_hf_version": __version__,
             "load_note": LOAD_NOTE,
         }
 
@@ -318,6 +319,15 @@ def _register() -> None:
         register_quantization_config(QUANT_METHOD)(SmoothHfConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(SmoothHfQuantizer)
+    register_on_compressed(attach_quantization_config)  # a compressed model's save_pretrained records its ranks
 
 
 _register()
+
+
+def quantization_section(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The smooth_hf ``quantization_config`` of a parsed ``config.json``, or ``None``."""
+    section = config.get("quantization_config")
+    if isinstance(section, dict) and section.get("quant_method") == QUANT_METHOD:
+        return section
+    return None

@@ -18,12 +18,11 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from .lowrank.allocation import allocate_ranks, max_removable
-from .lowrank.config import check_count
-from .lowrank.layers import singular_values, weight_matrix
-from .penalties import out_in_weight
+from ..core.validation import check_count, check_fraction
+from ..core.weights import out_in_weight, singular_values, weight_matrix
+from ..lowrank.allocation import allocate_ranks, max_removable
 
-__all__ = ["check_fraction", "check_plan_budget", "layer_shapes", "plan_ranks"]
+__all__ = ["check_plan_budget", "layer_shapes", "plan_ranks"]
 
 
 def layer_shapes(layers: list[tuple[str, nn.Module]]) -> tuple[list[int], list[int], list[int]]:
@@ -31,12 +30,6 @@ def layer_shapes(layers: list[tuple[str, nn.Module]]) -> tuple[list[int], list[i
     shapes = [out_in_weight(m).shape for _, m in layers]
     pairs = [(s[0], math.prod(s[1:])) for s in shapes]  # (out, in * kh * kw)
     return [min(o, f) for o, f in pairs], [o + f for o, f in pairs], [o * f for o, f in pairs]
-
-
-def check_fraction(value: object, name: str) -> None:
-    """``value`` (the option called ``name``) is a fraction of the model's parameters in (0, 1), or a clear error."""
-    if not (isinstance(value, int | float) and 0 < value < 1):
-        raise ValueError(f"{name} must be a fraction in (0, 1), e.g. 0.8; got {value!r}")
 
 
 def check_plan_budget(

@@ -33,12 +33,12 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from .compat import is_transformers_model
-from .lowrank.timing import default_rank_multiple
-from .memory_format import channels_last_mismatches
+from ..core.libraries import is_transformers_model
+from ..core.memory_format import channels_last_mismatches
+from ..lowrank.timing import default_rank_multiple
+from .config import SmoothTrainingArguments
 from .projection import RankProjection
 from .smoothness import SmoothnessPenalty
-from .training_args import SmoothTrainingArguments
 
 __all__ = ["PENALTY_STATE_NAME", "SmoothTrainer"]
 
@@ -274,7 +274,7 @@ def _can_train_channels_last(model: nn.Module, device: torch.device) -> bool:
         logger.warning(
             f"channels_last is off: on {device} this torch computes wrong gradients in channels_last for "
             f"{len(broken)} convolution(s) of the model ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}; "
-            "smooth_hf.memory_format). Training goes on in the usual layout, correct and slower."
+            "smooth_hf.core.memory_format). Training goes on in the usual layout, correct and slower."
         )
     return not broken
 

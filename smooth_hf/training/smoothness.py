@@ -18,7 +18,7 @@ Weighting (``normalization``):
 
 The nuclear norm needs an SVD of every targeted weight; the penalty uses the exact gradient ``U V^T``
 refreshed every ``nuclear_norm_every`` steps and the surrogate ``<W, U V^T>`` in between (see
-:func:`smooth_hf.penalties.nuclear_norm_surrogate`). ``nuclear_norm_every=1`` is the exact norm.
+:func:`smooth_hf.training.penalties.nuclear_norm_surrogate`). ``nuclear_norm_every=1`` is the exact norm.
 
 With ``nuclear_norm_param_reduction=p`` only the *tail* of each spectrum is penalised: at every refresh the
 ranks that ``compress(model, LowRankConfig(param_reduction=p))``'s global allocation would keep are computed
@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .penalties import first_order, nuclear_norm_surrogate, out_in_weight, second_order, spectral_direction
-from .rank_plan import check_plan_budget, plan_ranks
-from .targeting import PatternSpec, find_layers
+from ..core.weights import out_in_weight
+from ..lowrank.targeting import PatternSpec, find_layers
+from .cut_plan import check_plan_budget, plan_ranks
+from .penalties import first_order, nuclear_norm_surrogate, second_order, spectral_direction
 
 __all__ = ["COEFFICIENTS", "NORMALIZATIONS", "SmoothnessPenalty", "check_coefficients"]
 
@@ -65,7 +66,7 @@ class SmoothnessPenalty:
     nuclear_norm_every: int = 25
     nuclear_norm_param_reduction: float | None = None
     model_parameters: int | None = None  # the whole model's, for nuclear_norm_param_reduction (for_model sets it)
-    rank_multiple: int = 1  # of the cut nuclear_norm_param_reduction plans (smooth_hf.rank_plan)
+    rank_multiple: int = 1  # of the cut nuclear_norm_param_reduction plans (smooth_hf.training.cut_plan)
     _directions: dict[str, Tensor] = field(default_factory=dict, repr=False)
     _refreshed_at: int | None = field(default=None, repr=False)
 
@@ -90,7 +91,7 @@ class SmoothnessPenalty:
         skip_first_last: bool = True,
         **coefs,
     ) -> SmoothnessPenalty:
-        from .lowrank import count_parameters
+        from ..lowrank import count_parameters
 
         layers = find_layers(model, target_modules, exclude_modules, skip_first_last)
         return cls(layers, model_parameters=count_parameters(model), **coefs)

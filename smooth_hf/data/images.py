@@ -3,7 +3,7 @@ Fashion-MNIST from the Debian package's idx files when they are installed (no Hu
 
 Every source ends as a ``DatasetDict`` with ``train`` and ``test`` splits and the columns ``image``
 and ``label``; :func:`prepare_image_splits` picks the subsets (one rule, :func:`select_subset`) and
-attaches :class:`~smooth_hf.transforms.ImageTransform`, which turns a batch into ``pixel_values`` and
+attaches :class:`~smooth_hf.data.transforms.ImageTransform`, which turns a batch into ``pixel_values`` and
 ``labels``, the names both timm models (through ``SmoothTrainer``) and transformers image models take.
 """
 
@@ -27,11 +27,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_LABELS",
-    "ImageTransform",
     "TensorExamples",
     "dataset_card_fields",
     "dataset_display_name",
     "dataset_identity",
+    "fashion_mnist_arrays",
     "held_as_tensors",
     "image_channels",
     "label_names",
@@ -93,24 +93,31 @@ def _idx_file(directory: Path, stem: str) -> Path:
     )
 
 
-def load_fashion_mnist_local(directory: str | os.PathLike = FASHION_MNIST_DIR) -> DatasetDict:
-    """All 70,000 Fashion-MNIST images from the idx files (Debian package ``dataset-fashion-mnist``).
-
-    Reads ``{train,t10k}-{images-idx3,labels-idx1}-ubyte``, gzipped or not, from ``directory``.
-    """
-    directory = Path(directory)
-    # Nested lists rather than Array2D: the Trainer fetches 128 random rows per step, and reading Array2D rows back
-    # costs an extension-type decode per row, several times slower per batch.
-    features = Features({"image": List(List(Value("uint8"))), "label": ClassLabel(names=FASHION_MNIST_LABELS)})
-    splits = {}
+def fashion_mnist_arrays(directory: str | os.PathLike | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{"train": (images, labels), "test": ...}``: the Fashion-MNIST idx files as ``N x 28 x 28`` uint8 images and
+    int64 labels (Debian package ``dataset-fashion-mnist``; ``{train,t10k}-{images-idx3,labels-idx1}-ubyte``,
+    gzipped or not, in ``directory``, by default :data:`FASHION_MNIST_DIR`)."""
+    directory = Path(FASHION_MNIST_DIR if directory is None else directory)
+    arrays = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images = read_idx(_idx_file(directory, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(_idx_file(directory, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or tuple(images.shape[1:]) != (28, 28) or labels.shape != images.shape[:1]:
             raise ValueError(f"{directory}: {prefix} images {images.shape} and labels {labels.shape} are not "
                              "Fashion-MNIST's N x 28 x 28 images with N labels; check the files")
-        splits[split] = Dataset.from_dict({"image": images, "label": labels.astype(np.int64)}, features=features)
-    return DatasetDict(splits)
+        arrays[split] = images, labels.astype(np.int64)
+    return arrays
+
+
+def load_fashion_mnist_local(directory: str | os.PathLike = FASHION_MNIST_DIR) -> DatasetDict:
+    """All 70,000 Fashion-MNIST images from the idx files (:func:`fashion_mnist_arrays`) as a ``DatasetDict``."""
+    # Nested lists rather than Array2D: the Trainer fetches 128 random rows per step, and reading Array2D rows back
+    # costs an extension-type decode per row, several times slower per batch.
+    features = Features({"image": List(List(Value("uint8"))), "label": ClassLabel(names=FASHION_MNIST_LABELS)})
+    return DatasetDict({
+        split: Dataset.from_dict({"image": images, "label": labels}, features=features)
+        for split, (images, labels) in fashion_mnist_arrays(directory).items()
+    })
 
 
 def _find_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, flag: str) -> str:
@@ -270,7 +277,7 @@ def prepare_image_splits(
 
     ``data`` is a dataset name (loaded with :func:`load_image_classification` and the loading arguments)
     or splits already loaded. Subsets follow :func:`select_subset`. With ``input_spec`` (channels, mean,
-    std, image_size: :func:`smooth_hf.auto.image_input_config` of the model) the splits yield
+    std, image_size, processor: :func:`smooth_hf.data.processors.image_input_config` of the model) the splits yield
     ``pixel_values``/``labels`` through :class:`ImageTransform`, the training split augmented when
     ``augment``; without it they keep the raw ``image``/``label`` columns, e.g. to read the label names
     and channels a model is built for, then to be passed back in with that model's spec::
@@ -288,7 +295,7 @@ def prepare_image_splits(
     })
     if input_spec is None:
         return splits
-    spec = {k: input_spec[k] for k in ("channels", "mean", "std", "image_size")}
+    spec = {k: input_spec.get(k) for k in ("channels", "mean", "std", "image_size", "processor")}
     splits["train"] = splits["train"].with_transform(ImageTransform(**spec, train=augment, crop_padding=crop_padding))
     splits["test"] = splits["test"].with_transform(ImageTransform(**spec))
     return splits

@@ -18,9 +18,9 @@ Nothing here imports the Trainer: these are the functions a researcher swaps or 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .compat import is_hf_conv1d
+from ..core.weights import out_in_weight
 
 __all__ = [
     "first_order",
@@ -30,14 +30,6 @@ __all__ = [
     "second_order",
     "spectral_direction",
 ]
-
-
-def out_in_weight(module: nn.Module) -> Tensor:
-    """The weight of ``module`` in ``(out, in, *kernel)`` layout (a view, gradients flow)."""
-    weight = module.weight
-    if is_hf_conv1d(module):  # stores (in, out)
-        return weight.t()
-    return weight
 
 
 def _as_matrix(weight: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .compat import is_hf_conv1d
+from ..core.libraries import is_hf_conv1d
 
 __all__ = ["PatternSpec", "find_layers", "is_plain_embedding", "is_supported_layer", "layer_kind", "low_rank_factor_names"]
 
@@ -181,7 +181,7 @@ def _check_patterns(patterns: PatternSpec, names: list[str], what: str) -> None:
 
 def low_rank_factor_names(named: list[tuple[str, nn.Module]]) -> set[str]:
     """The names, among ``named`` (``model.named_modules()``), of the modules inside low-rank layers: their factors."""
-    from .lowrank.base import LowRankLayer  # here, not at the top: the lowrank package imports this module
+    from .base import LowRankLayer  # here, not at the top: the lowrank package imports this module
 
     return {f"{n}.{c}" for n, m in named if isinstance(m, LowRankLayer) for c, _ in m.named_modules() if c}
 

@@ -32,7 +32,7 @@ def classification_accuracy(
     num_workers: int = 0,
     collate_fn: Callable[[list], dict[str, torch.Tensor]] = default_data_collator,
 ) -> float:
-    """Top-1 accuracy (:func:`smooth_hf.metrics.accuracy`) of ``model`` on ``dataset``.
+    """Top-1 accuracy (:func:`smooth_hf.evaluation.metrics.accuracy`) of ``model`` on ``dataset``.
 
     Items hold ``labels`` and the model's inputs; ``collate_fn`` batches them (e.g. a padding collator
     for text of varying length). The model is put in eval mode and back.

@@ -9,10 +9,9 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging
 
-from .cpu_cores import usable_cores
-from .lowrank.config import check_count
+from ..core.machine import usable_cores
+from ..core.validation import check_count, check_fraction
 from .projection import check_schedule
-from .rank_plan import check_fraction
 from .smoothness import COEFFICIENTS, NORMALIZATIONS, check_coefficients
 
 __all__ = ["PLAIN", "SmoothTrainingArguments"]
@@ -36,7 +35,7 @@ class SmoothTrainingArguments(TrainingArguments):
     nuclear_norm_coef: float = field(
         default=0.0,
         metadata={"help": "Weight of the nuclear-norm penalty (drives weights towards low rank). 0 = off. "
-                  "Measured settings per model family: smooth_hf.recommended; higher compresses further and costs "
+                  "Measured settings per model family: smooth_hf.training.presets; higher compresses further and costs "
                   "dense accuracy."},
     )
     first_order_coef: float = field(

@@ -19,8 +19,8 @@ from typing import Any
 
 from datasets import DatasetDict
 
-from .data import dataset_identity, label_names
-from .lowrank import LowRankConfig
+from ..data.images import dataset_identity, label_names
+from ..lowrank import LowRankConfig
 
 __all__ = [
     "DATA_RECORD_NAME",

@@ -29,7 +29,7 @@ CNN_TRAINING: dict[str, Any] = {
     "warmup_steps": 0.25,  # a float below 1 is a fraction of the steps in transformers 5
     "per_device_train_batch_size": 128,
     "num_train_epochs": 4,
-    "channels_last": True,  # the same training, faster convolutions (checked per model: smooth_hf.memory_format)
+    "channels_last": True,  # the same training, faster convolutions (checked per model: smooth_hf.core.memory_format)
     # Train for the cut: the weights are projected, gradually, onto the ranks of an 80% cut (README "Training for a
     # cut"), so any cut up to 80% loses nothing. It kept more accuracy at 70% and 80% fewer parameters than every
     # nuclear-norm setting measured (BENCHMARKS.md, section 2). Set it to the deepest cut you will make.
@@ -65,8 +65,8 @@ def cnn_flags(penalty: bool = True) -> list[str]:
 
 
 def without_steering(settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` less what makes a run smooth (``smooth_hf.training_args.PLAIN``'s keys and the weighting):
+    """``settings`` less what makes a run smooth (``smooth_hf.training.config.PLAIN``'s keys and the weighting):
     the plain baseline trained the same way."""
-    from .training_args import PLAIN
+    from .config import PLAIN
 
     return {k: v for k, v in settings.items() if k not in PLAIN and k != "penalty_normalization"}

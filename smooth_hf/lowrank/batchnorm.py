@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import feed_batch, modes_kept
+from ..core.batches import feed_batch, modes_kept
 
 __all__ = [
     "DataFreeRecalibration",

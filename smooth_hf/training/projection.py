@@ -4,7 +4,7 @@ A penalty only pulls the tail of each spectrum down; what it leaves (and what SG
 when the model is cut, and in a short run it leaves a lot. Projection removes it exactly: every ``every``
 optimizer steps, each penalised layer's weight is replaced by its truncated SVD at the rank that
 ``compress(model, LowRankConfig(param_reduction=p))`` would keep at the current spectra
-(:func:`smooth_hf.rank_plan.plan_ranks`), and training carries on from there, so the network learns to do
+(:func:`smooth_hf.training.cut_plan.plan_ranks`), and training carries on from there, so the network learns to do
 its job with the weights the cut will keep (Trained Rank Pruning, Xu et al., 2019). The reduction grows from
 0 at ``start`` to ``p`` at ``end`` (fractions of the training steps) on the cubic schedule of gradual pruning
 (Zhu & Gupta, 2017): large cuts while the weights are still mostly their random initialisation, small ones once
@@ -24,11 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .lowrank.decomposition import Decomposition, decompose_within, factors_from
-from .lowrank.layers import weight_matrix
-from .penalties import out_in_weight
-from .rank_plan import check_plan_budget, plan_ranks
-from .targeting import PatternSpec, find_layers
+from ..core.weights import out_in_weight, weight_matrix
+from ..lowrank.decomposition import Decomposition, decompose_within, factors_from
+from ..lowrank.targeting import PatternSpec, find_layers
+from .cut_plan import check_plan_budget, plan_ranks
 
 __all__ = ["RankProjection", "check_schedule", "project_to_rank_", "scheduled_reduction"]
 
@@ -101,7 +100,7 @@ class RankProjection:
         **options,
     ) -> RankProjection:
         """Project the layers ``find_layers`` picks; ``options``: ``every``, ``start``, ``end``, ``rank_multiple``."""
-        from .lowrank import count_parameters
+        from ..lowrank import count_parameters
 
         layers = find_layers(model, target_modules, exclude_modules, skip_first_last)
         return cls(layers, param_reduction, count_parameters(model), **options)

@@ -27,23 +27,29 @@ class ImageTransform:
     ``transformers.set_seed`` seeds and every ``DataLoader`` worker re-seeds differently, so runs
     repeat under a seed and workers never repeat each other. With ``seed=s`` the transform owns a
     generator seeded with ``s`` (``s + k`` in ``DataLoader`` worker ``k``).
+
+    ``processor``: a transformers image processor (``AutoImageProcessor``). It then resizes, rescales and
+    normalises (``mean``, ``std`` and ``image_size`` are not used), after the augmentation, exactly as it does
+    for the checkpoint it belongs to and in ``pipeline(...)``:
+    :func:`smooth_hf.data.processors.image_input_config` passes it.
     """
 
     channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
     image_size: int | None = None
     train: bool = False
     seed: int | None = None
     crop_padding: int = 4
+    processor: Any = None
 
     def __post_init__(self) -> None:
         mean, std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
         if len(mean) == 1 and len(std) == 1:
             mean, std = mean * self.channels, std * self.channels
-        if len(mean) != self.channels or len(std) != self.channels:
+        if self.processor is None and (len(mean) != self.channels or len(std) != self.channels):
             raise ValueError(f"mean/std have {len(mean)}/{len(std)} values for {self.channels} channels: give one value "
-                             f"per channel, or a single value for all (smooth_hf.auto.image_input_config(model) "
+                             f"per channel, or a single value for all (smooth_hf.data.image_input_config(model) "
                              "gives the model's own)")
         if not isinstance(self.crop_padding, int) or self.crop_padding < 0:
             raise ValueError(f"crop_padding must be an integer >= 0 (0 = flips only), got {self.crop_padding!r}")
@@ -83,6 +89,9 @@ class ImageTransform:
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32) / 255.0  # pixel values 0..255, whatever the storage type
         x = self._match_channels(x)
+        if self.processor is not None:  # the model's own resizing and normalisation, after the augmentation
+            x = self._augment(x) if self.train else x
+            return self.processor(images=x, do_rescale=False, return_tensors="pt")["pixel_values"]
         if self.image_size is not None and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
             x = TF.resize(x, [self.image_size, self.image_size], antialias=True)
         if self.train:

@@ -10,9 +10,9 @@ also works better on smooth models). These are those baselines, measured the sam
   for filter pruning;
 * "removed" means **set to zero** (the tensors keep their shapes; a sparse or physically slimmed
   model is a storage question, not an accuracy one);
-* the **layers** are those compression targets (:func:`smooth_hf.targeting.find_layers`, same
+* the **layers** are those compression targets (:func:`smooth_hf.lowrank.targeting.find_layers`, same
   ``target_modules`` / ``exclude_modules`` / ``skip_first_last``), each weight read in
-  ``(out, in, *kernel)`` layout (:func:`smooth_hf.penalties.out_in_weight`, so HF ``Conv1D`` works);
+  ``(out, in, *kernel)`` layout (:func:`smooth_hf.core.weights.out_in_weight`, so HF ``Conv1D`` works);
   a tied weight (GPT-2's ``lm_head``) is left alone, as compression leaves it dense.
 
 Two methods, both in place under ``torch.no_grad()``, both returning a report dict:
@@ -48,9 +48,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .lowrank.report import count_parameters
-from .penalties import out_in_weight
-from .targeting import PatternSpec, find_layers
+from smooth_hf.core.weights import out_in_weight
+from smooth_hf.lowrank.report import count_parameters
+from smooth_hf.lowrank.targeting import PatternSpec, find_layers
 
 __all__ = ["FILTER_SCOPES", "filter_prune", "magnitude_prune", "sparsity"]
 

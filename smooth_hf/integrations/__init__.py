@@ -1,0 +1,1 @@
+"""What other libraries need to handle compressed models: transformers' quantization hook (``transformers``)."""

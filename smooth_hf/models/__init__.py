@@ -1,0 +1,1 @@
+"""Model definitions smooth_hf registers with timm (the paper's CIFAR-style ResNets)."""

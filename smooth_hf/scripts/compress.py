@@ -1,0 +1,273 @@
+"""Compress a trained checkpoint without fine-tuning, evaluate it, save it (and push it to the Hub).
+
+    # one budget: 70% fewer parameters over the whole model, evaluated, saved with a model card
+    python recipes/compress.py --model_name_or_path runs/smooth --param_reduction 0.7 \\
+        --output_dir runs/smooth-lowrank-70
+
+    # ... and shared on the Hub (needs `hf auth login` or HF_TOKEN)
+    python recipes/compress.py --model_name_or_path runs/smooth --param_reduction 0.7 \\
+        --output_dir runs/smooth-lowrank-70 --push_to_hub --hub_model_id you/resnet18-smooth-lowrank-70
+
+    # whitened (activation-aware) truncation: each layer cut where it loses the least on 512 training images
+    python recipes/compress.py --model_name_or_path runs/smooth --param_reduction 0.7 --method whitened \\
+        --calibration_samples 512 --output_dir runs/smooth-whitened-70
+
+    # ... with the ranks allocated by each layer's measured effect on the model's output (a few forward
+    # passes over the first --sensitivity_samples calibration images per layer)
+    python recipes/compress.py --model_name_or_path runs/smooth --param_reduction 0.7 --method whitened \\
+        --rank_allocation sensitivity --output_dir runs/smooth-sensitivity-70
+
+    # a sweep: accuracy vs parameters removed, as a table (Markdown + JSON) and a PNG plot
+    python recipes/compress.py --model_name_or_path runs/smooth --budgets 0.5,0.6,0.7,0.8,0.9 \\
+        --output_dir runs/smooth-sweep
+
+    # ... keeping one of the cuts: the model at --param_reduction is saved too, with its card
+    python recipes/compress.py --model_name_or_path runs/smooth --budgets 0.5,0.6,0.7,0.8,0.9 \\
+        --param_reduction 0.7 --output_dir runs/smooth-lowrank-70
+
+`--model_name_or_path` is a folder written by recipes/train.py (safetensors + config.json, timm or
+transformers). The model is evaluated on the data it was trained on (recorded in the folder's
+`data_args.json`: dataset, split, seed) unless `--dataset_name` names other data; the same
+`--max_eval_samples` scores the same images as in training. A model trained for a cut is cut with the rank
+multiple its plan used (`plan_rank_multiple` in the folder's `training_args.json`) unless `--rank_multiple` says
+otherwise. Reload the result with
+`smooth_hf.from_pretrained(output_dir)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+from transformers import HfArgumentParser, default_data_collator
+
+from ..checkpoint.build import check_num_labels
+from ..checkpoint.card import ModelCardInfo
+from ..checkpoint.compressed import save_pretrained
+from ..checkpoint.dense import load_dense
+from ..checkpoint.folders import check_save_target
+from ..core.files import TRAINING_ARGS_NAME
+from ..core.memory_format import channels_last_inference
+from ..data.images import (
+    dataset_card_fields,
+    dataset_display_name,
+    held_as_tensors,
+    label_names,
+    prepare_image_splits,
+    select_subset,
+)
+from ..data.processors import image_input_config, image_processor_for
+from ..evaluation.accuracy import classification_accuracy
+from ..evaluation.sweep import budget_sweep, plot_sweep, sweep_markdown
+from ..hub import push_to_hub
+from ..lowrank import compress
+from ..lowrank.batchnorm import DataFreeRecalibration
+from ..training.smoothness import COEFFICIENTS
+from .args import DataArguments, LowRankArguments, resolve_data_arguments
+
+logger = logging.getLogger("compress")
+CALIBRATION_SAMPLES = 512  # --calibration_samples' default
+
+
+@dataclass
+class CompressArguments:
+    model_name_or_path: str = field(metadata={"help": "A trained dense checkpoint folder (recipes/train.py output)."})
+    output_dir: str = field(metadata={"help": "Where the compressed model (or the sweep's table and plot) goes."})
+    budgets: str | None = field(
+        default=None, metadata={"help": "Sweep: comma-separated param_reduction values, each cut scored (a table and a "
+                                "plot). With --param_reduction too, the model cut at that budget is also saved, with "
+                                "its card, from the same run."}
+    )
+    recalibrate_batchnorm: int = field(
+        default=0, metadata={"help": "Re-estimate BatchNorm statistics on this many training images after the cut "
+                             "(forward passes only; 0 = off, the plain no-fine-tuning result)."},
+    )
+    calibration_samples: int = field(
+        default=CALIBRATION_SAMPLES, metadata={"help": "--method whitened: how many training images (a seeded sample of the training "
+                               "split, the same images every time) calibrate the cut."},
+    )
+    batchnorm_data_free: bool = field(
+        default=False, metadata={"help": "Re-estimate BatchNorm statistics after the cut on inputs synthesised from the "
+                                 "dense model's own statistics: no training images needed (forward passes only)."},
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the compressed model to --hub_model_id."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id, e.g. you/model-lowrank-70."})
+    hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the Hub repo as private."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    base_model: str | None = field(default=None, metadata={"help": "Hub id of the dense model, for the card."})
+    seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the test split (datasets without one), the evaluation subset and the BN batches "
+                  "(default: the training run's)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (e.g. you/model-lowrank-70)")
+        if self.recalibrate_batchnorm < 0:
+            raise ValueError(f"--recalibrate_batchnorm is a number of training images >= 0, got {self.recalibrate_batchnorm}")
+        if self.recalibrate_batchnorm and self.batchnorm_data_free and not self.budgets:
+            raise ValueError("give --recalibrate_batchnorm N (training images) or --batchnorm_data_free (no data), "
+                             "not both: one compressed model gets one set of statistics (a --budgets sweep may "
+                             "report both)")
+        if self.calibration_samples < 1:
+            raise ValueError(f"--calibration_samples is a number of training images >= 1, got {self.calibration_samples}")
+        if self.budgets is not None:
+            self.budget_values()  # checked now, before a model or data is loaded
+
+    def budget_values(self) -> list[float]:
+        """``--budgets`` as numbers, each a fraction of the parameters in [0, 1); anything else is a clear error."""
+        wrong = ValueError(f"--budgets takes comma-separated fractions of the parameters to remove, each in [0, 1), "
+                           f"e.g. 0.5,0.7,0.9; got {self.budgets!r}")
+        try:
+            values = [float(b) for b in (self.budgets or "").split(",") if b.strip()]
+        except ValueError:
+            raise wrong from None
+        if not values or not all(0 <= v < 1 for v in values):
+            raise wrong
+        return values
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[CompressArguments, DataArguments, LowRankArguments]:
+    parser = HfArgumentParser((CompressArguments, DataArguments, LowRankArguments))
+    args, data_args, rank_args = parser.parse_args_into_dataclasses(args=argv)
+    rules = rank_args.rules_given()
+    if args.budgets is not None and rules in ([], ["param_reduction"]):  # a sweep, and maybe the cut it keeps
+        if rules and (args.recalibrate_batchnorm or args.batchnorm_data_free):
+            raise ValueError("a sweep keeps its cut as made (no BN repair): to save a BN-repaired model, give "
+                             "--param_reduction and the repair without --budgets")
+    elif len(rules) + (args.budgets is not None) != 1:
+        raise ValueError("give exactly one of --param_reduction, --rank_ratio, --energy or --budgets (a --budgets "
+                         "sweep may add --param_reduction: the cut it saves)")
+    if args.calibration_samples != CALIBRATION_SAMPLES and rank_args.method != "whitened":
+        logger.warning("--calibration_samples does nothing without --method whitened")
+    if args.hub_model_id and not args.push_to_hub:
+        logger.warning("--hub_model_id does nothing without --push_to_hub (nothing is uploaded)")
+    if args.push_to_hub and rank_args.param_reduction is None and args.budgets:
+        raise ValueError("--push_to_hub uploads one model: with --budgets, give --param_reduction (the cut to upload)")
+    return args, data_args, rank_args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, data_args, rank_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
+    out = Path(args.output_dir)
+    if not args.budgets or rank_args.param_reduction is not None:  # a model will be saved there: refuse now, not after
+        check_save_target(out)
+
+    model = load_dense(args.model_name_or_path)
+    setup = _training_setup(args.model_name_or_path)  # for the card, and the rank multiple training planned with
+    planned = setup.get("plan_rank_multiple")
+    if rank_args.rank_multiple is None and planned is not None:  # cut in the ranks training planned, not others
+        rank_args.rank_multiple = planned
+        print(f"rank_multiple {planned}: the multiple the model was trained for (plan_rank_multiple in training_args.json)")
+    data_args, seed, record = resolve_data_arguments(data_args, args.model_name_or_path, args.seed)
+    processor = image_processor_for(model, args.model_name_or_path)  # what the model was trained with; saved with it
+    data = prepare_image_splits(**data_args.split_kwargs(), seed=seed, input_spec=image_input_config(model, processor))
+    labels = label_names(data["train"])
+    check_num_labels(model, len(labels))
+    if record is not None and record.get("labels") not in (None, labels):
+        logger.warning("the evaluation data's classes %s are not the ones the model was trained on %s (recorded in "
+                       "data_args.json): the accuracy compares different labels; check --dataset_name",
+                       labels, record["labels"])
+    test = held_as_tensors(data["test"])  # decoded once, scored at every budget
+    print(f"evaluation data: {data_args.dataset_name}, {len(test)} test images (seed {seed})")
+
+    def batches(n: int) -> DataLoader:
+        """``n`` training images (the first of the seeded shuffle every recipe uses), batched as in training."""
+        return DataLoader(select_subset(data["train"], n, seed), batch_size=128, collate_fn=default_data_collator)
+
+    calibration = batches(args.calibration_samples) if rank_args.method == "whitened" else None
+    recorded = {}  # what the card and compression_config.json say the cut was calibrated on
+    if calibration is not None:
+        shown = dataset_display_name(data_args.dataset_name)  # the card may be pushed: no local path in it
+        recorded["calibration_dataset"] = f"{shown} (training split, seeded sample, seed {seed})"
+    targets = {**rank_args.targets(), **recorded}
+
+    # Synthetic inputs take the data's image shape: a CIFAR-stem model may be configured for 32x32 and fed 28x28.
+    data_free = None
+    if args.batchnorm_data_free:
+        data_free = DataFreeRecalibration(input_shape=tuple(test[0]["pixel_values"].shape), seed=seed)
+
+    def evaluate(m):
+        with channels_last_inference(m):  # the same accuracy, faster convolutions
+            return classification_accuracy(m, test)
+
+    def save(compressed, accuracy: float, dense_accuracy: float) -> None:
+        """Write ``compressed`` with its card to ``--output_dir`` (and push it, if asked)."""
+        card = ModelCardInfo(base_model=args.base_model, **dataset_card_fields(data_args.dataset_name),
+                             dataset_split="test", metrics={"accuracy": accuracy},
+                             dense_metrics={"accuracy": dense_accuracy},
+                             training={**setup, "test images scored": len(test)})
+        save_pretrained(compressed, out, model_card=card, processor=processor)
+        print(f"saved: {out}  (reload: smooth_hf.from_pretrained({str(out)!r}))")
+        if args.push_to_hub:
+            url = push_to_hub(compressed, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token,
+                              model_card=card, processor=processor)
+            print(f"pushed: {url}")
+
+    if args.budgets:
+        keep = rank_args.param_reduction  # the cut to save as well, if any
+        budgets = sorted(set(args.budget_values()) | ({keep} if keep is not None else set()))
+        kept = {}
+
+        def keep_cut(budget: float, cut, row: dict) -> None:
+            if budget == keep:
+                kept.update(model=cut, row=row)
+
+        rows = budget_sweep(model, budgets, evaluate, config_kwargs=targets,
+                            recalibration_batches=(lambda: batches(args.recalibrate_batchnorm))
+                            if args.recalibrate_batchnorm else None,
+                            data_free_batchnorm=data_free or False, calibration_data=calibration, on_cut=keep_cut)
+        results = {Path(args.model_name_or_path).name: rows}
+        out.mkdir(parents=True, exist_ok=True)
+        table = sweep_markdown(results)
+        (out / "results.md").write_text(table + "\n")
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        plot = plot_sweep(results, out / "accuracy_vs_params_removed.png")
+        print(table, f"\ntable: {out / 'results.md'}\nplot: {plot}", sep="\n")
+        if kept:
+            print(kept["model"].lowrank_report)
+            save(kept["model"], kept["row"]["accuracy"], rows[0]["accuracy"])
+        return results
+
+    dense_accuracy = evaluate(model)
+    recalibration = batches(args.recalibrate_batchnorm) if args.recalibrate_batchnorm else data_free
+    config = replace(rank_args.to_config(), **recorded)
+    compress(model, config, calibration_data=calibration, recalibrate_batchnorm=recalibration)
+    accuracy = evaluate(model)
+    report = model.lowrank_report
+    print(report)
+    print(f"accuracy: dense {100 * dense_accuracy:.2f}% -> compressed {100 * accuracy:.2f}% "
+          f"({'BN recalibrated, ' + report.batchnorm_recalibration if report.batchnorm_recalibrated else 'no fine-tuning, nothing else'})")
+    save(model, accuracy, dense_accuracy)
+    return {"dense_accuracy": dense_accuracy, "accuracy": accuracy, "reduction": report.reduction,
+            "num_test": len(test), "model": model}
+
+
+def _training_setup(checkpoint: str) -> dict:
+    """Penalties and rank projection from the training run's saved arguments, when recipes/train.py wrote them."""
+    path = Path(checkpoint) / TRAINING_ARGS_NAME
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    setup = {k: saved[k] for k in COEFFICIENTS if saved.get(k)}  # the penalties that were on
+    if setup:
+        setup["penalty_normalization"] = saved.get("penalty_normalization")
+    keys = ("nuclear_norm_param_reduction", "rank_projection_param_reduction", "num_train_epochs", "learning_rate")
+    setup.update({k: saved[k] for k in keys if saved.get(k) is not None})
+    if (saved.get("max_steps") or -1) > 0:  # the Trainer stops at max_steps, whatever num_train_epochs says
+        setup.pop("num_train_epochs", None)
+        setup["max_steps"] = saved["max_steps"]
+    if any(k in setup for k in keys[:2]) and saved.get("plan_rank_multiple") is not None:  # the planned cut's rounding
+        setup["plan_rank_multiple"] = saved["plan_rank_multiple"]
+    return setup
+
+
+def cli() -> None:
+    """The ``smooth-hf-compress`` console script."""
+    main()

@@ -1,0 +1,15 @@
+"""Training for a cut: penalties that make weights smooth and low rank, rank projection, and the Trainer.
+
+trl's layout: :mod:`~smooth_hf.training.config` (``SmoothTrainingArguments``) and
+:mod:`~smooth_hf.training.trainer` (``SmoothTrainer``), over pure parts a custom loop can use alone:
+:mod:`~smooth_hf.training.penalties` (the math), :mod:`~smooth_hf.training.smoothness` (``SmoothnessPenalty``),
+:mod:`~smooth_hf.training.projection` (``RankProjection``), :mod:`~smooth_hf.training.cut_plan` (the ranks a
+planned cut keeps) and :mod:`~smooth_hf.training.presets` (measured recipes).
+"""
+
+from .config import SmoothTrainingArguments
+from .projection import RankProjection
+from .smoothness import SmoothnessPenalty
+from .trainer import SmoothTrainer
+
+__all__ = ["RankProjection", "SmoothTrainer", "SmoothTrainingArguments", "SmoothnessPenalty"]

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 compress_module = importlib.import_module("smooth_hf.lowrank.compress")  # the function shadows the module name
 decomposition_module = importlib.import_module("smooth_hf.lowrank.decomposition")
+planning_module = importlib.import_module("smooth_hf.lowrank.planning")
 
 
 def resnet14() -> nn.Module:
@@ -364,7 +365,7 @@ def test_rank_multiple_defaults_to_what_suits_the_device(monkeypatch):
     on_cpu = compress(resnet14(), LowRankConfig(rank_ratio=0.3))
     assert on_cpu.lowrank_config.rank_multiple == 1  # recorded: the saved config says what was used
     assert any(rank % 8 for rank in on_cpu.lowrank_config.ranks.values())
-    monkeypatch.setattr(compress_module, "model_device", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(planning_module, "model_device", lambda model: torch.device("cuda"))
     on_gpu = compress(resnet14(), LowRankConfig(rank_ratio=0.3))
     assert on_gpu.lowrank_config.rank_multiple == 8
     assert all(r.rank % 8 == 0 or r.rank == r.full_rank for r in on_gpu.lowrank_report.factorised)

@@ -54,10 +54,11 @@ def no_hooks_left(model: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------------------- the math
 
 
+@pytest.mark.parametrize("shape", [(8, 12), (12, 8)], ids=["wide", "tall"])
 @pytest.mark.parametrize("rank", [1, 3, 6])
-def test_linear_whitened_cut_attains_the_minimum_output_error_and_beats_plain_svd(rank):
-    w = torch.randn(8, 12, dtype=torch.float64)
-    x = anisotropic_inputs(200, 12)  # rows are input vectors; X = x^T
+def test_linear_whitened_cut_attains_the_minimum_output_error_and_beats_plain_svd(rank, shape):
+    w = torch.randn(*shape, dtype=torch.float64)
+    x = anisotropic_inputs(200, shape[1])  # rows are input vectors; X = x^T
     best = torch.linalg.svdvals(w @ x.t())[rank:].square().sum()  # Eckart-Young on W X: the minimum over rank-r W'
     whitened = whitened_weight(w, x, rank, damping=1e-12)
     error = ((w - whitened) @ x.t()).square().sum()
@@ -90,9 +91,11 @@ def test_rank_deficient_gram_gives_finite_factors_that_fit_the_data():
     assert (w - whitened).norm() < 2 * w.norm()
 
 
-def test_eigen_fallback_gives_the_same_cut_as_cholesky(monkeypatch):
-    """Where round-off defeats Cholesky, the eigen-decomposition takes over; any square root gives the same W'."""
-    w, x = torch.randn(6, 10, dtype=torch.float64), anisotropic_inputs(5, 10)  # rank-deficient Gram
+@pytest.mark.parametrize("out", [14, 6], ids=["tall", "wide"])
+def test_eigen_fallback_gives_the_same_cut_as_cholesky(monkeypatch, out):
+    """Where round-off defeats Cholesky, the eigen-decomposition takes over; any square root gives the same W'
+    (a wide weight needs no square root at all: it is cut from W (G + λI) W^T)."""
+    w, x = torch.randn(out, 10, dtype=torch.float64), anisotropic_inputs(5, 10)  # rank-deficient Gram
     cholesky = whitened_weight(w, x, 3, damping=1e-3)
     real = torch.linalg.cholesky_ex
     monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda a: (real(a)[0], torch.tensor(1)))  # "not positive definite"

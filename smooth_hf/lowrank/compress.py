@@ -12,29 +12,24 @@ Parameters are counted as in :func:`~smooth_hf.lowrank.report.count_parameters` 
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
-from collections import Counter
+import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.parameter import is_lazy
 
-from ..core.batches import model_device
 from ..core.weights import weight_matrix
 from . import batchnorm as _batchnorm
-from .allocation import allocate_ranks, energy_kept, finalize_rank, max_removable, rank_for_energy, rank_for_ratio
 from .base import LowRankLayer
+from .blocks import Blocks, StreamingUnsupported, find_blocks
 from .config import LowRankConfig
-from .cost import ExampleInputs, describe_inputs, macs_per_rank, trace_layers
-from .decomposition import Decomposition, decompose_within
-from .diagnosis import budget_advice, describe, unfactorisable_weights
+from .cost import ExampleInputs, trace_layers
+from .decomposition import decompose_within
 from .layers import factorise
+from .planning import Candidate, Plan, classify, decide_ranks, finish, record, warn_if_nothing_factorised
 from .report import (
     STATUS_DENSE_EXCLUDED,
     STATUS_DENSE_GROUPED,
@@ -49,9 +44,10 @@ from .report import (
     LayerReport,
     count_parameters,
 )
+from .streaming import _on, compress_streamed
 from .structure import replace_module
-from .targeting import find_layers, layer_kind
-from .timing import LayerTimer, default_rank_multiple, drop_slower_layers, median_latency
+from .targeting import find_layers
+from .timing import LayerTimer
 from .whitening import InputGrams, Whitening
 
 __all__ = [
@@ -85,173 +81,6 @@ def register_on_compressed(hook: Callable[[nn.Module], None]) -> None:
     if hook not in _ON_COMPRESSED:
         _ON_COMPRESSED.append(hook)
 
-@dataclass
-class _Candidate:
-    """A targeted layer that may be factorised, with what the rank rules need."""
-
-    name: str
-    module: nn.Module
-    kind: str
-    shape: tuple[int, int, int, int]
-    decomposition: Decomposition | None  # of the weight; None when the spectrum is a whitened one
-    positions: int | None = None  # output positions on example_inputs (None: no example inputs)
-    whitened_spectrum: torch.Tensor | None = None  # method="whitened": singular values of W S
-    # rank_allocation="sensitivity": the model-output loss of dropping each component (allocated in absolute terms)
-    marginal_losses: np.ndarray | None = None
-
-    @property
-    def spectrum(self) -> torch.Tensor:  # float64 singular values, descending
-        if self.whitened_spectrum is not None:
-            return self.whitened_spectrum
-        return self.decomposition.singular_values
-
-    @property
-    def full_rank(self) -> int:
-        return len(self.spectrum)
-
-    @property
-    def cost_per_rank(self) -> int:
-        out, inp, kh, kw = self.shape
-        return inp * kh * kw + out
-
-    @property
-    def dense_params(self) -> int:
-        out, inp, kh, kw = self.shape
-        return out * inp * kh * kw
-
-
-def _layer_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _tied_weight_ids(model: nn.Module) -> set[int]:
-    """Parameters reachable under several names: replacing one owner would silently untie them."""
-    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    return {pid for pid, n in counts.items() if n > 1}
-
-
-def _managed_by_hooks(module: nn.Module) -> bool:
-    """Whether the layer's hooks depend on what a factorised layer would not have.
-
-    The old ``torch.nn.utils.weight_norm`` (and ``spectral_norm``, ``prune``) keep ``weight`` as a plain attribute
-    that a forward pre-hook recomputes: between a ``load_state_dict`` and the next forward it is stale, and the hook
-    needs the dense layer's tensors. Sub-modules (a quantization observer, ``activation_post_process``) are read by
-    hooks too. A parametrized weight (``torch.nn.utils.parametrizations``) is computed when read: cut as usual.
-    """
-    parametrized = parametrize.is_parametrized(module, "weight")
-    stale = "weight" not in module._parameters and not parametrized
-    return stale or any(name != "parametrizations" for name in module._modules)
-
-
-def _read_by_parent(model: nn.Module) -> set[str]:
-    return {
-        f"{name}.out_proj" if name else "out_proj"
-        for name, m in model.named_modules()
-        if isinstance(m, nn.MultiheadAttention)
-    }
-
-
-def _choose_ranks(
-    candidates: list[_Candidate], config: LowRankConfig, total: int, advice: Callable[[], str] = str
-) -> list[int | None]:
-    """One rank (or ``None``: dense) per candidate; ``total`` is the whole model's parameters or multiply-adds.
-
-    ``advice()`` says what can raise the reachable parameter reduction (appended to that error).
-    """
-    if config.param_reduction is not None or config.macs_reduction is not None:
-        by_macs = config.macs_reduction is not None
-        rule, reduction = ("macs_reduction", config.macs_reduction) if by_macs else ("param_reduction", config.param_reduction)
-        unit = "multiply-adds" if by_macs else "parameters"
-        # Parameters and multiply-adds differ only by each layer's output positions (1 for parameters).
-        scale = [c.positions if by_macs else 1 for c in candidates]
-        costs = [c.cost_per_rank * n for c, n in zip(candidates, scale, strict=True)]
-        dense = [c.dense_params * n for c, n in zip(candidates, scale, strict=True)]
-        target = reduction * total
-        most = max_removable([c.full_rank for c in candidates], costs, dense, config.min_rank, config.rank_multiple)
-        if most < target:
-            largest = math.floor(most / total * 1000) / 1000  # rounded down: a value the user can pass
-            raise ValueError(
-                f"{rule}={reduction} asks to remove {target:,.0f} of {total:,} {unit}, but with these targets at most "
-                f"{most:,} ({most / total:.1%} of the model) can be removed, even with every factorisable layer at "
-                f"min_rank={config.min_rank}. Lower {rule} to at most {largest:.3f}."
-                + (
-                    " Or widen target_modules / exclude fewer modules / lower min_rank or rank_multiple."
-                    if by_macs
-                    else (f" {hint}" if (hint := advice()) else "")
-                )
-            )
-        measured = config.rank_allocation == "sensitivity"
-        return allocate_ranks(
-            [np.sqrt(c.marginal_losses) if measured else c.spectrum for c in candidates],
-            costs,
-            dense,
-            target,
-            min_rank=config.min_rank,
-            rank_multiple=config.rank_multiple,
-            relative=not measured,
-        )
-    ranks = []
-    for c in candidates:
-        if config.rank_ratio is not None:
-            kept = rank_for_ratio(c.full_rank, config.rank_ratio)
-        else:
-            kept = rank_for_energy(c.spectrum, config.energy)
-        ranks.append(
-            finalize_rank(kept, c.full_rank, c.cost_per_rank, c.dense_params, config.min_rank, config.rank_multiple)
-        )
-    return ranks
-
-
-# A cut that discards less than this fraction of a layer's energy (a relative error under 0.3%) removes what float
-# rounding left of an exactly low-rank weight (fp16 and bf16 copies included), not what the model learned.
-_ROUND_OFF_ENERGY = 1e-5
-
-
-def _warn_if_rounding_cuts_kept_ranks(
-    candidates: list[_Candidate],
-    ranks: list[int | None],
-    ranks_in_any_rank: Callable[[], list[int | None]],
-    rank_multiple: int,
-) -> None:
-    """Warn when ``rank_multiple`` turns an exact cut into a lossy one (a budget rule, ``rank_multiple > 1``).
-
-    A model trained for this cut (rank projection planned in multiples of 1) is exactly low rank at the budget: a
-    cut in any rank removes only zeros. Rounding ranks up spends parameters that the budget then takes from other
-    layers, below the rank their weights have, which silently costs accuracy.
-    """
-
-    def lost(c: _Candidate, rank: int | None) -> float:
-        return 1.0 - energy_kept(c.spectrum, rank)
-
-    worst, name = max((lost(c, r), c.name) for c, r in zip(candidates, ranks, strict=True)) if candidates else (0, "")
-    if worst <= _ROUND_OFF_ENERGY:
-        return
-    # Ranks in any multiple reach at least the same reduction, so this allocation cannot fail where the other did not.
-    if any(lost(c, r) > _ROUND_OFF_ENERGY for c, r in zip(candidates, ranks_in_any_rank(), strict=True)):
-        return  # the cut is lossy anyway: the rounding is not what loses accuracy
-    logger.warning(
-        "compress: the model is exactly low rank at this budget (trained for this cut, e.g. by rank projection): a cut "
-        "in any rank would remove only zero singular values. rank_multiple=%d rounds ranks up and pays for it by "
-        "cutting some layers below the rank their weights have (%s loses %.2f%% of its energy), which costs accuracy. "
-        "Compress with rank_multiple=1 to keep the model exact, or train with plan_rank_multiple=%d (README, "
-        "\"Training for a cut\").",
-        rank_multiple, name, 100 * worst, rank_multiple,
-    )
-
-
-@dataclass
-class _Plan:
-    """Everything ``compress`` decided, computed without touching the model."""
-
-    config: LowRankConfig
-    params_before: int
-    rows: dict[str, LayerReport]  # one per supported layer, in registration order
-    replacements: dict[str, LowRankLayer]  # the factorised layers, ready to swap in
-    macs_before: int | None = None  # on example_inputs (None: none given)
-    macs_after: int | None = None
-    macs_inputs: str | None = None  # the example inputs' shapes
-
-
 def _check_not_compressed(model: nn.Module) -> None:
     already = [name for name, m in model.named_modules() if isinstance(m, LowRankLayer)]
     if already:
@@ -268,135 +97,52 @@ def _plan(
     example_inputs: ExampleInputs | None = None,
     layer_timer: LayerTimer | None = None,
     whitening: Whitening | None = None,
-) -> _Plan:
-    """Classify every supported layer, take the candidates' spectra, choose ranks, build the replacements.
+) -> Plan:
+    """The whole model at once: classify every layer, take every candidate's spectrum, choose ranks, build every
+    replacement (the model is untouched until :func:`_apply`).
 
     With ``whitening`` (``method="whitened"``) the spectra are those of ``W S`` (the output error on the
     calibration inputs) and the factors its truncation; otherwise the weight's own decomposition.
     """
     calls = trace_layers(model, example_inputs) if example_inputs is not None else None
-    embeddings = config.factorise_embeddings
-    targets = dict(find_layers(model, config.target_modules, config.exclude_modules, config.skip_first_last, embeddings))
-    tied, read_by_parent = _tied_weight_ids(model), _read_by_parent(model)
     params_before = count_parameters(model)
-    rows: dict[str, LayerReport] = {}
-    candidates: list[_Candidate] = []
+    rows, candidates = classify(model, config, calls)
     cached = 0  # bytes of singular vectors kept
-    for name, module in find_layers(model, embeddings=embeddings):
-        kind = layer_kind(module, embeddings)
-        status = None
-        if name not in targets:
-            status = STATUS_DENSE_EXCLUDED
-        elif kind == "conv2d" and module.groups != 1:
-            status = STATUS_DENSE_GROUPED
-        elif any(id(p) in tied for p in module.parameters()):  # weight or bias shared
-            status = STATUS_DENSE_TIED
-        elif name in read_by_parent:
-            status = STATUS_DENSE_READ_BY_PARENT
-        elif _managed_by_hooks(module):
-            status = STATUS_DENSE_HOOKED
-        rows[name] = LayerReport.dense(name, module, kind, status or "")
-        shape = rows[name].shape
-        if status is not None:
-            continue
-        matrix = weight_matrix(module).detach()
-        if matrix.device.type == "meta":
-            raise ValueError(f"layer {name!r} is on the meta device: load real weights before compressing")
-        if not torch.isfinite(matrix).all():
-            raise ValueError(
-                f"layer {name!r} has NaN or Inf weights; nothing was compressed. Fix or exclude the layer "
-                "(exclude_modules) before compressing."
-            )
-        positions = None if calls is None else calls[name].positions
-        # ---- method hook 1/2: the spectrum the rank rules read
+    for c in candidates:  # ---- method hook 1/2: the spectrum the rank rules read
+        matrix = weight_matrix(c.module).detach()
         if whitening is not None:
-            candidates.append(_Candidate(name, module, kind, shape, None, positions, whitening.spectrum(name, matrix)))
-            continue
-        decomposition = decompose_within(matrix, cached)
-        cached += decomposition.basis_bytes
-        candidates.append(_Candidate(name, module, kind, shape, decomposition, positions))
-
-    if config.rank_multiple is None:  # resolved now, and recorded in the saved config
-        config = replace(config, rank_multiple=default_rank_multiple(model_device(model)))
-    if config.macs_reduction is not None:  # a layer that did not run costs no compute: nothing to allocate
-        for c in candidates:
-            if not c.positions:
-                rows[c.name].status = STATUS_DENSE_NOT_RUN
-        candidates = [c for c in candidates if c.positions]
-    total = sum(call.macs for call in calls.values()) if config.macs_reduction is not None else params_before
+            c.whitened_spectrum = whitening.spectrum(c.name, matrix)
+        else:
+            c.decomposition = decompose_within(matrix, cached)
+            cached += c.decomposition.basis_bytes
     if config.rank_allocation == "sensitivity":  # before any factor is built: it truncates with the same SVDs
         losses = whitening.sensitivity(model, {c.name: (c.module, c.cost_per_rank, c.dense_params) for c in candidates})
         for c in candidates:
             c.marginal_losses = losses[c.name]
     built: dict[tuple[str, int], LowRankLayer] = {}
-    by_name = {c.name: c for c in candidates}
 
-    def build(c: _Candidate, rank: int) -> LowRankLayer:
+    def build(c: Candidate, rank: int) -> LowRankLayer:
         if (c.name, rank) not in built:  # ---- method hook 2/2: the factors
             factors = whitening.factors(c.name, rank, c.module.weight.dtype) if whitening is not None else None
             built[c.name, rank] = factorise(c.module, rank, factors=factors, decomposition=c.decomposition)
         return built[c.name, rank]
 
-    excluded = [r for r in rows.values() if r.status == STATUS_DENSE_EXCLUDED]
-
-    def advice() -> str:
-        return budget_advice(
-            model, sum(r.params_before for r in excluded), len(excluded), config.min_rank, config.rank_multiple,
-            embeddings,
-        )
-
-    def choose(dense: frozenset[str]) -> dict[str, int | None]:
-        active = [c for c in candidates if c.name not in dense]
-        ranks = dict(zip([c.name for c in active], _choose_ranks(active, config, total, advice), strict=True))
-        return {c.name: ranks.get(c.name) for c in candidates}
-
-    if config.keep_slower_dense:
-        layers = {c.name: c.module for c in candidates}
-        ranks, slower = drop_slower_layers(choose, layers, lambda name, rank: build(by_name[name], rank), calls,
-                                           layer_timer or median_latency)
-    else:
-        ranks, slower = choose(frozenset()), {}
-        if config.rank_multiple > 1 and (config.param_reduction is not None or config.macs_reduction is not None):
-            _warn_if_rounding_cuts_kept_ranks(
-                candidates, [ranks[c.name] for c in candidates],
-                lambda: _choose_ranks(candidates, replace(config, rank_multiple=1), total, advice), config.rank_multiple,
-            )
-
-    replacements: dict[str, LowRankLayer] = {}
+    config, ranks = decide_ranks(model, config, rows, candidates, calls, build, layer_timer)
+    replacements = {c.name: build(c, ranks[c.name]) for c in candidates if ranks.get(c.name) is not None}
     for c in candidates:
-        rank, row = ranks[c.name], rows[c.name]
-        if rank is None:
-            row.status = STATUS_DENSE_SLOWER if c.name in slower else STATUS_DENSE_NO_GAIN
-            continue
-        replacements[c.name] = build(c, rank)
-        row.rank, row.status = rank, STATUS_FACTORISED
-        row.params_after = _layer_params(replacements[c.name])
-        row.energy_kept = energy_kept(c.spectrum, rank)
+        if c.name in replacements:
+            record(rows[c.name], c, ranks[c.name], replacements[c.name])
     if whitening is not None:
         whitening.release()  # every factor is built: the float64 decompositions are not needed any more
     if not replacements:
-        blocked = unfactorisable_weights(model, embeddings)
-        logger.warning(
-            "compress: no layer was factorised (%d candidate layers, none where the rule keeps a rank that removes "
-            "parameters)%s",
-            len(candidates),
-            f"; weights smooth_hf cannot factorise: {describe(blocked)}" if blocked else "",
-        )
-    saved = copy.deepcopy(config)
-    saved.ranks = {name: rows[name].rank for name in replacements}
-    saved.calibration_samples = whitening.grams.samples if whitening is not None else None
-    plan = _Plan(saved, params_before, rows, replacements)
-    if calls is not None:
-        plan.macs_before = sum(call.macs for call in calls.values())
-        plan.macs_after = plan.macs_before - sum(
-            calls[name].macs - rows[name].rank * macs_per_rank(rows[name].shape, calls[name].positions)
-            for name in replacements
-        )
-        plan.macs_inputs = describe_inputs(example_inputs)
+        warn_if_nothing_factorised(model, config, len(candidates))
+    plan = finish(config, params_before, rows, whitening.grams.samples if whitening is not None else None, calls,
+                  example_inputs)
+    plan.replacements = replacements
     return plan
 
 
-def _apply(model: nn.Module, plan: _Plan) -> None:
+def _apply(model: nn.Module, plan: Plan) -> None:
     """Swap the replacements in and record ``lowrank_config`` / ``lowrank_report``; all or nothing."""
     originals: dict[str, nn.Module] = {}
     try:
@@ -415,11 +161,49 @@ def _apply(model: nn.Module, plan: _Plan) -> None:
         for name, old in originals.items():
             model.set_submodule(name, old)
         raise
+    _record(model, plan, params_after)
+
+
+def _record(model: nn.Module, plan: Plan, params_after: int) -> None:
+    """``model.lowrank_config`` (what a reload needs) and ``model.lowrank_report``."""
     model.lowrank_config = plan.config
     model.lowrank_report = CompressionReport(
         plan.params_before, params_after, list(plan.rows.values()), macs_before=plan.macs_before,
         macs_after=plan.macs_after, macs_inputs=plan.macs_inputs,
     )
+
+
+def _blocks_to_stream(
+    model: nn.Module,
+    config: LowRankConfig,
+    calibration_data: Iterable[Any] | InputGrams | None,
+    streaming: bool | None,
+    device: torch.device | None,
+) -> Blocks | None:
+    """The blocks to compress one at a time, or ``None``: the model is compressed whole."""
+    if streaming is not None and not isinstance(streaming, bool):
+        raise ValueError(f"streaming must be None (stream where it applies), True or False, got {streaming!r}")
+    whole = []
+    if config.keep_slower_dense:
+        whole.append("keep_slower_dense times layers at several ranks")
+    if isinstance(calibration_data, InputGrams):
+        whole.append("the statistics were collected beforehand (InputGrams)")
+    layers = find_layers(model, config.target_modules, config.exclude_modules, config.skip_first_last,
+                         config.factorise_embeddings)
+    # (a lazy layer's size is unknown until a forward pass: counted as none here, refused with the reason later)
+    blocks = find_blocks(model, {name: 0 if is_lazy(m.weight) else m.weight.numel() for name, m in layers})
+    if blocks is None:
+        whole.append("the model has no repeated blocks holding most of its targeted weights")
+    if config.sequential and whole:
+        raise ValueError(f"sequential=True cuts a model block after block, but {whole[0]}")
+    if streaming is False or not whole:
+        if not whole and device is not None and config.rank_allocation == "sensitivity":
+            raise ValueError("rank_allocation='sensitivity' runs the whole model once per measurement: with "
+                             "device=..., compress with rank_allocation='spectrum', or move the model to the device")
+        return blocks if streaming is not False else None
+    if streaming:
+        raise ValueError(f"streaming=True, but {' and '.join(whole)}: compress it whole (streaming=None or False)")
+    return None
 
 
 BatchNormRepair = Iterable[Any] | str | _batchnorm.DataFreeRecalibration | None
@@ -459,6 +243,9 @@ def compress(
     example_inputs: ExampleInputs | None = None,
     layer_timer: LayerTimer | None = None,
     recalibrate_batchnorm: BatchNormRepair = None,
+    streaming: bool | None = None,
+    device: str | torch.device | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> nn.Module:
     """Factorise the targeted layers of ``model`` in place by truncated SVD; no fine-tuning.
 
@@ -495,6 +282,15 @@ def compress(
             ``"data_free"`` uses the model's configured input shape); after it, each running statistic
             moves by the change the cut made on those inputs
             (:func:`smooth_hf.lowrank.batchnorm.shift_batchnorm_statistics`).
+        streaming: a model made of repeated blocks (the decoder layers of an LLM, a transformer encoder's layers) is
+            compressed one block at a time (:mod:`smooth_hf.lowrank.streaming`): the same ranks and factors, with
+            the memory of one block's statistics instead of all of them. ``None`` (the default) streams where it
+            applies; ``False`` compresses the model whole; ``True`` refuses a model it cannot stream.
+            ``keep_slower_dense`` and statistics collected beforehand (an :class:`InputGrams`) compress whole.
+        device: where the forward passes and decompositions run (e.g. ``"cuda"``), the model staying where it is:
+            streamed, one block at a time is moved there and back; compressed whole, the model is.
+        offload_folder: streamed only: where each layer's decomposition waits, on disk, between the pass that takes
+            the spectra and the cut (default: a temporary folder, removed afterwards).
 
     Returns:
         ``model``, with ``model.lowrank_config`` (a copy of ``config`` with ``ranks`` filled, what
@@ -533,11 +329,31 @@ def compress(
     if config.calibration_samples is not None:
         logger.warning("config.calibration_samples is set but compress() records the number it used; ignored")
     how = _check_batchnorm_repair(recalibrate_batchnorm)
-
-    whitening = Whitening.prepare(model, config, calibration_data)  # forward passes only: the model is unchanged
-    plan = _plan(model, config, example_inputs, layer_timer, whitening)  # the model is untouched until _apply
-    repair = _prepare_batchnorm_repair(model, how)  # before the swap: it may read the dense model
-    _apply(model, plan)
+    Whitening.check_data(config, calibration_data)
+    device = torch.device(device) if device is not None else None
+    if config.method == "whitened" and not isinstance(calibration_data, InputGrams):
+        calibration_data = list(calibration_data)  # read more than once (a generator would be spent)
+    blocks = _blocks_to_stream(model, config, calibration_data, streaming, device)
+    repair = _prepare_batchnorm_repair(model, how)  # before the cut: it may read the dense model
+    plan = None
+    if blocks is not None:
+        calls = trace_layers(model, example_inputs) if example_inputs is not None else None
+        rows, candidates = classify(model, config, calls)
+        try:
+            plan = compress_streamed(model, config, blocks, rows, candidates, calls, example_inputs, calibration_data,
+                                     device, offload_folder)
+        except StreamingUnsupported as why:  # found on the first pass, before any layer changed
+            if streaming:
+                raise ValueError(f"streaming=True, but this model's blocks cannot be streamed ({why}): compress it "
+                                 "whole (streaming=None or False)") from None
+            logger.info("compress: %s, so the model is compressed whole", why)
+        else:
+            _record(model, plan, count_parameters(model))
+    if plan is None:
+        with _on(model, device):
+            whitening = Whitening.prepare(model, config, calibration_data)  # forward passes only: model unchanged
+            plan = _plan(model, config, example_inputs, layer_timer, whitening)  # the model is untouched until _apply
+            _apply(model, plan)
     for hook in _ON_COMPRESSED:  # e.g. transformers models: model.save_pretrained now records the ranks
         hook(model)
     if repair is not None:

@@ -127,6 +127,14 @@ class LowRankConfig:
             "keeps it invertible when the data do not span every input direction. Larger moves towards plain SVD."
         },
     )
+    sequential: bool = field(
+        default=False,
+        metadata={
+            "help": "method='whitened', models made of repeated blocks (LLMs, transformer encoders): cut each block "
+            "for the inputs it sees once the blocks before it are cut (its statistics taken on their outputs), so "
+            "later layers correct for earlier cuts. The ranks are allocated on the dense model's statistics first."
+        },
+    )
     rank_allocation: str = field(
         default="spectrum",
         metadata={
@@ -230,6 +238,11 @@ class LowRankConfig:
         damping = self.whitening_damping
         if not (_is_number(damping) and 0 < damping < math.inf):
             raise ValueError(f"whitening_damping must be a finite number > 0, got {damping!r}; e.g. 0.01.")
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential must be True or False, got {self.sequential!r}.")
+        if self.sequential and self.method != "whitened":
+            raise ValueError("sequential=True takes each block's statistics on the cut blocks' outputs: it needs "
+                             "method='whitened' (and compress(..., calibration_data=...)).")
         if self.rank_allocation not in ALLOCATIONS:
             raise ValueError(
                 f"rank_allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {self.rank_allocation!r}."

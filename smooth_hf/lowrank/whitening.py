@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from .config import LowRankConfig
 
 __all__ = [
+    "GramHook",
     "InputGrams",
     "Whitening",
     "calibrate",
@@ -96,12 +97,43 @@ def _svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return uh.t(), s, v.t()
 
 
+def _damped_root(g: Tensor, lam: float) -> tuple[Tensor, Tensor | None]:
+    """A square root ``S`` of the damped Gram ``g`` (``S S^T = g``): ``(L, None)`` with ``L`` its Cholesky factor, or,
+    where round-off defeats Cholesky (a tiny damping on a singular G), ``(Q Λ^{1/2}, Λ^{1/2})`` from a symmetric
+    eigensolver (``g >= λI`` exactly; round-off can push the smallest eigenvalues of a singular G a little below λ)."""
+    chol, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:  # lower triangular: an order of magnitude faster than an eigen-decomposition
+        return chol, None
+    eigenvalues, q = torch.linalg.eigh(g)
+    root = eigenvalues.clamp_min(lam).sqrt()
+    return q * root, root
+
+
+def _small_side_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """``(singular values, vectors)`` of a matrix ``M`` from the symmetric Gram of its short side (``M M^T`` or
+    ``M^T M``), descending: the eigenvalues are the squared singular values (as :mod:`~smooth_hf.lowrank.decomposition`
+    takes them, for the same reasons: a symmetric eigensolver is several times faster than an SVD)."""
+    eigenvalues, vectors = torch.linalg.eigh((gram + gram.t()) / 2)  # ascending
+    return eigenvalues.flip(0).clamp_min(0).sqrt(), vectors.flip(1)
+
+
+def _divide(values: Tensor, s: Tensor) -> Tensor:
+    """``values / s`` along the first axis, a zero singular value giving a zero row instead of a division by zero."""
+    return values / torch.where(s > 0, s, 1.0)[:, None]
+
+
 def whitened_decomposition(matrix: Tensor, gram: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(U, Σ, R)`` with ``matrix = U diag(Σ) R`` and ``Σ`` the singular values of ``W S``, ``S S^T = G + λ I``.
 
     ``R = V^T S^{-1}``, so the best rank-``r`` replacement for the inputs is ``U_r diag(Σ_r) R_r``
     (``up = U_r Σ_r^{1/2}``, ``down = Σ_r^{1/2} R_r``), and its error on them is ``sum_{i > r} Σ_i^2``
     (plus ``λ ||W - W'||_F^2``: see the module docstring). Everything in float64.
+
+    No SVD is run: the spectrum comes from the eigen-decomposition of the short side's Gram of ``W S``. A wide or
+    square weight (``out <= d``: attention projections, an MLP's down projection) needs no square root of ``G`` at
+    all: ``(W S)(W S)^T = W (G + λI) W^T``, its eigenvectors are ``U``, and ``R = Σ^{-1} U^T W`` (then
+    ``U_r U_r^T W`` is the best rank-``r`` cut). A tall one uses ``S``'s Cholesky factor: ``(W S)^T (W S) = V Σ^2
+    V^T``, ``U = W S V Σ^{-1}``.
 
     Args:
         matrix: the ``(out, d)`` weight (``weight_matrix(module)``).
@@ -130,17 +162,18 @@ def whitened_decomposition(matrix: Tensor, gram: Tensor, damping: float) -> tupl
             "on the same layer (collect_input_grams)"
         )
     g, lam = damped(gram.to(weight.device), damping)
-    chol, info = torch.linalg.cholesky_ex(g)
-    if int(info) == 0:  # S = L, lower triangular: an order of magnitude faster than an eigen-decomposition
-        u, s, vh = _svd(weight @ chol)
-        rows = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)  # V^T L^{-1}
-        return u, s, rows
-    # Round-off defeated Cholesky (a tiny damping on a singular G): S = Q Λ^{1/2} from a symmetric eigensolver.
-    # G + λI >= λI exactly; round-off can push the smallest eigenvalues of a singular G a little below λ.
-    eigenvalues, q = torch.linalg.eigh(g)
-    root = eigenvalues.clamp_min(lam).sqrt()
-    u, s, vh = _svd(weight @ (q * root))
-    rows = (vh / root) @ q.t()  # V^T S^{-1} = V^T Λ^{-1/2} Q^T
+    out, features = weight.shape
+    if out <= features:
+        s, u = _small_side_eigh(weight @ g @ weight.t())
+        return u, s, _divide(u.t() @ weight, s)
+    root, scale = _damped_root(g, lam)
+    ws = weight @ root  # W S
+    s, v = _small_side_eigh(ws.t() @ ws)
+    u = _divide((ws @ v).t(), s).t()
+    if scale is None:  # S = L: V^T L^{-1}
+        rows = torch.linalg.solve_triangular(root, v.t(), upper=False, left=False)
+    else:  # S = Q Λ^{1/2}: V^T Λ^{-1/2} Q^T
+        rows = (v.t() / scale) @ (root / scale).t()
     return u, s, rows
 
 
@@ -199,7 +232,7 @@ def _input_chunks(module: nn.Module, x: Tensor) -> Iterator[Tensor]:
         yield patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N * L, in*kh*kw), channel-major like W
 
 
-class _GramHook:
+class GramHook:
     """A forward pre-hook summing ``x x^T`` of one layer's inputs into a float64 matrix (of an embedding's one-hot
     inputs, the diagonal only: the token counts)."""
 
@@ -252,7 +285,11 @@ def _first_samples(batch: Any, n: int) -> Any:
 
 
 def collect_input_grams(
-    model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable[Any], keep_samples: int = 0
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Iterable[Any],
+    keep_samples: int = 0,
+    device: torch.device | None = None,
 ) -> InputGrams:
     """Run ``model`` on ``batches`` (eval mode, no gradients) and sum ``x x^T`` of every layer's inputs.
 
@@ -263,7 +300,8 @@ def collect_input_grams(
             yields them for training.
 
     The model's weights, buffers and train/eval flags are the same afterwards, error or not. The first
-    ``keep_samples`` samples are also kept, as given, in ``kept_batches`` (for the sensitivity allocation).
+    ``keep_samples`` samples are also kept, as given, in ``kept_batches`` (for the sensitivity allocation). Batches
+    go to ``device`` (default: where the model's first parameter is).
 
     Layers that no batch reached (not called by the forward, or whose weight the parent reads directly,
     like ``nn.MultiheadAttention.out_proj``) are listed in ``unreached``; cutting one of them is an error.
@@ -271,9 +309,9 @@ def collect_input_grams(
     Raises:
         ValueError: no batches, a batch the model cannot take, or NaN/Inf in a batch or in a layer's inputs.
     """
-    hooks = {layer_name: _GramHook(module) for layer_name, module in layers.items()}
+    hooks = {layer_name: GramHook(module) for layer_name, module in layers.items()}
     handles = [module.register_forward_pre_hook(hooks[n]) for n, module in layers.items()]
-    device = model_device(model)
+    device = model_device(model) if device is None else device
     samples = count = 0
     kept: list[Any] = []
     try:
@@ -356,21 +394,28 @@ class Whitening:
         cls, model: nn.Module, config: LowRankConfig, calibration_data: Iterable[Any] | InputGrams | None
     ) -> Whitening | None:
         """``None`` for ``method="svd"``; for ``"whitened"``, the statistics (collected here unless given)."""
+        cls.check_data(config, calibration_data)
+        if config.method != "whitened":
+            return None
+        grams = calibration_data if isinstance(calibration_data, InputGrams) else calibrate(model, config, calibration_data)
+        return cls(grams, config.whitening_damping)
+
+    @staticmethod
+    def check_data(config: LowRankConfig, calibration_data: Iterable[Any] | InputGrams | None) -> None:
+        """Calibration data given exactly when the method uses them, or a clear error."""
         if config.method != "whitened":
             if calibration_data is not None:
                 raise ValueError(
                     f"calibration_data is only used by method='whitened', but the config has method={config.method!r}: "
                     "set LowRankConfig(method='whitened', ...) to use it, or drop calibration_data."
                 )
-            return None
+            return
         if calibration_data is None:
             raise ValueError(
                 "method='whitened' needs calibration data: pass compress(model, config, calibration_data=batches) with "
                 "a few hundred training samples in the batches the trainer uses (dicts for model(**batch), "
                 "{'pixel_values': ...} or image tensors), or use method='svd' (no data)."
             )
-        grams = calibration_data if isinstance(calibration_data, InputGrams) else calibrate(model, config, calibration_data)
-        return cls(grams, config.whitening_damping)
 
     def spectrum(self, name: str, matrix: Tensor) -> Tensor:
         """Singular values of ``W S`` (float64, descending, on the CPU): the layer's output error profile."""

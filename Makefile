@@ -7,7 +7,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 install: $(VENV)/.installed
 
-# The constraints file pins a torch/torchvision pair that works on CPU (see README "Install").
+# The constraints file pins a torch/torchvision pair that works on CPU (see README, "Install on its own").
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip

@@ -9,6 +9,7 @@ of :class:`~smooth_hf.LowRankConfig` and :class:`~smooth_hf.ModelCardInfo`, with
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 
@@ -151,7 +152,11 @@ def render() -> str:
     return "\n".join(sections) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(
+        prog="python -m smooth_hf.scripts.options_doc",
+        description="Write docs/options.md (every option of the recipes, LowRankConfig and ModelCardInfo) to stdout.",
+    ).parse_args(argv)
     sys.stdout.write(render())
 
 

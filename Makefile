@@ -3,11 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install data main test lint bench-overhead clean
+.PHONY: install data main test lint docs bench-overhead clean
 
 install: $(VENV)/.installed
 
-# The constraints file pins a torch/torchvision pair that works on CPU (see README "Install").
+# The constraints file pins a torch/torchvision pair that works on CPU (see README, "Install on its own").
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
@@ -30,6 +30,10 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check smooth_hf recipes tests benchmarks
 	$(VENV)/bin/lint-imports
+
+# docs/options.md is generated from the options' own help texts (tests/test_docs.py checks it is up to date).
+docs: install
+	$(PY) -m smooth_hf.scripts.options_doc > docs/options.md
 
 bench-overhead: install
 	$(PY) benchmarks/step_overhead.py

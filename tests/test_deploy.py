@@ -1,7 +1,7 @@
 """The deployment paths of a compressed model, from the saved checkpoint as a user would load it:
 ``torch.compile`` and ONNX export + ONNX Runtime, for a timm CNN and a transformers encoder.
 
-The README's "Deploy" section shows these same calls.
+docs/deployment.md shows these same calls.
 """
 
 from __future__ import annotations

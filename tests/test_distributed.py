@@ -41,7 +41,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
 
 def test_the_recipe_launched_as_the_readme_shows_is_distributed(tmp_path):
-    """README: `accelerate launch --config_file recipes/accelerate_configs/cpu_2proc.yaml recipes/train.py ...`,
+    """docs/training.md's launch table: `accelerate launch --config_file recipes/accelerate_configs/cpu_2proc.yaml recipes/train.py ...`,
     no --use_cpu. 32 images at batch 8 per process: 2 steps if the two processes share the data, 4 if each
     trains alone on all of it."""
     out = tmp_path / "run"

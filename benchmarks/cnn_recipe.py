@@ -64,6 +64,7 @@ class RunSpec:
     penalty_exclude_modules: list[str] | None = None
     penalty_warmup_ratio: float = 0.0
     rank_projection_param_reduction: float | None = None
+    rank_projection_macs_reduction: float | None = None  # a compute budget, priced on one 1x28x28 image
     rank_projection_every: int = 10
     rank_projection_start: float = 0.1
     rank_projection_end: float = 0.6
@@ -71,6 +72,7 @@ class RunSpec:
     channels_last: bool = False  # SmoothTrainingArguments.channels_last (the trainer checks the model's convs first)
     seed: int = 0
     budgets: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
+    sweep_rule: str | None = None  # what the budgets remove: None = the rule the run planned (else param_reduction)
     save_weights: bool = False  # write the trained dense weights (fp16 safetensors shards) next to --out
 
 
@@ -187,6 +189,7 @@ def run_one(spec: RunSpec, data: dict, work_dir: Path, out_dir: Path) -> dict[st
         nuclear_norm_param_reduction=spec.nuclear_norm_param_reduction, nuclear_norm_every=spec.nuclear_norm_every,
         penalty_warmup_ratio=spec.penalty_warmup_ratio, penalty_exclude_modules=spec.penalty_exclude_modules,
         rank_projection_param_reduction=spec.rank_projection_param_reduction,
+        rank_projection_macs_reduction=spec.rank_projection_macs_reduction,
         rank_projection_every=spec.rank_projection_every, rank_projection_start=spec.rank_projection_start,
         rank_projection_end=spec.rank_projection_end, plan_rank_multiple=spec.plan_rank_multiple,
         channels_last=spec.channels_last,
@@ -206,14 +209,17 @@ def run_one(spec: RunSpec, data: dict, work_dir: Path, out_dir: Path) -> dict[st
                    "energy_kept": {r.name: r.energy_kept for r in cut.lowrank_report.layers}}
     start = time.time()
     multiple = {"rank_multiple": args.plan_rank_multiple} if args.plan_rank_multiple else {}  # the planned rounding
-    rows = budget_sweep(model, spec.budgets, lambda m: accuracy(m, test_images, test_labels), config_kwargs=multiple)
+    # every row also counts multiply-adds per image (the planned rule decides what the budgets are fractions of)
+    rule = spec.sweep_rule or args.projection_rule or "param_reduction"
+    rows = budget_sweep(model, spec.budgets, lambda m: accuracy(m, test_images, test_labels), config_kwargs=multiple,
+                        rule=rule, example_inputs=test_images[:1])
     if spec.save_weights:
         save_shards(model, out_dir, spec.name)
     log = [{k: v for k, v in e.items() if k in ("step", "epoch", "loss", "smooth/nuclear_norm", "smooth/first_order",
                                                  "learning_rate", "grad_norm")}
            for e in trainer.state.log_history if "loss" in e]
     return {
-        "spec": asdict(spec), "train_seconds": round(train_seconds, 1), "sweep_seconds": round(time.time() - start, 1),
+        "spec": asdict(spec), "sweep_rule": rule, "train_seconds": round(train_seconds, 1), "sweep_seconds": round(time.time() - start, 1),
         "steps": trainer.state.global_step, "normalized_nuclear": normalized_nuclear(model), "rows": rows, "log": log,
         "spectra": layer_spectra(model) if spec.save_weights else None, "tail_plan": planned,
     }
@@ -414,8 +420,30 @@ def _main_b64() -> list[dict[str, Any]]:
             {"name": "m16-32-128_proj0.8_cl_b64", **small, "rank_projection_param_reduction": 0.8}]
 
 
+def _speed_pilot() -> list[dict[str, Any]]:
+    """Issue 26's pilot at the main job's size (16-32-128, channels_last, 20,000 images, 2 epochs, batch 64): the
+    recipe planned for 70% fewer multiply-adds beside the parameter recipe (80% fewer parameters), weights kept for
+    benchmarks/speed_size.py."""
+    small = {"epochs": 2, "max_train_samples": 20000, "channels_last": True, "channels": [16, 32, 128], "batch_size": 64,
+             "save_weights": True}
+    return [{"name": "m16-32-128_macs0.7_cl_b64", **small, "rank_projection_macs_reduction": 0.7},
+            {"name": "m16-32-128_proj0.8_cl_b64_w", **small, "rank_projection_param_reduction": 0.8}]
+
+
+def _speed() -> list[dict[str, Any]]:
+    """Issue 26: the full recipe (resnet14_cifar 32-64-128, all 60,000 images, 4 epochs, channels_last) planned for 70%
+    fewer multiply-adds, three seeds, and the parameter recipe (80% fewer parameters) once more with its weights kept
+    for the speed table; the first seed's weights are kept too."""
+    full = {"channels_last": True, "budgets": [0.5, 0.6, 0.7, 0.8]}
+    runs = [{"name": f"r14_macs0.7_cl_s{seed}", **full, "rank_projection_macs_reduction": 0.7, "seed": seed,
+             "save_weights": seed == 0} for seed in (0, 1, 2)]
+    return [runs[0], {"name": "r14_proj0.8_cl_s0", **full, "rank_projection_param_reduction": 0.8, "save_weights": True},
+            *runs[1:]]
+
+
 GRIDS = {"smoke": _smoke, "gpu2": _gpu2, "init_scale": _init_scale, "projection": _projection, "gpu3": _gpu3,
-         "main_gap": _main_gap, "main_width": _main_width, "main_b64": _main_b64}
+         "main_gap": _main_gap, "main_width": _main_width, "main_b64": _main_b64, "speed_pilot": _speed_pilot,
+         "speed": _speed}
 
 
 if __name__ == "__main__":

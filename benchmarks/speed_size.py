@@ -50,6 +50,7 @@ from smooth_hf.checkpoint.build import load_dense
 from smooth_hf.core.libraries import is_transformers_model
 from smooth_hf.data.processors import image_input_config
 from smooth_hf.evaluation.accuracy import classification_accuracy, logits_of
+from smooth_hf.evaluation.latency import interleaved_medians
 from smooth_hf.lowrank import LowRankConfig, compress, count_macs, count_parameters
 
 RUNTIMES = ("eager", "compile", "onnx")
@@ -128,28 +129,6 @@ def make_runner(runtime: str, model: nn.Module, inputs: dict[str, torch.Tensor],
         feed = {name: inputs[name].numpy() for name in names} if kwargs else {"pixel_values": inputs["pixel_values"].numpy()}
         return lambda: torch.from_numpy(session.run(["logits"], feed)[0])
     raise ValueError(f"unknown runtime {runtime!r}: choose from {', '.join(RUNTIMES)}")
-
-
-def interleaved_medians(runners: dict[str, Callable[[], Any]], rounds: int, min_round_ms: float,
-                        warmup: int) -> dict[str, float]:
-    """Median ms per call of each runner; every round runs every runner in turn (order rotated each round)."""
-    calls = {}
-    for key, run in runners.items():
-        for _ in range(warmup):
-            run()
-        start = time.perf_counter()
-        run()
-        once_ms = 1000 * (time.perf_counter() - start)
-        calls[key] = max(1, round(min_round_ms / max(once_ms, 1e-3)))
-    samples: dict[str, list[float]] = {key: [] for key in runners}
-    keys = list(runners)
-    for r in range(rounds):
-        for key in keys[r % len(keys):] + keys[: r % len(keys)]:
-            start = time.perf_counter()
-            for _ in range(calls[key]):
-                runners[key]()
-            samples[key].append(1000 * (time.perf_counter() - start) / calls[key])
-    return {key: statistics.median(values) for key, values in samples.items()}
 
 
 # ---------------------------------------------------------------------------------------------- one model

@@ -21,7 +21,7 @@ from smooth_hf.scripts import compress as compress_recipe
 from smooth_hf.scripts import smooth_vs_plain
 from smooth_hf.scripts import train as train_recipe
 from smooth_hf.scripts.args import DATA_RECORD_NAME
-from smooth_hf.training.presets import CNN_TRAINING, VIT_TRAINING
+from smooth_hf.training.presets import CNN_SPEED_TRAINING, CNN_TRAINING, VIT_TRAINING
 
 TINY_MODEL = ["--model_name_or_path", "resnet14_cifar", "--config_overrides", "channels=[4,8,8],layers=[1,1,1]"]
 EVAL_SAMPLES = 24  # of the 32 test images: a subset, so that which subset matters
@@ -279,6 +279,7 @@ def test_main_job_end_to_end(tiny_fmnist, tmp_path, capsys):
         "--max_train_samples", "48", "--max_eval_samples", "32", "--num_train_epochs", "1",
         "--per_device_train_batch_size", "16", "--budgets", "0.3,0.5", "--save_budget", "0.5",
         "--rank_projection_param_reduction", "0.5",  # a 4-8-8 model cannot lose the recipe's 80%
+        "--speed_batch_sizes", "1,4", "--speed_runtimes", "eager",
     ])
     assert list(results) == ["plain", "smooth"]
     printed = capsys.readouterr().out
@@ -311,6 +312,32 @@ def test_main_job_end_to_end(tiny_fmnist, tmp_path, capsys):
     # ... and cut with the rank multiple its plan used (read from training_args.json by recipes/compress.py)
     assert "| plan_rank_multiple | 1 |" in card.text
     assert "rank_multiple 1: the multiple the model was trained for" in (out / "smooth.log").read_text()
+    # both models' cuts at the save budget, timed against their dense selves: a table of speed-ups beside the sizes
+    speed = json.loads((out / "results.json").read_text())["speed"]
+    assert set(speed) == {"plain", "smooth"}
+    for timed in speed.values():
+        assert timed["budget"] == 0.5 and timed["params_removed"] >= 0.5 and 0 < timed["macs_removed"] < 1
+        assert set(timed["latency"]["cut"]) == {"eager_b1", "eager_b4"} and timed["input_shape"] == [1, 12, 12]
+    assert "| model, cut | accuracy | parameters removed | multiply-adds removed | eager b1 | eager b4 |" in printed
+    assert "| smooth, 50% fewer parameters |" in (out / "results.md").read_text()
+
+
+def test_main_job_for_speed_sweeps_and_times_multiply_adds(tiny_fmnist, tmp_path, capsys):
+    out = tmp_path / "main"
+    results = smooth_vs_plain.main([
+        "--recipe", "cnn-speed", "--output_dir", str(out), "--dataset_name", tiny_fmnist, "--config_overrides",
+        "channels=[4,8,8]", "--max_train_samples", "48", "--max_eval_samples", "32", "--num_train_epochs", "1",
+        "--per_device_train_batch_size", "16", "--budgets", "0.3,0.5", "--save_budget", "0.5",
+        "--rank_projection_macs_reduction", "0.5", "--speed_batch_sizes", "2", "--speed_runtimes", "eager",
+        "--side_by_side", "false",
+    ])
+    printed = capsys.readouterr().out
+    assert "| multiply-adds removed | plain | smooth |" in printed and (out / "accuracy_vs_macs_removed.png").is_file()
+    assert all(r["macs_removed"] >= r["budget"] for rows in results.values() for r in rows)
+    by_budget = {r["budget"]: r["accuracy"] for r in results["smooth"]}
+    assert by_budget[0.5] == by_budget[0.0]  # trained for that compute budget: the cut changes nothing
+    assert smooth_hf.from_pretrained(out / "smooth-lowrank-50").lowrank_config.macs_reduction == 0.5
+    assert "| smooth, 50% fewer multiply-adds |" in printed
 
 
 def test_main_job_recipes_come_from_smooth_hf_recommended():
@@ -328,6 +355,9 @@ def test_main_job_recipes_come_from_smooth_hf_recommended():
     assert training.num_train_epochs == CNN_TRAINING["num_train_epochs"] and data.max_train_samples is None
     assert training.per_device_train_batch_size == CNN_TRAINING["per_device_train_batch_size"]
     assert training.nuclear_norm_coef == 0.2
+    job, model, data, training = smooth_vs_plain.parse_args(["--recipe", "cnn-speed"])
+    assert training.rank_projection_macs_reduction == CNN_SPEED_TRAINING["rank_projection_macs_reduction"]
+    assert training.rank_projection_param_reduction is None and model.config_overrides == "channels=[16,32,128]"
     job, model, data, training = smooth_vs_plain.parse_args(["--recipe", "vit"])
     assert model.model_type == "vit" and model.model_name_or_path is None and not data.augment
     assert {k: getattr(training, k) for k in VIT_TRAINING} == VIT_TRAINING

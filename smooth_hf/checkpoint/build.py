@@ -26,7 +26,7 @@ from ..core.libraries import is_transformers_model
 from ..models import resnet_cifar  # noqa: F401  (registers the CIFAR ResNets with timm)
 from .dense import build_from_config_dir, is_timm_folder, load_dense
 
-__all__ = ["build_model", "check_num_labels", "is_timm_name", "num_labels_of"]
+__all__ = ["build_model", "check_num_labels", "is_timm_name", "num_labels_of", "task_of"]
 
 TASK_AUTO_CLASSES = {
     "image-classification": "AutoModelForImageClassification",
@@ -36,6 +36,19 @@ TASK_AUTO_CLASSES = {
 
 def is_timm_name(name: str) -> bool:
     return name.startswith(("timm/", "hf-hub:")) or timm.is_model(name)
+
+
+def task_of(model_name_or_path: str | None, model_type: str | None = None) -> str:
+    """``"text-classification"`` for a transformers text model (a config with a vocabulary and no image input), else
+    ``"image-classification"`` (timm models, transformers vision models)."""
+    if model_name_or_path is None:
+        config = AutoConfig.for_model(model_type) if model_type else None
+    elif is_timm_folder(model_name_or_path) or is_timm_name(model_name_or_path):
+        return "image-classification"
+    else:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    text = config is not None and hasattr(config, "vocab_size") and not hasattr(config, "num_channels")
+    return "text-classification" if text else "image-classification"
 
 
 def _parse_overrides(config_overrides: str | None) -> dict[str, Any]:

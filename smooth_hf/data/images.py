@@ -2,7 +2,8 @@
 Fashion-MNIST from the Debian package's idx files when they are installed (no Hub needed).
 
 Every source ends as a ``DatasetDict`` with ``train`` and ``test`` splits and the columns ``image``
-and ``label``; :func:`prepare_image_splits` picks the subsets (one rule, :func:`select_subset`) and
+and ``label``; :func:`prepare_image_splits` picks the subsets (one rule, shared with text:
+:func:`smooth_hf.data.splits.select_subset`) and
 attaches :class:`~smooth_hf.data.transforms.ImageTransform`, which turns a batch into ``pixel_values`` and
 ``labels``, the names both timm models (through ``SmoothTrainer``) and transformers image models take.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value, load_dataset, load_from_disk
 
+from .splits import LABEL_COLUMNS, find_column, select_subset, train_test_splits
 from .transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
@@ -60,9 +61,7 @@ PRETTY_NAMES = {
     "uoft-cs/cifar100": "CIFAR-100",
     "ylecun/mnist": "MNIST",
 }
-DEFAULT_EVAL_SPLIT_RATIO = 0.1
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
-LABEL_COLUMNS = ("label", "labels", "fine_label", "class")
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -120,18 +119,6 @@ def load_fashion_mnist_local(directory: str | os.PathLike = FASHION_MNIST_DIR) -
     })
 
 
-def _find_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, flag: str) -> str:
-    if wanted is not None:
-        if wanted not in columns:
-            raise ValueError(f"{flag} {wanted!r} is not a column of the dataset; its columns are {columns}")
-        return wanted
-    for name in candidates:
-        if name in columns:
-            return name
-    raise ValueError(f"the dataset has no {what} column (looked for {list(candidates)}; it has {columns}). "
-                     f"Name it with {flag}.")
-
-
 def _is_local_folder(dataset_name: str) -> bool:
     """Whether :func:`load_image_classification` reads ``dataset_name`` from a folder so named (else the Debian
     files or the Hub)."""
@@ -140,8 +127,10 @@ def _is_local_folder(dataset_name: str) -> bool:
 
 
 def dataset_identity(dataset_name: str) -> str:
-    """``dataset_name`` as it loads the same data from any working directory: a local folder by its absolute path."""
-    return str(Path(dataset_name).resolve()) if _is_local_folder(dataset_name) else dataset_name
+    """``dataset_name`` as it loads the same data from any working directory: a local folder or file by its absolute
+    path."""
+    local = _is_local_folder(dataset_name) or Path(dataset_name).is_file()
+    return str(Path(dataset_name).resolve()) if local else dataset_name
 
 
 def load_image_classification(
@@ -160,9 +149,6 @@ def load_image_classification(
     (``imagefolder``: one sub-folder per class). A dataset without a test or validation split gets a
     seeded ``eval_split_ratio`` split of its train split (default ``DEFAULT_EVAL_SPLIT_RATIO``).
     """
-    ratio_given = eval_split_ratio is not None
-    if eval_split_ratio is None:
-        eval_split_ratio = DEFAULT_EVAL_SPLIT_RATIO
     path = Path(dataset_name)
     if _is_local_folder(dataset_name):
         saved = (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()  # by save_to_disk
@@ -171,23 +157,10 @@ def load_image_classification(
         data = load_fashion_mnist_local(FASHION_MNIST_DIR)
     else:
         data = load_dataset(HUB_ALIASES.get(dataset_name, dataset_name), dataset_config_name, cache_dir=cache_dir)
-    if isinstance(data, Dataset):
-        data = DatasetDict({"train": data})
-    if "train" not in data:
-        raise ValueError(f"dataset {dataset_name!r} has no 'train' split (it has {list(data)}): save it as "
-                         "DatasetDict({'train': ..., 'test': ...}), or rename its training split to 'train'")
-    if ("test" in data or "validation" in data) and ratio_given:
-        logger.warning("dataset %r has its own %s split: the split ratio %s (--train_val_split) is not used",
-                       dataset_name, "test" if "test" in data else "validation", eval_split_ratio)
-    if "test" not in data:
-        if "validation" in data:
-            data["test"] = data.pop("validation")
-        else:
-            data = DatasetDict(_held_out_split(data["train"], eval_split_ratio, seed))
-
+    data = train_test_splits(data, dataset_name, eval_split_ratio, seed)
     columns = data["train"].column_names
-    image = _find_column(columns, image_column, IMAGE_COLUMNS, "image", "--image_column_name")
-    label = _find_column(columns, label_column, LABEL_COLUMNS, "label", "--label_column_name")
+    image = find_column(columns, image_column, IMAGE_COLUMNS, "image", "--image_column_name")
+    label = find_column(columns, label_column, LABEL_COLUMNS, "label", "--label_column_name")
     data = data.select_columns([image, label])
     if image != "image":
         data = data.rename_column(image, "image")
@@ -222,40 +195,6 @@ def held_as_tensors(dataset, max_bytes: int = 2**30):
         return dataset
     size = dataset[0]["pixel_values"].numel() * 4 * len(dataset)
     return TensorExamples(dataset) if size <= max_bytes else dataset
-
-
-def select_subset(dataset: Dataset, max_samples: int | None, seed: int) -> Dataset:
-    """The first ``max_samples`` examples of a shuffle seeded by ``seed`` (all of them when ``None``).
-
-    The one rule for every subset in the project: the same ``max_eval_samples`` and seed give the same
-    evaluation images in ``recipes/train.py``, ``recipes/compress.py`` and the benchmarks.
-    """
-    if max_samples is None or max_samples >= len(dataset):
-        return dataset
-    if max_samples < 1:
-        raise ValueError(f"a subset of {max_samples} examples is empty: give a number >= 1, or leave the limit out")
-    return dataset.select(_permutation(len(dataset), seed)[:max_samples], keep_in_memory=True)
-
-
-# ``Dataset.shuffle`` / ``train_test_split`` write index files next to a dataset loaded from disk -- into the
-# user's own folder -- and ignore ``keep_in_memory`` there (datasets 5.2). The same permutations, drawn here
-# and selected in memory, give the same examples and write nothing.
-def _permutation(n: int, seed: int) -> np.ndarray:
-    """``Dataset.shuffle(seed=seed)``'s order."""
-    return np.random.default_rng(seed).permutation(n)
-
-
-def _held_out_split(dataset: Dataset, test_size: float, seed: int) -> dict[str, Dataset]:
-    """``Dataset.train_test_split(test_size=test_size, seed=seed)``'s two splits."""
-    if not 0.0 < test_size < 1.0:
-        raise ValueError(f"--train_val_split must be a fraction in (0, 1), got {test_size!r}")
-    n_test = math.ceil(test_size * len(dataset))
-    if not 0 < n_test < len(dataset):
-        raise ValueError(f"a {test_size} test split of {len(dataset)} examples leaves one side empty: use a larger "
-                         "dataset or another --train_val_split")
-    permutation = _permutation(len(dataset), seed)
-    return {"train": dataset.select(permutation[n_test:], keep_in_memory=True),
-            "test": dataset.select(permutation[:n_test], keep_in_memory=True)}
 
 
 def prepare_image_splits(
@@ -328,8 +267,10 @@ def dataset_card_fields(dataset_name: str) -> dict[str, Any]:
 
 
 def label_names(dataset: Dataset) -> list[str]:
-    """Class names from a ``ClassLabel`` feature, else the sorted distinct label values."""
-    feature = dataset.features["label"]
+    """Class names from a ``ClassLabel`` feature, else the sorted distinct label values (of the ``label`` column, or of
+    ``labels`` in a tokenised text split)."""
+    column = "label" if "label" in dataset.features else "labels"
+    feature = dataset.features[column]
     if isinstance(feature, ClassLabel):
         return list(feature.names)
-    return [str(v) for v in sorted(set(dataset["label"]))]
+    return [str(v) for v in sorted(set(dataset[column]))]

@@ -1,4 +1,5 @@
-"""Accuracy against parameters removed: compress copies of a model at several budgets, no fine-tuning.
+"""Accuracy against parameters (or multiply-adds) removed: compress copies of a model at several budgets, no
+fine-tuning.
 
 Used by ``recipes/compress.py --budgets``, the main job and the benchmarks, so every table in the
 project is produced the same way.
@@ -14,10 +15,11 @@ from typing import Any
 
 from torch import nn
 
-from ..lowrank import InputGrams, LowRankConfig, calibrate, compress, count_parameters
+from ..lowrank import InputGrams, LowRankConfig, calibrate, compress, count_macs, count_parameters
 from ..lowrank.batchnorm import DataFreeRecalibration, batchnorm_layers, recalibrate_batchnorm
+from ..lowrank.cost import ExampleInputs
 
-__all__ = ["BN_REPAIRS", "budget_sweep", "plot_sweep", "sweep_markdown"]
+__all__ = ["BN_REPAIRS", "RULE_LABELS", "budget_sweep", "plot_sweep", "sweep_markdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ BN_REPAIRS = {
     "accuracy_bn_recalibrated": ("+ BN recal.", "+ BN recalibration", "--"),
     "accuracy_bn_data_free": ("+ BN data-free", "+ BN recalibration, data-free", ":"),
 }
+# What a sweep's budgets are fractions of, by the LowRankConfig rule they set: the tables' and plots' label.
+RULE_LABELS = {"param_reduction": "parameters removed", "macs_reduction": "multiply-adds removed"}
 
 
 def budget_sweep(
@@ -39,8 +43,14 @@ def budget_sweep(
     data_free_batchnorm: bool | DataFreeRecalibration = False,
     calibration_data: Iterable[Any] | InputGrams | None = None,
     on_cut: Callable[[float, nn.Module, dict[str, Any]], None] | None = None,
+    rule: str = "param_reduction",
+    example_inputs: ExampleInputs | None = None,
 ) -> list[dict[str, Any]]:
     """One row per budget (0 = the dense model): parameters, fraction removed, accuracy.
+
+    ``rule`` is the ``LowRankConfig`` field each budget sets: ``"param_reduction"`` or ``"macs_reduction"`` (which
+    prices multiply-adds on ``example_inputs``, as ``compress`` does). With ``example_inputs`` every row also gets
+    ``macs`` (per call on them) and ``macs_removed``.
 
     ``evaluate(model) -> accuracy``. For a model with BatchNorm, two repairs of the running
     statistics (forward passes only, no weight changes) can be measured on the same compressed
@@ -59,7 +69,12 @@ def budget_sweep(
     ``on_cut(budget, model, row)`` sees each compressed model (as cut, before any repair) with its row, e.g. to
     keep one of them.
     """
+    if rule not in RULE_LABELS:
+        raise ValueError(f"rule must be one of {', '.join(RULE_LABELS)}, got {rule!r}")
+    if rule == "macs_reduction" and example_inputs is None:
+        raise ValueError("a macs_reduction sweep prices multiply-adds on inputs: pass example_inputs")
     dense_params = count_parameters(model)
+    dense_macs = count_macs(model, example_inputs) if example_inputs is not None else None
     if calibration_data is not None and not isinstance(calibration_data, InputGrams):
         targets = LowRankConfig(param_reduction=0.0, **(config_kwargs or {}))  # read for its targets only
         calibration_data = calibrate(model, targets, calibration_data)
@@ -76,10 +91,15 @@ def budget_sweep(
             candidate = model
         else:
             candidate = copy.deepcopy(model)
-            config = LowRankConfig(param_reduction=budget, **(config_kwargs or {}))
-            compress(candidate, config, calibration_data=calibration_data)
+            config = LowRankConfig(**{rule: budget}, **(config_kwargs or {}))
+            compress(candidate, config, calibration_data=calibration_data,
+                     example_inputs=example_inputs if rule == "macs_reduction" else None)
         params = count_parameters(candidate)
-        row = {"budget": budget, "params": params, "removed": 1 - params / dense_params, "accuracy": evaluate(candidate)}
+        row = {"budget": budget, "params": params, "removed": 1 - params / dense_params}
+        if dense_macs is not None:
+            row["macs"] = count_macs(candidate, example_inputs)
+            row["macs_removed"] = 1 - row["macs"] / dense_macs
+        row["accuracy"] = evaluate(candidate)
         if budget > 0:
             for key, repair in repairs.items():  # each repair starts from the cut model's own (stale) statistics
                 repaired = copy.deepcopy(candidate)
@@ -88,13 +108,14 @@ def budget_sweep(
         rows.append(row)
         if budget > 0 and on_cut is not None:
             on_cut(budget, candidate, row)
-        logger.info("budget %.0f%%: %d parameters, accuracy %.4f%s", 100 * budget, params, row["accuracy"],
+        logger.info("budget %.0f%% (%s): %d parameters, accuracy %.4f%s", 100 * budget, rule, params, row["accuracy"],
                     "".join(f", {BN_REPAIRS[k][0]} {row[k]:.4f}" for k in BN_REPAIRS if k in row))
     return rows
 
 
-def sweep_markdown(results: dict[str, list[dict[str, Any]]]) -> str:
-    """A Markdown table: one row per budget, one column per model (and per BN repair when present)."""
+def sweep_markdown(results: dict[str, list[dict[str, Any]]], rule: str = "param_reduction") -> str:
+    """A Markdown table: one row per budget, one column per model (and per BN repair when present); the budgets are
+    fractions of what ``rule`` removes (:data:`RULE_LABELS`)."""
     budgets = sorted({row["budget"] for rows in results.values() for row in rows})
     columns = []  # (model name, row key, header)
     for name, rows in results.items():
@@ -102,7 +123,7 @@ def sweep_markdown(results: dict[str, list[dict[str, Any]]]) -> str:
         for key, (header, *_) in BN_REPAIRS.items():
             if any(key in row for row in rows):
                 columns.append((name, key, f"{name} {header}"))
-    lines = ["| parameters removed | " + " | ".join(header for *_, header in columns) + " |",
+    lines = [f"| {RULE_LABELS[rule]} | " + " | ".join(header for *_, header in columns) + " |",
              "|" + "---|" * (len(columns) + 1)]
     for budget in budgets:
         cells = []
@@ -115,8 +136,11 @@ def sweep_markdown(results: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(results: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> Path:
-    """PNG: accuracy (%) against parameters removed (%), one line per model (dashed / dotted: BN repairs)."""
+def plot_sweep(results: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "",
+               rule: str = "param_reduction") -> Path:
+    """PNG: accuracy (%) against parameters (or, for a ``macs_reduction`` sweep, multiply-adds) removed (%), one line
+    per model (dashed / dotted: BN repairs)."""
+    x = "macs_removed" if rule == "macs_reduction" else "removed"
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,15 +148,15 @@ def plot_sweep(results: dict[str, list[dict[str, Any]]], path: str | Path, title
 
     fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=120)
     for name, rows in results.items():
-        rows = sorted(rows, key=lambda r: r["removed"])
-        line = ax.plot([100 * r["removed"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=name)[0]
+        rows = sorted(rows, key=lambda r: r[x])
+        line = ax.plot([100 * r[x] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=name)[0]
         for key, (_, label, style) in BN_REPAIRS.items():
             bn = [r for r in rows if key in r]
             if bn:
-                ax.plot([100 * r["removed"] for r in rows[:1] + bn],
+                ax.plot([100 * r[x] for r in rows[:1] + bn],
                         [100 * rows[0]["accuracy"]] + [100 * r[key] for r in bn],
                         marker="x", linestyle=style, color=line.get_color(), label=f"{name} {label}")
-    ax.set_xlabel("parameters removed (% of the whole model)")
+    ax.set_xlabel(f"{RULE_LABELS[rule]} (% of the whole model)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or "Accuracy without fine-tuning", fontsize=10, wrap=True)
     ax.grid(alpha=0.3)

@@ -20,6 +20,7 @@ from typing import Any
 from datasets import DatasetDict
 
 from ..data.images import dataset_identity, label_names
+from ..data.text import DEFAULT_MAX_SEQ_LENGTH
 from ..lowrank import LowRankConfig
 
 __all__ = [
@@ -42,8 +43,9 @@ DEFAULT_DATASET = "fashion_mnist"
 DEFAULT_SEED = 42  # TrainingArguments' default seed, so both recipes pick the same subsets by default
 
 _DATASET_HELP = (
-    "fashion_mnist (local Debian files when installed, else the Hub), cifar10, any Hub image-classification "
-    "dataset, a save_to_disk folder, or a folder of class sub-folders."
+    "Images: fashion_mnist (local Debian files when installed, else the Hub), cifar10, any Hub image-classification "
+    "dataset, a save_to_disk folder, or a folder of class sub-folders. Text (for a transformers text checkpoint): a "
+    "save_to_disk folder, a CSV/TSV/JSON/JSONL/Parquet file, or a Hub dataset, with text and label columns."
 )
 
 
@@ -70,7 +72,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """Which images, in which columns, and how many test images to score.
+    """Which images or sentences, in which columns, and how many test examples to score.
 
     ``None`` fields of ``recipes/compress.py`` are filled from the checkpoint's data record
     (:func:`resolve_data_arguments`).
@@ -83,7 +85,15 @@ class DataArguments:
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's config name."})
     image_column_name: str | None = field(default=None, metadata={"help": "Image column (default: detected)."})
+    text_column_name: str | None = field(
+        default=None, metadata={"help": "Text column of a text dataset (default: detected: text, sentence, ...)."})
     label_column_name: str | None = field(default=None, metadata={"help": "Label column (default: detected)."})
+    max_seq_length: int | None = field(
+        default=None,
+        metadata={"help": "Text models: sentences are tokenised by the checkpoint's tokenizer and truncated to this "
+                  f"many tokens (each batch is padded to its longest sentence). Default: the training run's, else "
+                  f"{DEFAULT_MAX_SEQ_LENGTH}."},
+    )
     train_val_split: float | None = field(
         default=None,
         metadata={"help": "Test fraction split off the train split when the dataset has no test split (default: "
@@ -95,12 +105,14 @@ class DataArguments:
                   "in every recipe (default: the whole test split)."},
     )
 
-    def split_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`smooth_hf.data.prepare_image_splits` (load and subsets)."""
+    def split_kwargs(self, text: bool = False) -> dict[str, Any]:
+        """Keyword arguments of :func:`smooth_hf.data.prepare_image_splits` (load and subsets), or with ``text`` of
+        :func:`smooth_hf.data.text.prepare_text_splits`."""
+        column = {"text_column": self.text_column_name} if text else {"image_column": self.image_column_name}
         return {
-            "data": self.dataset_name, "dataset_config_name": self.dataset_config_name,
-            "image_column": self.image_column_name, "label_column": self.label_column_name,
-            "eval_split_ratio": self.train_val_split, "max_eval_samples": self.max_eval_samples,
+            "data": self.dataset_name, "dataset_config_name": self.dataset_config_name, **column,
+            "label_column": self.label_column_name, "eval_split_ratio": self.train_val_split,
+            "max_eval_samples": self.max_eval_samples,
         }
 
 
@@ -109,6 +121,11 @@ class TrainingDataArguments(DataArguments):
     """:class:`DataArguments` plus what only training uses."""
 
     dataset_name: str = field(default=DEFAULT_DATASET, metadata={"help": _DATASET_HELP})
+    max_seq_length: int = field(
+        default=DEFAULT_MAX_SEQ_LENGTH,
+        metadata={"help": "Text models: sentences are tokenised by the checkpoint's tokenizer and truncated to this "
+                  "many tokens (each batch is padded to its longest sentence)."},
+    )
     max_train_samples: int | None = field(
         default=None,
         metadata={"help": "Train on this many images: the first of a shuffle seeded by --seed (quick runs)."},
@@ -127,19 +144,28 @@ class TrainingDataArguments(DataArguments):
         if self.random_crop_padding != CROP_PADDING and not self.augment:
             logger.warning("--random_crop_padding does nothing without --augment (no training augmentation)")
 
-    def split_kwargs(self) -> dict[str, Any]:
-        return {**super().split_kwargs(), "max_train_samples": self.max_train_samples}
+    def split_kwargs(self, text: bool = False) -> dict[str, Any]:
+        return {**super().split_kwargs(text), "max_train_samples": self.max_train_samples}
 
     def transform_kwargs(self) -> dict[str, Any]:
         """The augmentation keywords of :func:`smooth_hf.data.prepare_image_splits`."""
         return {"augment": self.augment, "crop_padding": self.random_crop_padding}
 
 
-def _low_rank_field(name: str, **overrides: Any) -> Any:
-    """A command-line field with ``LowRankConfig``'s own default and help, so the two cannot drift apart."""
+def _config_default(name: str) -> Any:
     source = next(f for f in fields(LowRankConfig) if f.name == name)
-    default = source.default if source.default is not MISSING else None
-    return field(default=overrides.get("default", default), metadata={"help": source.metadata["help"]})
+    return source.default if source.default is not MISSING else None
+
+
+def _low_rank_field(name: str, planned: bool = False) -> Any:
+    """A command-line field with ``LowRankConfig``'s own default and help, so the two cannot drift apart; ``planned``:
+    left unset (None), it takes the value the training plan used (``recipes/compress.py``), else the config's."""
+    source = next(f for f in fields(LowRankConfig) if f.name == name)
+    help_text = source.metadata["help"]
+    if planned:
+        help_text += (f" Default: what a model trained for a cut was planned with (training_args.json), else "
+                      f"{_config_default(name)!r}.")
+    return field(default=None if planned else _config_default(name), metadata={"help": help_text})
 
 
 @dataclass
@@ -147,32 +173,40 @@ class LowRankArguments:
     """The :class:`~smooth_hf.lowrank.LowRankConfig` fields a command line sets (one rank rule, the targets)."""
 
     param_reduction: float | None = _low_rank_field("param_reduction")
+    macs_reduction: float | None = _low_rank_field("macs_reduction")
     rank_ratio: float | None = _low_rank_field("rank_ratio")
     energy: float | None = _low_rank_field("energy")
     target_modules: list[str] | None = _low_rank_field("target_modules")
     exclude_modules: list[str] | None = _low_rank_field("exclude_modules")
     skip_first_last: bool = _low_rank_field("skip_first_last")
-    factorise_embeddings: bool = _low_rank_field("factorise_embeddings")
+    factorise_embeddings: bool | None = _low_rank_field("factorise_embeddings", planned=True)
     rank_multiple: int | None = _low_rank_field("rank_multiple")
-    method: str = _low_rank_field("method")
+    method: str | None = _low_rank_field("method", planned=True)
     rank_allocation: str = _low_rank_field("rank_allocation")
     sensitivity_samples: int = _low_rank_field("sensitivity_samples")
 
-    RULES = ("param_reduction", "rank_ratio", "energy")
+    RULES = ("param_reduction", "macs_reduction", "rank_ratio", "energy")
+    BUDGETS = ("param_reduction", "macs_reduction")  # the rules a --budgets sweep can take
+    PLANNED = ("method", "factorise_embeddings")  # unset: the training plan's (recipes/compress.py), else the config's
 
     def rules_given(self) -> list[str]:
         return [name for name in self.RULES if getattr(self, name) is not None]
 
+    def _value(self, name: str) -> Any:
+        value = getattr(self, name)
+        return _config_default(name) if value is None and name in self.PLANNED else value
+
     def targets(self) -> dict[str, Any]:
         """The fields that are not a rank rule (what a budget sweep adds to each budget's config)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.RULES}
+        return {f.name: self._value(f.name) for f in fields(self) if f.name not in self.RULES}
 
     def to_config(self) -> LowRankConfig:
-        return LowRankConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
+        return LowRankConfig(**{f.name: self._value(f.name) for f in fields(self)})
 
 
 # ---- the record of a training run's data ---------------------------------------------------------
-_RECORDED = ("dataset_name", "dataset_config_name", "image_column_name", "label_column_name", "train_val_split")
+_RECORDED = ("dataset_name", "dataset_config_name", "image_column_name", "text_column_name", "label_column_name",
+             "train_val_split", "max_seq_length")
 
 
 def save_data_record(folder: str | os.PathLike, data_args: DataArguments, seed: int, splits: DatasetDict) -> Path:

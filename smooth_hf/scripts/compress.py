@@ -25,12 +25,21 @@
     python recipes/compress.py --model_name_or_path runs/smooth --budgets 0.5,0.6,0.7,0.8,0.9 \\
         --param_reduction 0.7 --output_dir runs/smooth-lowrank-70
 
+    # a model trained for a cut (rank projection), cut as it was trained: the rule, budget and input shape are
+    # read from its training_args.json (e.g. 70% fewer multiply-adds on 1x28x28 images)
+    python recipes/compress.py --model_name_or_path runs/speed --output_dir runs/speed-cut
+
+    # 70% fewer multiply-adds on the inputs the model will serve (default: the training data's shape)
+    python recipes/compress.py --model_name_or_path runs/smooth --macs_reduction 0.7 --input_shape 1,28,28 \\
+        --output_dir runs/smooth-macs-70
+
 `--model_name_or_path` is a folder written by recipes/train.py (safetensors + config.json, timm or
 transformers). The model is evaluated on the data it was trained on (recorded in the folder's
 `data_args.json`: dataset, split, seed) unless `--dataset_name` names other data; the same
-`--max_eval_samples` scores the same images as in training. A model trained for a cut is cut with the rank
-multiple its plan used (`plan_rank_multiple` in the folder's `training_args.json`) unless `--rank_multiple` says
-otherwise. Reload the result with
+`--max_eval_samples` scores the same images as in training. A model trained for a cut (rank projection) is cut, when
+no rule is given, with the rule and budget it was trained for, and always with the rank multiple its plan used
+(`plan_rank_multiple` in the folder's `training_args.json`) unless `--rank_multiple` says otherwise; multiply-adds
+are priced on the input shape the plan used (`plan_input_shape`) unless `--input_shape` says otherwise. Reload the result with
 `smooth_hf.from_pretrained(output_dir)`.
 """
 
@@ -45,7 +54,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from transformers import HfArgumentParser, default_data_collator
 
-from ..checkpoint.build import check_num_labels
+from ..checkpoint.build import check_num_labels, task_of
 from ..checkpoint.card import ModelCardInfo
 from ..checkpoint.compressed import save_pretrained
 from ..checkpoint.dense import load_dense
@@ -61,15 +70,18 @@ from ..data.images import (
     select_subset,
 )
 from ..data.processors import image_input_config, image_processor_for
+from ..data.text import DEFAULT_MAX_SEQ_LENGTH, prepare_text_splits, text_collator, tokenizer_for
 from ..evaluation.accuracy import classification_accuracy
 from ..evaluation.sweep import budget_sweep, plot_sweep, sweep_markdown
 from ..hub import push_to_hub
 from ..lowrank import compress
 from ..lowrank.batchnorm import DataFreeRecalibration
+from ..training.cut_plan import example_inputs_for, format_shape, parse_shape
 from ..training.smoothness import COEFFICIENTS
 from .args import DataArguments, LowRankArguments, resolve_data_arguments
 
 logger = logging.getLogger("compress")
+PLOT_NAMES = {"param_reduction": "accuracy_vs_params_removed.png", "macs_reduction": "accuracy_vs_macs_removed.png"}
 CALIBRATION_SAMPLES = 512  # --calibration_samples' default
 
 
@@ -78,9 +90,20 @@ class CompressArguments:
     model_name_or_path: str = field(metadata={"help": "A trained dense checkpoint folder (recipes/train.py output)."})
     output_dir: str = field(metadata={"help": "Where the compressed model (or the sweep's table and plot) goes."})
     budgets: str | None = field(
-        default=None, metadata={"help": "Sweep: comma-separated param_reduction values, each cut scored (a table and a "
-                                "plot). With --param_reduction too, the model cut at that budget is also saved, with "
-                                "its card, from the same run."}
+        default=None, metadata={"help": "Sweep: comma-separated fractions of --budget_rule, each cut scored (a table "
+                                "and a plot). With that rule's flag too (--param_reduction / --macs_reduction), the "
+                                "model cut at that budget is also saved, with its card, from the same run."}
+    )
+    budget_rule: str | None = field(
+        default=None, metadata={"help": "What --budgets remove: param_reduction (parameters) or macs_reduction "
+                                "(multiply-adds on --input_shape). Default: the rule the model was trained for "
+                                "(training_args.json), else param_reduction.", "choices": list(LowRankArguments.BUDGETS)},
+    )
+    input_shape: str | None = field(
+        default=None, metadata={"help": "One input sample's shape that --macs_reduction prices multiply-adds on "
+                                "(channels,height,width, e.g. 3,32,32; or a number of tokens). Default: the one the "
+                                "training plan used (plan_input_shape in training_args.json), else the evaluation "
+                                "data's."},
     )
     recalibrate_batchnorm: int = field(
         default=0, metadata={"help": "Re-estimate BatchNorm statistics on this many training images after the cut "
@@ -136,50 +159,100 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompressArguments, DataAr
     parser = HfArgumentParser((CompressArguments, DataArguments, LowRankArguments))
     args, data_args, rank_args = parser.parse_args_into_dataclasses(args=argv)
     rules = rank_args.rules_given()
-    if args.budgets is not None and rules in ([], ["param_reduction"]):  # a sweep, and maybe the cut it keeps
-        if rules and (args.recalibrate_batchnorm or args.batchnorm_data_free):
-            raise ValueError("a sweep keeps its cut as made (no BN repair): to save a BN-repaired model, give "
-                             "--param_reduction and the repair without --budgets")
-    elif len(rules) + (args.budgets is not None) != 1:
-        raise ValueError("give exactly one of --param_reduction, --rank_ratio, --energy or --budgets (a --budgets "
-                         "sweep may add --param_reduction: the cut it saves)")
-    if args.calibration_samples != CALIBRATION_SAMPLES and rank_args.method != "whitened":
-        logger.warning("--calibration_samples does nothing without --method whitened")
+    if len(rules) > 1 + (args.budgets is not None):
+        raise ValueError("give one of --param_reduction, --macs_reduction, --rank_ratio or --energy (or none: the cut "
+                         "the model was trained for), or --budgets (a sweep, which may add the cut it saves)")
+    if args.budgets is not None and any(rule not in LowRankArguments.BUDGETS for rule in rules):
+        raise ValueError("a --budgets sweep saves a cut of its own rule: give --param_reduction or --macs_reduction "
+                         "with it, not --rank_ratio / --energy")
+    if args.budgets is not None and rules and (args.recalibrate_batchnorm or args.batchnorm_data_free):
+        raise ValueError("a sweep keeps its cut as made (no BN repair): to save a BN-repaired model, give the "
+                         "budget and the repair without --budgets")
+    if args.input_shape is not None:
+        args.input_shape = format_shape(parse_shape(args.input_shape, "--input_shape"))
     if args.hub_model_id and not args.push_to_hub:
         logger.warning("--hub_model_id does nothing without --push_to_hub (nothing is uploaded)")
-    if args.push_to_hub and rank_args.param_reduction is None and args.budgets:
-        raise ValueError("--push_to_hub uploads one model: with --budgets, give --param_reduction (the cut to upload)")
+    if args.push_to_hub and not rules and args.budgets:
+        raise ValueError("--push_to_hub uploads one model: with --budgets, give the budget to upload (e.g. "
+                         "--param_reduction 0.7)")
     return args, data_args, rank_args
+
+
+def resolve_rule(args: CompressArguments, rank_args: LowRankArguments, setup: dict) -> str | None:
+    """Fill the cut the model was trained for when no rule is given; the rule of ``--budgets`` (None: no sweep).
+
+    A model trained with rank projection is exactly of the planned ranks: cut with the same rule and budget, method
+    and targets (and the rank multiple and input shape of the plan, applied in :func:`main`), it loses nothing. The
+    method and the embeddings follow the plan unless given.
+    """
+    for name, planned_value in (("method", setup.get("rank_projection_method")),
+                                ("factorise_embeddings", setup.get("factorise_embeddings"))):
+        if getattr(rank_args, name) is None:
+            setattr(rank_args, name, planned_value if planned_value is not None else rank_args.targets()[name])
+            if planned_value not in (None, "svd", False):
+                print(f"{name} {planned_value}: as the model was trained for its cut (training_args.json)")
+    if args.calibration_samples != CALIBRATION_SAMPLES and rank_args.method != "whitened":
+        logger.warning("--calibration_samples does nothing without --method whitened")
+    planned = next(((rule, setup[f"rank_projection_{rule}"]) for rule in LowRankArguments.BUDGETS
+                    if setup.get(f"rank_projection_{rule}") is not None), None)
+    rules = rank_args.rules_given()
+    if args.budgets is not None:
+        rule = args.budget_rule or (rules[0] if rules else planned[0] if planned else "param_reduction")
+        if rules and rules != [rule]:
+            raise ValueError(f"--budgets sweeps {rule} (--budget_rule), so the cut it saves is a {rule} too: give "
+                             f"--{rule}, not --{rules[0]}")
+        return rule
+    if args.budget_rule is not None:
+        logger.warning("--budget_rule does nothing without --budgets")
+    if not rules:
+        if planned is None:
+            raise ValueError("give one of --param_reduction, --macs_reduction, --rank_ratio, --energy or --budgets: "
+                             f"{args.model_name_or_path} was not trained for a cut (no rank_projection_*_reduction "
+                             "in its training_args.json), so there is no planned cut to make")
+        setattr(rank_args, *planned)
+        print(f"{planned[0]} {planned[1]}: the cut the model was trained for (rank_projection_{planned[0]} in "
+              "training_args.json)")
+    return None
 
 
 def main(argv: list[str] | None = None) -> dict:
     args, data_args, rank_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
     out = Path(args.output_dir)
-    if not args.budgets or rank_args.param_reduction is not None:  # a model will be saved there: refuse now, not after
+    setup = _training_setup(args.model_name_or_path)  # for the card, and the cut training planned
+    sweep_rule = resolve_rule(args, rank_args, setup)
+    kept_budget = getattr(rank_args, sweep_rule) if sweep_rule else None  # the sweep's cut to save, if any
+    if not args.budgets or kept_budget is not None:  # a model will be saved there: refuse now, not after
         check_save_target(out)
 
     model = load_dense(args.model_name_or_path)
-    setup = _training_setup(args.model_name_or_path)  # for the card, and the rank multiple training planned with
     planned = setup.get("plan_rank_multiple")
     if rank_args.rank_multiple is None and planned is not None:  # cut in the ranks training planned, not others
         rank_args.rank_multiple = planned
         print(f"rank_multiple {planned}: the multiple the model was trained for (plan_rank_multiple in training_args.json)")
     data_args, seed, record = resolve_data_arguments(data_args, args.model_name_or_path, args.seed)
-    processor = image_processor_for(model, args.model_name_or_path)  # what the model was trained with; saved with it
-    data = prepare_image_splits(**data_args.split_kwargs(), seed=seed, input_spec=image_input_config(model, processor))
+    text = task_of(args.model_name_or_path) == "text-classification"
+    collate = default_data_collator
+    if text:  # the checkpoint's tokenizer (recipes/train.py saved it there), the training run's sequence length
+        processor = tokenizer_for(args.model_name_or_path)
+        data = prepare_text_splits(**data_args.split_kwargs(text=True), tokenizer=processor, seed=seed,
+                                   max_seq_length=data_args.max_seq_length or DEFAULT_MAX_SEQ_LENGTH)
+        collate = text_collator(processor)
+    else:
+        processor = image_processor_for(model, args.model_name_or_path)  # what the model was trained with; saved with it
+        data = prepare_image_splits(**data_args.split_kwargs(), seed=seed, input_spec=image_input_config(model, processor))
     labels = label_names(data["train"])
     check_num_labels(model, len(labels))
     if record is not None and record.get("labels") not in (None, labels):
         logger.warning("the evaluation data's classes %s are not the ones the model was trained on %s (recorded in "
                        "data_args.json): the accuracy compares different labels; check --dataset_name",
                        labels, record["labels"])
-    test = held_as_tensors(data["test"])  # decoded once, scored at every budget
-    print(f"evaluation data: {data_args.dataset_name}, {len(test)} test images (seed {seed})")
+    test = data["test"] if text else held_as_tensors(data["test"])  # images decoded once, scored at every budget
+    print(f"evaluation data: {data_args.dataset_name}, {len(test)} test {'sentences' if text else 'images'} (seed {seed})")
 
     def batches(n: int) -> DataLoader:
-        """``n`` training images (the first of the seeded shuffle every recipe uses), batched as in training."""
-        return DataLoader(select_subset(data["train"], n, seed), batch_size=128, collate_fn=default_data_collator)
+        """``n`` training examples (the first of the seeded shuffle every recipe uses), batched as in training."""
+        return DataLoader(select_subset(data["train"], n, seed), batch_size=128, collate_fn=collate)
 
     calibration = batches(args.calibration_samples) if rank_args.method == "whitened" else None
     recorded = {}  # what the card and compression_config.json say the cut was calibrated on
@@ -193,16 +266,26 @@ def main(argv: list[str] | None = None) -> dict:
     if args.batchnorm_data_free:
         data_free = DataFreeRecalibration(input_shape=tuple(test[0]["pixel_values"].shape), seed=seed)
 
+    # Multiply-adds are priced on one sample of the shape the training plan used (or given, or the data's).
+    data_shape = (data_args.max_seq_length or DEFAULT_MAX_SEQ_LENGTH,) if text else test[0]["pixel_values"].shape
+    shape = args.input_shape or setup.get("plan_input_shape") or format_shape(data_shape)
+    uses_macs = sweep_rule == "macs_reduction" or rank_args.macs_reduction is not None
+    example = example_inputs_for(parse_shape(shape, "--input_shape")) if uses_macs else None
+    if uses_macs:
+        print(f"multiply-adds priced on inputs of shape ({shape})")
+    elif args.input_shape is not None:
+        logger.warning("--input_shape does nothing without --macs_reduction (or a --budgets sweep of macs_reduction)")
+
     def evaluate(m):
         with channels_last_inference(m):  # the same accuracy, faster convolutions
-            return classification_accuracy(m, test)
+            return classification_accuracy(m, test, collate_fn=collate)
 
     def save(compressed, accuracy: float, dense_accuracy: float) -> None:
         """Write ``compressed`` with its card to ``--output_dir`` (and push it, if asked)."""
         card = ModelCardInfo(base_model=args.base_model, **dataset_card_fields(data_args.dataset_name),
                              dataset_split="test", metrics={"accuracy": accuracy},
                              dense_metrics={"accuracy": dense_accuracy},
-                             training={**setup, "test images scored": len(test)})
+                             training={**setup, f"test {'sentences' if text else 'images'} scored": len(test)})
         save_pretrained(compressed, out, model_card=card, processor=processor)
         print(f"saved: {out}  (reload: smooth_hf.from_pretrained({str(out)!r}))")
         if args.push_to_hub:
@@ -211,24 +294,24 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"pushed: {url}")
 
     if args.budgets:
-        keep = rank_args.param_reduction  # the cut to save as well, if any
-        budgets = sorted(set(args.budget_values()) | ({keep} if keep is not None else set()))
+        budgets = sorted(set(args.budget_values()) | ({kept_budget} if kept_budget is not None else set()))
         kept = {}
 
         def keep_cut(budget: float, cut, row: dict) -> None:
-            if budget == keep:
+            if budget == kept_budget:
                 kept.update(model=cut, row=row)
 
         rows = budget_sweep(model, budgets, evaluate, config_kwargs=targets,
                             recalibration_batches=(lambda: batches(args.recalibrate_batchnorm))
                             if args.recalibrate_batchnorm else None,
-                            data_free_batchnorm=data_free or False, calibration_data=calibration, on_cut=keep_cut)
+                            data_free_batchnorm=data_free or False, calibration_data=calibration, on_cut=keep_cut,
+                            rule=sweep_rule, example_inputs=example)
         results = {Path(args.model_name_or_path).name: rows}
         out.mkdir(parents=True, exist_ok=True)
-        table = sweep_markdown(results)
+        table = sweep_markdown(results, sweep_rule)
         (out / "results.md").write_text(table + "\n")
         (out / "results.json").write_text(json.dumps(results, indent=2))
-        plot = plot_sweep(results, out / "accuracy_vs_params_removed.png")
+        plot = plot_sweep(results, out / PLOT_NAMES[sweep_rule], rule=sweep_rule)
         print(table, f"\ntable: {out / 'results.md'}\nplot: {plot}", sep="\n")
         if kept:
             print(kept["model"].lowrank_report)
@@ -238,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
     dense_accuracy = evaluate(model)
     recalibration = batches(args.recalibrate_batchnorm) if args.recalibrate_batchnorm else data_free
     config = replace(rank_args.to_config(), **recorded)
-    compress(model, config, calibration_data=calibration, recalibrate_batchnorm=recalibration)
+    compress(model, config, calibration_data=calibration, recalibrate_batchnorm=recalibration, example_inputs=example)
     accuracy = evaluate(model)
     report = model.lowrank_report
     print(report)
@@ -258,13 +341,16 @@ def _training_setup(checkpoint: str) -> dict:
     setup = {k: saved[k] for k in COEFFICIENTS if saved.get(k)}  # the penalties that were on
     if setup:
         setup["penalty_normalization"] = saved.get("penalty_normalization")
-    keys = ("nuclear_norm_param_reduction", "rank_projection_param_reduction", "num_train_epochs", "learning_rate")
-    setup.update({k: saved[k] for k in keys if saved.get(k) is not None})
+    planning = ("nuclear_norm_param_reduction", "nuclear_norm_macs_reduction", "rank_projection_param_reduction",
+                "rank_projection_macs_reduction")
+    setup.update({k: saved[k] for k in (*planning, "num_train_epochs", "learning_rate") if saved.get(k) is not None})
     if (saved.get("max_steps") or -1) > 0:  # the Trainer stops at max_steps, whatever num_train_epochs says
         setup.pop("num_train_epochs", None)
         setup["max_steps"] = saved["max_steps"]
-    if any(k in setup for k in keys[:2]) and saved.get("plan_rank_multiple") is not None:  # the planned cut's rounding
-        setup["plan_rank_multiple"] = saved["plan_rank_multiple"]
+    if any(k in setup for k in planning):  # the planned cut's rounding, and the inputs a compute budget was priced on
+        setup.update({k: saved[k] for k in ("plan_rank_multiple", "plan_input_shape") if saved.get(k) is not None})
+    if any(k.startswith("rank_projection") for k in setup):  # how the projection cut: the later cut cuts the same way
+        setup.update({k: saved[k] for k in ("rank_projection_method", "factorise_embeddings") if k in saved})
     return setup
 
 

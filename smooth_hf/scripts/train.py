@@ -42,11 +42,12 @@ from datasets import DatasetDict
 from transformers import HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..checkpoint.build import build_model, check_num_labels
+from ..checkpoint.build import build_model, check_num_labels, task_of
 from ..checkpoint.dense import save_dense
 from ..core.files import TRAINING_ARGS_NAME, WEIGHTS_NAME
 from ..data.images import image_channels, label_names, prepare_image_splits
 from ..data.processors import image_input_config, image_processor_for
+from ..data.text import prepare_text_splits, text_collator, tokenizer_for
 from ..evaluation.metrics import accuracy_metrics
 from ..training.config import SmoothTrainingArguments
 from ..training.trainer import SmoothTrainer
@@ -95,28 +96,38 @@ def run(
     The main job (:mod:`smooth_hf.scripts.smooth_vs_plain`) trains its two models through this, so it runs what users run.
     """
     set_seed(training_args.seed)
-    raw = prepare_image_splits(**data_args.split_kwargs(), seed=training_args.seed)
+    text = task_of(model_args.model_name_or_path, model_args.model_type) == "text-classification"
+    if text:
+        raw = prepare_text_splits(**data_args.split_kwargs(text=True), seed=training_args.seed)
+    else:
+        raw = prepare_image_splits(**data_args.split_kwargs(), seed=training_args.seed)
     names = label_names(raw["train"])
     model = build_model(
         model_args.model_name_or_path, num_labels=len(names), model_type=model_args.model_type,
         config_overrides=model_args.config_overrides, pretrained=not model_args.from_scratch,
         # timm models are built for the data's channels; transformers models convert the images instead
-        num_channels=image_channels(raw["train"]) if model_args.model_type is None else None,
-        id2label=dict(enumerate(names)),
+        num_channels=image_channels(raw["train"]) if model_args.model_type is None and not text else None,
+        id2label=dict(enumerate(names)), task="text-classification" if text else "image-classification",
     )
     check_num_labels(model, len(names))
-    # A transformers checkpoint's own image processor (its size and normalisation), or the one a model built from a
-    # config is trained with; saved with the model, so that every later step and pipeline(...) reads the same.
-    processor = image_processor_for(model, model_args.model_name_or_path)
-    data = prepare_image_splits(raw, image_input_config(model, processor), **data_args.transform_kwargs())
-
-    # Images are transformed on the fly from the raw "image" column, which the model's forward does not
-    # name: the Trainer must not drop it (as in transformers' run_image_classification.py).
-    training_args.remove_unused_columns = False
+    collator = None
+    if text:
+        # The checkpoint's own tokenizer, saved with the model so that every later step and pipeline(...) reads it.
+        processor = tokenizer_for(model_args.model_name_or_path)
+        data = prepare_text_splits(raw, processor, max_seq_length=data_args.max_seq_length)
+        collator = text_collator(processor)  # pads each batch to its longest sentence
+    else:
+        # A transformers checkpoint's own image processor (its size and normalisation), or the one a model built from
+        # a config is trained with; saved with the model, so that every later step and pipeline(...) reads the same.
+        processor = image_processor_for(model, model_args.model_name_or_path)
+        data = prepare_image_splits(raw, image_input_config(model, processor), **data_args.transform_kwargs())
+        # Images are transformed on the fly from the raw "image" column, which the model's forward does not
+        # name: the Trainer must not drop it (as in transformers' run_image_classification.py).
+        training_args.remove_unused_columns = False
     trainer = SmoothTrainer(
         model=model, args=training_args, train_dataset=data["train"] if training_args.do_train else None,
         eval_dataset=data["test"] if training_args.do_eval else None, compute_metrics=accuracy_metrics,
-        processing_class=processor,
+        processing_class=processor, data_collator=collator,
     )
     metrics: dict[str, float] = {}
     if training_args.do_train:

@@ -9,6 +9,16 @@ set of :class:`~smooth_hf.SmoothTrainingArguments` / ``recipes/train.py`` argume
 
 ``CNN_DATA`` holds the data arguments of the same recipe (``TrainingDataArguments``: augmentation).
 
+``CNN_SPEED_TRAINING`` is the same recipe trained for a compute budget: the projection plans the ranks of
+``LowRankConfig(macs_reduction=0.7)`` on the training images' shape, so the cut removes multiply-adds where a CNN
+spends them (its early, high-resolution layers) and the model runs faster, not only smaller (BENCHMARKS.md, section 6).
+``recipes/compress.py`` then cuts it with the same rule and shape, with no flag.
+
+``TEXT_FINE_TUNE`` fine-tunes a pretrained transformers text checkpoint (a small BERT such as all-MiniLM-L6-v2) for a
+cut of half the whole model's parameters, word embeddings included: whitened rank projection, so that
+``recipes/compress.py`` with no flag cuts it (whitened, embeddings included) without changing its outputs
+(BENCHMARKS.md, section 7).
+
 ``VIT_TRAINING`` trains a small vision transformer (no BatchNorm) from scratch with AdamW, with the coefficients
 chosen by the ViT coefficient sweep (BENCHMARKS.md, section 3).
 """
@@ -17,7 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CNN_DATA", "CNN_TRAINING", "VIT_TRAINING", "as_flags", "cnn_flags", "without_steering"]
+__all__ = ["CNN_DATA", "CNN_SPEED_TRAINING", "CNN_TRAINING", "TEXT_FINE_TUNE", "VIT_TRAINING", "as_flags",
+           "cnn_flags", "without_steering"]
 
 CNN_TRAINING: dict[str, Any] = {
     # SGD with Nesterov momentum and a one-cycle schedule: the classic CIFAR ResNet recipe.
@@ -36,7 +47,28 @@ CNN_TRAINING: dict[str, Any] = {
     "rank_projection_param_reduction": 0.8,
 }
 
+# The CNN recipe for speed: the same training, the projection planned for 70% fewer multiply-adds (on one training
+# image's shape, recorded in training_args.json) instead of 80% fewer parameters.
+CNN_SPEED_TRAINING: dict[str, Any] = {
+    **{k: v for k, v in CNN_TRAINING.items() if k != "rank_projection_param_reduction"},
+    "rank_projection_macs_reduction": 0.7,
+}
+
 CNN_DATA: dict[str, Any] = {"augment": True, "random_crop_padding": 0}  # horizontal flips only
+
+TEXT_FINE_TUNE: dict[str, Any] = {
+    # the usual fine-tune of a small BERT: AdamW, linear decay after a short warm-up
+    "learning_rate": 5e-5,
+    "weight_decay": 0.01,
+    "lr_scheduler_type": "linear",
+    "warmup_steps": 0.1,
+    "per_device_train_batch_size": 32,
+    "num_train_epochs": 2,
+    # trained for the cut: the whole model's parameters halved, embeddings included, projected in whitened space
+    "rank_projection_param_reduction": 0.5,
+    "rank_projection_method": "whitened",
+    "factorise_embeddings": True,
+}
 
 VIT_TRAINING: dict[str, Any] = {
     "learning_rate": 2e-3,  # AdamW (the Trainer's default optimizer)
@@ -59,9 +91,11 @@ def as_flags(settings: dict[str, Any]) -> list[str]:
     return flags
 
 
-def cnn_flags(penalty: bool = True) -> list[str]:
-    """The CNN recipe as ``recipes/train.py`` flags; ``penalty=False`` gives the plain baseline's."""
-    return as_flags({**(CNN_TRAINING if penalty else without_steering(CNN_TRAINING)), **CNN_DATA})
+def cnn_flags(penalty: bool = True, training: dict[str, Any] | None = None) -> list[str]:
+    """The CNN recipe (``training``: ``CNN_TRAINING`` by default, or ``CNN_SPEED_TRAINING``) as ``recipes/train.py``
+    flags; ``penalty=False`` gives the plain baseline's."""
+    training = CNN_TRAINING if training is None else training
+    return as_flags({**(training if penalty else without_steering(training)), **CNN_DATA})
 
 
 def without_steering(settings: dict[str, Any]) -> dict[str, Any]:

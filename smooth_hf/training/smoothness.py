@@ -24,6 +24,8 @@ With ``nuclear_norm_param_reduction=p`` only the *tail* of each spectrum is pena
 ranks that ``compress(model, LowRankConfig(param_reduction=p))``'s global allocation would keep are computed
 from the current spectra (over the penalised layers), and the nuclear norm acts on the singular values beyond
 them -- what the planned cut will remove -- leaving the kept ones, which carry the function, untouched.
+``nuclear_norm_macs_reduction=p`` plans the tail for ``LowRankConfig(macs_reduction=p)`` instead: multiply-adds
+on the inputs that ``macs_profile`` was measured on (:class:`smooth_hf.training.cut_plan.MacsProfile`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 
 from ..core.weights import out_in_weight
 from ..lowrank.targeting import PatternSpec, find_layers
-from .cut_plan import check_plan_budget, plan_ranks
+from .cut_plan import CutBudget, MacsProfile, check_plan_budget, plan_ranks
 from .penalties import first_order, nuclear_norm_surrogate, second_order, spectral_direction
 
 __all__ = ["COEFFICIENTS", "NORMALIZATIONS", "SmoothnessPenalty", "check_coefficients"]
@@ -66,7 +68,9 @@ class SmoothnessPenalty:
     nuclear_norm_every: int = 25
     nuclear_norm_param_reduction: float | None = None
     model_parameters: int | None = None  # the whole model's, for nuclear_norm_param_reduction (for_model sets it)
-    rank_multiple: int = 1  # of the cut nuclear_norm_param_reduction plans (smooth_hf.training.cut_plan)
+    rank_multiple: int = 1  # of the cut the tail plans for (smooth_hf.training.cut_plan)
+    nuclear_norm_macs_reduction: float | None = None
+    macs_profile: MacsProfile | None = None  # for nuclear_norm_macs_reduction: the inputs multiply-adds are priced on
     _directions: dict[str, Tensor] = field(default_factory=dict, repr=False)
     _refreshed_at: int | None = field(default=None, repr=False)
 
@@ -74,9 +78,15 @@ class SmoothnessPenalty:
         check_coefficients(self)
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
-        if self.nuclear_norm_param_reduction is not None:
-            check_plan_budget(self.layers, self.nuclear_norm_param_reduction, self.model_parameters,
-                              "nuclear_norm_param_reduction", self.rank_multiple)
+        if self.nuclear_norm_param_reduction is not None and self.nuclear_norm_macs_reduction is not None:
+            raise ValueError("give nuclear_norm_param_reduction or nuclear_norm_macs_reduction, not both: the tail is "
+                             "planned for one cut")
+        if self.nuclear_norm_macs_reduction is not None and self.macs_profile is None:
+            raise ValueError("nuclear_norm_macs_reduction needs macs_profile (MacsProfile.measure(model, input_shape)): "
+                             "multiply-adds are priced on inputs")
+        budget = self.tail_budget
+        if budget is not None:
+            check_plan_budget(self.layers, budget, f"nuclear_norm_{budget.rule}", self.rank_multiple)
         if self.nuclear_norm_every < 1:
             raise ValueError(f"nuclear_norm_every must be >= 1 (1 = exact SVD every step), got {self.nuclear_norm_every}")
         if self.active and not self.layers:
@@ -104,10 +114,18 @@ class SmoothnessPenalty:
     def layer_names(self) -> list[str]:
         return [name for name, _ in self.layers]
 
+    @property
+    def tail_budget(self) -> CutBudget | None:
+        """The cut whose tail the nuclear norm penalises, or None: the whole nuclear norm."""
+        if self.nuclear_norm_macs_reduction is not None:
+            return CutBudget.macs(self.nuclear_norm_macs_reduction, self.macs_profile)
+        if self.nuclear_norm_param_reduction is not None:
+            return CutBudget.parameters(self.nuclear_norm_param_reduction, self.model_parameters)
+        return None
+
     def _kept_ranks(self) -> list[int | None]:
         """The ranks the global allocation keeps at the current spectra (None: the layer stays dense)."""
-        return plan_ranks(self.layers, self.nuclear_norm_param_reduction, self.model_parameters,
-                          rank_multiple=self.rank_multiple)
+        return plan_ranks(self.layers, self.tail_budget, rank_multiple=self.rank_multiple)
 
     def invalidate(self) -> None:
         """Forget the cached nuclear-norm directions: the weights were changed outside the optimizer (e.g. a
@@ -118,7 +136,7 @@ class SmoothnessPenalty:
         # A step counter that went backwards (a second train() call) also makes the cache stale.
         due = self._refreshed_at is None or not 0 <= step - self._refreshed_at < self.nuclear_norm_every
         if due or len(self._directions) != len(self.layers):
-            if self.nuclear_norm_param_reduction is None:
+            if self.tail_budget is None:
                 self._directions = {name: spectral_direction(out_in_weight(m)) for name, m in self.layers}
             else:  # the tail only; a layer the cut keeps dense is not penalised
                 self._directions = {

@@ -1,5 +1,6 @@
 """``SmoothTrainer``: a ``transformers.Trainer`` that adds smoothness penalties to the task loss, and projects the
-weights onto a planned low-rank cut after optimizer steps when asked (``rank_projection_param_reduction``).
+weights onto a planned low-rank cut after optimizer steps when asked (``rank_projection_param_reduction`` or
+``rank_projection_macs_reduction``).
 
 Only hooks are overridden (``compute_loss``, ``log``, checkpoint save/load) and a callback added (``on_step_end``,
 for the projection); the training loop,
@@ -35,8 +36,11 @@ from transformers.utils import logging
 
 from ..core.libraries import is_transformers_model
 from ..core.memory_format import channels_last_mismatches
+from ..lowrank.targeting import find_layers
 from ..lowrank.timing import default_rank_multiple
+from .calibration import RecentBatches, RunningGrams
 from .config import SmoothTrainingArguments
+from .cut_plan import CutBudget, MacsProfile, format_shape, sample_shape
 from .projection import RankProjection
 from .smoothness import SmoothnessPenalty
 
@@ -87,12 +91,13 @@ class SmoothTrainer(Trainer):
             args.remove_unused_columns = False
         if plain_module and args.label_names is None:  # and say where the labels are
             args.label_names = ["labels"]
-        plans_a_cut = args.rank_projection_param_reduction is not None or args.nuclear_norm_param_reduction is not None
-        if plans_a_cut and args.plan_rank_multiple is None:  # resolved now, and so recorded in training_args.json
+        if args.plans_a_cut and args.plan_rank_multiple is None:  # resolved now, and so recorded in training_args.json
             args.plan_rank_multiple = default_rank_multiple(args.device)
             if args.plan_rank_multiple > 1 and args.should_log:  # a GPU: said, as a CPU run of the same command plans otherwise
                 logger.warning(f"Planning the cut with ranks in multiples of {args.plan_rank_multiple}, as compress() "
                                f"rounds them on {args.device.type} (--plan_rank_multiple 1 to plan any rank)")
+        # A compute budget is priced on one sample's shape, measured once here (and recorded in training_args.json).
+        macs = _macs_profile(model, args, kwargs.get("train_dataset")) if args.plans_for_compute else None
         self.smoothness = SmoothnessPenalty.for_model(
             model,
             target_modules=args.penalty_target_modules,
@@ -104,15 +109,26 @@ class SmoothTrainer(Trainer):
             normalization=args.penalty_normalization,
             nuclear_norm_every=args.nuclear_norm_every,
             nuclear_norm_param_reduction=args.nuclear_norm_param_reduction,
+            nuclear_norm_macs_reduction=args.nuclear_norm_macs_reduction,
+            macs_profile=macs,
             rank_multiple=args.plan_rank_multiple or 1,
         )
-        self.rank_projection = None
-        if args.rank_projection_param_reduction is not None:  # on the layers the penalties act on
+        self.rank_projection, self._recent_batches, self._running_grams = None, None, None
+        if args.projection_rule is not None:  # on the layers the penalties act on (and the embeddings, if asked)
+            reduction = getattr(args, f"rank_projection_{args.projection_rule}")
+            budget = (CutBudget.macs(reduction, macs) if args.projection_rule == "macs_reduction"
+                      else CutBudget.parameters(reduction, self.smoothness.model_parameters))
+            layers = self.smoothness.layers
+            if args.factorise_embeddings:
+                layers = find_layers(model, args.penalty_target_modules, args.penalty_exclude_modules,
+                                     args.penalty_skip_first_last, embeddings=True)
             self.rank_projection = RankProjection(
-                self.smoothness.layers, args.rank_projection_param_reduction, self.smoothness.model_parameters,
-                every=args.rank_projection_every, start=args.rank_projection_start, end=args.rank_projection_end,
-                rank_multiple=args.plan_rank_multiple,
+                layers, budget, every=args.rank_projection_every, start=args.rank_projection_start,
+                end=args.rank_projection_end, rank_multiple=args.plan_rank_multiple, method=args.rank_projection_method,
             )
+            if args.rank_projection_method == "whitened":  # statistics of the layers' inputs on recent batches
+                self._recent_batches = RecentBatches(args.rank_projection_calibration_batches)
+                self._running_grams = RunningGrams(layers)
         self._check_unsharded_weights(args)  # before the Trainer builds anything: arguments, launcher environment
         self.channels_last = args.channels_last and _can_train_channels_last(model, args.device)
         if self.channels_last:  # before the optimizer exists, so that its state takes the same layout
@@ -156,6 +172,17 @@ class SmoothTrainer(Trainer):
                 "(the default for `accelerate launch` on several GPUs) or DeepSpeed ZeRO-1/2, which keep whole "
                 "weights on every process."
             )
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        if self._recent_batches is not None:  # whitened projection: its next statistics come from these batches
+            self._recent_batches.add(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def projection_grams(self) -> dict[str, torch.Tensor] | None:
+        """The input statistics a whitened projection plans with, refreshed on the recent batches (None: 'svd')."""
+        if self._running_grams is None:
+            return None
+        return self._running_grams.refresh(self.accelerator.unwrap_model(self.model), self._recent_batches)
 
     # ---- loss -------------------------------------------------------------------------------
     def compute_loss(
@@ -243,6 +270,22 @@ class SmoothTrainer(Trainer):
             self.smoothness.load_state_dict(load_file(path))
 
 
+def _macs_profile(model: nn.Module, args: SmoothTrainingArguments, dataset: Any) -> MacsProfile:
+    """Multiply-adds per layer on ``args.plan_input_shape``, or on the shape of the first training example (then
+    recorded there, so that training_args.json says what the plan was priced on)."""
+    if args.plan_input_shape is None:
+        if dataset is None or not hasattr(dataset, "__getitem__"):
+            raise ValueError("a compute budget (*_macs_reduction) is priced on the input shape: give plan_input_shape "
+                             "(e.g. 3,32,32), or a train_dataset whose examples hold pixel_values or input_ids")
+        # Reading an augmented example draws random numbers; the Trainer seeds them afterwards, in its __init__.
+        args.plan_input_shape = format_shape(sample_shape(dataset[0]))
+    profile = MacsProfile.measure(model, args.plan_input_shape)
+    if args.should_log:
+        logger.info(f"Planning the cut on multiply-adds for inputs of shape ({args.plan_input_shape}): "
+                    f"{profile.total:,} per sample")
+    return profile
+
+
 class _ProjectAfterStep(TrainerCallback):
     """Runs the trainer's :class:`RankProjection` after every optimizer step (``on_step_end``).
 
@@ -255,9 +298,9 @@ class _ProjectAfterStep(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         projection = self.trainer.rank_projection
-        ranks = projection(state.global_step, state.max_steps)
-        if ranks is None:
+        if not projection.is_due(state.global_step, state.max_steps):
             return control
+        ranks = projection(state.global_step, state.max_steps, self.trainer.projection_grams())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for _, module in projection.layers:
                 torch.distributed.broadcast(module.weight.data, src=0)

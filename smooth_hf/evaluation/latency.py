@@ -1,0 +1,89 @@
+"""How much faster a compressed model runs than its dense self: median latency, eager and ``torch.compile``, measured
+in one process, the variants interleaved.
+
+Every round runs every variant in turn (the order rotated from round to round), so a slow spell of a shared machine
+hits all of them, and a speed-up is a ratio of two medians measured side by side. Each round of a variant lasts at
+least ``min_round_ms`` (enough calls for the clock and Python's overhead to vanish). Time with the thread settings
+and batch sizes you deploy with: on a CPU the speed-up of a factorised layer depends on both.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..lowrank.cost import ExampleInputs, run_model
+
+__all__ = ["RUNTIMES", "interleaved_medians", "make_runner", "speedups"]
+
+RUNTIMES = ("eager", "compile")
+
+
+def make_runner(runtime: str, model: nn.Module, inputs: ExampleInputs) -> Callable[[], Any]:
+    """A zero-argument callable running ``model`` on ``inputs`` through ``runtime`` (``eager`` or ``compile``)."""
+    if runtime == "eager":
+        return lambda: run_model(model, inputs)
+    if runtime == "compile":
+        compiled = torch.compile(model, dynamic=False)
+        return lambda: run_model(compiled, inputs)
+    raise ValueError(f"unknown runtime {runtime!r}: choose from {', '.join(RUNTIMES)}")
+
+
+def interleaved_medians(runners: Mapping[str, Callable[[], Any]], rounds: int = 7, min_round_ms: float = 200.0,
+                        warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds per call of each runner; every round runs every runner in turn (order rotated)."""
+    calls = {}
+    for key, run in runners.items():
+        for _ in range(warmup):
+            run()
+        start = time.perf_counter()
+        run()
+        once_ms = 1000 * (time.perf_counter() - start)
+        calls[key] = max(1, round(min_round_ms / max(once_ms, 1e-3)))
+    samples: dict[str, list[float]] = {key: [] for key in runners}
+    keys = list(runners)
+    for r in range(rounds):
+        for key in keys[r % len(keys):] + keys[: r % len(keys)]:
+            start = time.perf_counter()
+            for _ in range(calls[key]):
+                runners[key]()
+            samples[key].append(1000 * (time.perf_counter() - start) / calls[key])
+    return {key: statistics.median(values) for key, values in samples.items()}
+
+
+def speedups(
+    models: Mapping[str, nn.Module],
+    inputs: Callable[[int], ExampleInputs],
+    batch_sizes: tuple[int, ...] = (1, 64),
+    runtimes: tuple[str, ...] = RUNTIMES,
+    reference: str = "dense",
+    **timing: Any,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{model: {"eager_b64": {"ms": ..., "speedup": ...}, ...}}``: each model's latency and its ratio to
+    ``models[reference]`` at each batch size and runtime, timed together (:func:`interleaved_medians`, whose
+    settings ``timing`` passes on). ``inputs(batch)`` gives the inputs of one call at that batch size.
+
+    The models are put in eval mode; timing runs under ``torch.inference_mode``.
+    """
+    if reference not in models:
+        raise ValueError(f"speedups needs the reference model {reference!r} among the models ({sorted(models)})")
+    for model in models.values():
+        model.eval()
+    out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in models}
+    for batch in batch_sizes:
+        x = inputs(batch)
+        for runtime in runtimes:
+            runners = {name: make_runner(runtime, model, x) for name, model in models.items()}
+            with torch.inference_mode():
+                medians = interleaved_medians(runners, **timing)
+            for name, ms in medians.items():
+                out[name][f"{runtime}_b{batch}"] = {"ms": ms, "speedup": medians[reference] / ms}
+            del runners
+            if runtime == "compile":
+                torch._dynamo.reset()  # frees the compiled graphs before the next batch size
+    return out

@@ -24,7 +24,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 from _common import RESULTS_DIR, machine_summary, run_metadata, write_json

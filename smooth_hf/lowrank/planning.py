@@ -246,7 +246,7 @@ def _warn_if_rounding_cuts_kept_ranks(
         "compress: the model is exactly low rank at this budget (trained for this cut, e.g. by rank projection): a cut "
         "in any rank would remove only zero singular values. rank_multiple=%d rounds ranks up and pays for it by "
         "cutting some layers below the rank their weights have (%s loses %.2f%% of its energy), which costs accuracy. "
-        "Compress with rank_multiple=1 to keep the model exact, or train with plan_rank_multiple=%d (README, "
+        "Compress with rank_multiple=1 to keep the model exact, or train with plan_rank_multiple=%d (docs/training.md, "
         "\"Training for a cut\").",
         rank_multiple, name, 100 * worst, rank_multiple,
     )

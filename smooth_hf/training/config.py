@@ -265,7 +265,7 @@ def _warn_if_cores_idle() -> None:
     logger.warning(
         "training on the CPU with %d thread(s) per process while %d core(s) per process are free: `accelerate "
         "launch` sets OMP_NUM_THREADS=1 unless asked otherwise. Pass `accelerate launch --num_cpu_threads_per_process "
-        "%d ...`, or launch one process per core (recipes/accelerate_configs/cpu_2proc.yaml, README 'launch').",
+        "%d ...`, or launch one process per core (recipes/accelerate_configs/cpu_2proc.yaml, docs/training.md, 'Launching').",
         torch.get_num_threads(), cores, cores,
     )
 

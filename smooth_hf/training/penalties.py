@@ -1,6 +1,6 @@
 """Smoothness penalties on weight tensors: pure ``Tensor -> scalar Tensor`` functions.
 
-Definitions (plain sums, no normalisation; see README "The method"). For a weight ``W`` laid out as
+Definitions (plain sums, no normalisation; see docs/training.md, "The penalties, exactly"). For a weight ``W`` laid out as
 ``(out, in, *kernel)`` -- a Linear ``(out, in)``, a Conv2d ``(out, in, kh, kw)`` -- and
 ``M = W.reshape(out, -1)``:
 

@@ -1,4 +1,4 @@
-"""Recommended settings, measured, kept in one place: the recipes, the README and the benchmarks read them here.
+"""Recommended settings, measured, kept in one place: the recipes, the docs and the benchmarks read them here.
 
 ``CNN_TRAINING`` trains a CIFAR-style ResNet from scratch so that it loses nothing to a truncated-SVD cut of up to
 80% of its parameters without fine-tuning (the measurements behind each value: BENCHMARKS.md, section 2). It is a
@@ -41,7 +41,7 @@ CNN_TRAINING: dict[str, Any] = {
     "per_device_train_batch_size": 128,
     "num_train_epochs": 4,
     "channels_last": True,  # the same training, faster convolutions (checked per model: smooth_hf.core.memory_format)
-    # Train for the cut: the weights are projected, gradually, onto the ranks of an 80% cut (README "Training for a
+    # Train for the cut: the weights are projected, gradually, onto the ranks of an 80% cut (docs/training.md, "Training for a
     # cut"), so any cut up to 80% loses nothing. It kept more accuracy at 70% and 80% fewer parameters than every
     # nuclear-norm setting measured (BENCHMARKS.md, section 2). Set it to the deepest cut you will make.
     "rank_projection_param_reduction": 0.8,

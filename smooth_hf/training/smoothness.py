@@ -13,8 +13,8 @@ Weighting (``normalization``):
   value at unit norm and the same gradient direction, but the gradient grows with the weight instead of
   shrinking as ``1/||W||``: one SGD step then moves every weight by the same *fraction of its own size*,
   whatever the initial scale of the weights. Under BatchNorm the scale of a conv weight is free, and with
-  ``scale_free`` a model initialised 3x larger feels the penalty 9x more weakly (README "Penalty strength").
-* ``"sum"``: the plain sums of README "The method", added over layers.
+  ``scale_free`` a model initialised 3x larger feels the penalty 9x more weakly (docs/training.md, "Penalty strength").
+* ``"sum"``: the plain sums of docs/training.md, "The penalties, exactly", added over layers.
 
 The nuclear norm needs an SVD of every targeted weight; the penalty uses the exact gradient ``U V^T``
 refreshed every ``nuclear_norm_every`` steps and the surrogate ``<W, U V^T>`` in between (see

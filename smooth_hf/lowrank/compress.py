@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from ..core.devices import on_device
 from ..core.weights import weight_matrix
 from . import batchnorm as _batchnorm
 from .base import LowRankLayer
@@ -44,7 +45,7 @@ from .report import (
     LayerReport,
     count_parameters,
 )
-from .streaming import _on, compress_streamed
+from .streaming import compress_streamed
 from .structure import replace_module
 from .targeting import find_layers
 from .timing import LayerTimer
@@ -350,7 +351,7 @@ def compress(
         else:
             _record(model, plan, count_parameters(model))
     if plan is None:
-        with _on(model, device):
+        with on_device(model, device):
             whitening = Whitening.prepare(model, config, calibration_data)  # forward passes only: model unchanged
             plan = _plan(model, config, example_inputs, layer_timer, whitening)  # the model is untouched until _apply
             _apply(model, plan)

@@ -29,16 +29,15 @@ take) runs in steps 1-2, before any layer is replaced.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..core.batches import model_device
+from ..core.devices import on_device, streamed_through
 from ..core.weights import weight_matrix
 from .blocks import BlockInputs, Blocks
 from .config import LowRankConfig
@@ -90,7 +89,7 @@ def compress_streamed(
         else:
             inputs, kept = None, []
             for i, group in enumerate(inside):
-                with _on(blocks.modules[i], device):
+                with on_device(blocks.modules[i], device):
                     for c in group:
                         _svd_spectrum(c, store)
             for c in outside:
@@ -100,10 +99,12 @@ def compress_streamed(
         if whitened and config.sequential:
             _cut_sequentially(model, config, blocks, inside, outside, ranks, rows, inputs, batches, device)
         else:
-            del inputs  # the calibration activations are not needed any more
-            for group in [*inside, outside]:
-                for c in group:
-                    _cut_from_store(model, c, ranks[c.name], rows, store, whitened)
+            for i, group in enumerate(inside):
+                with on_device(blocks.modules[i], device):
+                    for c in group:
+                        _cut_from_store(model, c, ranks[c.name], rows, store, whitened)
+            for c in outside:
+                _cut_from_store(model, c, ranks[c.name], rows, store, whitened)
     factorised = [c for c in candidates if ranks.get(c.name) is not None]
     if not factorised:
         warn_if_nothing_factorised(model, config, len(candidates))
@@ -137,7 +138,7 @@ def _whitened_spectra(
     calibration_data: Iterable[Any],
     device: torch.device | None,
     store: DecompositionStore,
-) -> tuple[BlockInputs, int, list[Any]]:
+) -> tuple[BlockInputs | None, int, list[Any]]:
     """Step 1 for ``method="whitened"``: every candidate's whitened spectrum, its decomposition set aside.
 
     Returns the calibration inputs of the first block (for a sequential cut), the number of calibration samples,
@@ -146,13 +147,13 @@ def _whitened_spectra(
     sensitivity = config.rank_allocation == "sensitivity"
     keep = config.sensitivity_samples if sensitivity else 0
     # No key/value cache: a block run again on the captured arguments must not append to the first run's cache.
-    with no_cache(model), _streamed_through(model, device), BlockInputs.capture(blocks) as captured:
+    with no_cache(model), streamed_through(model, device), BlockInputs.capture(blocks) as captured:
         # One pass of the whole model: the first block's inputs, and the statistics of the layers outside the blocks.
         grams = collect_input_grams(model, {c.name: c.module for c in outside}, calibration_data, keep_samples=keep,
                                     device=device)
-    first_inputs = BlockInputs(list(captured.calls))
+    first_inputs = BlockInputs(list(captured.calls)) if config.sequential else None  # a sequential cut starts over
     for i, group in enumerate(inside):
-        with _on(blocks.modules[i], device):
+        with on_device(blocks.modules[i], device):
             layer_grams = _block_grams(blocks.modules[i], {c.name: c.module for c in group}, captured, keep_outputs=True)
             decompositions = {c.name: _whitened(c, layer_grams[c.name], config) for c in group}
             del layer_grams
@@ -301,7 +302,7 @@ def _cut_sequentially(
     layers outside the blocks on the cut model's own activations (one more pass of the model)."""
     for i, group in enumerate(inside):
         cut = [c for c in group if ranks[c.name] is not None]
-        with _on(blocks.modules[i], device):
+        with on_device(blocks.modules[i], device):
             grams = _block_grams(blocks.modules[i], {c.name: c.module for c in cut}, inputs, keep_outputs=False)
             for c in cut:
                 u, s, vectors = whitened_decomposition(weight_matrix(c.module), grams.pop(c.name),
@@ -314,7 +315,7 @@ def _cut_sequentially(
     inputs.calls.clear()
     cut = [c for c in outside if ranks[c.name] is not None]
     if cut:
-        with no_cache(model), _streamed_through(model, device):
+        with no_cache(model), streamed_through(model, device):
             grams = collect_input_grams(model, {c.name: c.module for c in cut}, batches, device=device)
         for c in cut:
             u, s, vectors = whitened_decomposition(weight_matrix(c.module), grams.grams.pop(c.name),
@@ -322,38 +323,3 @@ def _cut_sequentially(
             c.whitened_spectrum = s.cpu()
             _cut(model, c, ranks[c.name], whitened_factors(u, s, vectors, ranks[c.name], c.module.weight.dtype), None,
                  rows)
-
-
-# ---------------------------------------------------------------------------------------------- devices
-
-
-@contextlib.contextmanager
-def _on(module: nn.Module, device: torch.device | None) -> Iterator[None]:
-    """``module`` on ``device`` within the block, back where it was after (nothing when ``device`` is None)."""
-    if device is None:
-        yield
-        return
-    home = model_device(module)
-    module.to(device)
-    try:
-        yield
-    finally:
-        module.to(home)
-
-
-@contextlib.contextmanager
-def _streamed_through(model: nn.Module, device: torch.device | None) -> Iterator[None]:
-    """The whole model runs on ``device`` while its weights stay in CPU memory (accelerate's ``cpu_offload``: each
-    module's weights are copied to the device for its own forward only)."""
-    if device is None:
-        yield
-        return
-    from accelerate import cpu_offload
-    from accelerate.hooks import remove_hook_from_submodules
-
-    cpu_offload(model, execution_device=device)
-    try:
-        yield
-    finally:
-        remove_hook_from_submodules(model)
-

@@ -1,10 +1,15 @@
 """Replace dense layers by truncated-SVD factorisations, in place, with no fine-tuning.
 
-``compress`` never leaves a model half compressed: it first *plans* without touching the model (checks
-every targeted layer, takes its singular values, chooses every rank, builds every replacement), and
-only when all of that succeeded does it swap the modules in; a swap that fails half way is undone.
-Any error on the way (NaN weights, an unreachable budget, an SVD failure) leaves the model exactly as
-it was. BatchNorm repair is a separate step that ``compress`` runs after the swap when asked
+``compress`` plans before it touches the model: it checks every targeted layer, takes its singular values and
+chooses every rank (:mod:`smooth_hf.lowrank.planning`), so that any error on the way (NaN weights, an unreachable
+budget, calibration data the model cannot take) leaves the model exactly as it was. Then:
+
+* a model made of repeated blocks (an LLM's decoder layers, a transformer encoder) is cut one block at a time
+  (:mod:`smooth_hf.lowrank.streaming`): the memory of one block's statistics, the same ranks and factors;
+* any other model is compressed whole (:func:`_plan`): every replacement is built, then all are swapped in at once,
+  and a swap that fails half way is undone.
+
+BatchNorm repair is a separate step that ``compress`` runs after the cut when asked
 (:mod:`smooth_hf.lowrank.batchnorm`); :func:`smooth_hf.evaluation.sweep.budget_sweep` composes the same two steps.
 
 Parameters are counted as in :func:`~smooth_hf.lowrank.report.count_parameters` (unique, whole model).

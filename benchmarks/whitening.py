@@ -77,6 +77,10 @@ METHODS = {
     "svd_embeddings": {"method": "svd", "factorise_embeddings": True},
     "whitened_embeddings": {"method": "whitened", "factorise_embeddings": True},
     "sensitivity_embeddings": {"method": "whitened", "rank_allocation": "sensitivity", "factorise_embeddings": True},
+    # each block cut for the outputs of the blocks already cut (LowRankConfig.sequential; the ranks of the dense model)
+    "whitened_embeddings_sequential": {"method": "whitened", "factorise_embeddings": True, "sequential": True},
+    "sensitivity_embeddings_sequential": {"method": "whitened", "rank_allocation": "sensitivity",
+                                          "factorise_embeddings": True, "sequential": True},
 }
 
 
@@ -236,7 +240,9 @@ def run_embed(args: argparse.Namespace, text, meta: dict[str, Any]) -> dict[str,
         for method in args.methods:
             model = copy.deepcopy(dense)
             start = time.time()
-            compress(model, lowrank_config(args, budget, method), calibration_data=grams if uses_data(method) else None)
+            # statistics collected once serve every budget; a sequential cut takes them again, block by block
+            data = (calibration if METHODS[method].get("sequential") else grams) if uses_data(method) else None
+            compress(model, lowrank_config(args, budget, method), calibration_data=data)
             seconds = time.time() - start
             emb = embeddings(model, eval_batches)
             report = model.lowrank_report

@@ -18,7 +18,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
-from ..core.libraries import base_library
+from ..core.libraries import base_library, pipeline_task
 from ..lowrank import CompressionReport, LowRankConfig
 from ..lowrank.report import markdown_cell
 
@@ -119,25 +119,6 @@ def _architecture(model: nn.Module) -> str:
     if library == "timm":
         return model.pretrained_cfg["architecture"]
     return type(model).__name__
-
-
-def _infer_task(model: nn.Module) -> str | None:
-    """The Hub pipeline tag implied by the head: what the Hub uses to list the model under a task."""
-    if base_library(model) == "timm":
-        return "image-classification" if getattr(model, "num_classes", 0) else "image-feature-extraction"
-    name = type(model).__name__
-    for suffix, task in (
-        ("ForImageClassification", "image-classification"),
-        ("ForSequenceClassification", "text-classification"),
-        ("ForTokenClassification", "token-classification"),
-        ("ForQuestionAnswering", "question-answering"),
-        ("ForCausalLM", "text-generation"),
-        ("LMHeadModel", "text-generation"),
-        ("ForMaskedLM", "fill-mask"),
-    ):
-        if name.endswith(suffix):
-            return task
-    return None
 
 
 def _fmt_number(value: Any) -> str:
@@ -295,7 +276,7 @@ def render_model_card(model: nn.Module, info: ModelCardInfo | None = None, *, lo
         report = CompressionReport.from_model(model)
     architecture = _architecture(model)
     title = info.model_name or f"{architecture} (low-rank compressed)"
-    task = info.task or _infer_task(model)
+    task = info.task or pipeline_task(model)
     card_data = _card_data(model, info, title, task)
     removed = report.params_before - report.params_after
     context = {

@@ -174,7 +174,19 @@ def build_from_config_dir(
 
 
 def load_dense(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """A dense trained checkpoint written by :func:`save_dense` (or any HF / timm safetensors export), in eval mode."""
+    """A dense trained checkpoint written by :func:`save_dense` (or any HF / timm safetensors export), in eval mode.
+
+    ``directory`` may also be a transformers checkpoint on the Hub (``"TinyLlama/TinyLlama-1.1B-Chat-v1.0"``): it is
+    loaded by the class its config names, in its saved dtype.
+    """
+    if not Path(directory).exists():  # a Hub id: transformers downloads it (safetensors only)
+        try:
+            hub_config = AutoConfig.from_pretrained(str(directory))
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(f"{directory} is neither a local checkpoint folder nor a transformers checkpoint "
+                                    f"on the Hub ({err})") from err
+        cls = transformers_class(directory, hub_config.to_dict())
+        return cls.from_pretrained(str(directory), device_map=str(device), use_safetensors=True).eval()
     config = read_config(directory)
     if is_compressed_folder(directory):  # a dense load would only fail on it with a key mismatch
         raise ValueError(

@@ -29,6 +29,7 @@ __all__ = [
     "is_timm_model",
     "is_transformers_model",
     "is_transformers_model_class",
+    "pipeline_task",
 ]
 
 Library = Literal["transformers", "timm"]
@@ -62,3 +63,23 @@ def base_library(model: nn.Module) -> Library | None:
 def is_hf_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D``: a linear layer whose weight is stored transposed, ``(in, out)``."""
     return isinstance(module, Conv1D)
+
+
+def pipeline_task(model: nn.Module) -> str | None:
+    """The Hub pipeline tag implied by the head (``"text-generation"`` for a causal LM): what the Hub lists the model
+    under, and what the recipes evaluate it on."""
+    if base_library(model) == "timm":
+        return "image-classification" if getattr(model, "num_classes", 0) else "image-feature-extraction"
+    name = type(model).__name__
+    for suffix, task in (
+        ("ForImageClassification", "image-classification"),
+        ("ForSequenceClassification", "text-classification"),
+        ("ForTokenClassification", "token-classification"),
+        ("ForQuestionAnswering", "question-answering"),
+        ("ForCausalLM", "text-generation"),
+        ("LMHeadModel", "text-generation"),
+        ("ForMaskedLM", "fill-mask"),
+    ):
+        if name.endswith(suffix):
+            return task
+    return None

@@ -20,6 +20,7 @@ from .splits import LABEL_COLUMNS, find_column, select_subset, train_test_splits
 __all__ = [
     "DEFAULT_MAX_SEQ_LENGTH",
     "TEXT_COLUMNS",
+    "load_source",
     "load_text_classification",
     "prepare_text_splits",
     "text_collator",
@@ -29,10 +30,12 @@ __all__ = [
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
 DEFAULT_MAX_SEQ_LENGTH = 128
 # File suffix -> the datasets builder that reads it.
-_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+                  ".txt": "text", "": "text"}  # a file without a suffix is plain text (one example a line)
 
 
-def _load(dataset_name: str, dataset_config_name: str | None, cache_dir: str | None) -> Any:
+def load_source(dataset_name: str, dataset_config_name: str | None = None, cache_dir: str | None = None) -> Any:
+    """A text dataset by name: a ``save_to_disk`` folder, a CSV/TSV/JSON/JSONL/Parquet/plain-text file, or a Hub id."""
     path = Path(dataset_name)
     if path.is_dir():
         if not ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
@@ -64,7 +67,8 @@ def load_text_classification(
     (one split: a seeded ``eval_split_ratio`` of it becomes the test split) or a Hub id. Labels that are not a
     ``ClassLabel`` (strings like ``"positive"``, or ints like ``-1`` / ``1``) become one, classes in sorted order.
     """
-    data = train_test_splits(_load(dataset_name, dataset_config_name, cache_dir), dataset_name, eval_split_ratio, seed)
+    data = train_test_splits(load_source(dataset_name, dataset_config_name, cache_dir), dataset_name, eval_split_ratio,
+                             seed)
     columns = data["train"].column_names
     text = find_column(columns, text_column, TEXT_COLUMNS, "text", "--text_column_name")
     label = find_column(columns, label_column, LABEL_COLUMNS, "label", "--label_column_name")

@@ -184,6 +184,7 @@ class LowRankArguments:
     method: str | None = _low_rank_field("method", planned=True)
     rank_allocation: str = _low_rank_field("rank_allocation")
     sensitivity_samples: int = _low_rank_field("sensitivity_samples")
+    sequential: bool = _low_rank_field("sequential")
 
     RULES = ("param_reduction", "macs_reduction", "rank_ratio", "energy")
     BUDGETS = ("param_reduction", "macs_reduction")  # the rules a --budgets sweep can take

@@ -52,26 +52,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch.utils.data import DataLoader
-from transformers import HfArgumentParser, default_data_collator
+from transformers import HfArgumentParser
 
-from ..checkpoint.build import check_num_labels, task_of
 from ..checkpoint.card import ModelCardInfo
 from ..checkpoint.compressed import save_pretrained
 from ..checkpoint.dense import load_dense
 from ..checkpoint.folders import check_save_target
 from ..core.files import TRAINING_ARGS_NAME
-from ..core.memory_format import channels_last_inference
 from ..data.images import (
     dataset_card_fields,
     dataset_display_name,
-    held_as_tensors,
-    label_names,
-    prepare_image_splits,
     select_subset,
 )
-from ..data.processors import image_input_config, image_processor_for
-from ..data.text import DEFAULT_MAX_SEQ_LENGTH, prepare_text_splits, text_collator, tokenizer_for
-from ..evaluation.accuracy import classification_accuracy
 from ..evaluation.sweep import budget_sweep, plot_sweep, sweep_markdown
 from ..hub import push_to_hub
 from ..lowrank import compress
@@ -79,9 +71,10 @@ from ..lowrank.batchnorm import DataFreeRecalibration
 from ..training.cut_plan import example_inputs_for, format_shape, parse_shape
 from ..training.smoothness import COEFFICIENTS
 from .args import DataArguments, LowRankArguments, resolve_data_arguments
+from .task_data import load_task_data
 
 logger = logging.getLogger("compress")
-PLOT_NAMES = {"param_reduction": "accuracy_vs_params_removed.png", "macs_reduction": "accuracy_vs_macs_removed.png"}
+PLOT_NAMES = {"param_reduction": "params_removed.png", "macs_reduction": "macs_removed.png"}
 CALIBRATION_SAMPLES = 512  # --calibration_samples' default
 
 
@@ -126,6 +119,11 @@ class CompressArguments:
         default=None,
         metadata={"help": "Seed of the test split (datasets without one), the evaluation subset and the BN batches "
                   "(default: the training run's)."},
+    )
+    device: str | None = field(
+        default=None,
+        metadata={"help": "Where the calibration passes and the decompositions run (e.g. cuda), the model staying in "
+                  "CPU memory: a model made of repeated blocks (an LLM) is moved there one block at a time."},
     )
 
     def __post_init__(self) -> None:
@@ -231,28 +229,18 @@ def main(argv: list[str] | None = None) -> dict:
         rank_args.rank_multiple = planned
         print(f"rank_multiple {planned}: the multiple the model was trained for (plan_rank_multiple in training_args.json)")
     data_args, seed, record = resolve_data_arguments(data_args, args.model_name_or_path, args.seed)
-    text = task_of(args.model_name_or_path) == "text-classification"
-    collate = default_data_collator
-    if text:  # the checkpoint's tokenizer (recipes/train.py saved it there), the training run's sequence length
-        processor = tokenizer_for(args.model_name_or_path)
-        data = prepare_text_splits(**data_args.split_kwargs(text=True), tokenizer=processor, seed=seed,
-                                   max_seq_length=data_args.max_seq_length or DEFAULT_MAX_SEQ_LENGTH)
-        collate = text_collator(processor)
-    else:
-        processor = image_processor_for(model, args.model_name_or_path)  # what the model was trained with; saved with it
-        data = prepare_image_splits(**data_args.split_kwargs(), seed=seed, input_spec=image_input_config(model, processor))
-    labels = label_names(data["train"])
-    check_num_labels(model, len(labels))
-    if record is not None and record.get("labels") not in (None, labels):
+    task = load_task_data(model, args.model_name_or_path, data_args, seed, record)
+    if record is not None and task.labels is not None and record.get("labels") not in (None, task.labels):
         logger.warning("the evaluation data's classes %s are not the ones the model was trained on %s (recorded in "
                        "data_args.json): the accuracy compares different labels; check --dataset_name",
-                       labels, record["labels"])
-    test = data["test"] if text else held_as_tensors(data["test"])  # images decoded once, scored at every budget
-    print(f"evaluation data: {data_args.dataset_name}, {len(test)} test {'sentences' if text else 'images'} (seed {seed})")
+                       task.labels, record["labels"])
+    test = task.test
+    print(f"evaluation data: {data_args.dataset_name}, {len(test)} test {task.unit} (seed {seed})")
 
     def batches(n: int) -> DataLoader:
         """``n`` training examples (the first of the seeded shuffle every recipe uses), batched as in training."""
-        return DataLoader(select_subset(data["train"], n, seed), batch_size=128, collate_fn=collate)
+        size = 128 if task.metric == "accuracy" else 8  # a language model's sequences are long
+        return DataLoader(select_subset(task.train, n, seed), batch_size=size, collate_fn=task.collate)
 
     calibration = batches(args.calibration_samples) if rank_args.method == "whitened" else None
     recorded = {}  # what the card and compression_config.json say the cut was calibrated on
@@ -264,28 +252,23 @@ def main(argv: list[str] | None = None) -> dict:
     # Synthetic inputs take the data's image shape: a CIFAR-stem model may be configured for 32x32 and fed 28x28.
     data_free = None
     if args.batchnorm_data_free:
-        data_free = DataFreeRecalibration(input_shape=tuple(test[0]["pixel_values"].shape), seed=seed)
+        data_free = DataFreeRecalibration(input_shape=task.sample_shape, seed=seed)
 
     # Multiply-adds are priced on one sample of the shape the training plan used (or given, or the data's).
-    data_shape = (data_args.max_seq_length or DEFAULT_MAX_SEQ_LENGTH,) if text else test[0]["pixel_values"].shape
-    shape = args.input_shape or setup.get("plan_input_shape") or format_shape(data_shape)
+    shape = args.input_shape or setup.get("plan_input_shape") or format_shape(task.sample_shape)
     uses_macs = sweep_rule == "macs_reduction" or rank_args.macs_reduction is not None
     example = example_inputs_for(parse_shape(shape, "--input_shape")) if uses_macs else None
     if uses_macs:
         print(f"multiply-adds priced on inputs of shape ({shape})")
     elif args.input_shape is not None:
         logger.warning("--input_shape does nothing without --macs_reduction (or a --budgets sweep of macs_reduction)")
+    evaluate, metric, processor = task.evaluate, task.metric, task.processor
 
-    def evaluate(m):
-        with channels_last_inference(m):  # the same accuracy, faster convolutions
-            return classification_accuracy(m, test, collate_fn=collate)
-
-    def save(compressed, accuracy: float, dense_accuracy: float) -> None:
+    def save(compressed, score: float, dense_score: float) -> None:
         """Write ``compressed`` with its card to ``--output_dir`` (and push it, if asked)."""
         card = ModelCardInfo(base_model=args.base_model, **dataset_card_fields(data_args.dataset_name),
-                             dataset_split="test", metrics={"accuracy": accuracy},
-                             dense_metrics={"accuracy": dense_accuracy},
-                             training={**setup, f"test {'sentences' if text else 'images'} scored": len(test)})
+                             dataset_split="test", metrics={metric: score}, dense_metrics={metric: dense_score},
+                             training={**setup, f"test {task.unit} scored": len(test)})
         save_pretrained(compressed, out, model_card=card, processor=processor)
         print(f"saved: {out}  (reload: smooth_hf.from_pretrained({str(out)!r}))")
         if args.push_to_hub:
@@ -305,31 +288,35 @@ def main(argv: list[str] | None = None) -> dict:
                             recalibration_batches=(lambda: batches(args.recalibrate_batchnorm))
                             if args.recalibrate_batchnorm else None,
                             data_free_batchnorm=data_free or False, calibration_data=calibration, on_cut=keep_cut,
-                            rule=sweep_rule, example_inputs=example)
+                            rule=sweep_rule, example_inputs=example, metric=metric,
+                            # a language model is cut block by block at every budget: its statistics are not kept
+                            reuse_statistics=metric == "accuracy", device=args.device)
         results = {Path(args.model_name_or_path).name: rows}
         out.mkdir(parents=True, exist_ok=True)
-        table = sweep_markdown(results, sweep_rule)
+        table = sweep_markdown(results, sweep_rule, metric)
         (out / "results.md").write_text(table + "\n")
         (out / "results.json").write_text(json.dumps(results, indent=2))
-        plot = plot_sweep(results, out / PLOT_NAMES[sweep_rule], rule=sweep_rule)
+        plot = plot_sweep(results, out / f"{metric}_vs_{PLOT_NAMES[sweep_rule]}", rule=sweep_rule, metric=metric)
         print(table, f"\ntable: {out / 'results.md'}\nplot: {plot}", sep="\n")
         if kept:
             print(kept["model"].lowrank_report)
-            save(kept["model"], kept["row"]["accuracy"], rows[0]["accuracy"])
+            save(kept["model"], kept["row"][metric], rows[0][metric])
         return results
 
-    dense_accuracy = evaluate(model)
+    dense_score = evaluate(model)
     recalibration = batches(args.recalibrate_batchnorm) if args.recalibrate_batchnorm else data_free
     config = replace(rank_args.to_config(), **recorded)
-    compress(model, config, calibration_data=calibration, recalibrate_batchnorm=recalibration, example_inputs=example)
-    accuracy = evaluate(model)
+    compress(model, config, calibration_data=calibration, recalibrate_batchnorm=recalibration, example_inputs=example,
+             device=args.device)
+    score = evaluate(model)
     report = model.lowrank_report
     print(report)
-    print(f"accuracy: dense {100 * dense_accuracy:.2f}% -> compressed {100 * accuracy:.2f}% "
+    shown = (lambda v: f"{100 * v:.2f}%") if metric == "accuracy" else (lambda v: f"{v:.3f}")
+    print(f"{metric}: dense {shown(dense_score)} -> compressed {shown(score)} "
           f"({'BN recalibrated, ' + report.batchnorm_recalibration if report.batchnorm_recalibrated else 'no fine-tuning, nothing else'})")
-    save(model, accuracy, dense_accuracy)
-    return {"dense_accuracy": dense_accuracy, "accuracy": accuracy, "reduction": report.reduction,
-            "num_test": len(test), "model": model}
+    save(model, score, dense_score)
+    return {f"dense_{metric}": dense_score, metric: score, "reduction": report.reduction, "num_test": len(test),
+            "model": model}
 
 
 def _training_setup(checkpoint: str) -> dict:

@@ -19,7 +19,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 from smooth_hf import SmoothTrainer, SmoothTrainingArguments
 from smooth_hf.evaluation.accuracy import classification_accuracy
 from smooth_hf.lowrank import LowRankConfig, LowRankLinear, compress, count_parameters
-from smooth_hf.lowrank.compress import STATUS_DENSE_NO_GAIN
+from smooth_hf.lowrank.report import STATUS_DENSE_NO_GAIN
 
 POSITIVE = ["good", "great", "fine", "superb", "lovely"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring"]

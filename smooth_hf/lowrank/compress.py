@@ -36,42 +36,14 @@ from .cost import ExampleInputs, trace_layers
 from .decomposition import decompose_within
 from .layers import factorise
 from .planning import Candidate, Plan, classify, decide_ranks, finish, record, warn_if_nothing_factorised
-from .report import (
-    STATUS_DENSE_EXCLUDED,
-    STATUS_DENSE_GROUPED,
-    STATUS_DENSE_HOOKED,
-    STATUS_DENSE_NO_GAIN,
-    STATUS_DENSE_NOT_RUN,
-    STATUS_DENSE_READ_BY_PARENT,
-    STATUS_DENSE_SLOWER,
-    STATUS_DENSE_TIED,
-    STATUS_FACTORISED,
-    CompressionReport,
-    LayerReport,
-    count_parameters,
-)
+from .report import CompressionReport, count_parameters
 from .streaming import compress_streamed
 from .structure import replace_module
 from .targeting import find_layers
 from .timing import LayerTimer
 from .whitening import InputGrams, Whitening
 
-__all__ = [
-    "CompressionReport",
-    "LayerReport",
-    "STATUS_DENSE_EXCLUDED",
-    "STATUS_DENSE_GROUPED",
-    "STATUS_DENSE_HOOKED",
-    "STATUS_DENSE_NO_GAIN",
-    "STATUS_DENSE_NOT_RUN",
-    "STATUS_DENSE_READ_BY_PARENT",
-    "STATUS_DENSE_SLOWER",
-    "STATUS_DENSE_TIED",
-    "STATUS_FACTORISED",
-    "compress",
-    "register_on_compressed",
-    "count_parameters",
-]
+__all__ = ["compress", "register_on_compressed"]
 
 logger = logging.getLogger(__name__)
 

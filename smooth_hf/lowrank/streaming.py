@@ -93,7 +93,8 @@ def compress_streamed(
                     for c in group:
                         _svd_spectrum(c, store)
             for c in outside:
-                _svd_spectrum(c, store)
+                with on_device(c.module, device):
+                    _svd_spectrum(c, store)
         config, ranks = decide_ranks(model, config, rows, candidates, calls)
         kept.clear()
         if whitened and config.sequential:
@@ -103,7 +104,7 @@ def compress_streamed(
                 with on_device(blocks.modules[i], device):
                     for c in group:
                         _cut_from_store(model, c, ranks[c.name], rows, store, whitened)
-            for c in outside:
+            for c in outside:  # where the layer is: its replacement must be there too
                 _cut_from_store(model, c, ranks[c.name], rows, store, whitened)
     factorised = [c for c in candidates if ranks.get(c.name) is not None]
     if not factorised:
@@ -162,12 +163,12 @@ def _whitened_spectra(
         for c in group:
             _set_aside(c, decompositions.pop(c.name), store)
     _check_reached(outside, grams.unreached)
-    decompositions = {c.name: _whitened(c, grams.grams[c.name], config) for c in outside}
-    del grams.grams
-    if sensitivity:
-        _measure(model, outside, decompositions, grams.kept_batches)
-    for c in outside:
-        _set_aside(c, decompositions.pop(c.name), store)
+    for c in outside:  # (sensitivity is refused with a device: it runs the whole model where it is)
+        with on_device(c.module, device):
+            decomposition = _whitened(c, grams.grams.pop(c.name), config)
+        if sensitivity:
+            _measure(model, [c], {c.name: decomposition}, grams.kept_batches)
+        _set_aside(c, decomposition, store)
     return first_inputs, grams.samples, grams.kept_batches
 
 

@@ -237,9 +237,7 @@ def run_cnn(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from smooth_hf.checkpoint.build import load_dense
     from smooth_hf.data.images import ImageTransform, TensorExamples, load_image_classification, select_subset
     from smooth_hf.data.processors import image_input_config
-    from smooth_hf.evaluation.metrics import accuracy
 
-    inductor_config.freezing = True  # weights as constants: what lets inductor run the int8 convolutions
     dense = load_dense(args.cnn_dense).eval()
     lowrank = smooth_hf.from_pretrained(args.cnn_lowrank).eval()
     spec = image_input_config(dense)
@@ -263,6 +261,19 @@ def run_cnn(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     # dynamic=False: one graph per batch size (inductor's int8 convolution rejects a symbolic batch)
     runners |= {(f"{k} compiled" if k in runners else k): torch.compile(m, dynamic=False) for k, m in variants.items()}
 
+    # weights as constants (freezing): what lets inductor run the int8 convolutions; set for these compiles only
+    with inductor_config.patch(freezing=True):
+        rows = measure_cnn(runners, variants, disk, test, args)
+    return {"rows": rows, "models": {"dense": str(args.cnn_dense), "low-rank": str(args.cnn_lowrank)},
+            "parameters": {"dense": count_parameters(dense), "low-rank": count_parameters(lowrank)},
+            "test_images": len(test), "calibration_images": sum(len(b) for b in calibration)}
+
+
+def measure_cnn(runners: dict[str, Any], variants: dict[str, nn.Module], disk: dict[str, int], test,
+                args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Accuracy, sizes and latency of every CNN runner (a row each)."""
+    from smooth_hf.evaluation.metrics import accuracy
+
     @torch.no_grad()
     def score(call) -> float:
         predictions = [call(images).argmax(-1) for images in test.pixel_values.split(500)]
@@ -278,9 +289,7 @@ def run_cnn(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         x = test.pixel_values[:batch]
         for key, ms in latency_rows({k: (lambda c=c, x=x: c(x)) for k, c in runners.items()}, args, batch).items():
             rows[key]["latency_ms"][f"b{batch}"] = ms
-    return {"rows": rows, "models": {"dense": str(args.cnn_dense), "low-rank": str(args.cnn_lowrank)},
-            "parameters": {"dense": count_parameters(dense), "low-rank": count_parameters(lowrank)},
-            "test_images": len(test), "calibration_images": sum(len(b) for b in calibration)}
+    return rows
 
 
 # ---- output ---------------------------------------------------------------------------------------

@@ -69,9 +69,12 @@ def test_the_saved_quantized_model_reloads_quantized(quantized, folder, tmp_path
     assert section["weight_quantization"]["quant_type"]["default"]["_type"] == "Int8WeightOnlyConfig"
     assert (tmp_path / "int8" / "model.safetensors").stat().st_size < (folder / "model.safetensors").stat().st_size
     expected = logits(quantized, inputs)
-    for reloaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "int8"), smooth_hf.from_pretrained(tmp_path / "int8")):
-        assert all(isinstance(w, TorchAOBaseTensor) for w in factor_weights(reloaded).values())
-        torch.testing.assert_close(logits(reloaded, inputs), expected, rtol=0, atol=0)
+    reloaded = smooth_hf.from_pretrained(tmp_path / "int8")
+    smooth_hf.save_pretrained(reloaded, tmp_path / "again")  # smooth_hf's save records both too
+    for again in (AutoModelForCausalLM.from_pretrained(tmp_path / "int8"), reloaded,
+                  AutoModelForCausalLM.from_pretrained(tmp_path / "again")):
+        assert all(isinstance(w, TorchAOBaseTensor) for w in factor_weights(again).values())
+        torch.testing.assert_close(logits(again, inputs), expected, rtol=0, atol=0)
 
 
 def test_loading_it_again_with_the_same_method_keeps_the_saved_quantization(quantized, tmp_path):

@@ -128,8 +128,18 @@ class StackedQuantizer(HfQuantizer):
             self.inner._process_model_before_weight_loading(model, **kwargs)
 
     def _inner_after(self, model, **kwargs: Any) -> None:
-        if self.inner is not None:
-            self.inner._process_model_after_weight_loading(model, **kwargs)
+        if self.inner is None:
+            return
+        self.inner._process_model_after_weight_loading(model, **kwargs)
+        if self.inner.pre_quantized:
+            # transformers keeps the conversions a load used, to revert them when the model is saved; the inner
+            # method's reading of its quantized tensors has no reverse (save_pretrained would raise
+            # NotImplementedError), and none is needed: _inner_state_dict writes the tensors in the saved form.
+            reads = tuple(self.inner.get_load_operations().values())
+            model._weight_conversions = [
+                conversion for conversion in getattr(model, "_weight_conversions", None) or []
+                if not any(isinstance(op, reads) for op in getattr(conversion, "operations", ()))
+            ]
 
     def _inner_state_dict(self, model) -> tuple[dict[str, Any], dict[str, str]]:
         """What the inner method saves (e.g. torchao's tensors flattened for safetensors), or the plain state dict."""

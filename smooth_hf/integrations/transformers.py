@@ -17,6 +17,9 @@ two thin factors. So ``import smooth_hf`` registers the method ``"smooth_hf"``:
 work: ``model.save_pretrained(d)``, ``AutoModelFor*.from_pretrained(d)`` (a local folder or a Hub
 repo), ``pipeline(task, model=d)``, ``model.push_to_hub(repo)``. No remote code is involved.
 
+``from_pretrained(compressed, quantization_config=TorchAoConfig(...))`` quantizes the factor layers as they load:
+the quantizer rebuilds the structure and hands the weights to torchao's (:mod:`smooth_hf.integrations.stacking`).
+
 Without ``import smooth_hf``, transformers only warns that it does not know the method
 ``smooth_hf`` and builds the dense architecture. To make that fail instead of silently loading
 random weights into every factorised layer, each checkpoint also stores a **guard**: a one-byte tensor
@@ -166,8 +169,7 @@ class SmoothHfConfig(QuantizationConfigMixin):
             "load_note": LOAD_NOTE,
         }
         if self.weight_quantization is not None:
-            # through JSON: config.json must hold plain values (a method's to_dict may hold enums)
-            section["weight_quantization"] = json.loads(self.weight_quantization.to_json_string(use_diff=False))
+            section["weight_quantization"] = _section(self.weight_quantization)
         return section
 
     def __iter__(self):
@@ -182,6 +184,8 @@ class SmoothHfConfig(QuantizationConfigMixin):
 
 
 def _section(config: QuantizationConfigMixin | None) -> dict[str, Any] | None:
+    """A method's ``quantization_config`` section as config.json holds it: through JSON, so plain values only (a
+    method's ``to_dict`` may hold enums)."""
     return None if config is None else json.loads(config.to_json_string(use_diff=False))
 
 

@@ -87,6 +87,21 @@ def test_loading_it_again_with_the_same_method_keeps_the_saved_quantization(quan
         AutoModelForCausalLM.from_pretrained(tmp_path / "int8", quantization_config=BitsAndBytesConfig(load_in_8bit=True))
 
 
+def test_a_rank_one_factor_stays_in_float(tmp_path):
+    """torchao's int8 fails on a weight with one input column (a rank-1 factor's `up`): that factor stays float."""
+    model = smooth_hf.compress(tiny_bert(num_labels=2).eval(), smooth_hf.LowRankConfig(rank_ratio=0.5))
+    assert model.lowrank_config.ranks["classifier"] == 1
+    inputs = {"input_ids": torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))}
+    folder = smooth_hf.save_pretrained(model, tmp_path / "bert")
+    quantized = AutoModelForSequenceClassification.from_pretrained(folder, quantization_config=int8())
+    weights = factor_weights(quantized)
+    assert type(weights.pop("classifier.up")) is torch.nn.Parameter
+    assert all(isinstance(w, TorchAOBaseTensor) for w in weights.values())
+    quantized.save_pretrained(tmp_path / "int8")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "int8")
+    torch.testing.assert_close(logits(reloaded, inputs), logits(quantized, inputs), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("config", [BitsAndBytesConfig(load_in_8bit=True), GPTQConfig(bits=4)], ids=["bnb", "gptq"])
 def test_other_methods_are_refused_naming_what_works(folder, config):
     with pytest.raises(ValueError, match=r"cannot be combined with a smooth_hf compressed checkpoint.*TorchAoConfig"):

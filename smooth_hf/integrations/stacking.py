@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AutoHfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -98,7 +99,13 @@ class StackedQuantizer(HfQuantizer):
             self.inner.get_new_dtype(converter, param, dtype)
 
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
-        return self.inner is not None and self.inner.param_needs_quantization(model, param_name, **kwargs)
+        if self.inner is None or not self.inner.param_needs_quantization(model, param_name, **kwargs):
+            return False
+        # A rank-1 factor's `up` has a single input column, which torchao's int8 per-row quantization (0.18) fails
+        # on ("shape '[out, 1]' is invalid"); it holds `out` numbers, so it stays in float.
+        module, _, name = param_name.rpartition(".")
+        weight = getattr(model.get_submodule(module), name, None)
+        return not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == 1)
 
     def get_quantize_ops(self):
         return super().get_quantize_ops() if self.inner is None else self.inner.get_quantize_ops()

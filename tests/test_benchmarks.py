@@ -103,3 +103,30 @@ def test_cpu_launch_names_its_launches_and_refuses_others():
     with pytest.raises(SystemExit):
         cpu_launch.parse_args(["--launches", "threads,gpu"])
     assert cpu_launch.LAUNCHES["processes"][1] == 2  # the per-process batch is halved to keep the recipe's batch
+
+
+def test_quantization_cnn_smoke(tmp_path):
+    """The cnn part of benchmarks/quantization.py on a tiny timm CNN: dense, low-rank, PT2E int8 and both (timed at
+    the evaluation batch, so that each model compiles once)."""
+    import smooth_hf
+    from smooth_hf.lowrank import LowRankConfig, compress
+
+    model = tiny_resnet14(channels=(8, 16, 16), layers=(1, 1, 1), num_classes=3)
+    save_dense(model, tmp_path / "dense")
+    smooth_hf.save_pretrained(compress(model, LowRankConfig(param_reduction=0.5)), tmp_path / "lowrank")
+    load_benchmark("quantization").main([
+        "--parts", "cnn", "--cnn_dense", str(tmp_path / "dense"), "--cnn_lowrank", str(tmp_path / "lowrank"),
+        "--cnn_dataset", save_tiny_fmnist(tmp_path / "data"), "--cnn_eval_samples", "16",
+        "--cnn_calibration_images", "16", "--cnn_batch_sizes", "16", "--rounds", "1", "--min_round_ms", "1",
+        "--warmup", "1", "--threads", "1", "--output_dir", str(tmp_path / "results"),
+    ])
+    saved = json.loads((tmp_path / "results" / "quantization.json").read_text())
+    check_metadata(saved["meta"], "quantization")
+    rows = saved["cnn"]["rows"]
+    assert set(rows) == {"dense", "low-rank", "dense compiled", "low-rank compiled", "int8 (PT2E)",
+                         "low-rank + int8 (PT2E)"}
+    memory = {key: row["memory_bytes"] for key, row in rows.items()}
+    assert memory["low-rank + int8 (PT2E)"] < memory["low-rank"] < memory["dense"]
+    assert memory["int8 (PT2E)"] < memory["dense"]
+    assert all(0 <= row["accuracy"] <= 1 and row["latency_ms"]["b16"] > 0 for row in rows.values())
+    assert "| low-rank + int8 (PT2E) |" in (tmp_path / "results" / "quantization.md").read_text()

@@ -38,16 +38,17 @@ def reloaded(tmp_path_factory):
 
 
 def onnx_export(model, inputs: dict, path) -> list[str]:
-    """``torch.onnx.export`` with a dynamic batch (and sequence) axis; returns the input names."""
-    names = list(inputs)
+    """``torch.onnx.export`` through the torch.export-based exporter (``dynamo=True``, torch's default) with a
+    dynamic batch (and sequence) axis; returns the input names."""
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     if "x" in inputs:  # a timm model takes the image positionally
         args, kwargs, names = (inputs["x"],), {}, ["pixel_values"]
-        axes = {"pixel_values": {0: "batch"}}
+        shapes = ({0: batch},)
     else:
-        args, kwargs = (), inputs
-        axes = {name: {0: "batch", 1: "sequence"} for name in names}
+        args, kwargs, names = (), inputs, list(inputs)
+        shapes = {name: {0: batch, 1: sequence} for name in names}
     torch.onnx.export(model, args, str(path), kwargs=kwargs, input_names=names, output_names=["logits"],
-                      dynamic_axes={**axes, "logits": {0: "batch"}}, dynamo=False)
+                      dynamic_shapes=shapes, dynamo=True, verbose=False)
     return names
 
 

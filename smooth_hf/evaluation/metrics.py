@@ -2,7 +2,9 @@
 
 ``accuracy_metrics`` is the Trainer's ``compute_metrics``; :func:`smooth_hf.evaluation.classification_accuracy`
 runs a model over a dataset and scores it with the same :func:`accuracy`. Nothing here needs the Hub
-(``evaluate.load("accuracy")`` fetches its script from it).
+(``evaluate.load("accuracy")`` fetches its script from it), and no ``evaluate`` module is shipped either: one loaded
+by path works offline but imports ``evaluate`` and writes into ``HF_HOME`` for a one-line metric
+(docs/integrations.md, "Metrics").
 """
 
 from __future__ import annotations

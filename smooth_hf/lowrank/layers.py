@@ -65,6 +65,12 @@ def truncated_svd_factors(matrix: Tensor, rank: int, dtype: torch.dtype | None =
     return factors_from(matrix, None, rank, dtype)
 
 
+def _float(weight: Tensor) -> Tensor:
+    """A factor's weight as a float tensor: a quantized one (torchao's tensor subclasses) implements no product,
+    so it is dequantized; a float tensor's ``dequantize()`` is the tensor itself."""
+    return weight.dequantize()
+
+
 def _check_rank(rank: int, full_rank: int, what: str) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full_rank:
         raise ValueError(
@@ -103,8 +109,8 @@ class LowRankLinear(LowRankLayer):
         return (self.out_features, self.in_features, 1, 1)
 
     def dense_weight(self) -> Tensor:
-        """The ``(out, in)`` product of the factors."""
-        return self.up.weight @ self.down.weight
+        """The ``(out, in)`` product of the factors (in float when they are quantized: :func:`_float`)."""
+        return _float(self.up.weight) @ _float(self.down.weight)
 
     def extra_repr(self) -> str:
         return (
@@ -181,8 +187,8 @@ class LowRankConv2d(LowRankLayer):
 
     def dense_weight(self) -> Tensor:
         """The ``(out, in, kh, kw)`` product of the factors."""
-        up = self.up.weight.reshape(self.out_channels, self.rank)
-        return (up @ self.down.weight.reshape(self.rank, -1)).reshape(
+        up = _float(self.up.weight).reshape(self.out_channels, self.rank)
+        return (up @ _float(self.down.weight).reshape(self.rank, -1)).reshape(
             self.out_channels, self.in_channels, *self.kernel_size
         )
 
@@ -224,7 +230,7 @@ class LowRankEmbedding(LowRankLayer):
 
     def dense_weight(self) -> Tensor:
         """The ``(vocab, dim)`` table the factors stand for."""
-        return self.down.weight @ self.up.weight.t()
+        return _float(self.down.weight) @ _float(self.up.weight).t()
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, padding_idx={self.padding_idx}"

@@ -8,25 +8,27 @@ pass on ``example_inputs``, and keeps it dense when the factorised form is not f
 then leave the allocation, and the budget is allocated again over the others, until every
 factorised layer is faster than its dense form (:func:`drop_slower_layers`).
 
-Timings are noisy, so each is the median of repeated samples after warm-up, each sample long enough
-for the clock's resolution (a small layer on a GPU runs in microseconds); time with the thread
-settings and the batch size you deploy with. ``compress(..., layer_timer=...)`` replaces the timer
+Timings are noisy: each is the median of ``torch.utils.benchmark.Timer(...).adaptive_autorange``, which warms
+up, runs blocks of calls long enough for the clock's resolution (a small layer on a GPU runs in microseconds),
+synchronises the accelerator around each block, and stops once the spread of the blocks is small or the time
+allowed is spent. The Timer runs with the caller's ``torch.get_num_threads()`` (its own default is one thread):
+time with the thread settings and the batch size you deploy with. ``compress(..., layer_timer=...)`` replaces the timer
 (:func:`median_latency`, eager PyTorch) with one for the runtime you deploy on, e.g.
 :func:`onnxruntime_latency`.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import statistics
 import tempfile
-import time
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.utils import benchmark
 
+from ..core.optional import require
 from .cost import LayerCall
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "default_rank_multiple",
     "drop_slower_layers",
     "median_latency",
+    "median_seconds",
     "onnxruntime_latency",
     "random_input",
 ]
@@ -41,11 +44,8 @@ __all__ = [
 # (module, input) -> seconds per forward pass. compress() calls it on the dense layer and on its replacement.
 LayerTimer = Callable[[nn.Module, Tensor], float]
 
-_WARMUP = 3
-_REPEATS = 15
-_MIN_REPEATS = 5
-_MIN_SAMPLE_SECONDS = 2e-3  # a sample shorter than this is mostly clock and Python overhead
-_MAX_SECONDS = 0.5  # per measurement, once _MIN_REPEATS samples are in: large layers at large batches add up
+_SPREAD = 0.1  # stop once the blocks' interquartile range is within this fraction of their median
+_MAX_SECONDS = 0.5  # per measurement at most: large layers at large batches add up
 
 
 def default_rank_multiple(device: torch.device | str) -> int:
@@ -65,62 +65,49 @@ def random_input(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type != "cpu":
-        torch.accelerator.synchronize(device)
+def median_seconds(call: Callable[[], object], max_seconds: float = _MAX_SECONDS) -> float:
+    """Median seconds per ``call()``: ``torch.utils.benchmark.Timer(...).adaptive_autorange`` at the current
+    ``torch.get_num_threads()``, stopping once the blocks agree within 10% or after about ``max_seconds``."""
+    timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    return timer.adaptive_autorange(threshold=_SPREAD, max_run_time=max_seconds).median
 
 
-def _median_seconds(call: Callable[[], object], synchronize: Callable[[], None], repeats: int, warmup: int) -> float:
-    """Median seconds per ``call()`` over up to ``repeats`` samples after ``warmup`` calls (see ``median_latency``)."""
-    for _ in range(warmup):
-        call()
-    synchronize()
-    start = time.perf_counter()
-    call()
-    synchronize()
-    calls = max(1, math.ceil(_MIN_SAMPLE_SECONDS / max(time.perf_counter() - start, 1e-9)))
-    samples: list[float] = []
-    began = time.perf_counter()
-    while len(samples) < repeats:
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        synchronize()
-        samples.append((time.perf_counter() - start) / calls)
-        if len(samples) >= min(_MIN_REPEATS, repeats) and time.perf_counter() - began > _MAX_SECONDS:
-            break
-    return statistics.median(samples)
-
-
-def median_latency(module: nn.Module, x: Tensor, repeats: int = _REPEATS, warmup: int = _WARMUP) -> float:
+def median_latency(module: nn.Module, x: Tensor, max_seconds: float = _MAX_SECONDS) -> float:
     """Median seconds per ``module(x)`` in eager PyTorch, under inference mode: the default ``layer_timer``.
 
-    Each sample runs enough calls to last a few milliseconds, and the device is synchronised around
-    it, so GPU kernels are timed to completion rather than to their launch. A slow layer stops early,
-    after a few samples, once its measurement has lasted a fraction of a second.
+    :func:`median_seconds`: blocks of calls lasting a few milliseconds, the device synchronised around each, so GPU
+    kernels are timed to completion rather than to their launch; a slow layer stops after about ``max_seconds``.
     """
     with torch.inference_mode():
-        return _median_seconds(lambda: module(x), lambda: _synchronize(x.device), repeats, warmup)
+        return median_seconds(lambda: module(x), max_seconds)
 
 
-def onnxruntime_latency(module: nn.Module, x: Tensor, repeats: int = _REPEATS, warmup: int = _WARMUP) -> float:
+def onnxruntime_latency(module: nn.Module, x: Tensor, max_seconds: float = _MAX_SECONDS) -> float:
     """Median seconds per call of ``module`` exported alone to ONNX and run by ONNX Runtime on the CPU.
 
     A ``layer_timer`` for models deployed through ONNX Runtime, whose kernels rank layers differently
     from eager PyTorch: ``compress(..., layer_timer=onnxruntime_latency)``. Uses as many intra-op
     threads as torch does (``torch.get_num_threads()``). The layer is timed alone, without the fusions
-    (conv + BatchNorm + activation) the whole graph gets. Needs ``pip install onnx onnxruntime``.
-    """
-    import onnxruntime
+    (conv + BatchNorm + activation) the whole graph gets. Needs ``pip install 'smooth_hf[deploy]'``.
 
+    The layer goes through the TorchScript-based exporter (``dynamo=False``), not the torch.export-based one that
+    whole models should use: for a single Linear or Conv2d both write the same ONNX operators (Gemm, MatMul + Add,
+    Conv), and the legacy one exports in milliseconds where the other takes a large fraction of a second, for each
+    of the many (layer, rank) pairs ``compress`` times.
+    """
+    onnxruntime = require("onnxruntime", "onnxruntime_latency")
+    require("onnx", "onnxruntime_latency")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        # the deprecation of that exporter, said on every call, is about whole models (see above)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
         path = os.path.join(folder, "layer.onnx")
         torch.onnx.export(module, (x,), path, input_names=["x"], output_names=["y"], dynamo=False)
         session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     feed = {"x": x.detach().cpu().numpy()}
-    return _median_seconds(lambda: session.run(None, feed), lambda: None, repeats, warmup)
+    return median_seconds(lambda: session.run(None, feed), max_seconds)
 
 
 def drop_slower_layers(

@@ -138,12 +138,17 @@ def main(argv: list[str] | None = None) -> dict:
                     row = _in_own_process(spec)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                    payload = _write(rows, argv, args)  # after every run: a long sweep cut short keeps what finished
+    print(markdown(payload))
+    return payload
+
+
+def _write(rows: list[dict], argv: list[str] | None, args: argparse.Namespace) -> dict:
     _add_ratios(rows)
     payload = {**run_metadata(__file__, argv, args), "rows": rows}
     name = "llm_scale" + (f"_{args.tag}" if args.tag else "")
     write_json(RESULTS_DIR / f"{name}.json", payload)
     (RESULTS_DIR / f"{name}.md").write_text(markdown(payload) + "\n")
-    print(markdown(payload))
     return payload
 
 

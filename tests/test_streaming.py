@@ -125,9 +125,9 @@ def test_blocks_sharing_an_input_share_one_gram_and_each_block_is_released_befor
     seen = []  # (layer, weak reference to its Gram)
     real = streaming.whitened_decomposition
 
-    def spying(matrix, gram, damping):
+    def spying(matrix, gram, damping, **kwargs):
         seen.append(weakref.ref(gram))
-        return real(matrix, gram, damping)
+        return real(matrix, gram, damping, **kwargs)
 
     monkeypatch.setattr(streaming, "whitened_decomposition", spying)
     decompositions_per_block, alive_before = {}, []

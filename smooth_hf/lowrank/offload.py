@@ -38,7 +38,8 @@ class DecompositionStore:
     def put(self, name: str, tensors: dict[str, Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if self._used + size <= self._ram_bytes:
-            self._in_ram[name] = {k: t.detach().cpu() for k, t in tensors.items()}
+            # Copies: a slice kept as it is would keep the whole tensor it views alive.
+            self._in_ram[name] = {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}
             self._used += size
             return
         path = self._path(name)

@@ -173,15 +173,16 @@ def _whitened_spectra(
 
 
 def _whitened(c: Candidate, gram: Tensor, config: LowRankConfig) -> tuple[Tensor, Tensor, Tensor]:
-    decomposition = whitened_decomposition(weight_matrix(c.module), gram, config.whitening_damping)
+    """The whitened decomposition of the candidate's layer, its vectors up to the largest rank that pays."""
+    decomposition = whitened_decomposition(weight_matrix(c.module), gram, config.whitening_damping,
+                                           max_rank=c.largest_paying_rank)
     c.whitened_spectrum = decomposition[1].cpu()
     return decomposition
 
 
 def _set_aside(c: Candidate, decomposition: tuple[Tensor, Tensor, Tensor], store: DecompositionStore) -> None:
-    u, s, rows = decomposition
-    r = c.largest_paying_rank
-    store.put(c.name, {"u": u[:, :r], "s": s[:r], "rows": rows[:r]})
+    u, s, rows = decomposition  # u and rows already end at the largest rank that pays
+    store.put(c.name, {"u": u, "s": s[: u.shape[1]], "rows": rows})
 
 
 def _measure(model: nn.Module, group: list[Candidate], decompositions: dict, kept: list[Any]) -> None:

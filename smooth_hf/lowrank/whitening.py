@@ -122,7 +122,9 @@ def _divide(values: Tensor, s: Tensor) -> Tensor:
     return values / torch.where(s > 0, s, 1.0)[:, None]
 
 
-def whitened_decomposition(matrix: Tensor, gram: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+def whitened_decomposition(
+    matrix: Tensor, gram: Tensor, damping: float, max_rank: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(U, Σ, R)`` with ``matrix = U diag(Σ) R`` and ``Σ`` the singular values of ``W S``, ``S S^T = G + λ I``.
 
     ``R = V^T S^{-1}``, so the best rank-``r`` replacement for the inputs is ``U_r diag(Σ_r) R_r``
@@ -140,6 +142,8 @@ def whitened_decomposition(matrix: Tensor, gram: Tensor, damping: float) -> tupl
         gram: the ``(d, d)`` Gram matrix of the layer's inputs; for an embedding, its diagonal ``(vocab,)``: the
             token counts (one-hot inputs have no other entries).
         damping: ``> 0``, relative to the mean diagonal of ``gram``.
+        max_rank: keep ``U`` and ``R`` only up to this rank (the spectrum ``Σ`` stays whole): what a cut can use, at
+            a fraction of the memory for a large layer (an LM head).
     """
     if not damping > 0:
         raise ValueError(
@@ -155,7 +159,7 @@ def whitened_decomposition(matrix: Tensor, gram: Tensor, damping: float) -> tupl
         scale = float(counts.mean())
         root = (counts + (damping * scale if scale > 0 else damping)).sqrt()
         u, s, vh = _svd(weight * root)
-        return u, s, vh / root
+        return u[:, :max_rank], s, vh[:max_rank] / root
     if gram.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(
             f"the Gram matrix is {tuple(gram.shape)} but the weight has {weight.shape[1]} input features: collect it "
@@ -165,11 +169,14 @@ def whitened_decomposition(matrix: Tensor, gram: Tensor, damping: float) -> tupl
     out, features = weight.shape
     if out <= features:
         s, u = _small_side_eigh(weight @ g @ weight.t())
-        return u, s, _divide(u.t() @ weight, s)
+        u = u[:, :max_rank]
+        return u, s, _divide(u.t() @ weight, s[: u.shape[1]])
     root, scale = _damped_root(g, lam)
     ws = weight @ root  # W S
+    del weight, g  # a tall layer (an LM head) is large: free what is not needed before U is built
     s, v = _small_side_eigh(ws.t() @ ws)
-    u = _divide((ws @ v).t(), s).t()
+    v = v[:, :max_rank]
+    u = _divide((ws @ v).t(), s[: v.shape[1]]).t()
     if scale is None:  # S = L: V^T L^{-1}
         rows = torch.linalg.solve_triangular(root, v.t(), upper=False, left=False)
     else:  # S = Q Λ^{1/2}: V^T Λ^{-1/2} Q^T

@@ -20,7 +20,7 @@ from torch import Tensor
 
 __all__ = ["DecompositionStore"]
 
-DEFAULT_RAM_BYTES = 256 << 20
+DEFAULT_RAM_BYTES = 64 << 20  # beyond it, disk: a layer of a 1B model alone can exceed it
 
 
 class DecompositionStore:

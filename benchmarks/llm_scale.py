@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="", help="e.g. cuda: the passes run there, the model stays in CPU memory.")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default).")
     p.add_argument("--tag", default="", help="Suffix of the result file names.")
+    p.add_argument("--resume", action="store_true", help="Keep the runs the result file already holds; run the others.")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one configuration (JSON)
     args = p.parse_args(argv)
     if args.one is not None:
@@ -125,7 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}: choose from {sorted(SHAPES)}")
-    rows = []
+    name = "llm_scale" + (f"_{args.tag}" if args.tag else "")
+    done = json.loads((RESULTS_DIR / f"{name}.json").read_text())["rows"] if args.resume else []
+    done = [r for r in done if "error" not in r]
+    rows = list(done)
     for shape in args.shapes.split(","):
         for dtype in args.dtypes.split(","):
             for method in args.methods.split(","):
@@ -134,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
                             "param_reduction": args.param_reduction, "sequences": args.calibration_sequences,
                             "length": args.sequence_length, "batch": args.batch, "threads": args.threads}
                     if path == "whole" and _parameters(shape) > WHOLE_MAX_PARAMETERS:
+                        continue
+                    if any(all(r.get(k) == v for k, v in spec.items()) for r in done):
                         continue
                     row = _in_own_process(spec)
                     rows.append(row)
@@ -181,6 +187,9 @@ def _add_ratios(rows: list[dict]) -> None:
         row["compress_over_model"] = round(row["compress_bytes"] / row["model_bytes"], 2)
         row["meets_memory_target"] = row["peak_rss_bytes"] <= row["target_bytes"]
         row["seconds_per_million_parameters"] = round(row["seconds"] / row["parameters"] * 1e6, 4)
+    for row in rows:
+        if "error" in row:
+            continue
         reference = next((r for r in rows if "error" not in r and r["shape"] == REFERENCE and
                           all(r[k] == row[k] for k in ("dtype", "method", "path"))), None)
         if reference is not None:

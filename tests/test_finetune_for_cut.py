@@ -153,9 +153,9 @@ def test_text_data_from_a_csv_file_and_a_saved_dataset_with_the_split_rules_of_i
     assert not list((tmp_path / "saved").rglob("cache-*"))  # nothing written into the user's folder
     with pytest.raises(ValueError, match="--text_column_name 'words' is not a column"):
         load_text_classification(path, text_column="words")
-    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "notes.xml").write_text("x")
     with pytest.raises(ValueError, match="must be one of"):
-        load_text_classification(str(tmp_path / "notes.txt"))
+        load_text_classification(str(tmp_path / "notes.xml"))
 
 
 # ---- the recipes as users run them --------------------------------------------------------------------------------

@@ -123,13 +123,13 @@ def test_blocks_sharing_an_input_share_one_gram_and_each_block_is_released_befor
     gone, and once a layer is cut its dense weight is not held by compress any more."""
     model = llama()
     seen = []  # (layer, weak reference to its Gram)
-    real = streaming.whitened_decomposition
+    real = streaming.whiten
 
     def spying(matrix, gram, damping, **kwargs):
         seen.append(weakref.ref(gram))
         return real(matrix, gram, damping, **kwargs)
 
-    monkeypatch.setattr(streaming, "whitened_decomposition", spying)
+    monkeypatch.setattr(streaming, "whiten", spying)
     decompositions_per_block, alive_before = {}, []
     real_block_grams = streaming._block_grams
 

@@ -50,7 +50,7 @@ from .replay import no_cache
 from .report import LayerReport, count_parameters
 from .sensitivity import marginal_losses, measure_sensitivity, probe_ranks
 from .structure import replace_module
-from .whitening import GramHook, collect_input_grams, whitened_decomposition, whitened_factors
+from .whitening import GramHook, WhitenedDecomposition, collect_input_grams, whiten
 
 __all__ = ["compress_streamed"]
 
@@ -156,12 +156,18 @@ def _whitened_spectra(
     for i, group in enumerate(inside):
         with on_device(blocks.modules[i], device):
             layer_grams = _block_grams(blocks.modules[i], {c.name: c.module for c in group}, captured, keep_outputs=True)
-            decompositions = {c.name: _whitened(c, layer_grams[c.name], config) for c in group}
-            del layer_grams
+            held = {}  # the sensitivity measurement truncates the block's layers with their decompositions
+            for c in group:  # each Gram is let go once the last layer reading it is decomposed
+                decomposition = _whitened(c, layer_grams.pop(c.name), config)
+                if sensitivity:
+                    held[c.name] = decomposition
+                else:
+                    _set_aside(c, decomposition, store)
             if sensitivity:
-                _measure(model, group, decompositions, grams.kept_batches)
+                _measure(model, group, held, grams.kept_batches)
         for c in group:
-            _set_aside(c, decompositions.pop(c.name), store)
+            if c.name in held:
+                _set_aside(c, held.pop(c.name), store)
     _check_reached(outside, grams.unreached)
     for c in outside:  # (sensitivity is refused with a device: it runs the whole model where it is)
         with on_device(c.module, device):
@@ -172,17 +178,15 @@ def _whitened_spectra(
     return first_inputs, grams.samples, grams.kept_batches
 
 
-def _whitened(c: Candidate, gram: Tensor, config: LowRankConfig) -> tuple[Tensor, Tensor, Tensor]:
+def _whitened(c: Candidate, gram: Tensor, config: LowRankConfig) -> WhitenedDecomposition:
     """The whitened decomposition of the candidate's layer, its vectors up to the largest rank that pays."""
-    decomposition = whitened_decomposition(weight_matrix(c.module), gram, config.whitening_damping,
-                                           max_rank=c.largest_paying_rank)
-    c.whitened_spectrum = decomposition[1].cpu()
+    decomposition = whiten(weight_matrix(c.module), gram, config.whitening_damping, max_rank=c.largest_paying_rank)
+    c.whitened_spectrum = decomposition.singular_values.cpu()
     return decomposition
 
 
-def _set_aside(c: Candidate, decomposition: tuple[Tensor, Tensor, Tensor], store: DecompositionStore) -> None:
-    u, s, rows = decomposition  # u and rows already end at the largest rank that pays
-    store.put(c.name, {"u": u, "s": s[: u.shape[1]], "rows": rows})
+def _set_aside(c: Candidate, decomposition: WhitenedDecomposition, store: DecompositionStore) -> None:
+    store.put(c.name, decomposition.tensors())
 
 
 def _measure(model: nn.Module, group: list[Candidate], decompositions: dict, kept: list[Any]) -> None:
@@ -195,7 +199,8 @@ def _measure(model: nn.Module, group: list[Candidate], decompositions: dict, kep
 
     def truncated(name: str, rank: int) -> nn.Module:
         module = next(c.module for c in group if c.name == name)
-        return factorise(module, rank, factors=whitened_factors(*decompositions[name], rank, module.weight.dtype))
+        return factorise(module, rank, factors=decompositions[name].factors(weight_matrix(module), rank,
+                                                                              module.weight.dtype))
 
     ranks = {c.name: probe_ranks(c.full_rank, c.cost_per_rank, c.dense_params) for c in group}
     curves = measure_sensitivity(model, {c.name: c.module for c in group}, truncated, ranks, kept)
@@ -280,7 +285,8 @@ def _cut_from_store(model: nn.Module, c: Candidate, rank: int | None, rows: dict
     if rank is None:
         return
     if whitened:
-        factors = whitened_factors(tensors["u"], tensors["s"], tensors["rows"], rank, c.module.weight.dtype)
+        decomposition = WhitenedDecomposition.from_tensors(tensors)
+        factors = decomposition.factors(weight_matrix(c.module), rank, c.module.weight.dtype)
         _cut(model, c, rank, tuple(f.to(c.module.weight.device) for f in factors), None, rows)
     else:
         basis = tensors["basis"].to(c.module.weight.device)
@@ -307,11 +313,10 @@ def _cut_sequentially(
         with on_device(blocks.modules[i], device):
             grams = _block_grams(blocks.modules[i], {c.name: c.module for c in cut}, inputs, keep_outputs=False)
             for c in cut:
-                u, s, vectors = whitened_decomposition(weight_matrix(c.module), grams.pop(c.name),
-                                                       config.whitening_damping)
-                c.whitened_spectrum = s.cpu()
+                decomposition = _whitened(c, grams.pop(c.name), config)
                 rank = ranks[c.name]
-                _cut(model, c, rank, whitened_factors(u, s, vectors, rank, c.module.weight.dtype), None, rows)
+                _cut(model, c, rank, decomposition.factors(weight_matrix(c.module), rank, c.module.weight.dtype),
+                     None, rows)
             with torch.no_grad():
                 inputs.run(blocks.modules[i])  # the cut block's outputs: what the next block will see
     inputs.calls.clear()
@@ -320,8 +325,6 @@ def _cut_sequentially(
         with no_cache(model), streamed_through(model, device):
             grams = collect_input_grams(model, {c.name: c.module for c in cut}, batches, device=device)
         for c in cut:
-            u, s, vectors = whitened_decomposition(weight_matrix(c.module), grams.grams.pop(c.name),
-                                                   config.whitening_damping)
-            c.whitened_spectrum = s.cpu()
-            _cut(model, c, ranks[c.name], whitened_factors(u, s, vectors, ranks[c.name], c.module.weight.dtype), None,
-                 rows)
+            decomposition = _whitened(c, grams.grams.pop(c.name), config)
+            _cut(model, c, ranks[c.name],
+                 decomposition.factors(weight_matrix(c.module), ranks[c.name], c.module.weight.dtype), None, rows)

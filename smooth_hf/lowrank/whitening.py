@@ -63,6 +63,8 @@ __all__ = [
     "calibrate",
     "collect_input_grams",
     "output_error",
+    "WhitenedDecomposition",
+    "whiten",
     "whitened_decomposition",
     "whitened_factors",
 ]
@@ -75,18 +77,20 @@ _CHUNK_VALUES = 1 << 24
 # ---------------------------------------------------------------------------------------------- the math
 
 
-def damped(gram: Tensor, damping: float) -> tuple[Tensor, float]:
-    """``(G + λ I, λ)`` with ``λ = damping * mean(diag G)`` (symmetrised, float64).
+def damping_of(gram: Tensor, damping: float) -> float:
+    """``λ = damping * mean(diag G)``: relative to the mean diagonal so that the same ``damping`` means the same thing
+    for every layer, whatever the scale of its inputs. A layer whose inputs were all zero gets ``λ = damping``, so
+    that it falls back to plain SVD instead of dividing by zero."""
+    scale = float(gram.diagonal().double().mean()) if gram.dim() == 2 else float(gram.double().mean())
+    return damping * scale if scale > 0 else damping
 
-    Relative to the mean diagonal so that the same ``damping`` means the same thing for every layer,
-    whatever the scale of its inputs. A layer whose inputs were all zero gets ``λ = damping``, so
-    that it falls back to plain SVD instead of dividing by zero.
-    """
-    gram = gram.double()
-    gram = (gram + gram.t()) / 2
-    scale = float(gram.diagonal().mean())
-    lam = damping * scale if scale > 0 else damping
-    return gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), lam
+
+def damped(gram: Tensor, damping: float) -> tuple[Tensor, float]:
+    """``(G + λ I, λ)`` (symmetrised, float64; one new matrix), ``λ`` from :func:`damping_of`."""
+    lam = damping_of(gram, damping)
+    g = gram.double() + gram.double().t()
+    g.mul_(0.5).diagonal().add_(lam)
+    return g, lam
 
 
 def _svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -117,71 +121,115 @@ def _small_side_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     return eigenvalues.flip(0).clamp_min(0).sqrt(), vectors.flip(1)
 
 
-def _divide(values: Tensor, s: Tensor) -> Tensor:
-    """``values / s`` along the first axis, a zero singular value giving a zero row instead of a division by zero."""
-    return values / torch.where(s > 0, s, 1.0)[:, None]
+def _inverse(s: Tensor) -> Tensor:
+    """``1 / s``, a zero singular value giving zero (its direction then contributes nothing) instead of infinity."""
+    return torch.where(s > 0, 1.0 / torch.where(s > 0, s, 1.0), 0.0)
 
 
-def whitened_decomposition(
-    matrix: Tensor, gram: Tensor, damping: float, max_rank: int | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(U, Σ, R)`` with ``matrix = U diag(Σ) R`` and ``Σ`` the singular values of ``W S``, ``S S^T = G + λ I``.
+def _gram_of_columns(weight: Tensor) -> Tensor:
+    """``W^T W`` in float64, summed over row chunks: no float64 copy of a tall weight (an LM head) is ever whole."""
+    gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=weight.device)
+    for chunk in weight.split(max(1, _CHUNK_VALUES // max(1, weight.shape[1]))):
+        chunk = chunk.double()
+        gram.addmm_(chunk.t(), chunk)
+    return gram
 
-    ``R = V^T S^{-1}``, so the best rank-``r`` replacement for the inputs is ``U_r diag(Σ_r) R_r``
-    (``up = U_r Σ_r^{1/2}``, ``down = Σ_r^{1/2} R_r``), and its error on them is ``sum_{i > r} Σ_i^2``
-    (plus ``λ ||W - W'||_F^2``: see the module docstring). Everything in float64.
 
-    No SVD is run: the spectrum comes from the eigen-decomposition of the short side's Gram of ``W S``. A wide or
-    square weight (``out <= d``: attention projections, an MLP's down projection) needs no square root of ``G`` at
-    all: ``(W S)(W S)^T = W (G + λI) W^T``, its eigenvectors are ``U``, and ``R = Σ^{-1} U^T W`` (then
-    ``U_r U_r^T W`` is the best rank-``r`` cut). A tall one uses ``S``'s Cholesky factor: ``(W S)^T (W S) = V Σ^2
-    V^T``, ``U = W S V Σ^{-1}``.
+@dataclass
+class WhitenedDecomposition:
+    """``W = U diag(Σ) R``, ``Σ`` the singular values of ``W S`` (``S S^T = G + λ I``), in float64.
 
-    Args:
-        matrix: the ``(out, d)`` weight (``weight_matrix(module)``).
-        gram: the ``(d, d)`` Gram matrix of the layer's inputs; for an embedding, its diagonal ``(vocab,)``: the
-            token counts (one-hot inputs have no other entries).
-        damping: ``> 0``, relative to the mean diagonal of ``gram``.
-        max_rank: keep ``U`` and ``R`` only up to this rank (the spectrum ``Σ`` stays whole): what a cut can use, at
-            a fraction of the memory for a large layer (an LM head).
+    ``U`` and ``R`` are kept up to ``max_rank`` (all a cut can use). A tall layer (``out > in``: an LM head, an MLP's
+    up projection) keeps ``U = W P`` as ``P`` (``in x r``, much smaller than ``U``'s ``out x r``), which
+    :meth:`left` multiplies out on demand, from the layer's weight.
+    """
+
+    singular_values: Tensor  # whole, descending
+    rows: Tensor  # R[:max_rank]
+    u: Tensor | None = None  # U[:, :max_rank]: wide or square layers, embeddings
+    p: Tensor | None = None  # tall layers: U = W P
+
+    def left(self, matrix: Tensor, rank: int) -> Tensor:
+        """``U_r`` (float64); ``matrix`` is the layer's ``(out, in)`` weight, read when ``U`` is kept as ``P``."""
+        if self.u is not None:
+            return self.u[:, :rank]
+        return matrix.detach().to(self.p.device).double() @ self.p[:, :rank]
+
+    def factors(self, matrix: Tensor, rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(up, down) = (U_r Σ_r^{1/2}, Σ_r^{1/2} R_r)``: singular values split evenly, as for plain SVD."""
+        return whitened_factors(self.left(matrix, rank), self.singular_values, self.rows, rank, dtype)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The parts, by name, as :meth:`from_tensors` reads them back (to set aside on disk)."""
+        kept = {"s": self.singular_values, "rows": self.rows}
+        return {**kept, "u": self.u} if self.u is not None else {**kept, "p": self.p}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> WhitenedDecomposition:
+        return cls(tensors["s"], tensors["rows"], tensors.get("u"), tensors.get("p"))
+
+
+def whiten(matrix: Tensor, gram: Tensor, damping: float, max_rank: int | None = None) -> WhitenedDecomposition:
+    """The whitened decomposition of the ``(out, d)`` weight ``matrix`` for inputs of Gram matrix ``gram`` (``(d, d)``;
+    of an embedding, the ``(vocab,)`` token counts), damped by ``damping`` (``> 0``, relative to its mean diagonal).
+
+    No SVD of ``W S`` is run: its spectrum comes from the eigen-decomposition of its short side's Gram. A wide or square
+    weight (``out <= d``: attention projections, an MLP's down projection) needs no square root of ``G`` at all:
+    ``(W S)(W S)^T = W G W^T + λ W W^T``, its eigenvectors are ``U``, and ``R = Σ^{-1} U^T W`` (then ``U_r U_r^T W`` is
+    the best rank-``r`` cut). A tall one uses ``S``'s Cholesky factor ``L``: ``(W S)^T (W S) = L^T (W^T W) L = V Σ^2
+    V^T``, ``R = V^T L^{-1}`` and ``U = W P`` with ``P = L V Σ^{-1}``, so that ``U`` is never built whole.
+    ``max_rank`` keeps ``U`` (or ``P``) and ``R`` only up to that rank; the spectrum stays whole.
     """
     if not damping > 0:
         raise ValueError(
             f"damping must be > 0, got {damping!r}: it keeps the whitening invertible when the calibration inputs "
             "do not span every input direction (e.g. whitening_damping=0.01)"
         )
-    weight = matrix.detach().double()
     if gram.dim() == 1:  # an embedding: one-hot inputs, a diagonal Gram (token counts), S = diag(sqrt(count + λ))
-        if gram.shape != (weight.shape[1],):
-            raise ValueError(f"the token counts cover {len(gram)} tokens but the table has {weight.shape[1]}: collect "
+        if gram.shape != (matrix.shape[1],):
+            raise ValueError(f"the token counts cover {len(gram)} tokens but the table has {matrix.shape[1]}: collect "
                              "them on the same layer (collect_input_grams)")
-        counts = gram.to(weight.device).double()
-        scale = float(counts.mean())
-        root = (counts + (damping * scale if scale > 0 else damping)).sqrt()
-        u, s, vh = _svd(weight * root)
-        return u[:, :max_rank], s, vh[:max_rank] / root
-    if gram.shape != (weight.shape[1], weight.shape[1]):
+        counts = gram.to(matrix.device).double()
+        root = (counts + damping_of(counts, damping)).sqrt()
+        u, s, vh = _svd(matrix.detach().double() * root)
+        return WhitenedDecomposition(s, vh[:max_rank] / root, u=u[:, :max_rank])
+    if gram.shape != (matrix.shape[1], matrix.shape[1]):
         raise ValueError(
-            f"the Gram matrix is {tuple(gram.shape)} but the weight has {weight.shape[1]} input features: collect it "
+            f"the Gram matrix is {tuple(gram.shape)} but the weight has {matrix.shape[1]} input features: collect it "
             "on the same layer (collect_input_grams)"
         )
-    g, lam = damped(gram.to(weight.device), damping)
-    out, features = weight.shape
+    gram = gram.to(matrix.device)
+    out, features = matrix.shape
     if out <= features:
-        s, u = _small_side_eigh(weight @ g @ weight.t())
+        weight = matrix.detach().double()
+        lam = damping_of(gram, damping)
+        s, u = _small_side_eigh(weight @ gram.double() @ weight.t() + lam * (weight @ weight.t()))
         u = u[:, :max_rank]
-        return u, s, _divide(u.t() @ weight, s[: u.shape[1]])
+        return WhitenedDecomposition(s, (u.t() @ weight) * _inverse(s[: u.shape[1]])[:, None], u=u)
+    g, lam = damped(gram, damping)
     root, scale = _damped_root(g, lam)
-    ws = weight @ root  # W S
-    del weight, g  # a tall layer (an LM head) is large: free what is not needed before U is built
-    s, v = _small_side_eigh(ws.t() @ ws)
+    del g
+    s, v = _small_side_eigh(root.t() @ _gram_of_columns(matrix.detach()) @ root)
     v = v[:, :max_rank]
-    u = _divide((ws @ v).t(), s[: v.shape[1]]).t()
-    if scale is None:  # S = L: V^T L^{-1}
+    if scale is None:  # S = L: R = V^T L^{-1}
         rows = torch.linalg.solve_triangular(root, v.t(), upper=False, left=False)
-    else:  # S = Q Λ^{1/2}: V^T Λ^{-1/2} Q^T
+    else:  # S = Q Λ^{1/2}: R = V^T Λ^{-1/2} Q^T
         rows = (v.t() / scale) @ (root / scale).t()
-    return u, s, rows
+    return WhitenedDecomposition(s, rows, p=(root @ v) * _inverse(s[: v.shape[1]]))
+
+
+def whitened_decomposition(
+    matrix: Tensor, gram: Tensor, damping: float, max_rank: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U, Σ, R)`` with ``matrix = U diag(Σ) R`` (``U`` and ``R`` up to ``max_rank``): :func:`whiten`, with ``U``
+    built whole.
+
+    ``R = V^T S^{-1}``, so the best rank-``r`` replacement for the inputs is ``U_r diag(Σ_r) R_r``
+    (``up = U_r Σ_r^{1/2}``, ``down = Σ_r^{1/2} R_r``), and its error on them is ``sum_{i > r} Σ_i^2``
+    (plus ``λ ||W - W'||_F^2``: see the module docstring). Everything in float64.
+    """
+    decomposition = whiten(matrix, gram, damping, max_rank)
+    return decomposition.left(matrix, len(decomposition.rows)), decomposition.singular_values, decomposition.rows
 
 
 def whitened_factors(u: Tensor, s: Tensor, rows: Tensor, rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -261,7 +309,7 @@ class GramHook:
             # Each chunk's product in the activations' precision (at least float32: much faster than float64 on
             # CPUs, and its rounding sits far below the damping), summed over chunks and batches in float64.
             chunk = chunk if chunk.dtype in (torch.float32, torch.float64) else chunk.float()
-            self.gram.add_((chunk.t() @ chunk).double())
+            self.gram.add_(chunk.t() @ chunk)  # in place, promoted: no float64 copy of the product
             self.rows += chunk.shape[0]
 
 

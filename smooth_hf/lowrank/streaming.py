@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.devices import on_device, streamed_through
+from ..core.machine import release_freed_memory
 from ..core.weights import weight_matrix
 from .blocks import BlockInputs, Blocks
 from .config import LowRankConfig
@@ -128,6 +129,7 @@ def _svd_spectrum(c: Candidate, store: DecompositionStore) -> None:
     d = decompose(weight_matrix(c.module).detach())
     c.decomposition = Decomposition(d.singular_values.cpu(), None, d.left)
     store.put(c.name, {"basis": d.basis[:, : c.largest_paying_rank]})
+    release_freed_memory()
 
 
 def _whitened_spectra(
@@ -187,6 +189,7 @@ def _whitened(c: Candidate, gram: Tensor, config: LowRankConfig) -> WhitenedDeco
 
 def _set_aside(c: Candidate, decomposition: WhitenedDecomposition, store: DecompositionStore) -> None:
     store.put(c.name, decomposition.tensors())
+    release_freed_memory()  # the decomposition's float64 temporaries, each the size of the layer
 
 
 def _measure(model: nn.Module, group: list[Candidate], decompositions: dict, kept: list[Any]) -> None:
@@ -277,6 +280,7 @@ def _cut(model: nn.Module, c: Candidate, rank: int, factors: tuple[Tensor, Tenso
     replace_module(model, c.name, layer)
     record(rows[c.name], c, rank, layer)
     c.module = None  # the candidate list must not keep the dense weight alive
+    release_freed_memory()
 
 
 def _cut_from_store(model: nn.Module, c: Candidate, rank: int | None, rows: dict[str, LayerReport],

@@ -6,8 +6,11 @@ meaningless for quality) for a few AdamW steps with all three penalties: once un
 the embeddings and the root split by torch's ``fully_shard`` (as Accelerate's FSDP2 config splits a transformers
 model). Each process reports
 
-* the bytes of parameters, gradients and optimizer state it holds after training, and its peak resident memory
-  (``ru_maxrss``; one launch per mode, so each peak is its own);
+* the bytes of parameters, gradients and optimizer state it holds after training; its resident memory then and before
+  the model was built (the growth is the model's, its gradients', its optimizer state's and the training's); and its
+  peak resident memory (``ru_maxrss``; one launch per mode, so each peak is its own). Every process builds the whole
+  model before splitting it (as ``from_pretrained`` does without Accelerate's ``cpu_ram_efficient_loading``), so the
+  peak includes one whole model under FSDP2 too;
 * the median time of the penalty (value and backward) at a step that refreshes the nuclear norm's directions and at
   one that uses them cached, and of one rank projection (with DDP's broadcast of the projected weights, as
   ``SmoothTrainer`` does);
@@ -18,7 +21,7 @@ model). Each process reports
 
 ::
 
-    python benchmarks/fsdp2.py                                          # hidden 512, 4 layers: the published run
+    python benchmarks/fsdp2.py                                          # hidden 1024, 4 layers: the published run
     python benchmarks/fsdp2.py --hidden 64 --layers 1 --vocab 64 --steps 2 --repeats 1 --tag _smoke
 
 Results: ``benchmarks/results/fsdp2{tag}.json``. Run it on an otherwise idle machine.
@@ -27,6 +30,7 @@ Results: ``benchmarks/results/fsdp2{tag}.json``. Run it on an otherwise idle mac
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -51,13 +55,13 @@ COLLECTIVES = ("all_reduce", "all_gather", "broadcast")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512, help="Hidden size (attention heads of 64).")
+    p.add_argument("--hidden", type=int, default=1024, help="Hidden size (attention heads of 64).")
     p.add_argument("--intermediate", type=int, default=None, help="MLP size (default: 2.6875 x hidden, as Llama's).")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--batch", type=int, default=4, help="Sequences per process per step.")
-    p.add_argument("--steps", type=int, default=4, help="AdamW steps before measuring memory.")
+    p.add_argument("--steps", type=int, default=3, help="AdamW steps before measuring memory.")
     p.add_argument("--repeats", type=int, default=3, help="Timed repeats of each penalty / projection call (median).")
     p.add_argument("--projection_reduction", type=float, default=0.3, help="The cut rank projection plans for.")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)  # set by the driver for its torchrun launches
@@ -117,6 +121,12 @@ def build(args: argparse.Namespace):
     return LlamaForCausalLM(config)
 
 
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux ``/proc/self/statm``); large tensors freed are returned to the OS."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def held_bytes(tensors) -> int:
     from torch.distributed.tensor import DTensor
 
@@ -139,6 +149,8 @@ def worker(args: argparse.Namespace) -> None:
 
     dist.init_process_group("gloo")
     collectives = Collectives()
+    gc.collect()
+    resident_before_model = resident_bytes()
     model = build(args)
     parameters = sum(p.numel() for p in model.parameters())
     if args.worker == "fsdp2":
@@ -166,7 +178,8 @@ def worker(args: argparse.Namespace) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # gradients kept allocated, as between steps
         step_seconds.append(time.perf_counter() - start)
-    peak_after_training = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gc.collect()
+    resident_after_training = resident_bytes()
     memory = {
         "parameter_bytes": held_bytes(model.parameters()),
         "gradient_bytes": held_bytes(p.grad for p in model.parameters() if p.grad is not None),
@@ -202,7 +215,7 @@ def worker(args: argparse.Namespace) -> None:
                         {"all_gather_parameters_forward": payload // world, "all_gather_parameters_backward":
                          payload // world, "reduce_scatter_gradients": payload})
     record = {"rank": dist.get_rank(), "world_size": world, "parameters": parameters, "memory": memory,
-              "max_rss_after_training_bytes": peak_after_training,
+              "rss_before_model_bytes": resident_before_model, "rss_after_training_bytes": resident_after_training,
               "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "step_seconds": step_seconds, "seconds": timings, "communication": communication,
               "step_collectives_bytes": step_collectives, "penalty_layers": len(penalty.layers)}
@@ -230,7 +243,9 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     held = {k: fsdp["memory"][k] / ddp["memory"][k] for k in ddp["memory"]}
     return {
         "fsdp2_over_ddp_held_bytes": held,
-        "fsdp2_over_ddp_max_rss_after_training": fsdp["max_rss_after_training_bytes"] / ddp["max_rss_after_training_bytes"],
+        "fsdp2_over_ddp_rss_after_training": fsdp["rss_after_training_bytes"] / ddp["rss_after_training_bytes"],
+        "fsdp2_over_ddp_rss_growth": ((fsdp["rss_after_training_bytes"] - fsdp["rss_before_model_bytes"])
+                                      / (ddp["rss_after_training_bytes"] - ddp["rss_before_model_bytes"])),
         "fsdp2_over_ddp_max_rss": fsdp["max_rss_bytes"] / ddp["max_rss_bytes"],
         "penalty_bytes_per_step": {mode: {k: runs[mode][0]["communication"][k]["total_bytes"]
                                           for k in ("penalty_refresh", "penalty_cached", "projection")}

@@ -195,7 +195,7 @@ def spectra(helds: Sequence[Held], keep_bytes: int = BASIS_CACHE_BYTES) -> list[
             d = decompose(h.matrix, keep_basis=keep(min(h.matrix_shape) ** 2 * 8))
             out[i] = Spectrum(h, d.singular_values, d.basis, 0 if d.left else 1)
         elif h.split.axis == side:
-            whole = gather(h.matrix.double(), h.split)
+            whole = gather(h.matrix, h.split).double()
             values, basis = _eigen(_gram(whole, side))
             stored = keep(basis.numel() * 8 + whole.numel() * 8)
             out[i] = Spectrum(h, values, basis if stored else None, side, whole if stored else None)
@@ -218,7 +218,7 @@ def _apply(spectrum: Spectrum, weights: Tensor) -> Tensor:
     if split is None or split.axis != side:  # the basis acts on an axis this process holds whole: local
         m = h.matrix.detach().double()
         return (basis * weights) @ (basis.t() @ m) if side == 0 else (m @ basis) @ (basis * weights).t()
-    whole = spectrum.whole if spectrum.whole is not None else gather(h.matrix.double(), split)
+    whole = spectrum.whole if spectrum.whole is not None else gather(h.matrix, split).double()
     mine = basis.narrow(0, split.offset, split.length)  # this block's rows of the basis
     return (mine * weights) @ (basis.t() @ whole) if side == 0 else (whole @ basis) @ (mine * weights).t()
 

@@ -130,3 +130,21 @@ def test_quantization_cnn_smoke(tmp_path):
     assert memory["int8 (PT2E)"] < memory["dense"]
     assert all(0 <= row["accuracy"] <= 1 and row["latency_ms"]["b16"] > 0 for row in rows.values())
     assert "| low-rank + int8 (PT2E) |" in (tmp_path / "results" / "quantization.md").read_text()
+
+
+def test_fsdp2_smoke(tmp_path):
+    """Two torchrun launches of 2 processes (DDP, then FSDP2) on a one-layer Llama: each rank's held bytes halve, the
+    penalty communicates only under FSDP2, and the projection's bytes are counted in both."""
+    result = load_benchmark("fsdp2").main(["--hidden", "64", "--layers", "1", "--vocab", "64", "--seq_len", "8",
+                                           "--steps", "2", "--repeats", "1", "--output_dir", str(tmp_path),
+                                           "--tag", "_smoke"])
+    saved = json.loads((tmp_path / "fsdp2_smoke.json").read_text())
+    check_metadata(saved["meta"], "fsdp2")
+    summary = saved["summary"]
+    assert summary == json.loads(json.dumps(result["summary"]))
+    assert all(abs(ratio - 0.5) < 0.01 for ratio in summary["fsdp2_over_ddp_held_bytes"].values())
+    penalty = summary["penalty_bytes_per_step"]
+    assert penalty["ddp"]["penalty_refresh"] == penalty["ddp"]["penalty_cached"] == 0
+    assert penalty["fsdp2"]["penalty_refresh"] > penalty["fsdp2"]["penalty_cached"] > 0
+    assert penalty["ddp"]["projection"] > 0 and penalty["fsdp2"]["projection"] > 0
+    assert [r["rank"] for r in saved["runs"]["fsdp2"]] == [0, 1]

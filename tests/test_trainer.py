@@ -201,24 +201,42 @@ def test_penalty_state_only_written_when_nuclear_norm_is_on(tmp_path, tiny_conv)
     assert not os.path.exists(tmp_path / "out" / "checkpoint-2" / PENALTY_STATE_NAME)
 
 
-@pytest.mark.parametrize(
-    "setup",
-    ["--fsdp", "accelerate launch with an FSDP config", "accelerate launch with a DeepSpeed ZeRO-3 config"],
-)
-def test_sharded_weights_are_refused_at_start_up(tmp_path, tiny_conv, monkeypatch, setup):
-    """Constructing the trainer is enough: nothing trains, nothing is built. (On CPU accelerate never enables
-    FSDP itself, so the arguments and the variables `accelerate launch` sets are what is checked here.)"""
-    args = make_args(tmp_path, first_order_coef=1.0, fsdp=setup == "--fsdp")
-    plain = make_args(tmp_path)
-    if setup == "accelerate launch with an FSDP config":
-        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    elif setup != "--fsdp":
-        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(ValueError, match="not supported with FSDP or DeepSpeed ZeRO-3.*Use DDP"):
+LAUNCHES = {  # what `accelerate launch` sets for each kind of config (accelerate.utils.launch)
+    "FSDP1 config": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"},
+    "FSDP config without fsdp_version (accelerate's default: 1)": {"ACCELERATE_USE_FSDP": "true"},
+    "DeepSpeed ZeRO-3 config": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+}
+
+
+@pytest.mark.parametrize("setup", ["--fsdp with fsdp_config version 1", *LAUNCHES])
+def test_flat_sharded_parameters_are_refused_at_start_up(tmp_path, tiny_conv, monkeypatch, setup):
+    """FSDP1 and ZeRO-3 hold flat slices of parameters, not row blocks of each weight: refused by constructing the
+    trainer, with FSDP2 named. (On CPU accelerate never enables FSDP itself, so the arguments and the variables
+    `accelerate launch` sets are what is checked here; tests/test_fsdp.py trains under FSDP2.)"""
+    args = make_args(tmp_path, first_order_coef=1.0, **({"fsdp": True, "fsdp_config": {"version": 1}} if
+                                                        setup.startswith("--fsdp") else {}))
+    for name, value in LAUNCHES.get(setup, {}).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="not supported with (FSDP1|DeepSpeed ZeRO-3).*FSDP2"):
         SmoothTrainer(model=tiny_conv, args=args)
-    if setup == "accelerate launch with an FSDP config":  # without penalties it is a plain Trainer's business
-        SmoothTrainer(model=tiny_conv, args=plain)
+    if "FSDP" in setup:  # without penalties it is a plain Trainer's business
+        SmoothTrainer(model=tiny_conv, args=make_args(tmp_path, **({"fsdp": False} if setup.startswith("--") else {})))
+
+
+def test_fsdp2_is_accepted_and_whitened_projection_of_conv1d_refused_at_start_up(tmp_path, tiny_conv, monkeypatch):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")  # what recipes/accelerate_configs/fsdp2.yaml sets
+    trainer = SmoothTrainer(model=tiny_conv, args=make_args(tmp_path, first_order_coef=1.0,
+                                                            rank_projection_param_reduction=0.3))
+    assert trainer.smoothness.active and trainer.rank_projection is not None
+    gpt2 = GPT2ForSequenceClassification(GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                                    num_labels=2, pad_token_id=0))
+    args = make_args(tmp_path, rank_projection_param_reduction=0.3, rank_projection_method="whitened")
+    with pytest.raises(ValueError, match=r"transformer.h.0.attn.c_attn.*Drop --rank_projection_method whitened"):
+        SmoothTrainer(model=gpt2, args=args)
+    SmoothTrainer(model=gpt2, args=make_args(tmp_path, rank_projection_param_reduction=0.3))  # 'svd' works on them
 
 
 def test_a_batch_without_the_model_inputs_says_what_to_pass(tmp_path, tiny_conv):

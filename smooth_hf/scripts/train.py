@@ -50,6 +50,7 @@ from ..data.processors import image_input_config, image_processor_for
 from ..data.text import prepare_text_splits, text_collator, tokenizer_for
 from ..evaluation.metrics import accuracy_metrics
 from ..training.config import SmoothTrainingArguments
+from ..training.shards import whole_weights
 from ..training.trainer import SmoothTrainer
 from .args import ModelArguments, TrainingDataArguments, save_data_record
 
@@ -136,13 +137,16 @@ def run(
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
-        if trainer.is_world_process_zero():
-            # Weights + the config that rebuilds them, the arguments (penalties) for the model card, and the
-            # data, so that recipes/compress.py evaluates on the same dataset, split and subset by default.
-            save_dense(trainer.model, training_args.output_dir, processor=processor)
-            with open(os.path.join(training_args.output_dir, TRAINING_ARGS_NAME), "w") as f:
-                json.dump(training_args.to_dict(), f, indent=2, default=str)
-            save_data_record(training_args.output_dir, data_args, training_args.seed, data)
+        # Under FSDP2 every process takes part in gathering the weights whole; the main process writes the same folder
+        # as a run without sharding.
+        with whole_weights(trainer.model) as model:
+            if trainer.is_world_process_zero():
+                # Weights + the config that rebuilds them, the arguments (penalties) for the model card, and the
+                # data, so that recipes/compress.py evaluates on the same dataset, split and subset by default.
+                save_dense(model, training_args.output_dir, processor=processor)
+                with open(os.path.join(training_args.output_dir, TRAINING_ARGS_NAME), "w") as f:
+                    json.dump(training_args.to_dict(), f, indent=2, default=str)
+                save_data_record(training_args.output_dir, data_args, training_args.seed, data)
     if training_args.do_eval:
         eval_metrics = trainer.evaluate()
         metrics.update(eval_metrics)

@@ -12,7 +12,7 @@ projection (``BENCHMARKS.md``, section 7, measures it per step).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -42,8 +42,10 @@ class RunningGrams:
     """A running, decayed sum of the input Gram matrices of ``layers`` (``(name, module)`` pairs) over the batches
     :meth:`refresh` is given."""
 
-    def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:
+    def __init__(self, layers: list[tuple[str, nn.Module]],
+                 reduce: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> None:
         self.layers = dict(layers)
+        self.reduce = reduce  # each refresh's statistics summed over the processes that train together (their batches)
         self.grams: dict[str, Tensor] = {}
         self.batches = 0  # batches summed so far
 
@@ -52,6 +54,8 @@ class RunningGrams:
         if not len(batches):
             raise ValueError("whitened rank projection has no training batch to collect the layers' inputs on yet")
         new = collect_input_grams(model, self.layers, list(batches.batches)).grams
+        if self.reduce is not None:
+            new = self.reduce(new)
         self.grams = {name: gram + DECAY * self.grams[name] if name in self.grams else gram
                       for name, gram in new.items()}
         self.batches += len(batches)

@@ -20,6 +20,9 @@ output, ``||(W - W') X||``), and the ranks are allocated on the whitened spectra
 them. The trained weights are then exactly of rank ``r``, so the whitened cut with any calibration data keeps them as
 they are.
 
+On a model FSDP2 split across processes (``fully_shard``) the plan is made on the whole weights' spectra and each
+process projects the rows it holds (:mod:`smooth_hf.training.sharded`); every process must call the projection.
+
 Independent of the Trainer, like :class:`~smooth_hf.SmoothnessPenalty`: a custom loop calls
 ``projection(step, max_steps)`` after each ``optimizer.step()``; :class:`~smooth_hf.SmoothTrainer` does it
 from ``on_step_end`` when ``rank_projection_param_reduction`` or ``rank_projection_macs_reduction`` is set.
@@ -38,6 +41,8 @@ from ..lowrank.decomposition import Decomposition, decompose_within, factors_fro
 from ..lowrank.targeting import PatternSpec, find_layers, is_plain_embedding
 from ..lowrank.whitening import whitened_decomposition
 from .cut_plan import CutBudget, MacsProfile, check_plan_budget, plan_ranks
+from .sharded import project_block_, project_whitened_block_, spectra, whitened_spectra
+from .shards import any_split, held
 
 __all__ = ["METHODS", "RankProjection", "check_schedule", "project_to_rank_", "project_whitened_",
            "scheduled_reduction"]
@@ -179,6 +184,8 @@ class RankProjection:
         budget = self.budget.at(self.reduction_at(step, max_steps))
         if self.method == "whitened":
             return self._project_whitened(budget, grams)
+        if any_split(self.layers):
+            return self._project_split(budget)
         # One decomposition per layer: its spectrum plans the cut (as compress plans it), its basis projects.
         decompositions, cached = [], 0
         for _, module in self.layers:  # bases kept within the same memory cap as compress's
@@ -199,6 +206,8 @@ class RankProjection:
                 "batches (smooth_hf.lowrank.whitening.collect_input_grams) over these layers, or project with method "
                 "'svd'."
             )
+        if any_split(self.layers):
+            return self._project_split(budget, grams)
         # One whitened decomposition per layer: its spectrum (the output error profile) plans, its factors project.
         decompositions = [whitened_decomposition(weight_matrix(module), grams[name], self.damping)
                           for name, module in self.layers]
@@ -206,4 +215,17 @@ class RankProjection:
         for (_, module), rank, decomposition in zip(self.layers, ranks, decompositions, strict=True):
             if rank is not None:
                 project_whitened_(module, decomposition, rank)
+        return ranks
+
+    def _project_split(self, budget: CutBudget, grams: Mapping[str, Tensor] | None = None) -> list[int | None]:
+        """Weights that FSDP2 split across processes: planned on the whole weights' spectra, and each process projects
+        its own block (:mod:`smooth_hf.training.sharded`); ``grams`` for ``method="whitened"``."""
+        names = [name for name, _ in self.layers]
+        helds = [held(module, name) for name, module in self.layers]
+        found = spectra(helds) if grams is None else \
+            whitened_spectra(helds, [grams[name] for name in names], self.damping, names)
+        ranks = plan_ranks(self.layers, budget, [s.values for s in found], self.rank_multiple)
+        for spectrum, rank in zip(found, ranks, strict=True):
+            if rank is not None:
+                (project_block_ if grams is None else project_whitened_block_)(spectrum, rank)
         return ranks

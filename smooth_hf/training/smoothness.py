@@ -26,6 +26,10 @@ from the current spectra (over the penalised layers), and the nuclear norm acts 
 them -- what the planned cut will remove -- leaving the kept ones, which carry the function, untouched.
 ``nuclear_norm_macs_reduction=p`` plans the tail for ``LowRankConfig(macs_reduction=p)`` instead: multiply-adds
 on the inputs that ``macs_profile`` was measured on (:class:`smooth_hf.training.cut_plan.MacsProfile`).
+
+On a model FSDP2 split across processes (``fully_shard``) every term is computed on the rows each process holds, with
+the whole weight's value and gradient (:mod:`smooth_hf.training.sharded`); every process must call the penalty (and
+:meth:`SmoothnessPenalty.state_dict`) together.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ from torch import Tensor, nn
 from ..core.weights import out_in_weight
 from ..lowrank.targeting import PatternSpec, find_layers
 from .cut_plan import CutBudget, MacsProfile, check_plan_budget, plan_ranks
-from .penalties import first_order, nuclear_norm_surrogate, second_order, spectral_direction
+from .penalties import spectral_direction
+from .sharded import direction, layer_sums, spectra
+from .shards import any_split, gather, held, is_split
 
 __all__ = ["COEFFICIENTS", "NORMALIZATIONS", "SmoothnessPenalty", "check_coefficients"]
 
@@ -72,6 +78,7 @@ class SmoothnessPenalty:
     nuclear_norm_macs_reduction: float | None = None
     macs_profile: MacsProfile | None = None  # for nuclear_norm_macs_reduction: the inputs multiply-adds are priced on
     _directions: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _blocks: set[str] = field(default_factory=set, repr=False)  # layers whose direction is this process's block (FSDP2)
     _refreshed_at: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -136,7 +143,11 @@ class SmoothnessPenalty:
         # A step counter that went backwards (a second train() call) also makes the cache stale.
         due = self._refreshed_at is None or not 0 <= step - self._refreshed_at < self.nuclear_norm_every
         if due or len(self._directions) != len(self.layers):
-            if self.tail_budget is None:
+            self._blocks = set()
+            if any_split(self.layers):  # FSDP2: each process computes the directions of its blocks
+                self._directions = self._split_directions()
+                self._blocks = {name for name, module in self.layers if is_split(module)}
+            elif self.tail_budget is None:
                 self._directions = {name: spectral_direction(out_in_weight(m)) for name, m in self.layers}
             else:  # the tail only; a layer the cut keeps dense is not penalised
                 self._directions = {
@@ -145,6 +156,14 @@ class SmoothnessPenalty:
                     for (name, m), rank in zip(self.layers, self._kept_ranks(), strict=True)
                 }
             self._refreshed_at = step
+
+    def _split_directions(self) -> dict[str, Tensor]:
+        """The directions on weights FSDP2 split: each process's block of them (smooth_hf.training.sharded)."""
+        found = spectra([held(module, name) for name, module in self.layers])
+        ranks = ([0] * len(found) if self.tail_budget is None else
+                 plan_ranks(self.layers, self.tail_budget, [s.values for s in found], self.rank_multiple))
+        return {name: direction(s, skip=rank) if rank is not None else torch.zeros_like(s.held.weight.detach())
+                for (name, _), s, rank in zip(self.layers, found, ranks, strict=True)}
 
     def __call__(self, step: int = 0) -> tuple[Tensor, dict[str, float]]:
         """The weighted total (differentiable) and each unweighted term (floats, for logging).
@@ -155,32 +174,32 @@ class SmoothnessPenalty:
         if self.nuclear_norm_coef > 0:
             self._refresh_directions(step)
         normalized = self.normalization != "sum"
-        sums = {"nuclear_norm": 0.0, "first_order": 0.0, "second_order": 0.0}
-        logged = dict(sums)
-        for name, module in self.layers:
-            weight = out_in_weight(module)
-            sq_norm = weight.pow(2).sum() if normalized else None
-            # "relative": the scale-free term times ||W||^2 held constant (see the module doc).
-            gain = sq_norm.detach() if self.normalization == "relative" else None
-            terms = {}
-            if self.nuclear_norm_coef > 0:
-                direction = self._directions[name].to(weight.device, weight.dtype)
-                term = nuclear_norm_surrogate(weight, direction)
-                terms["nuclear_norm"] = term / (sq_norm.sqrt() * math.sqrt(min(weight.shape[0], weight[0].numel()))) \
-                    if normalized else term
-            if self.first_order_coef > 0:
-                terms["first_order"] = first_order(weight) / sq_norm if normalized else first_order(weight)
-            if self.second_order_coef > 0:
-                terms["second_order"] = second_order(weight) / sq_norm if normalized else second_order(weight)
-            for key, term in terms.items():
-                logged[key] = logged[key] + term.detach()
-                sums[key] = sums[key] + (term * gain if gain is not None else term)
-        denominator = len(self.layers) if normalized else 1
         coefs = {
             "nuclear_norm": self.nuclear_norm_coef,
             "first_order": self.first_order_coef,
             "second_order": self.second_order_coef,
         }
+        penalties = [key for key, coef in coefs.items() if coef > 0]
+        sums = {"nuclear_norm": 0.0, "first_order": 0.0, "second_order": 0.0}
+        logged = dict(sums)
+        # Each layer's plain sums over its whole weight, also when FSDP2 split it (smooth_hf.training.sharded).
+        helds = [held(module, name) for name, module in self.layers]
+        directions = [self._directions[name] for name, _ in self.layers] if self.nuclear_norm_coef > 0 else None
+        blocks = [name in self._blocks for name, _ in self.layers]
+        wanted = (["sq_norm"] if normalized else []) + penalties
+        for h, layer in zip(helds, layer_sums(helds, wanted, directions, blocks), strict=True):
+            sq_norm = layer.get("sq_norm")
+            # "relative": the scale-free term times ||W||^2 held constant (see the module doc).
+            gain = sq_norm.detach() if self.normalization == "relative" else None
+            for key in penalties:
+                term = layer[key]
+                if normalized and key == "nuclear_norm":
+                    term = term / (sq_norm.sqrt() * math.sqrt(min(h.shape[0], math.prod(h.shape[1:]))))
+                elif normalized:
+                    term = term / sq_norm
+                logged[key] = logged[key] + term.detach()
+                sums[key] = sums[key] + (term * gain if gain is not None else term)
+        denominator = len(self.layers) if normalized else 1
         total, out = None, {}
         for key, coef in coefs.items():
             if coef > 0:
@@ -194,16 +213,25 @@ class SmoothnessPenalty:
     # Checkpointing: the cached directions are training state, so a resumed run steers exactly as an
     # uninterrupted one would (see SmoothTrainer._save_checkpoint).
     def state_dict(self) -> dict[str, Tensor]:
-        state = {f"direction.{k}": v.detach().cpu().contiguous() for k, v in self._directions.items()}
+        """The cached directions, whole (a direction FSDP2 split is gathered: every process must call this)."""
+        state = {}
+        for name, module in self.layers:
+            if name in self._directions:
+                direction = self._directions[name]
+                if name in self._blocks:
+                    direction = gather(direction, held(module, name).split)
+                state[f"direction.{name}"] = direction.detach().cpu().contiguous()
         if self._refreshed_at is not None:
             state["refreshed_at"] = torch.tensor(self._refreshed_at)
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Directions saved whole; on weights FSDP2 split, each process uses its block of them."""
         devices = {name: out_in_weight(m).device for name, m in self.layers}
         directions = {k.removeprefix("direction."): v for k, v in state.items() if k.startswith("direction.")}
         unknown = set(directions) - set(devices)
         if unknown:
             raise ValueError(f"penalty state names layers this model does not target: {sorted(unknown)[:5]}")
         self._directions = {k: v.to(devices[k]) for k, v in directions.items()}
+        self._blocks = set()
         self._refreshed_at = int(state["refreshed_at"]) if "refreshed_at" in state else None

@@ -18,6 +18,10 @@ gradient-accumulation micro-batches or the number of processes:
   across ranks, so the penalty counts once, not once per rank. (``compute_loss``'s
   ``average_tokens_across_devices`` rescaling applies to the task loss only: the penalty is added
   after it.)
+* under FSDP2 (Accelerate's ``fsdp_version: 2``) every rank computes the same penalty value from its own block of each
+  weight (:mod:`smooth_hf.training.sharded`), and the penalty's gradient reaches each block whole, beside the task
+  gradient that FSDP averages, so again it counts once. Rank projection acts on each rank's block. FSDP1 and DeepSpeed
+  ZeRO-3, whose flat parameter slices hold no row block of a weight, are refused at start-up.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from ..core.libraries import is_transformers_model
+from ..core.libraries import is_hf_conv1d, is_transformers_model
 from ..core.memory_format import channels_last_mismatches
 from ..lowrank.targeting import find_layers
 from ..lowrank.timing import default_rank_multiple
@@ -42,6 +46,8 @@ from .calibration import RecentBatches, RunningGrams
 from .config import SmoothTrainingArguments
 from .cut_plan import CutBudget, MacsProfile, format_shape, sample_shape
 from .projection import RankProjection
+from .sharded import split_inputs_error
+from .shards import broadcast_buffers, is_split, sum_over_processes
 from .smoothness import SmoothnessPenalty
 
 __all__ = ["PENALTY_STATE_NAME", "SmoothTrainer"]
@@ -128,8 +134,8 @@ class SmoothTrainer(Trainer):
             )
             if args.rank_projection_method == "whitened":  # statistics of the layers' inputs on recent batches
                 self._recent_batches = RecentBatches(args.rank_projection_calibration_batches)
-                self._running_grams = RunningGrams(layers)
-        self._check_unsharded_weights(args)  # before the Trainer builds anything: arguments, launcher environment
+                self._running_grams = RunningGrams(layers, reduce=sum_over_processes)  # every process's batches
+        self._check_sharding(args)  # before the Trainer builds anything: arguments, launcher environment
         self.channels_last = args.channels_last and _can_train_channels_last(model, args.device)
         if self.channels_last:  # before the optimizer exists, so that its state takes the same layout
             model = model.to(memory_format=torch.channels_last)
@@ -138,7 +144,7 @@ class SmoothTrainer(Trainer):
             self.add_callback(_ProjectAfterStep(self))
         if self.channels_last:
             self.add_callback(_ContiguousAfterTraining())
-        self._check_unsharded_weights(args)  # and the accelerator the Trainer set up
+        self._check_sharding(args)  # and the accelerator the Trainer set up
         if _mean_loss_classifier(model):
             # These heads return a per-batch *mean* loss yet accept **kwargs, so the Trainer would assume
             # it is already scaled for gradient accumulation and skip dividing it: GA=2 would double the
@@ -150,32 +156,48 @@ class SmoothTrainer(Trainer):
             names = self.smoothness.layer_names
             logger.info(f"Smoothness penalties on {len(names)} layers: {names[:3]} ... {names[-2:]}")
 
-    def _check_unsharded_weights(self, args: SmoothTrainingArguments) -> None:
-        """Penalties and projection need each weight matrix whole: refuse sharded-parameter setups at start-up."""
+    def _check_sharding(self, args: SmoothTrainingArguments) -> None:
+        """Penalties and projection work on whole weights (DDP, ZeRO-1/2) and on FSDP2's row blocks: refuse at start-up
+        the sharded setups they cannot work on, FSDP1 and DeepSpeed ZeRO-3, whose flat parameter slices hold no row
+        block of a weight matrix, and what FSDP2 splits where a whitened projection cannot act."""
         if not self.smoothness.active and self.rank_projection is None:
             return
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         env = os.environ
-        fsdp = (
-            bool(args.fsdp)
-            or getattr(self, "is_fsdp_enabled", False)  # set by Trainer.__init__ from its accelerator
-            or env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # accelerate launch with an FSDP config
-        )
         zero3 = is_deepspeed_zero3_enabled() or (
             env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
         )
-        if fsdp or zero3:
+        if zero3:
             raise ValueError(
-                "smoothness penalties and rank projection are not supported with FSDP or DeepSpeed ZeRO-3: parameters are sharded "
-                "across processes, so no process sees a whole weight matrix to difference or decompose. Use DDP "
-                "(the default for `accelerate launch` on several GPUs) or DeepSpeed ZeRO-1/2, which keep whole "
-                "weights on every process."
+                "smoothness penalties and rank projection are not supported with DeepSpeed ZeRO-3: it partitions each "
+                "parameter as a flat slice, so no process holds a block of rows of a weight matrix to difference or "
+                "decompose. Use FSDP2 to shard the model (accelerate launch --config_file "
+                "recipes/accelerate_configs/fsdp2.yaml, docs/training.md), or DDP / DeepSpeed ZeRO-1/2, which keep "
+                "whole weights on every process."
             )
+        version = _fsdp_version(args, getattr(self, "accelerator", None))
+        if version == 1:
+            raise ValueError(
+                "smoothness penalties and rank projection are not supported with FSDP1: it flattens each module's "
+                "parameters into one sharded vector, so no process holds a block of rows of a weight matrix. Use FSDP2 "
+                "(fsdp_version: 2 in the Accelerate config, as recipes/accelerate_configs/fsdp2.yaml; or "
+                "fsdp_config={'version': 2}), which these work on, or DDP."
+            )
+        projection = self.rank_projection
+        if version == 2 and projection is not None and projection.method == "whitened":
+            split_inputs = [name for name, module in projection.layers if is_hf_conv1d(module)]
+            if split_inputs:
+                raise split_inputs_error(split_inputs)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         if self._recent_batches is not None:  # whitened projection: its next statistics come from these batches
             self._recent_batches.add(inputs)
+        if _fsdp_version(self.args, self.accelerator) == 2:
+            # FSDP2 keeps each process's buffers (BatchNorm statistics) its own; DDP gives every process rank 0's before
+            # each forward. Doing the same makes the evaluation and the saved model those of a DDP run.
+            with torch.no_grad():
+                broadcast_buffers(model)
         return super().training_step(model, inputs, num_items_in_batch)
 
     def projection_grams(self) -> dict[str, torch.Tensor] | None:
@@ -257,10 +279,10 @@ class SmoothTrainer(Trainer):
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
-        if self.smoothness.active and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            state = self.smoothness.state_dict()
-            if state:
+        if self.smoothness.active:
+            state = self.smoothness.state_dict()  # on every process: directions FSDP2 split are gathered whole
+            if state and self.args.should_save:
+                folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
                 save_file(state, os.path.join(folder, PENALTY_STATE_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -268,6 +290,19 @@ class SmoothTrainer(Trainer):
         path = os.path.join(resume_from_checkpoint, PENALTY_STATE_NAME)
         if self.smoothness.active and os.path.isfile(path):
             self.smoothness.load_state_dict(load_file(path))
+
+
+def _fsdp_version(args: SmoothTrainingArguments, accelerator: Any) -> int | None:
+    """The FSDP version this run shards with (None: no FSDP): the accelerator's, once the Trainer has built it; before,
+    the arguments' (``fsdp`` / ``fsdp_config``) or what ``accelerate launch`` with an FSDP config sets."""
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if plugin is not None:
+        return int(plugin.fsdp_version)
+    if args.fsdp:
+        return int((getattr(args, "fsdp_plugin_args", None) or {}).get("fsdp_version", 2))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return int(os.environ.get("FSDP_VERSION", "1"))  # accelerate launch's own default
+    return None
 
 
 def _macs_profile(model: nn.Module, args: SmoothTrainingArguments, dataset: Any) -> MacsProfile:
@@ -290,7 +325,8 @@ class _ProjectAfterStep(TrainerCallback):
     """Runs the trainer's :class:`RankProjection` after every optimizer step (``on_step_end``).
 
     Under DDP every process projects its own (identical) weights; rank 0's result is then broadcast, so that a
-    decomposition that differs in the last bit between devices cannot make the replicas drift apart.
+    decomposition that differs in the last bit between devices cannot make the replicas drift apart. Under FSDP2 each
+    process projects its own block of each weight (nothing to broadcast).
     """
 
     def __init__(self, trainer: SmoothTrainer):
@@ -303,7 +339,8 @@ class _ProjectAfterStep(TrainerCallback):
         ranks = projection(state.global_step, state.max_steps, self.trainer.projection_grams())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for _, module in projection.layers:
-                torch.distributed.broadcast(module.weight.data, src=0)
+                if not is_split(module):
+                    torch.distributed.broadcast(module.weight.data, src=0)
         self.trainer.smoothness.invalidate()  # its cached nuclear-norm directions are of the old weights
         if state.global_step >= state.max_steps:
             kept = {name: rank for (name, _), rank in zip(projection.layers, ranks, strict=True)}

@@ -66,9 +66,10 @@ def truncated_svd_factors(matrix: Tensor, rank: int, dtype: torch.dtype | None =
 
 
 def _float(weight: Tensor) -> Tensor:
-    """A factor's weight as a float tensor: a quantized one (torchao's tensor subclasses) implements no product,
-    so it is dequantized; a float tensor's ``dequantize()`` is the tensor itself."""
-    return weight.dequantize()
+    """A factor's weight as a plain tensor: a quantized one (torchao's tensor subclasses) implements no product, so
+    it is dequantized to its original dtype; a plain tensor is returned as it is (torch's own ``dequantize()`` of a
+    plain tensor would turn it into float32)."""
+    return weight if type(weight) in (Tensor, nn.Parameter) else weight.dequantize()
 
 
 def _check_rank(rank: int, full_rank: int, what: str) -> None:

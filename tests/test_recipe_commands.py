@@ -33,7 +33,7 @@ def test_docstring_commands_run_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the commands write runs/... relative to where they are typed
     data = save_tiny_fmnist(tmp_path / "tiny")
     train_cmds, compress_cmds = docstring_commands("train.py"), docstring_commands("compress.py")
-    assert len(train_cmds) == 5 and len(compress_cmds) == 6, "a command was added or removed: update this test"
+    assert len(train_cmds) == 5 and len(compress_cmds) == 8, "a command was added or removed: update this test"
     resnet, two_processes, gpus, vit, hub_vit = train_cmds
     assert two_processes == gpus == ["...same", "flags..."]  # abbreviations of the first command
     # The CNN command is the recommended recipe, setting for setting (smooth_hf.training.presets is its one source).
@@ -53,7 +53,7 @@ def test_docstring_commands_run_as_written(tmp_path, monkeypatch):
     _, data_args, training_args = train_recipe.parse_args(hub_vit)
     assert data_args.dataset_name == "cifar10" and data_args.augment and training_args.learning_rate == 2e-5
 
-    one_budget, pushed, whitened, sensitivity, sweep, sweep_kept = compress_cmds
+    one_budget, pushed, whitened, sensitivity, sweep, sweep_kept, trained_for_cut, macs = compress_cmds
     result = compress_recipe.main(one_budget)  # on the data recorded by the training run above
     assert result["reduction"] >= 0.7
     assert smooth_hf.from_pretrained(tmp_path / "runs" / "smooth-lowrank-70").lowrank_report.reduction >= 0.7
@@ -72,6 +72,17 @@ def test_docstring_commands_run_as_written(tmp_path, monkeypatch):
     assert [row["budget"] for row in rows] == [0.0, 0.5, 0.7]
     kept = smooth_hf.from_pretrained(tmp_path / "runs" / "smooth-lowrank-70")
     assert kept.lowrank_report.reduction == pytest.approx(rows[-1]["removed"])
+    # The training docstring's faster model (its first command with the multiply-adds plan), cut as it was trained.
+    speed = [*resnet[: resnet.index("--output_dir")], "--output_dir", "runs/speed",
+             *resnet[resnet.index("--output_dir") + 2 : resnet.index("--rank_projection_param_reduction")],
+             "--rank_projection_macs_reduction", "0.5"]  # a tiny model cannot lose the docstring's 70%
+    train_recipe.main([*speed, *TINY_RESNET, "--dataset_name", data, "--max_train_samples", "32",
+                       "--max_eval_samples", "16", "--per_device_train_batch_size", "16", "--num_train_epochs", "1"])
+    result = compress_recipe.main(trained_for_cut)
+    assert result["max_logit_change"] < 1e-3  # trained at its planned ranks: the cut only rounds
+    assert smooth_hf.from_pretrained(tmp_path / "runs" / "speed-cut").lowrank_config.macs_reduction == 0.5
+    result = compress_recipe.main([*macs[: macs.index("0.7")], "0.5", *macs[macs.index("0.7") + 1 :]])
+    assert smooth_hf.from_pretrained(tmp_path / "runs" / "smooth-macs-70").lowrank_config.macs_reduction == 0.5
 
 
 def test_main_job_docstring_commands_parse():

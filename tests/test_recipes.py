@@ -160,13 +160,14 @@ def test_compress_recipe_sweep_keeps_the_cut_at_param_reduction(trained, tiny_fm
 
 
 def test_compress_recipe_rejects_ambiguous_rules(trained):
-    with pytest.raises(ValueError, match="exactly one of"):
+    with pytest.raises(ValueError, match="give one of"):
         compress_recipe.main(["--model_name_or_path", str(trained), "--output_dir", "x", "--param_reduction", "0.5",
                               "--rank_ratio", "0.5"])
     with pytest.raises(ValueError, match="not both"):
         compress_recipe.main(["--model_name_or_path", str(trained), "--output_dir", "x", "--param_reduction", "0.5",
                               "--recalibrate_batchnorm", "32", "--batchnorm_data_free"])
-    with pytest.raises(ValueError, match="exactly one of"):  # a sweep keeps a --param_reduction cut, no other rule
+    # a sweep keeps a --param_reduction (or --macs_reduction) cut, no other rule
+    with pytest.raises(ValueError, match="a --budgets sweep saves a cut of its own rule"):
         compress_recipe.main(["--model_name_or_path", str(trained), "--output_dir", "x", "--budgets", "0.5",
                               "--rank_ratio", "0.5"])
     with pytest.raises(ValueError, match="no BN repair"):
@@ -210,16 +211,19 @@ def test_recipes_refuse_what_would_lose_or_mix_a_users_files(trained, tiny_fmnis
     assert (folder / "model.safetensors").read_bytes() != before["model.safetensors"]
 
 
-def test_compress_recipe_says_which_flags_would_do_nothing(trained, caplog):
+def test_compress_recipe_says_which_flags_would_do_nothing(trained, caplog, tmp_path):
+    # The method is known once the checkpoint's training_args.json is read: the warnings come from the run itself.
     with caplog.at_level("WARNING", logger="compress"):
-        compress_recipe.parse_args(["--model_name_or_path", str(trained), "--param_reduction", "0.5", "--output_dir",
-                                    "x", "--calibration_samples", "64", "--hub_model_id", "you/x"])
+        compress_recipe.main(["--model_name_or_path", str(trained), "--param_reduction", "0.5", "--output_dir",
+                              str(tmp_path / "a"), "--max_eval_samples", str(EVAL_SAMPLES), "--calibration_samples",
+                              "16", "--hub_model_id", "you/x"])
     assert "--calibration_samples does nothing without --method whitened" in caplog.text
     assert "--hub_model_id does nothing without --push_to_hub" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="compress"):
-        compress_recipe.parse_args(["--model_name_or_path", str(trained), "--param_reduction", "0.5", "--output_dir",
-                                    "x", "--calibration_samples", "64", "--method", "whitened"])
+        compress_recipe.main(["--model_name_or_path", str(trained), "--param_reduction", "0.5", "--output_dir",
+                              str(tmp_path / "b"), "--max_eval_samples", str(EVAL_SAMPLES), "--calibration_samples",
+                              "16", "--method", "whitened"])
     assert "does nothing" not in caplog.text
 
 

@@ -90,7 +90,7 @@ def test_low_rank_arguments_are_the_config_fields_with_the_config_help():
     assert isinstance(config, LowRankConfig) and config.rank_ratio == 0.5 and config.exclude_modules == ["head", "fc"]
     assert args.targets() == {"target_modules": None, "exclude_modules": ["head", "fc"], "skip_first_last": False,
                               "factorise_embeddings": False, "rank_multiple": 4, "method": "svd", "rank_allocation": "spectrum",
-                              "sensitivity_samples": 16}
+                              "sensitivity_samples": 16, "sequential": False}
 
 
 def test_model_card_names_the_real_dataset(tmp_path):

@@ -74,7 +74,14 @@ from .args import DataArguments, LowRankArguments, resolve_data_arguments
 from .task_data import load_task_data
 
 logger = logging.getLogger("compress")
-PLOT_NAMES = {"param_reduction": "params_removed.png", "macs_reduction": "macs_removed.png"}
+_REMOVED = {"param_reduction": "params_removed", "macs_reduction": "macs_removed"}
+
+
+def plot_name(rule: str, metric: str = "accuracy") -> str:
+    """The sweep plot's file name: ``accuracy_vs_params_removed.png`` and the like."""
+    return f"{metric}_vs_{_REMOVED[rule]}.png"
+
+
 CALIBRATION_SAMPLES = 512  # --calibration_samples' default
 
 
@@ -296,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
         table = sweep_markdown(results, sweep_rule, metric)
         (out / "results.md").write_text(table + "\n")
         (out / "results.json").write_text(json.dumps(results, indent=2))
-        plot = plot_sweep(results, out / f"{metric}_vs_{PLOT_NAMES[sweep_rule]}", rule=sweep_rule, metric=metric)
+        plot = plot_sweep(results, out / plot_name(sweep_rule, metric), rule=sweep_rule, metric=metric)
         print(table, f"\ntable: {out / 'results.md'}\nplot: {plot}", sep="\n")
         if kept:
             print(kept["model"].lowrank_report)

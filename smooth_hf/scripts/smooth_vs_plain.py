@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "results.json").write_text(json.dumps({"arguments": arguments, "timings": timings, "results": results,
                                                   "speed": speed}, indent=2, default=str))
     title = f"{model_name} on {data_args.dataset_name}, no fine-tuning"
-    plot = plot_sweep(results, out / compress_recipe.PLOT_NAMES[rule], title, rule)
+    plot = plot_sweep(results, out / compress_recipe.plot_name(rule), title, rule)
     num_test = data_args.max_eval_samples or "all"
     print(f"\n== accuracy (%) on {num_test} {data_args.dataset_name} test images vs {RULE_LABELS[rule]}, "
           "no fine-tuning ==")

@@ -3,8 +3,9 @@ r"""Train an image classifier for low-rank compression (smooth_hf), on 1 CPU, N 
 Copy-paste commands (from the repository root, after `make install`):
 
     # the recommended CNN recipe (smooth_hf.training.presets) on real Fashion-MNIST (local Debian files, no Hub);
-    # for the plain baseline drop the last flag and use another --output_dir; resnet18_cifar is the paper's model (a GPU job). On a CPU, without
-    # --num_cpu_threads_per_process accelerate launch trains with one thread whatever the cores.
+    # for the plain baseline drop the last flag and use another --output_dir; for a faster model (docs/training-for-speed.md)
+    # replace it by --rank_projection_macs_reduction 0.7 --output_dir runs/speed. resnet18_cifar is the paper's model
+    # (a GPU job). On a CPU, without --num_cpu_threads_per_process accelerate launch trains with one thread whatever the cores.
     accelerate launch --num_cpu_threads_per_process $(nproc) recipes/train.py --model_name_or_path resnet14_cifar --dataset_name fashion_mnist \
         --do_train --do_eval --output_dir runs/smooth --optim sgd --optim_args momentum=0.9,nesterov=True \
         --learning_rate 0.1 --weight_decay 5e-4 --lr_scheduler_type cosine --warmup_steps 0.25 \

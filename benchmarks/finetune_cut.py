@@ -53,6 +53,7 @@ from smooth_hf import SmoothTrainer, SmoothTrainingArguments  # noqa: E402
 from smooth_hf.evaluation.accuracy import classification_accuracy  # noqa: E402
 from smooth_hf.evaluation.sweep import budget_sweep  # noqa: E402
 from smooth_hf.lowrank import LowRankConfig, calibrate, compress, count_parameters  # noqa: E402
+from smooth_hf.training.presets import TEXT_FINE_TUNE  # noqa: E402
 
 PARTS = ("polarity", "schedule", "embed", "cost")
 # Row label -> (projection method during the fine-tune or None, the cut's method)
@@ -83,10 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_steps", type=int, default=-1, help="Overrides the epochs when > 0 (smoke runs).")
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate (linear decay, 10%% warm-up).")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--every", type=int, default=10, help="rank_projection_every.")
+    p.add_argument("--every", type=int, default=TEXT_FINE_TUNE["rank_projection_every"], help="rank_projection_every.")
     p.add_argument("--start", type=float, default=0.1, help="rank_projection_start.")
     p.add_argument("--end", type=float, default=0.6, help="rank_projection_end.")
-    p.add_argument("--calibration_batches", type=int, default=4, help="rank_projection_calibration_batches.")
+    p.add_argument("--calibration_batches", type=int, default=2, help="rank_projection_calibration_batches.")
     p.add_argument("--variants", default=",".join(VARIANTS), help="polarity: comma-separated rows of the table.")
     p.add_argument("--budgets", type=floats, default=floats("0.3,0.5,0.6,0.7"),
                    help="Fractions of the whole model's parameters removed by the cuts.")
@@ -97,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--schedules", default="0.1:0.6,0:0.3,0:0",
                    help="schedule: start:end pairs of the projected cut (0:0 = the whole cut from the first projection).")
     p.add_argument("--schedule_plan", type=float, default=0.5, help="schedule: the plan every schedule trains for.")
-    p.add_argument("--cost_steps", type=int, default=40, help="cost: optimizer steps per timed fine-tune.")
+    p.add_argument("--cost_steps", type=int, default=50, help="cost: optimizer steps per timed fine-tune.")
     p.add_argument("--cost_rounds", type=int, default=3, help="cost: rounds of the interleaved fine-tunes.")
     p.add_argument("--embed_plan", type=float, default=0.5, help="embed: the plan of the encoder's training.")
     p.add_argument("--embed_budgets", type=floats, default=floats("0.3,0.5"), help="embed: cuts scored.")
@@ -435,9 +436,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         payload.setdefault("seconds", {})[part] = round(time.time() - part_start, 1)
     payload["seconds"]["total"] = round(time.time() - start, 1)
     stem = Path(args.output_dir) / f"finetune_cut{args.tag}"
-    write_json(stem.with_suffix(".json"), payload)
+    write_json(stem.parent / f"{stem.name}.json", payload)
     markdown = "\n\n".join(sections) + "\n"
-    stem.with_suffix(".md").write_text(markdown)
+    (stem.parent / f"{stem.name}.md").write_text(markdown)
     print("\n" + markdown, flush=True)
     return payload
 

@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(sections[-1] + "\n", flush=True)
     payload = {"meta": run_metadata(__file__, argv, args), "results": results}
     stem = Path(args.output_dir) / f"layer_latency{args.tag}"
-    write_json(stem.with_suffix(".json"), payload)
-    stem.with_suffix(".md").write_text("\n\n".join(sections) + "\n")
+    write_json(stem.parent / f"{stem.name}.json", payload)
+    (stem.parent / f"{stem.name}.md").write_text("\n\n".join(sections) + "\n")
     return payload
 
 

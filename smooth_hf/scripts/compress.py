@@ -51,6 +51,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 from transformers import HfArgumentParser, default_data_collator
 
@@ -71,7 +72,7 @@ from ..data.images import (
 )
 from ..data.processors import image_input_config, image_processor_for
 from ..data.text import DEFAULT_MAX_SEQ_LENGTH, prepare_text_splits, text_collator, tokenizer_for
-from ..evaluation.accuracy import classification_accuracy
+from ..evaluation.accuracy import classification_accuracy, logits_of
 from ..evaluation.sweep import budget_sweep, plot_sweep, sweep_markdown
 from ..hub import push_to_hub
 from ..lowrank import compress
@@ -319,17 +320,32 @@ def main(argv: list[str] | None = None) -> dict:
         return results
 
     dense_accuracy = evaluate(model)
+    # How far the cut moves the outputs, on the first test examples: float round-off for a model trained for this cut.
+    probe = next(iter(DataLoader(test, batch_size=64, collate_fn=collate)))
+    before = _logits(model, probe)
     recalibration = batches(args.recalibrate_batchnorm) if args.recalibrate_batchnorm else data_free
     config = replace(rank_args.to_config(), **recorded)
     compress(model, config, calibration_data=calibration, recalibrate_batchnorm=recalibration, example_inputs=example)
     accuracy = evaluate(model)
+    change = float((_logits(model, probe) - before).abs().max())
     report = model.lowrank_report
     print(report)
     print(f"accuracy: dense {100 * dense_accuracy:.2f}% -> compressed {100 * accuracy:.2f}% "
-          f"({'BN recalibrated, ' + report.batchnorm_recalibration if report.batchnorm_recalibrated else 'no fine-tuning, nothing else'})")
+          f"({'BN recalibrated, ' + report.batchnorm_recalibration if report.batchnorm_recalibrated else 'no fine-tuning, nothing else'}); "
+          f"the logits of the first {len(before)} test examples moved by at most {change:.3g}")
     save(model, accuracy, dense_accuracy)
     return {"dense_accuracy": dense_accuracy, "accuracy": accuracy, "reduction": report.reduction,
-            "num_test": len(test), "model": model}
+            "num_test": len(test), "max_logit_change": change, "model": model}
+
+
+@torch.no_grad()
+def _logits(model, batch: dict) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        return logits_of(model, batch).float()
+    finally:
+        model.train(was_training)
 
 
 def _training_setup(checkpoint: str) -> dict:

@@ -441,9 +441,16 @@ def _speed() -> list[dict[str, Any]]:
             *runs[1:]]
 
 
+def _gpu_speed() -> list[dict[str, Any]]:
+    """Issue 26's GPU row, prepared for a lease: ResNet-18 (CIFAR stem) trained with the CNN recipe planned for 70% fewer
+    multiply-adds (in the GPU's rank multiple, 8), its weights kept for benchmarks/gpu_latency.py."""
+    return [{"name": "r18_macs0.7_s0", "model": "resnet18_cifar", "rank_projection_macs_reduction": 0.7,
+             "channels_last": True, "save_weights": True}]
+
+
 GRIDS = {"smoke": _smoke, "gpu2": _gpu2, "init_scale": _init_scale, "projection": _projection, "gpu3": _gpu3,
          "main_gap": _main_gap, "main_width": _main_width, "main_b64": _main_b64, "speed_pilot": _speed_pilot,
-         "speed": _speed}
+         "speed": _speed, "gpu_speed": _gpu_speed}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Tables from ``benchmarks/cnn_recipe.py`` result lines: accuracy vs parameters removed, mean and spread over seeds.
+"""Tables from ``benchmarks/cnn_recipe.py`` result lines: accuracy vs parameters (or multiply-adds) removed, mean and
+spread over seeds.
 
     python benchmarks/cnn_recipe_report.py benchmarks/results/cnn_recipe_gpu.jsonl [more.jsonl ...] [--markdown]
 
@@ -32,7 +33,7 @@ def group_name(name: str) -> str:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Group -> {budget -> [accuracies]}, seeds, nuclear terms, training seconds."""
     groups: dict[str, dict[str, Any]] = defaultdict(lambda: {"acc": defaultdict(list), "seeds": [], "nuc": [],
-                                                            "train_seconds": []})
+                                                            "train_seconds": [], "rule": "param_reduction"})
     for run in runs:
         if "error" in run:
             continue
@@ -40,6 +41,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         g["seeds"].append(run["spec"]["seed"])
         g["nuc"].append(run["normalized_nuclear"])
         g["train_seconds"].append(run["train_seconds"])
+        g["rule"] = run.get("sweep_rule", "param_reduction")
         for row in run["rows"]:
             g["acc"][row["budget"]].append(100 * row["accuracy"])
     return groups
@@ -60,14 +62,15 @@ def table(groups: dict[str, dict[str, Any]], only: list[str] | None = None, refe
     if missing:
         raise SystemExit(f"no finished run in group(s) {missing}; groups: {sorted(groups)}")
     budgets = sorted({b for n in names for b in groups[n]["acc"]})
-    head = "| run | seeds | nuc | " + " | ".join(f"{100 * b:.0f}%" for b in budgets)
+    head = "| run | seeds | nuc | cut | " + " | ".join(f"{100 * b:.0f}%" for b in budgets)
     gaps = reference is not None and {0.7, 0.8} <= set(budgets)
     head += " | 70% vs dense plain | 80% vs dense plain |" if gaps else " |"
-    lines = [head, "|" + "---|" * (len(budgets) + 3 + 2 * gaps)]
+    lines = [head, "|" + "---|" * (len(budgets) + 4 + 2 * gaps)]
     dense_plain = statistics.fmean(groups[reference]["acc"][0.0]) if gaps else None
     for name in names:
         g = groups[name]
-        line = (f"| {name} | {len(g['seeds'])} | {statistics.fmean(g['nuc']):.3f} | "
+        cut = "MACs" if g["rule"] == "macs_reduction" else "params"
+        line = (f"| {name} | {len(g['seeds'])} | {statistics.fmean(g['nuc']):.3f} | {cut} | "
                 + " | ".join(cell(g["acc"].get(b, [])) for b in budgets) + " |")
         if gaps:
             line += "".join(f" {statistics.fmean(g['acc'][b]) - dense_plain:+.2f} |" for b in (0.7, 0.8))

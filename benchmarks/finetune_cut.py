@@ -11,6 +11,9 @@ Three parts (``--parts``), every cut with no fine-tuning after it, word embeddin
   Each fine-tune's seconds per optimizer step are recorded (the cost of projection against plain fine-tuning).
 * **schedule** -- one seed, whitened projection at one plan: does the projected cut grow on the recipe's cubic
   schedule (``rank_projection_start`` / ``end``) or start at once (``0 / 0``), from a pretrained start?
+* **cost** -- seconds per optimizer step of short fine-tunes (``--cost_steps``), plain and with each projection,
+  interleaved over ``--cost_rounds`` rounds so that a busy spell of the machine hits all of them; the median per
+  variant, and its ratio to plain.
 * **embed** -- MiniLM as the sentence encoder it is (no task head): briefly trained with whitened projection on
   unlabelled training-split sentences to keep its own embeddings (loss: 1 - cosine to the original model's
   embedding of the same sentence), then cut; mean cosine to the original model on held-out sentences, against the
@@ -50,8 +53,9 @@ from smooth_hf import SmoothTrainer, SmoothTrainingArguments  # noqa: E402
 from smooth_hf.evaluation.accuracy import classification_accuracy  # noqa: E402
 from smooth_hf.evaluation.sweep import budget_sweep  # noqa: E402
 from smooth_hf.lowrank import LowRankConfig, calibrate, compress, count_parameters  # noqa: E402
+from smooth_hf.training.presets import TEXT_FINE_TUNE  # noqa: E402
 
-PARTS = ("polarity", "schedule", "embed")
+PARTS = ("polarity", "schedule", "embed", "cost")
 # Row label -> (projection method during the fine-tune or None, the cut's method)
 VARIANTS = {
     "plain -> svd cut": (None, "svd"),
@@ -80,10 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_steps", type=int, default=-1, help="Overrides the epochs when > 0 (smoke runs).")
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate (linear decay, 10%% warm-up).")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--every", type=int, default=10, help="rank_projection_every.")
+    p.add_argument("--every", type=int, default=TEXT_FINE_TUNE["rank_projection_every"], help="rank_projection_every.")
     p.add_argument("--start", type=float, default=0.1, help="rank_projection_start.")
     p.add_argument("--end", type=float, default=0.6, help="rank_projection_end.")
-    p.add_argument("--calibration_batches", type=int, default=4, help="rank_projection_calibration_batches.")
+    p.add_argument("--calibration_batches", type=int, default=2, help="rank_projection_calibration_batches.")
     p.add_argument("--variants", default=",".join(VARIANTS), help="polarity: comma-separated rows of the table.")
     p.add_argument("--budgets", type=floats, default=floats("0.3,0.5,0.6,0.7"),
                    help="Fractions of the whole model's parameters removed by the cuts.")
@@ -94,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--schedules", default="0.1:0.6,0:0.3,0:0",
                    help="schedule: start:end pairs of the projected cut (0:0 = the whole cut from the first projection).")
     p.add_argument("--schedule_plan", type=float, default=0.5, help="schedule: the plan every schedule trains for.")
+    p.add_argument("--cost_steps", type=int, default=50, help="cost: optimizer steps per timed fine-tune.")
+    p.add_argument("--cost_rounds", type=int, default=3, help="cost: rounds of the interleaved fine-tunes.")
     p.add_argument("--embed_plan", type=float, default=0.5, help="embed: the plan of the encoder's training.")
     p.add_argument("--embed_budgets", type=floats, default=floats("0.3,0.5"), help="embed: cuts scored.")
     p.add_argument("--embed_sentences", type=int, default=800, help="embed: held-out (test split) sentences.")
@@ -299,6 +305,25 @@ def run_schedule(args: argparse.Namespace, text: dict[str, Any]) -> dict[str, An
     return {"seed": seed, "plan": plan, "schedules": rows}
 
 
+# ---- part: cost ----------------------------------------------------------------------------------------
+
+def run_cost(args: argparse.Namespace, text: dict[str, Any]) -> dict[str, Any]:
+    """Median seconds per step of plain and projected fine-tunes of ``--cost_steps`` steps, interleaved."""
+    variants = {"plain": None, "projection (svd)": "svd", "whitened projection": "whitened"}
+    plan, seed = args.plans[0], args.seeds[0]
+    timed: dict[str, list[float]] = {name: [] for name in variants}
+    short = copy.copy(args)
+    short.max_steps = args.cost_steps
+    for round_ in range(args.cost_rounds):
+        for name, projection in (list(variants.items())[round_ % 3:] + list(variants.items())[:round_ % 3]):
+            _, run = fine_tune(short, text, f"cost_{projection or 'plain'}_r{round_}", seed, projection, plan)
+            timed[name].append(run["seconds_per_step"])
+    medians = {name: statistics.median(values) for name, values in timed.items()}
+    return {"steps": args.cost_steps, "plan": plan, "every": args.every,
+            "calibration_batches": args.calibration_batches, "seconds_per_step": timed, "median": medians,
+            "ratio_to_plain": {name: value / medians["plain"] for name, value in medians.items()}}
+
+
 # ---- part: embed ---------------------------------------------------------------------------------------
 
 class DistillTrainer(SmoothTrainer):
@@ -391,6 +416,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             payload["polarity"] = run_polarity(args, text)
             sections.append("## Polarity: fine-tune -> cut (accuracy %, mean ±half-range over seeds "
                             f"{','.join(map(str, args.seeds))})\n\n" + polarity_markdown(args, payload["polarity"]))
+        elif part == "cost":
+            payload["cost"] = cost = run_cost(args, text)
+            sections.append(f"## Cost per step ({args.cost_steps}-step fine-tunes, {args.cost_rounds} rounds interleaved, "
+                            f"projection every {args.every} steps, {args.calibration_batches} calibration batches)\n\n"
+                            "| fine-tune | s/step (median) | x plain |\n|---|---|---|\n"
+                            + "\n".join(f"| {k} | {v:.3f} | {cost['ratio_to_plain'][k]:.2f}x |"
+                                        for k, v in cost["median"].items()))
         elif part == "schedule":
             payload["schedule"] = run_schedule(args, text)
             rows = payload["schedule"]["schedules"]
@@ -404,9 +436,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         payload.setdefault("seconds", {})[part] = round(time.time() - part_start, 1)
     payload["seconds"]["total"] = round(time.time() - start, 1)
     stem = Path(args.output_dir) / f"finetune_cut{args.tag}"
-    write_json(stem.with_suffix(".json"), payload)
+    write_json(stem.parent / f"{stem.name}.json", payload)
     markdown = "\n\n".join(sections) + "\n"
-    stem.with_suffix(".md").write_text(markdown)
+    (stem.parent / f"{stem.name}.md").write_text(markdown)
     print("\n" + markdown, flush=True)
     return payload
 

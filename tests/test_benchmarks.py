@@ -148,3 +148,62 @@ def test_fsdp2_smoke(tmp_path):
     assert penalty["fsdp2"]["penalty_refresh"] > penalty["fsdp2"]["penalty_cached"] > 0
     assert penalty["ddp"]["projection"] > 0 and penalty["fsdp2"]["projection"] > 0
     assert [r["rank"] for r in saved["runs"]["fsdp2"]] == [0, 1]
+
+
+def test_speed_size_times_channels_last_eager_and_layer_latency_compares_macs_with_time(tmp_path):
+    save_dense(tiny_resnet14(channels=(8, 16, 16), layers=(1, 1, 1), num_classes=3), tmp_path / "cnn")
+    common = ["--image_size", "12", "--threads", "1", "--output_dir", str(tmp_path / "results")]
+    result = load_benchmark("speed_size").main([
+        "--models", str(tmp_path / "cnn"), "--param_budgets", "", "--macs_budgets", "0.3", "--keep_budgets", "",
+        "--batch_sizes", "2", "--runtimes", "eager,eager_cl", "--eval_dataset", "", "--rounds", "2",
+        "--min_round_ms", "1", "--warmup", "1", "--compress_repeats", "1", "--tag", "_cl", *common,
+    ])
+    rows = {row["variant"]: row for row in result["models"][0]["rows"]}
+    assert rows["macs0.3"]["latency_ms"]["eager_cl_b2"] > 0 and rows["dense"]["speedup"]["eager_cl_b2"] == 1.0
+    assert rows["macs0.3"]["max_abs_diff"]["eager_cl_b2"] < 1e-4  # the same logits in channels_last
+    latency = load_benchmark("layer_latency").main([
+        "--models", str(tmp_path / "cnn"), "--rule", "macs_reduction", "--budget", "0.3", "--batch_sizes", "2",
+        "--tag", "_smoke", *common,
+    ])
+    check_metadata(latency["meta"], "layer_latency")
+    assert [r["layout"] for r in latency["results"]] == ["contiguous", "channels_last"]
+    for entry in latency["results"]:
+        assert entry["rows"] and all(r["macs_cut"] < r["macs_dense"] and r["ms_dense"] > 0 for r in entry["rows"])
+        assert entry["whole"]["dense_ms"] > 0
+    assert "share of time removed" in (tmp_path / "results" / "layer_latency_smoke.md").read_text()
+
+
+def test_finetune_cut_smoke(tmp_path):
+    """Every part of benchmarks/finetune_cut.py on a tiny BERT checkpoint and sentences in the Pang & Lee format."""
+    from test_text_models import FILLER, NEGATIVE, POSITIVE, SPECIAL, sentences, tiny_bert_classifier
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(SPECIAL + POSITIVE + NEGATIVE + FILLER)})
+    checkpoint = tmp_path / "tiny-bert"
+    tiny_bert_classifier(tokenizer.vocab_size).bert.save_pretrained(checkpoint)  # an encoder, as MiniLM's folder
+    tokenizer.save_pretrained(checkpoint)
+    corpus = tmp_path / "cache" / "pang_lee" / "polarity-en-pang&lee2.csv"
+    corpus.parent.mkdir(parents=True)
+    rows = sentences(120, 0)
+    corpus.write_text("\n".join(f'"{1 if label else -1}","{text}"' for text, label in zip(rows["text"], rows["label"],
+                                                                                           strict=True)) + "\n")
+    payload = load_benchmark("finetune_cut").main([
+        "--parts", "polarity,schedule,cost,embed", "--text_model", str(checkpoint), "--cache_dir", str(tmp_path / "cache"),
+        "--text_max_length", "12", "--max_steps", "4", "--every", "2", "--batch_size", "16", "--lr", "1e-3",
+        "--plans", "0.5", "--budgets", "0.3,0.5", "--schedules", "0.1:0.6,0:0", "--cost_steps", "2", "--cost_rounds", "1",
+        "--embed_budgets", "0.5", "--embed_sentences", "16", "--calibration_sentences", "32", "--threads", "1",
+        "--output_dir", str(tmp_path / "results"), "--tag", "_smoke",
+    ])
+    check_metadata(payload["meta"], "finetune_cut")
+    table = payload["polarity"]["table"]
+    assert set(table["rows"]) == {"plain -> svd cut", "plain -> whitened cut", "projection (svd) -> svd cut",
+                                  "whitened projection -> whitened cut"}
+    projected = [r for r in payload["polarity"]["runs"].values() if r["plan"] is not None]
+    assert projected and all(r["max_logit_change_at_plan"] < 1e-4 for r in projected)  # the cut at the plan: exact
+    assert all(r["rows"][0]["accuracy"] == r["rows"][-1]["accuracy"] for r in projected)
+    assert set(payload["schedule"]["schedules"]) == {"0.1:0.6", "0:0"}
+    assert set(payload["cost"]["ratio_to_plain"]) == {"plain", "projection (svd)", "whitened projection"}
+    assert set(payload["embed"]["rows"]) == {"training-free whitened cut",
+                                            "trained with whitened projection (plan 50%) -> whitened cut"}
+    markdown = (tmp_path / "results" / "finetune_cut_smoke.md").read_text()
+    assert "| whitened projection -> whitened cut |" in markdown and "s/step" in markdown

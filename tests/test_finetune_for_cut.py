@@ -186,6 +186,7 @@ def test_the_text_recipe_trains_for_the_cut_and_compress_cuts_it_as_planned(chec
     assert (config.param_reduction, config.method, config.factorise_embeddings) == (0.5, "whitened", True)
     assert result["reduction"] >= 0.5
     assert result["accuracy"] == pytest.approx(result["dense_accuracy"])  # the cut it was trained for changes nothing
+    assert result["max_logit_change"] < 1e-4
     dense = smooth_hf.checkpoint.dense.load_dense(out).eval()
     reloaded = smooth_hf.from_pretrained(cut)
     inputs = classify.tokenizer(["a good film", "the plot was dull and boring"], return_tensors="pt", padding=True)

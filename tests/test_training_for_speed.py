@@ -171,6 +171,7 @@ def test_train_records_the_compute_plan_and_compress_cuts_it_with_no_flag(speed_
     assert result["model"].lowrank_config.macs_reduction == 0.5
     assert 1 - report.macs_after / report.macs_before >= 0.5 and report.macs_inputs == "(1, 1, 12, 12)"
     assert result["accuracy"] == pytest.approx(result["dense_accuracy"])  # the cut it was trained for: exact
+    assert result["max_logit_change"] < 1e-4
 
 
 def test_compress_sweeps_the_planned_rule_and_saves_its_cut(speed_run, tmp_path):

@@ -51,6 +51,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 from transformers import HfArgumentParser
 
@@ -64,6 +65,7 @@ from ..data.images import (
     dataset_display_name,
     select_subset,
 )
+from ..evaluation.accuracy import logits_of
 from ..evaluation.sweep import budget_sweep, plot_sweep, sweep_markdown
 from ..hub import push_to_hub
 from ..lowrank import compress
@@ -311,19 +313,34 @@ def main(argv: list[str] | None = None) -> dict:
         return results
 
     dense_score = evaluate(model)
+    # How far the cut moves the outputs, on the first test examples: float round-off for a model trained for this cut.
+    probe = next(iter(DataLoader(test, batch_size=8 if metric == "perplexity" else 64, collate_fn=task.collate)))
+    before = _logits(model, probe)
     recalibration = batches(args.recalibrate_batchnorm) if args.recalibrate_batchnorm else data_free
     config = replace(rank_args.to_config(), **recorded)
     compress(model, config, calibration_data=calibration, recalibrate_batchnorm=recalibration, example_inputs=example,
              device=args.device)
     score = evaluate(model)
+    change = float((_logits(model, probe) - before).abs().max())
     report = model.lowrank_report
     print(report)
     shown = (lambda v: f"{100 * v:.2f}%") if metric == "accuracy" else (lambda v: f"{v:.3f}")
     print(f"{metric}: dense {shown(dense_score)} -> compressed {shown(score)} "
-          f"({'BN recalibrated, ' + report.batchnorm_recalibration if report.batchnorm_recalibrated else 'no fine-tuning, nothing else'})")
+          f"({'BN recalibrated, ' + report.batchnorm_recalibration if report.batchnorm_recalibrated else 'no fine-tuning, nothing else'}); "
+          f"the logits of the first {len(before)} test {task.unit} moved by at most {change:.3g}")
     save(model, score, dense_score)
     return {f"dense_{metric}": dense_score, metric: score, "reduction": report.reduction, "num_test": len(test),
-            "model": model}
+            "max_logit_change": change, "model": model}
+
+
+@torch.no_grad()
+def _logits(model, batch: dict) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        return logits_of(model, batch).float()
+    finally:
+        model.train(was_training)
 
 
 def _training_setup(checkpoint: str) -> dict:

@@ -116,7 +116,7 @@ class SmoothTrainingArguments(TrainingArguments):
                   "choices": ["svd", "whitened"]},
     )
     rank_projection_calibration_batches: int = field(
-        default=4,
+        default=2,
         metadata={"help": "rank_projection_method='whitened': at each projection the inputs of every projected layer "
                   "are collected on this many of the most recent training batches (forward passes in eval mode), and "
                   "added to a running sum of the earlier ones, halved at each projection."},

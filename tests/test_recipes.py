@@ -173,7 +173,7 @@ def test_compress_recipe_rejects_ambiguous_rules(trained):
     with pytest.raises(ValueError, match="no BN repair"):
         compress_recipe.main(["--model_name_or_path", str(trained), "--output_dir", "x", "--budgets", "0.5",
                               "--param_reduction", "0.5", "--recalibrate_batchnorm", "32"])
-    with pytest.raises(ValueError, match="the cut to upload"):
+    with pytest.raises(ValueError, match="give the budget to upload"):
         compress_recipe.main(["--model_name_or_path", str(trained), "--output_dir", "x", "--budgets", "0.5",
                               "--push_to_hub", "--hub_model_id", "you/x"])
     assert not Path("x").exists()

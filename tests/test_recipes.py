@@ -517,3 +517,9 @@ def test_the_card_shows_max_steps_when_training_stopped_there(tmp_path):
     (tmp_path / "training_args.json").write_text(json.dumps({"num_train_epochs": 3.0, "max_steps": -1}))
     assert compress_recipe._training_setup(str(tmp_path)) == {"num_train_epochs": 3.0}
 
+
+
+def test_main_job_checks_its_timing_runtimes_before_training(tmp_path):
+    with pytest.raises(ValueError, match="--speed_runtimes 'eager,onnx': use a comma-separated subset of eager,eager_cl"):
+        smooth_vs_plain.main(["--output_dir", str(tmp_path / "main"), "--speed_runtimes", "eager,onnx"])
+    assert not (tmp_path / "main").exists()

@@ -55,7 +55,7 @@ from transformers import HfArgumentParser
 from ..checkpoint.dense import load_dense
 from ..core.files import TRAINING_ARGS_NAME
 from ..core.machine import core_shares
-from ..evaluation.latency import speedups
+from ..evaluation.latency import RUNTIMES, speedups
 from ..evaluation.sweep import RULE_LABELS, plot_sweep, sweep_markdown
 from ..lowrank import LowRankConfig, compress
 from ..training.config import PLAIN, SmoothTrainingArguments
@@ -118,7 +118,8 @@ class MainJobArguments:
     speed_batch_sizes: str = field(
         default="1,64", metadata={"help": "Batch sizes at which the cuts are timed; '' = no timing."})
     speed_runtimes: str = field(
-        default="eager,compile", metadata={"help": "How the cuts are timed: eager PyTorch and/or torch.compile."})
+        default="eager,compile", metadata={"help": "How the cuts are timed, comma-separated: eager (PyTorch), eager_cl (eager in channels_last), "
+                                "compile (torch.compile)."})
     side_by_side: bool = field(
         default=True,
         metadata={"help": "Train and sweep the plain and the smooth model at the same time, in two processes with half "
@@ -237,8 +238,11 @@ def main(argv: list[str] | None = None) -> dict:
     model_name = model_args.model_name_or_path or f"{model_args.model_type} from scratch"
     # both models are swept and timed by the rule the smooth model was trained for (a compute budget: multiply-adds)
     rule = training_args.projection_rule or "param_reduction"
+    runtimes = tuple(r.strip() for r in job.speed_runtimes.split(",") if r.strip())
+    if set(runtimes) - set(RUNTIMES):  # checked before minutes of training, not after
+        raise ValueError(f"--speed_runtimes {job.speed_runtimes!r}: use a comma-separated subset of {','.join(RUNTIMES)}")
     shared = _Job(rule, job.budgets, job.save_budget, tuple(int(b) for b in job.speed_batch_sizes.split(",") if b),
-                  tuple(r for r in job.speed_runtimes.split(",") if r), eval_flags, model_name)
+                  runtimes, eval_flags, model_name)
     runs = {"plain": replace(training_args, output_dir=str(out / "plain"), **PLAIN),
             "smooth": replace(training_args, output_dir=str(out / "smooth"))}
     saved = out / f"smooth-lowrank-{round(100 * job.save_budget)}"
@@ -296,7 +300,7 @@ def speed_markdown(results: dict[str, list[dict]], speed: dict[str, dict]) -> st
     first = next(iter(speed.values()))
     columns = list(first["latency"]["cut"])  # eager_b1, compile_b1, eager_b64, ...
     columns.sort(key=lambda c: (int(c.rsplit("_b", 1)[1]), c))
-    names = {"eager": "eager", "compile": "compiled"}
+    names = {"eager": "eager", "eager_cl": "eager channels_last", "compile": "compiled"}
     header = [f"{names[c.rsplit('_b', 1)[0]]} b{c.rsplit('_b', 1)[1]}" for c in columns]
     lines = ["| model, cut | accuracy | parameters removed | multiply-adds removed | " + " | ".join(header) + " |",
              "|---|---|---|---|" + "---|" * len(columns)]

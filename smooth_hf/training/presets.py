@@ -11,13 +11,13 @@ set of :class:`~smooth_hf.SmoothTrainingArguments` / ``recipes/train.py`` argume
 
 ``CNN_SPEED_TRAINING`` is the same recipe trained for a compute budget: the projection plans the ranks of
 ``LowRankConfig(macs_reduction=0.7)`` on the training images' shape, so the cut removes multiply-adds where a CNN
-spends them (its early, high-resolution layers) and the model runs faster, not only smaller (BENCHMARKS.md, section 6).
+spends them (its early, high-resolution layers) and the model runs faster, not only smaller (BENCHMARKS.md, section 8).
 ``recipes/compress.py`` then cuts it with the same rule and shape, with no flag.
 
 ``TEXT_FINE_TUNE`` fine-tunes a pretrained transformers text checkpoint (a small BERT such as all-MiniLM-L6-v2) for a
 cut of half the whole model's parameters, word embeddings included: whitened rank projection, so that
 ``recipes/compress.py`` with no flag cuts it (whitened, embeddings included) without changing its outputs
-(BENCHMARKS.md, section 7).
+(BENCHMARKS.md, section 9).
 
 ``VIT_TRAINING`` trains a small vision transformer (no BatchNorm) from scratch with AdamW, with the coefficients
 chosen by the ViT coefficient sweep (BENCHMARKS.md, section 3).
@@ -69,7 +69,7 @@ TEXT_FINE_TUNE: dict[str, Any] = {
     "rank_projection_method": "whitened",
     "factorise_embeddings": True,
     # a whitened projection costs a few forward passes and a decomposition per layer: every 25 steps keeps the
-    # fine-tune within 1.3x of a plain one per step (BENCHMARKS.md, section 7)
+    # fine-tune within 1.3x of a plain one per step (BENCHMARKS.md, section 9)
     "rank_projection_every": 25,
 }
 

@@ -42,7 +42,10 @@ SHAPES = {
                        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "llama2-7b": dict(family="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "llama2-70b": dict(family="llama", hidden_size=8192, num_hidden_layers=80, intermediate_size=28672,
+                       num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
 }
+ARITHMETIC_SHAPES = ["llama2-7b", "llama2-70b"]  # not built here: the report's arithmetic for them
 CPU_SHAPES = ["llama-58m", "llama-134m", "llama-374m", "tinyllama-1.1b", "qwen2-0.5b"]
 REFERENCE = "llama-134m"  # time per parameter is compared with this shape's
 GB = 1 << 30
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     done = json.loads((RESULTS_DIR / f"{name}.json").read_text())["rows"] if args.resume else []
     done = [r for r in done if "error" not in r]
     rows = list(done)
+    payload = _write(rows, argv, args) if done else {}
     for shape in args.shapes.split(","):
         for dtype in args.dtypes.split(","):
             for method in args.methods.split(","):
@@ -145,13 +149,17 @@ def main(argv: list[str] | None = None) -> dict:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     payload = _write(rows, argv, args)  # after every run: a long sweep cut short keeps what finished
-    print(markdown(payload))
+    print(markdown(payload) if payload else "nothing ran")
     return payload
 
 
 def _write(rows: list[dict], argv: list[str] | None, args: argparse.Namespace) -> dict:
     _add_ratios(rows)
-    payload = {**run_metadata(__file__, argv, args), "rows": rows}
+    rates = fit_time(rows)
+    shapes = list(dict.fromkeys([r["shape"] for r in rows] + ARITHMETIC_SHAPES))
+    payload = {**run_metadata(__file__, argv, args), "rows": rows, "seconds_per_operation": rates,
+               "arithmetic": {shape: arithmetic(shape, args.calibration_sequences, args.sequence_length)
+                              for shape in shapes}}
     name = "llm_scale" + (f"_{args.tag}" if args.tag else "")
     write_json(RESULTS_DIR / f"{name}.json", payload)
     (RESULTS_DIR / f"{name}.md").write_text(markdown(payload) + "\n")
@@ -197,10 +205,65 @@ def _add_ratios(rows: list[dict]) -> None:
                                                       / reference["seconds_per_million_parameters"], 2)
 
 
+# ---------------------------------------------------------------------------------------------- arithmetic
+# What streaming a shape holds and computes, from its widths alone: the 7B and 70B rows of the report, and a check of
+# the same arithmetic against the shapes measured here. Float64 statistics and decompositions, as compress keeps them.
+def _linears(shape: str) -> list[tuple[int, int]]:
+    """The (out, in) of every Linear compress targets by default (the blocks' projections, an untied LM head)."""
+    s = SHAPES[shape]
+    h, i, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    kv = h * s["num_key_value_heads"] // s["num_attention_heads"]
+    block = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+    head = [] if s.get("tie_word_embeddings") else [(s["vocab_size"], h)]
+    return block * layers + head
+
+
+def _paying_rank(out: int, inp: int) -> int:
+    return min(out, inp, -(-out * inp // (out + inp)) - 1)
+
+
+def arithmetic(shape: str, sequences: int, length: int) -> dict:
+    """Bytes and operation counts of block-streamed compression of ``shape`` (float64 math, bf16 model).
+
+    * one block's Grams: one ``in x in`` matrix per distinct input (attention, its output projection, the MLP, the
+      down projection), the most streaming holds at once;
+    * the largest eigen-problem (the widest input);
+    * calibration activations: one block's input and output for every calibration token, in the model's dtype;
+    * set aside between the passes (offloaded to disk beyond 64 MB): every layer's vectors up to its paying rank;
+    * operations: ``sum m n min(m, n) + min(m, n)^3`` over the layers (+ ``in^3`` per Gram for whitened), the cost
+      model fitted to the measured times in :func:`fit_time`.
+    """
+    s = SHAPES[shape]
+    h, i, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    linears = _linears(shape)
+    svd_aside = sum(min(o, n) * _paying_rank(o, n) * 8 for o, n in linears)
+    whitened_aside = sum((n + min(o, n)) * _paying_rank(o, n) * 8 for o, n in linears)
+    decompositions = sum(o * n * min(o, n) + min(o, n) ** 3 for o, n in linears)
+    grams = layers * (3 * h**3 + i**3) + (0 if s.get("tie_word_embeddings") else h**3)
+    return {"parameters": _parameters(shape), "bf16_bytes": 2 * _parameters(shape),
+            "block_gram_bytes": 8 * (3 * h * h + i * i), "largest_eigenproblem": max(h, i),
+            "calibration_activation_bytes": 2 * 2 * sequences * length * h,
+            "set_aside_bytes": {"svd": svd_aside, "whitened": whitened_aside},
+            "operations": {"svd": decompositions, "whitened": decompositions + grams}}
+
+
+def fit_time(rows: list[dict]) -> dict[str, float]:
+    """Seconds per operation of :func:`arithmetic`'s count, per method, least squares through the origin over the
+    streamed float32 runs measured here."""
+    rates = {}
+    for method in ("svd", "whitened"):
+        measured = [r for r in rows if "error" not in r and r["method"] == method and r["path"] == "streamed"
+                    and r["dtype"] == "float32" and not r["device"] and r["shape"] in SHAPES]
+        ops = [arithmetic(r["shape"], r["sequences"], r["length"])["operations"][method] for r in measured]
+        if measured:
+            rates[method] = sum(o * r["seconds"] for o, r in zip(ops, measured, strict=True)) / sum(o * o for o in ops)
+    return rates
+
+
 def markdown(payload: dict) -> str:
     lines = [f"Command: `{payload['command']}`", "", f"Machine: {machine_summary(payload['machine'])}; {payload['date']}.",
-             "", "Peak RSS: the process's (ru_maxrss), Python and the libraries included; added: the peak less the resident "
-             "memory once the model was built (what compressing took).", "",
+             "", "Peak RSS: the process's (ru_maxrss), Python and the libraries included; added: the peak less the peak "
+             "once the model was built (what compressing took beyond building).", "",
              "| shape | parameters | dtype | method | path | model GB | time (s) | s / M params | vs 134M | peak RSS GB "
              "| added GB | added / model | target GB | meets |", "|" + "---|" * 14]
     for r in payload["rows"]:
@@ -213,7 +276,37 @@ def markdown(payload: dict) -> str:
             f"{r['model_bytes'] / GB:.2f} | {r['seconds']:.1f} | {r['seconds_per_million_parameters']:.3f} | "
             f"{r.get('time_per_parameter_vs_134m', '')} | {r['peak_rss_bytes'] / GB:.2f} | {r['compress_bytes'] / GB:.2f} | "
             f"{r['compress_over_model']} | {r['target_bytes'] / GB:.2f} | {'yes' if r['meets_memory_target'] else 'no'} |")
+    return "\n".join(lines + ["", arithmetic_markdown(payload)])
+
+
+def arithmetic_markdown(payload: dict) -> str:
+    """The arithmetic table: what streaming holds per shape, and the time the fitted cost model predicts here."""
+    rates = payload.get("seconds_per_operation", {})
+    measured = {(r["shape"], r["method"]): r["seconds"] for r in payload["rows"]
+                if "error" not in r and r["path"] == "streamed" and r["dtype"] == "float32" and not r["device"]}
+    lines = ["Arithmetic (`arithmetic()`, float64 statistics, bf16 model): one block's Grams, the widest eigen-problem, "
+             "the calibration activations of one block (input and output), the vectors set aside between the passes "
+             "(on disk beyond 64 MB), and the time of the decompositions at the seconds per operation fitted to the "
+             "streamed float32 runs above (measured in brackets).", "",
+             "| shape | parameters | bf16 GB | block Grams GB | widest eigen-problem | activations GB | set aside GB "
+             "(svd / whitened) | time here, svd | time here, whitened |", "|" + "---|" * 9]
+    for shape, a in payload.get("arithmetic", {}).items():
+        times = []
+        for method in ("svd", "whitened"):
+            predicted = a["operations"][method] * rates[method] if method in rates else None
+            seen = measured.get((shape, method))
+            times.append(_duration(predicted) + (f" ({_duration(seen)})" if seen else ""))
+        lines.append(f"| {shape} | {a['parameters'] / 1e9:.2f}B | {a['bf16_bytes'] / GB:.1f} | {a['block_gram_bytes'] / GB:.2f} | "
+                     f"{a['largest_eigenproblem']:,} | {a['calibration_activation_bytes'] / GB:.3f} | "
+                     f"{a['set_aside_bytes']['svd'] / GB:.1f} / {a['set_aside_bytes']['whitened'] / GB:.1f} | "
+                     f"{times[0]} | {times[1]} |")
     return "\n".join(lines)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds:,.0f} s" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 if __name__ == "__main__":

@@ -170,8 +170,10 @@ def _parameters(shape: str) -> int:
     s = SHAPES[shape]
     h, i, layers, vocab = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
     kv = h * s["num_key_value_heads"] // s["num_attention_heads"]
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i
-    return layers * per_layer + vocab * h * (1 if s.get("tie_word_embeddings") else 2)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # the projections and the two RMSNorms
+    if s["family"] == "qwen2":
+        per_layer += h + 2 * kv  # Qwen2's q, k and v projections have biases
+    return layers * per_layer + h + vocab * h * (1 if s.get("tie_word_embeddings") else 2)  # + the final norm
 
 
 def _in_own_process(spec: dict) -> dict:

@@ -207,3 +207,35 @@ def test_finetune_cut_smoke(tmp_path):
                                             "trained with whitened projection (plan 50%) -> whitened cut"}
     markdown = (tmp_path / "results" / "finetune_cut_smoke.md").read_text()
     assert "| whitened projection -> whitened cut |" in markdown and "s/step" in markdown
+
+
+def test_llm_scale_counts_the_layers_it_builds_and_fits_its_cost_model_to_what_it_measures():
+    """One configuration of benchmarks/llm_scale.py in this process (the smallest shape, svd, streamed), and the
+    arithmetic its report extends to 7B and 70B: the same parameters and Linear shapes as the model built, and a
+    cost model whose fitted rate gives back the measured time."""
+    from torch import nn
+
+    from smooth_hf.lowrank import count_parameters
+
+    llm = load_benchmark("llm_scale")
+    model = llm.build("llama-58m", torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert count_parameters(model) == llm._parameters("llama-58m") == llm.arithmetic("llama-58m", 16, 128)["parameters"]
+    built = sorted(tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear))
+    assert built == sorted(llm._linears("llama-58m"))
+    del model
+    spec = {"shape": "llama-58m", "dtype": "bfloat16", "method": "svd", "path": "streamed", "device": "",
+            "param_reduction": 0.3, "sequences": 16, "length": 128, "batch": 4, "threads": 1}
+    rows = [llm.one(spec)]
+    assert rows[0]["reduction"] == pytest.approx(0.3, abs=0.01) and rows[0]["peak_rss_bytes"] >= rows[0]["rss_after_build_bytes"]
+    rows.append({**rows[0], "dtype": "float32"})  # the fit reads float32 rows
+    llm._add_ratios(rows)
+    rates = llm.fit_time(rows)
+    assert set(rates) == {"svd"}
+    assert llm.arithmetic("llama-58m", 16, 128)["operations"]["svd"] * rates["svd"] == pytest.approx(rows[1]["seconds"])
+    seventy = llm.arithmetic("llama2-70b", 16, 128)
+    assert seventy["parameters"] > 68e9 and seventy["largest_eigenproblem"] == 28672
+    payload = {"command": "python benchmarks/llm_scale.py", "machine": {}, "date": "", "rows": rows,
+               "seconds_per_operation": rates, "arithmetic": {s: llm.arithmetic(s, 16, 128) for s in ("llama-58m", "llama2-70b")}}
+    table = llm.arithmetic_markdown(payload)
+    assert "| llama2-70b | 68.98B |" in table and "| llama-58m |" in table

@@ -299,7 +299,8 @@ def speed_markdown(results: dict[str, list[dict]], speed: dict[str, dict]) -> st
     """One row per model: the cut's accuracy, what it removes, and its speed-up over the same model dense."""
     first = next(iter(speed.values()))
     columns = list(first["latency"]["cut"])  # eager_b1, compile_b1, eager_b64, ...
-    columns.sort(key=lambda c: (int(c.rsplit("_b", 1)[1]), c))
+    order = list(RUNTIMES)  # eager first, as the runtimes are listed
+    columns.sort(key=lambda c: (int(c.rsplit("_b", 1)[1]), order.index(c.rsplit("_b", 1)[0])))
     names = {"eager": "eager", "eager_cl": "eager channels_last", "compile": "compiled"}
     header = [f"{names[c.rsplit('_b', 1)[0]]} b{c.rsplit('_b', 1)[1]}" for c in columns]
     lines = ["| model, cut | accuracy | parameters removed | multiply-adds removed | " + " | ".join(header) + " |",

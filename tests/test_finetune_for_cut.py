@@ -24,7 +24,7 @@ from smooth_hf.lowrank.whitening import collect_input_grams, output_error, white
 from smooth_hf.scripts import compress as compress_recipe
 from smooth_hf.scripts import train as train_recipe
 from smooth_hf.training.calibration import RecentBatches, RunningGrams
-from smooth_hf.training.presets import TEXT_FINE_TUNE, as_flags
+from smooth_hf.training.presets import TEXT_FINE_TUNE
 from smooth_hf.training.projection import project_to_rank_, project_whitened_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -196,8 +196,15 @@ def test_the_text_recipe_trains_for_the_cut_and_compress_cuts_it_as_planned(chec
     assert pipeline("text-classification", model=str(cut))("a good film")[0]["label"] in ("negative", "positive")
 
 
-def test_the_fine_tune_preset_is_what_the_readme_runs():
-    flags = as_flags(TEXT_FINE_TUNE)
+def test_the_fine_tune_preset_is_what_the_guide_runs():
+    """docs/fine-tuning-for-the-cut.md's commands train with TEXT_FINE_TUNE, setting for setting."""
+    from test_docs import RECIPE_COMMANDS
+
     assert TEXT_FINE_TUNE["rank_projection_method"] == "whitened" and TEXT_FINE_TUNE["factorise_embeddings"] is True
-    assert flags[flags.index("--rank_projection_param_reduction") + 1] == str(TEXT_FINE_TUNE[
-        "rank_projection_param_reduction"])
+    trainings = [argv for where, recipe, argv in RECIPE_COMMANDS
+                 if where.startswith("docs/fine-tuning-for-the-cut.md") and recipe == "train"]
+    assert len(trainings) == 2  # from the Hub, and without it
+    for argv in trainings:
+        _, _, training_args = train_recipe.parse_args(argv)
+        for key, value in TEXT_FINE_TUNE.items():
+            assert getattr(training_args, key) == value, f"--{key}: the guide {getattr(training_args, key)!r}, preset {value!r}"

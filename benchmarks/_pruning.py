@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from smooth_hf.core.weights import out_in_weight
+from smooth_hf.core.weights import check_real_weight, out_in_weight
 from smooth_hf.lowrank.report import count_parameters
 from smooth_hf.lowrank.targeting import PatternSpec, find_layers
 
@@ -74,13 +74,7 @@ def _target_weights(
         if any(id(p) in tied for p in module.parameters()):
             continue
         weight = out_in_weight(module)
-        if weight.device.type == "meta":
-            raise ValueError(f"layer {name!r} is on the meta device: load real weights before pruning")
-        if not torch.isfinite(weight).all():
-            raise ValueError(
-                f"layer {name!r} has NaN or Inf weights; nothing was pruned. Fix the weights, or exclude the layer "
-                "(exclude_modules)."
-            )
+        check_real_weight(name, weight, "pruned")
         layers.append((name, module, weight))
     return layers
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .libraries import is_hf_conv1d
 
-__all__ = ["out_in_weight", "singular_values", "weight_matrix"]
+__all__ = ["check_real_weight", "out_in_weight", "singular_values", "weight_matrix"]
 
 
 def out_in_weight(module: nn.Module) -> Tensor:
@@ -31,6 +31,18 @@ def weight_matrix(module: nn.Module) -> Tensor:
         return module.weight.t()
     weight = out_in_weight(module)
     return weight.reshape(weight.shape[0], -1)
+
+
+def check_real_weight(name: str, weight: Tensor, action: str) -> None:
+    """Refuse a weight that cannot be decomposed: still on the meta device, or holding NaN / Inf.
+
+    ``action`` says what would have happened (``"compressed"``, ``"pruned"``): nothing was, and the message says so.
+    """
+    if weight.device.type == "meta":
+        raise ValueError(f"layer {name!r} is on the meta device: load real weights before it is {action}")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"layer {name!r} has NaN or Inf weights; nothing was {action}. Fix or exclude the layer "
+                         "(exclude_modules).")
 
 
 def singular_values(matrix: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.batches import model_device
-from ..core.weights import weight_matrix
+from ..core.weights import check_real_weight, weight_matrix
 from .allocation import allocate_ranks, energy_kept, finalize_rank, max_removable, rank_for_energy, rank_for_ratio
 from .base import LowRankLayer
 from .config import LowRankConfig
@@ -151,14 +151,7 @@ def classify(
         rows[name] = LayerReport.dense(name, module, kind, status or "")
         if status is not None:
             continue
-        matrix = weight_matrix(module).detach()
-        if matrix.device.type == "meta":
-            raise ValueError(f"layer {name!r} is on the meta device: load real weights before compressing")
-        if not torch.isfinite(matrix).all():
-            raise ValueError(
-                f"layer {name!r} has NaN or Inf weights; nothing was compressed. Fix or exclude the layer "
-                "(exclude_modules) before compressing."
-            )
+        check_real_weight(name, weight_matrix(module).detach(), "compressed")
         positions = None if calls is None else calls[name].positions
         candidates.append(Candidate(name, module, kind, rows[name].shape, positions))
     return rows, candidates

@@ -101,6 +101,20 @@ def test_models_without_repeated_blocks_are_compressed_whole():
     assert cnn.lowrank_report.reduction >= 0.3
 
 
+def test_streaming_false_compresses_whole_what_could_stream():
+    model = llama(layers=2)
+    with pytest.raises(ValueError, match="sequential=True cuts a model block after block, but streaming=False"):
+        compress(model, LowRankConfig(param_reduction=0.3, method="whitened", sequential=True),
+                 calibration_data=text_batches(), streaming=False)
+    with pytest.raises(ValueError, match="rank_allocation='sensitivity' runs the whole model"):  # streamed
+        compress(model, LowRankConfig(param_reduction=0.3, method="whitened", rank_allocation="sensitivity"),
+                 calibration_data=text_batches(), device="cpu")
+    # Whole, the model itself is on the device: the sensitivity allocation runs there.
+    compress(model, LowRankConfig(param_reduction=0.3, method="whitened", rank_allocation="sensitivity",
+                                  sensitivity_samples=2), calibration_data=text_batches(), device="cpu", streaming=False)
+    assert model.lowrank_report.reduction == pytest.approx(0.3, abs=0.02)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIGS)
 @pytest.mark.parametrize("name", MODELS)
 def test_streamed_cut_chooses_the_same_ranks_and_factors_as_the_whole_model(name, config):

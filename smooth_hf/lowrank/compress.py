@@ -172,16 +172,18 @@ def _blocks_to_stream(
     blocks = find_blocks(model, {name: 0 if is_lazy(m.weight) else m.weight.numel() for name, m in layers})
     if blocks is None:
         whole.append("the model has no repeated blocks holding most of its targeted weights")
+    if streaming is False:
+        whole.append("streaming=False asks for the whole model")
     if config.sequential and whole:
         raise ValueError(f"sequential=True cuts a model block after block, but {whole[0]}")
-    if streaming is False or not whole:
-        if not whole and device is not None and config.rank_allocation == "sensitivity":
-            raise ValueError("rank_allocation='sensitivity' runs the whole model once per measurement: with "
-                             "device=..., compress with rank_allocation='spectrum', or move the model to the device")
-        return blocks if streaming is not False else None
-    if streaming:
-        raise ValueError(f"streaming=True, but {' and '.join(whole)}: compress it whole (streaming=None or False)")
-    return None
+    if whole:
+        if streaming:
+            raise ValueError(f"streaming=True, but {' and '.join(whole)}: compress it whole (streaming=None or False)")
+        return None
+    if device is not None and config.rank_allocation == "sensitivity":
+        raise ValueError("rank_allocation='sensitivity' runs the whole model once per measurement: with "
+                         "device=..., compress with rank_allocation='spectrum', or move the model to the device")
+    return blocks
 
 
 BatchNormRepair = Iterable[Any] | str | _batchnorm.DataFreeRecalibration | None

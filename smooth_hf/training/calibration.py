@@ -6,7 +6,7 @@ batches (:class:`RecentBatches`, no copy), and at each projection :class:`Runnin
 (forward passes in eval mode, no gradients: :func:`smooth_hf.lowrank.whitening.collect_input_grams`) and adds the
 result to the running sum of the earlier ones, halved at every refresh, so the statistics cover many batches while
 the recent ones weigh most. Nothing is collected between projections: the cost is a few forward passes per
-projection (``BENCHMARKS.md``, section 7, measures it per step).
+projection (``BENCHMARKS.md``, section 9, measures it per step).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ from .replay import no_cache
 from .report import LayerReport, count_parameters
 from .sensitivity import marginal_losses, measure_sensitivity, probe_ranks
 from .structure import replace_module
-from .whitening import GramHook, WhitenedDecomposition, collect_input_grams, whiten
+from .whitening import GramHook, WhitenedDecomposition, collect_input_grams, refuse_unreached, whiten
 
 __all__ = ["compress_streamed"]
 
@@ -170,7 +170,7 @@ def _whitened_spectra(
         for c in group:
             if c.name in held:
                 _set_aside(c, held.pop(c.name), store)
-    _check_reached(outside, grams.unreached)
+    refuse_unreached([c.name for c in outside if c.name in grams.unreached])
     for c in outside:  # (sensitivity is refused with a device: it runs the whole model where it is)
         with on_device(c.module, device):
             decomposition = _whitened(c, grams.grams.pop(c.name), config)
@@ -209,16 +209,6 @@ def _measure(model: nn.Module, group: list[Candidate], decompositions: dict, kep
     curves = measure_sensitivity(model, {c.name: c.module for c in group}, truncated, ranks, kept)
     for c in group:
         c.marginal_losses = marginal_losses(curves[c.name], c.full_rank, c.spectrum.numpy())
-
-
-def _check_reached(candidates: list[Candidate], unreached: list[str]) -> None:
-    missing = [c.name for c in candidates if c.name in unreached]
-    if missing:
-        raise ValueError(
-            f"no calibration input reached {len(missing)} targeted layer(s) ({', '.join(missing[:5])}"
-            f"{', ...' if len(missing) > 5 else ''}): the model's forward does not use them on these batches. "
-            "Exclude them (exclude_modules) or compress with method='svd'."
-        )
 
 
 def _block_grams(
@@ -263,10 +253,7 @@ def _block_grams(
         for handle in handles:
             handle.remove()
         this_batch.clear()
-    missing = [name for name in layers if hooks[shares.get(name, name)].gram is None]
-    if missing:
-        raise ValueError(f"no calibration input reached {', '.join(missing[:5])}: exclude them (exclude_modules) or "
-                         "compress with method='svd'")
+    refuse_unreached([name for name in layers if hooks[shares.get(name, name)].gram is None])
     return {name: hooks[shares.get(name, name)].gram for name in layers}
 
 

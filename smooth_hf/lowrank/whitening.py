@@ -63,6 +63,7 @@ __all__ = [
     "calibrate",
     "collect_input_grams",
     "output_error",
+    "refuse_unreached",
     "WhitenedDecomposition",
     "whiten",
     "whitened_decomposition",
@@ -474,13 +475,8 @@ class Whitening:
 
     def spectrum(self, name: str, matrix: Tensor) -> Tensor:
         """Singular values of ``W S`` (float64, descending, on the CPU): the layer's output error profile."""
-        unreached = self.grams.unreached
-        if name in unreached:
-            raise ValueError(
-                f"no calibration input reached {len(unreached)} targeted layer(s) ({', '.join(unreached[:5])}"
-                f"{', ...' if len(unreached) > 5 else ''}): the model's forward does not use them on these batches. "
-                "Exclude them (exclude_modules) or compress with method='svd'."
-            )
+        if name in self.grams.unreached:
+            refuse_unreached(self.grams.unreached)
         if name not in self.grams.grams:
             raise ValueError(
                 f"the calibration statistics have no layer {name!r}: they were collected on another model or with "
@@ -541,3 +537,13 @@ def output_error(matrix: Tensor, approximation: Tensor, gram: Tensor) -> float:
     if gram.dim() == 1:
         return float((diff**2 * gram.double()).sum())
     return float(torch.einsum("ij,jk,ik->", diff, gram.double(), diff))
+
+
+def refuse_unreached(names: list[str]) -> None:
+    """Refuse the targeted layers ``names`` that no calibration input reached (nothing to whiten them with)."""
+    if names:
+        raise ValueError(
+            f"no calibration input reached {len(names)} targeted layer(s) ({', '.join(names[:5])}"
+            f"{', ...' if len(names) > 5 else ''}): the model's forward does not use them on these batches. "
+            "Exclude them (exclude_modules) or compress with method='svd'."
+        )

@@ -145,9 +145,24 @@ def median_seconds(work, repeats: int) -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
+    dist.init_process_group("gloo")
+    record = measure(args)
+    records = [None] * dist.get_world_size()
+    dist.all_gather_object(records, record)
+    if dist.get_rank() == 0:
+        args.worker_out.write_text(json.dumps(records))
+    # The sharded model and its optimizer went with measure() (FSDP2 keeps the last reduce-scatter's buffers); every
+    # rank finishes its collectives before the group goes: a gloo thread still holding a tensor at interpreter exit
+    # aborts the process ("terminate called without an active exception"), which once failed a CI run.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """This rank's record: memory held, step times, and the bytes each penalty / projection step communicates."""
     from smooth_hf import RankProjection, SmoothnessPenalty
 
-    dist.init_process_group("gloo")
     collectives = Collectives()
     gc.collect()
     resident_before_model = resident_bytes()
@@ -214,16 +229,11 @@ def worker(args: argparse.Namespace) -> None:
     step_collectives = ({"all_reduce_gradients": payload} if args.worker == "ddp" else
                         {"all_gather_parameters_forward": payload // world, "all_gather_parameters_backward":
                          payload // world, "reduce_scatter_gradients": payload})
-    record = {"rank": dist.get_rank(), "world_size": world, "parameters": parameters, "memory": memory,
-              "rss_before_model_bytes": resident_before_model, "rss_after_training_bytes": resident_after_training,
-              "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "step_seconds": step_seconds, "seconds": timings, "communication": communication,
-              "step_collectives_bytes": step_collectives, "penalty_layers": len(penalty.layers)}
-    records = [None] * world
-    dist.all_gather_object(records, record)
-    if dist.get_rank() == 0:
-        args.worker_out.write_text(json.dumps(records))
-    dist.destroy_process_group()
+    return {"rank": dist.get_rank(), "world_size": world, "parameters": parameters, "memory": memory,
+            "rss_before_model_bytes": resident_before_model, "rss_after_training_bytes": resident_after_training,
+            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "step_seconds": step_seconds, "seconds": timings, "communication": communication,
+            "step_collectives_bytes": step_collectives, "penalty_layers": len(penalty.layers)}
 
 
 # ---------------------------------------------------------------------------------------------- the driver
@@ -261,7 +271,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.worker:
         torch.set_num_threads(args.threads or 1)
         worker(args)
-        return {}
+        # The records are written and the group is gone: leave without the interpreter's teardown, where torch's
+        # distributed threads have been seen to abort a worker that had finished its work (pytorch/pytorch#179291).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     start = time.perf_counter()
     runs = {mode: launch(mode, args, argv) for mode in MODES}
     result = {"meta": {**run_metadata(__file__, argv, args), "seconds": time.perf_counter() - start},

@@ -39,6 +39,7 @@ import os
 import sys
 
 import transformers
+from accelerate import PartialState
 from datasets import DatasetDict
 from transformers import HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -159,3 +160,7 @@ def run(
 def cli() -> None:
     """The ``smooth-hf-train`` console script."""
     main()
+    # As accelerate's examples end (accelerator.end_training()): under `accelerate launch` / torchrun, each process
+    # leaves its process group before the interpreter's teardown, where gloo or NCCL threads still running can abort a
+    # process that has finished. A no-op in a single process.
+    PartialState().destroy_process_group()

@@ -181,6 +181,7 @@ def main() -> None:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "checks.json"), "w") as f:
             json.dump(results, f, indent=1)
+    dist.barrier()  # every rank done with its collectives before the group goes
     dist.destroy_process_group()
 
 

@@ -231,15 +231,16 @@ def arithmetic(shape: str, sequences: int, length: int) -> dict:
       down projection), the most streaming holds at once;
     * the largest eigen-problem (the widest input);
     * calibration activations: one block's input and output for every calibration token, in the model's dtype;
-    * set aside between the passes (offloaded to disk beyond 64 MB): every layer's vectors up to its paying rank;
+    * set aside between the passes (offloaded to disk beyond 64 MB): every layer's vectors up to its paying rank, in
+      float32 (:mod:`smooth_hf.lowrank.offload`);
     * operations: ``sum m n min(m, n) + min(m, n)^3`` over the layers (+ ``in^3`` per Gram for whitened), the cost
       model fitted to the measured times in :func:`fit_time`.
     """
     s = SHAPES[shape]
     h, i, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
     linears = _linears(shape)
-    svd_aside = sum(min(o, n) * _paying_rank(o, n) * 8 for o, n in linears)
-    whitened_aside = sum((n + min(o, n)) * _paying_rank(o, n) * 8 for o, n in linears)
+    svd_aside = sum(min(o, n) * _paying_rank(o, n) * 4 for o, n in linears)
+    whitened_aside = sum((n + min(o, n)) * _paying_rank(o, n) * 4 for o, n in linears)
     decompositions = sum(o * n * min(o, n) + min(o, n) ** 3 for o, n in linears)
     grams = layers * (3 * h**3 + i**3) + (0 if s.get("tie_word_embeddings") else h**3)
     return {"parameters": _parameters(shape), "bf16_bytes": 2 * _parameters(shape),
@@ -288,7 +289,7 @@ def arithmetic_markdown(payload: dict) -> str:
                 if "error" not in r and r["path"] == "streamed" and r["dtype"] == "float32" and not r["device"]}
     lines = ["Arithmetic (`arithmetic()`, float64 statistics, bf16 model): one block's Grams, the widest eigen-problem, "
              "the calibration activations of one block (input and output), the vectors set aside between the passes "
-             "(on disk beyond 64 MB), and the time of the decompositions at the seconds per operation fitted to the "
+             "(float32, on disk beyond 64 MB), and the time of the decompositions at the seconds per operation fitted to the "
              "streamed float32 runs above (measured in brackets).", "",
              "| shape | parameters | bf16 GB | block Grams GB | widest eigen-problem | activations GB | set aside GB "
              "(svd / whitened) | time here, svd | time here, whitened |", "|" + "---|" * 9]

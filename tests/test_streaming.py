@@ -124,7 +124,7 @@ def test_streamed_cut_chooses_the_same_ranks_and_factors_as_the_whole_model(name
     assert streamed.lowrank_config == whole.lowrank_config and whole.lowrank_config.ranks
     a, b = whole.state_dict(), streamed.state_dict()
     assert a.keys() == b.keys()
-    for key in a:  # the same float64 math on the same statistics: equal to round-off (here bitwise)
+    for key in a:  # the same float64 math on the same statistics; the vectors waited in float32
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7)
     assert streamed.lowrank_report.to_dict() == whole.lowrank_report.to_dict()
     batch = text_batches(1)[0]
@@ -183,6 +183,23 @@ def test_decompositions_wait_on_disk_when_memory_is_short(monkeypatch, tmp_path)
     assert list(tmp_path.iterdir()) == [], "the offloaded files were not removed"
     for key, value in in_memory.state_dict().items():
         assert torch.equal(on_disk.state_dict()[key], value)
+
+
+def test_the_vectors_wait_in_float32_unless_the_model_is_float64(tmp_path):
+    vectors = torch.randn(40, 6, dtype=torch.float64)
+    with offload.DecompositionStore(tmp_path, ram_bytes=0) as store:
+        store.put("layer", {"u": vectors, "index": torch.arange(3)})
+        assert store.disk_bytes == 40 * 6 * 4 + 3 * 8  # half the float64 bytes; integers as they are
+        back = store.pop("layer")
+    assert back["u"].dtype == torch.float64 and back["index"].dtype == torch.int64
+    assert torch.equal(back["u"], vectors.float().double()) and not torch.equal(back["u"], vectors)
+    # A float64 model keeps its vectors in float64: its streamed cut is the whole-model cut, bit for bit.
+    model = llama(torch.float64)
+    whole = compressed(model, CONFIGS["whitened"], streaming=False)
+    streamed = compressed(model, CONFIGS["whitened"], streaming=True)
+    assert whole.lowrank_config.ranks and streamed.lowrank_config == whole.lowrank_config
+    for key, value in whole.state_dict().items():
+        assert torch.equal(streamed.state_dict()[key], value), key
 
 
 def test_a_device_given_streams_the_model_through_it_and_leaves_it_where_it_was():

@@ -84,7 +84,9 @@ def compress_streamed(
     whitened = config.method == "whitened"
     samples = None
     batches = list(calibration_data) if whitened else []  # iterated again by a sequential cut
-    with DecompositionStore(offload_folder) as store:
+    # The vectors wait in float32, unless the model itself is float64 (see smooth_hf.lowrank.offload).
+    exact = any(c.module.weight.dtype == torch.float64 for c in candidates)
+    with DecompositionStore(offload_folder, dtype=torch.float64 if exact else torch.float32) as store:
         if whitened:
             inputs, samples, kept = _whitened_spectra(model, config, blocks, inside, outside, batches, device, store)
         else:

@@ -54,7 +54,7 @@ from smooth_hf.evaluation.latency import interleaved_medians
 from smooth_hf.evaluation.latency import make_runner as library_runner
 from smooth_hf.lowrank import LowRankConfig, compress, count_macs, count_parameters
 
-RUNTIMES = ("eager", "eager_cl", "compile", "onnx")  # eager_cl: eager in channels_last (image models)
+RUNTIMES = ("eager", "eager_cl", "eager_fused", "compile", "onnx")  # the library's (smooth_hf.evaluation.latency) + ONNX
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -117,8 +117,8 @@ def make_runner(runtime: str, model: nn.Module, inputs: dict[str, torch.Tensor],
     """A zero-argument callable returning the logits of ``model`` on ``inputs`` through ``runtime``."""
     if runtime == "eager":
         return lambda: logits_of(model, inputs)
-    if runtime == "eager_cl":  # the library's runner (model and images in channels_last)
-        run = library_runner("eager_cl", model, inputs["pixel_values"])
+    if runtime in ("eager_cl", "eager_fused"):  # the library's runners (channels_last; BatchNorms folded)
+        run = library_runner(runtime, model, inputs["pixel_values"])
         return lambda: _logits(run())
     if runtime == "compile":
         compiled = torch.compile(model, dynamic=False)
@@ -284,7 +284,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Budgets also compressed with keep_slower_dense=True, for each rule and batch size.")
     p.add_argument("--batch_sizes", type=ints, default=[1, 64])
     p.add_argument("--runtimes", type=lambda t: t.split(","), default=["eager", "compile", "onnx"],
-                   help=f"Comma-separated, of {','.join(RUNTIMES)} (eager_cl: eager in channels_last, image models).")
+                   help=f"Comma-separated, of {','.join(RUNTIMES)} (eager_cl: eager in channels_last; eager_fused: that "
+                   "with each BatchNorm folded into its convolution; both for image models).")
     p.add_argument("--eval_dataset", default="fashion_mnist",
                    help="Test split for the image models' accuracy (a name or folder smooth_hf.data loads); '' = none.")
     p.add_argument("--max_eval_samples", type=int, default=2000, help="0 = the whole test split.")

@@ -155,12 +155,13 @@ def test_speed_size_times_channels_last_eager_and_layer_latency_compares_macs_wi
     common = ["--image_size", "12", "--threads", "1", "--output_dir", str(tmp_path / "results")]
     result = load_benchmark("speed_size").main([
         "--models", str(tmp_path / "cnn"), "--param_budgets", "", "--macs_budgets", "0.3", "--keep_budgets", "",
-        "--batch_sizes", "2", "--runtimes", "eager,eager_cl", "--eval_dataset", "", "--rounds", "2",
+        "--batch_sizes", "2", "--runtimes", "eager,eager_cl,eager_fused", "--eval_dataset", "", "--rounds", "2",
         "--min_round_ms", "1", "--warmup", "1", "--compress_repeats", "1", "--tag", "_cl", *common,
     ])
     rows = {row["variant"]: row for row in result["models"][0]["rows"]}
     assert rows["macs0.3"]["latency_ms"]["eager_cl_b2"] > 0 and rows["dense"]["speedup"]["eager_cl_b2"] == 1.0
     assert rows["macs0.3"]["max_abs_diff"]["eager_cl_b2"] < 1e-4  # the same logits in channels_last
+    assert rows["macs0.3"]["max_abs_diff"]["eager_fused_b2"] < 1e-4 and rows["macs0.3"]["latency_ms"]["eager_fused_b2"] > 0
     latency = load_benchmark("layer_latency").main([
         "--models", str(tmp_path / "cnn"), "--rule", "macs_reduction", "--budget", "0.3", "--batch_sizes", "2",
         "--tag", "_smoke", *common,

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_fmnist, three_conv_net
+from conftest import save_tiny_fmnist, three_conv_net, tiny_resnet14
 from test_projection import _Images
 
 from smooth_hf import LowRankConfig, RankProjection, SmoothTrainer, SmoothTrainingArguments, compress
-from smooth_hf.evaluation.latency import speedups
+from smooth_hf.evaluation.latency import fold_batchnorm, make_runner, speedups
 from smooth_hf.lowrank import count_macs
 from smooth_hf.scripts import compress as compress_recipe
 from smooth_hf.scripts import train as train_recipe
@@ -145,6 +145,30 @@ def test_speedups_time_every_model_against_the_reference():
     assert timed["cut"]["eager_b2"]["ms"] > 0
     with pytest.raises(ValueError, match="reference model"):
         speedups({"cut": cut}, lambda b: torch.zeros(b, 1, 10, 10))
+
+
+def test_folding_batchnorms_keeps_the_logits_of_dense_and_cut_models():
+    """eager_fused: every BatchNorm after a convolution, dense or factorised, folded into it (torch.fx's fuse)."""
+    torch.manual_seed(0)
+    dense = tiny_resnet14(channels=(8, 16, 16), layers=(1, 1, 1), num_classes=3)
+    for bn in (m for m in dense.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # statistics that change outputs
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.uniform_(0.5, 1.5)
+    dense.eval()
+    images = torch.randn(3, 1, 12, 12)
+    cut = compress(copy.deepcopy(dense), LowRankConfig(macs_reduction=0.5), example_inputs=images[:1])
+    for model in (dense, cut):
+        folded = fold_batchnorm(model)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()), "a BatchNorm was left"
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()), "the model itself was changed"
+        with torch.inference_mode():
+            torch.testing.assert_close(make_runner("eager_fused", model, images)(), model(images), rtol=1e-4, atol=1e-5)
+
+    class Branching(torch.nn.Module):  # control flow on a tensor's value: torch.fx cannot trace it
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(ValueError, match="torch.fx could not trace it"):
+        fold_batchnorm(Branching())
 
 
 # ---- the recipes as users run them ---------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from transformers import HfArgumentParser
 from ..checkpoint.dense import load_dense
 from ..core.files import TRAINING_ARGS_NAME
 from ..core.machine import core_shares
-from ..evaluation.latency import RUNTIMES, speedups
+from ..evaluation.latency import RUNTIME_NAMES, RUNTIMES, speedups
 from ..evaluation.sweep import RULE_LABELS, plot_sweep, sweep_markdown
 from ..lowrank import LowRankConfig, compress
 from ..training.config import PLAIN, SmoothTrainingArguments
@@ -119,7 +119,8 @@ class MainJobArguments:
         default="1,64", metadata={"help": "Batch sizes at which the cuts are timed; '' = no timing."})
     speed_runtimes: str = field(
         default="eager,compile", metadata={"help": "How the cuts are timed, comma-separated: eager (PyTorch), eager_cl (eager in channels_last), "
-                                "compile (torch.compile)."})
+                                "eager_fused (eager_cl with each BatchNorm folded into its convolution), compile "
+                                "(torch.compile)."})
     side_by_side: bool = field(
         default=True,
         metadata={"help": "Train and sweep the plain and the smooth model at the same time, in two processes with half "
@@ -301,8 +302,7 @@ def speed_markdown(results: dict[str, list[dict]], speed: dict[str, dict]) -> st
     columns = list(first["latency"]["cut"])  # eager_b1, compile_b1, eager_b64, ...
     order = list(RUNTIMES)  # eager first, as the runtimes are listed
     columns.sort(key=lambda c: (int(c.rsplit("_b", 1)[1]), order.index(c.rsplit("_b", 1)[0])))
-    names = {"eager": "eager", "eager_cl": "eager channels_last", "compile": "compiled"}
-    header = [f"{names[c.rsplit('_b', 1)[0]]} b{c.rsplit('_b', 1)[1]}" for c in columns]
+    header = [f"{RUNTIME_NAMES[c.rsplit('_b', 1)[0]]} b{c.rsplit('_b', 1)[1]}" for c in columns]
     lines = ["| model, cut | accuracy | parameters removed | multiply-adds removed | " + " | ".join(header) + " |",
              "|---|---|---|---|" + "---|" * len(columns)]
     for name, timed in speed.items():

@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads or 1)
         worker(args)
         # The records are written and the group is gone: leave without the interpreter's teardown, where torch's
-        # distributed threads have been seen to abort a worker that had finished its work (pytorch/pytorch#179291).
+        # distributed threads have been seen to abort a worker that had finished its work (the failure pytorch/pytorch
+        # pull request 179291 describes).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -230,11 +230,19 @@ def benchmark_model(spec: str, args: argparse.Namespace, test, workdir: Path) ->
             for key, v in models.items():
                 if v["batch"] not in (None, batch):
                     continue
-                runners[key] = make_runner(runtime, v["model"], inputs, args.threads, workdir)
+                try:
+                    runners[key] = make_runner(runtime, v["model"], inputs, args.threads, workdir)
+                except ValueError as err:  # e.g. eager_fused on a model torch.fx cannot trace: the other runtimes run
+                    skipped[f"{runtime}_b{batch}"] = str(err)
+                    print(f"  {runtime} b{batch}: skipped: {err}", flush=True)
+                    runners = {}
+                    break
                 with torch.inference_mode():
                     reference[key] = logits_of(v["model"], inputs)
                     rows[key]["max_abs_diff"][f"{runtime}_b{batch}"] = float(
                         (runners[key]() - reference[key]).abs().max())
+            if not runners:
+                continue
             with torch.inference_mode():
                 medians = interleaved_medians(runners, args.rounds, args.min_round_ms, args.warmup)
             for key, ms in medians.items():

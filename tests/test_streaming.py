@@ -1,5 +1,5 @@
-"""Block-streamed compression (smooth_hf.lowrank.streaming): the same ranks and factors as compressing the model
-whole, one block of statistics at a time, dense weights released as their factors replace them."""
+"""Block-streamed compression (smooth_hf.lowrank.streaming): the same ranks, and factors to float32 round-off, as
+compressing the model whole, one block of statistics at a time, dense weights released as their factors replace them."""
 
 from __future__ import annotations
 
@@ -214,12 +214,21 @@ def test_a_device_given_streams_the_model_through_it_and_leaves_it_where_it_was(
         torch.testing.assert_close(through.state_dict()[key], value)
 
 
-def test_bf16_models_are_cut_without_upcasting_the_model():
-    """The per-layer math is float64, the factors come back in the model's dtype, and the model never holds a
-    float32 copy: every parameter stays bf16. An svd cut of the bf16 weights equals the float32 cut of the same
-    (bf16-rounded) weights, rounded to bf16."""
+def test_bf16_models_are_cut_without_upcasting_the_model(monkeypatch):
+    """The per-layer math is float64, the vectors wait in float32 (not bf16), the factors come back in the model's
+    dtype, and the model never holds a float32 copy: every parameter stays bf16. An svd cut of the bf16 weights equals
+    the float32 cut of the same (bf16-rounded) weights, rounded to bf16."""
+    stores = []
+
+    class Recorded(offload.DecompositionStore):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            stores.append(self.dtype)
+
+    monkeypatch.setattr(streaming, "DecompositionStore", Recorded)
     model = llama(torch.bfloat16)
     cut = compressed(model, CONFIGS["svd"], streaming=True)
+    assert stores == [torch.float32]
     assert {p.dtype for p in cut.parameters()} == {torch.bfloat16}
     reference = compressed(copy.deepcopy(model).float(), CONFIGS["svd"], streaming=True)
     assert reference.lowrank_config.ranks == cut.lowrank_config.ranks

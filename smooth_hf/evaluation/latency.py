@@ -10,6 +10,7 @@ and batch sizes you deploy with: on a CPU the speed-up of a factorised layer dep
 from __future__ import annotations
 
 import copy
+import logging
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -20,12 +21,14 @@ from torch import nn
 
 from ..lowrank.cost import ExampleInputs, run_model
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["RUNTIMES", "RUNTIME_NAMES", "fold_batchnorm", "interleaved_medians", "make_runner", "speedups"]
 
 # How a model can be run, and the name each has in tables. For CNNs: "eager_cl" is eager PyTorch with the model and
 # the images in channels_last memory format (faster convolutions on CPUs: smooth_hf.core.memory_format);
 # "eager_fused" is that with every BatchNorm folded into the convolution before it (fold_batchnorm), as an eager
-# deployment does: BatchNorm is memory traffic that is never cut, and a cut model spends a larger share of its time in it.
+# deployment does: BatchNorm is memory traffic that no cut removes, a larger share of a cut model's time.
 RUNTIME_NAMES = {"eager": "eager", "eager_cl": "eager channels_last", "eager_fused": "eager, BN folded",
                  "compile": "compiled"}
 RUNTIMES = tuple(RUNTIME_NAMES)
@@ -34,24 +37,41 @@ RUNTIMES = tuple(RUNTIME_NAMES)
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (in eval mode) with each BatchNorm that follows a convolution folded into its weights.
 
-    :func:`torch.fx.experimental.optimization.fuse`: it traces the model with ``torch.fx`` and folds every
-    ``Conv2d -> BatchNorm2d`` (and ``Linear -> BatchNorm1d``) pair whose first output feeds only the BatchNorm; a
-    factorised convolution's second factor takes the BatchNorm after it. The result is an ``fx.GraphModule`` for inference (no longer a model to
-    train or save with its config); its outputs equal the model's to float round-off.
+    :func:`torch.fx.experimental.optimization.fuse` on a ``torch.fx`` trace of the copy: it folds every ``nn.Conv2d ->
+    nn.BatchNorm2d`` (and ``nn.Linear -> nn.BatchNorm1d``) pair whose first output feeds only the BatchNorm; a
+    factorised convolution's second factor takes the BatchNorm after it. The result is an ``fx.GraphModule`` for
+    inference (not a model to train, or to save with its config); its outputs equal the model's to float round-off.
+    A BatchNorm it cannot fold stays, with a warning that counts them: one after something other than a convolution,
+    or a subclass the trace goes into (timm's ``BatchNormAct2d``, in EfficientNets and MobileNets).
 
     Raises:
-        ValueError: ``torch.fx`` cannot trace the model (many transformers models); time or deploy it another way.
+        ValueError: ``torch.fx`` cannot trace the model (most transformers models); time or deploy it another way.
     """
+    from torch import fx
     from torch.fx.experimental.optimization import fuse
 
+    copied = copy.deepcopy(model).eval()
     try:
-        return fuse(copy.deepcopy(model).eval(), inplace=True)
-    except Exception as err:  # symbolic tracing fails on data-dependent control flow
+        traced = fx.symbolic_trace(copied)
+    except Exception as err:  # tracing fails on control flow that depends on the inputs
         raise ValueError(
-            f"cannot fold the BatchNorms of {type(model).__name__}: torch.fx could not trace it ({err}). Fold them "
-            "only in models torch.fx traces (timm CNNs do); otherwise use the eager_cl or compile runtime, which "
-            "torch.compile fuses itself."
+            f"cannot fold the BatchNorms of {type(model).__name__}: torch.fx could not trace it ({err}). Time or serve "
+            "it with the eager_cl runtime, or compile it (torch.compile folds BatchNorms itself)."
         ) from err
+    folded = fuse(traced, inplace=True, no_trace=True)
+    modules = dict(folded.named_modules())
+    left = sum(
+        1 for node in folded.graph.nodes
+        if (node.op == "call_module" and isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm))
+        or (node.op == "call_function" and node.target in (torch.nn.functional.batch_norm, torch.batch_norm))
+    )
+    if left:
+        logger.warning(
+            "fold_batchnorm: %d BatchNorm(s) of %s could not be folded (not an nn.BatchNorm right after the "
+            "convolution or linear layer whose only use it is, e.g. timm's BatchNormAct2d); they run as before.",
+            left, type(model).__name__,
+        )
+    return folded
 
 
 def make_runner(runtime: str, model: nn.Module, inputs: ExampleInputs) -> Callable[[], Any]:
@@ -105,7 +125,8 @@ def speedups(
     ``models[reference]`` at each batch size and runtime, timed together (:func:`interleaved_medians`, whose
     settings ``timing`` passes on). ``inputs(batch)`` gives the inputs of one call at that batch size.
 
-    The models are put in eval mode; timing runs under ``torch.inference_mode``.
+    The models are put in eval mode; timing runs under ``torch.inference_mode``. A runtime that cannot run these
+    models (``eager_fused`` on a model ``torch.fx`` cannot trace) is left out, with a warning that says why.
     """
     if reference not in models:
         raise ValueError(f"speedups needs the reference model {reference!r} among the models ({sorted(models)})")
@@ -115,7 +136,11 @@ def speedups(
     for batch in batch_sizes:
         x = inputs(batch)
         for runtime in runtimes:
-            runners = {name: make_runner(runtime, model, x) for name, model in models.items()}
+            try:
+                runners = {name: make_runner(runtime, model, x) for name, model in models.items()}
+            except ValueError as err:  # after minutes of training, a missing column beats a lost job
+                logger.warning("speedups: the %s runtime is left out: %s", runtime, err)
+                continue
             with torch.inference_mode():
                 medians = interleaved_medians(runners, **timing)
             for name, ms in medians.items():

@@ -5,7 +5,8 @@ chooses every rank (:mod:`smooth_hf.lowrank.planning`), so that any error on the
 budget, calibration data the model cannot take) leaves the model exactly as it was. Then:
 
 * a model made of repeated blocks (an LLM's decoder layers, a transformer encoder) is cut one block at a time
-  (:mod:`smooth_hf.lowrank.streaming`): the memory of one block's statistics, the same ranks and factors;
+  (:mod:`smooth_hf.lowrank.streaming`): the memory of one block's statistics, the same ranks, and the same factors
+  to float32 round-off;
 * any other model is compressed whole (:func:`_plan`): every replacement is built, then all are swapped in at once,
   and a swap that fails half way is undone.
 
@@ -263,8 +264,8 @@ def compress(
             moves by the change the cut made on those inputs
             (:func:`smooth_hf.lowrank.batchnorm.shift_batchnorm_statistics`).
         streaming: a model made of repeated blocks (the decoder layers of an LLM, a transformer encoder's layers) is
-            compressed one block at a time (:mod:`smooth_hf.lowrank.streaming`): the same ranks and factors, with
-            the memory of one block's statistics instead of all of them. ``None`` (the default) streams where it
+            compressed one block at a time (:mod:`smooth_hf.lowrank.streaming`): the same ranks, the same factors to
+            float32 round-off, with the memory of one block's statistics instead of all of them. ``None`` (the default) streams where it
             applies; ``False`` compresses the model whole; ``True`` refuses a model it cannot stream.
             ``keep_slower_dense`` and statistics collected beforehand (an :class:`InputGrams`) compress whole.
         device: where the forward passes and decompositions run (e.g. ``"cuda"``), the model staying where it is:

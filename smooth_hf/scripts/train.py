@@ -38,8 +38,8 @@ import logging
 import os
 import sys
 
+import torch
 import transformers
-from accelerate import PartialState
 from datasets import DatasetDict
 from transformers import HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -162,5 +162,6 @@ def cli() -> None:
     main()
     # As accelerate's examples end (accelerator.end_training()): under `accelerate launch` / torchrun, each process
     # leaves its process group before the interpreter's teardown, where gloo or NCCL threads still running can abort a
-    # process that has finished. A no-op in a single process.
-    PartialState().destroy_process_group()
+    # process that has finished. Only after a run that succeeded: a rank that failed must not wait for the others.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

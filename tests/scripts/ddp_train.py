@@ -43,6 +43,9 @@ def main() -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "world_size": trainer.args.world_size, "samples": sum(seen),
                    "logs": trainer.state.log_history}, f)
+    # Leave the process group before the interpreter's teardown, as smooth-hf-train does (gloo threads can abort there).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -97,6 +97,9 @@ def main() -> None:
         enable()
     for name, options in RUNS.items():
         train(out, name, options, world)
+    # Leave the process group before the interpreter's teardown, as smooth-hf-train does (gloo threads can abort there).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -226,28 +226,21 @@ def benchmark_model(spec: str, args: argparse.Namespace, test, workdir: Path) ->
     for batch in args.batch_sizes:
         inputs = example_inputs(dense, is_text, batch, args)
         for runtime in args.runtimes:
-            runners, reference = {}, {}
-            for key, v in models.items():
-                if v["batch"] not in (None, batch):
-                    continue
-                try:
-                    runners[key] = make_runner(runtime, v["model"], inputs, args.threads, workdir)
-                except ValueError as err:  # e.g. eager_fused on a model torch.fx cannot trace: the other runtimes run
-                    skipped[f"{runtime}_b{batch}"] = str(err)
-                    print(f"  {runtime} b{batch}: skipped: {err}", flush=True)
-                    runners = {}
-                    break
-                with torch.inference_mode():
-                    reference[key] = logits_of(v["model"], inputs)
-                    rows[key]["max_abs_diff"][f"{runtime}_b{batch}"] = float(
-                        (runners[key]() - reference[key]).abs().max())
-            if not runners:
+            column = f"{runtime}_b{batch}"
+            active = {key: v["model"] for key, v in models.items() if v["batch"] in (None, batch)}
+            try:
+                runners = {key: make_runner(runtime, m, inputs, args.threads, workdir) for key, m in active.items()}
+            except ValueError as err:  # e.g. eager_fused on a model torch.fx cannot trace: the other runtimes run
+                skipped[column] = str(err)
+                print(f"  {runtime} b{batch}: skipped: {err}", flush=True)
                 continue
             with torch.inference_mode():
+                for key, run in runners.items():
+                    rows[key]["max_abs_diff"][column] = float((run() - logits_of(active[key], inputs)).abs().max())
                 medians = interleaved_medians(runners, args.rounds, args.min_round_ms, args.warmup)
             for key, ms in medians.items():
-                rows[key]["latency_ms"][f"{runtime}_b{batch}"] = ms
-                rows[key]["speedup"][f"{runtime}_b{batch}"] = medians["dense"] / ms
+                rows[key]["latency_ms"][column] = ms
+                rows[key]["speedup"][column] = medians["dense"] / ms
             print(f"  {runtime} b{batch}: " + ", ".join(f"{k} {ms:.2f} ms ({medians['dense'] / ms:.2f}x)"
                                                      for k, ms in medians.items()), flush=True)
             del runners
